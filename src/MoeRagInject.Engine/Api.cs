@@ -1,0 +1,107 @@
+// The engine's public surface: what the server and the CLI build against.
+using MoeRagInject.Model.Tokenization;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine;
+
+/// <summary>sglang's sampling parameters (defaults as sglang's).</summary>
+public sealed record SamplingParams
+{
+    public int MaxNewTokens { get; init; } = 128;
+    public int MinNewTokens { get; init; }
+    /// <summary>0 means greedy.</summary>
+    public float Temperature { get; init; } = 1.0f;
+    public float TopP { get; init; } = 1.0f;
+    /// <summary>-1 (or 0) means all tokens.</summary>
+    public int TopK { get; init; } = -1;
+    public float MinP { get; init; }
+    public float FrequencyPenalty { get; init; }
+    public float PresencePenalty { get; init; }
+    public float RepetitionPenalty { get; init; } = 1.0f;
+    public IReadOnlyList<string> Stop { get; init; } = [];
+    public IReadOnlyList<int> StopTokenIds { get; init; } = [];
+    public bool IgnoreEos { get; init; }
+    public bool SkipSpecialTokens { get; init; } = true;
+    public bool NoStopTrim { get; init; }
+    public ulong? Seed { get; init; }
+
+    /// <summary>Null when valid, else a message naming the field and the allowed range.</summary>
+    public string? Validate()
+    {
+        if (MaxNewTokens < 0) return "sampling_params.max_new_tokens must be >= 0";
+        if (MinNewTokens < 0 || MinNewTokens > MaxNewTokens) return "sampling_params.min_new_tokens must be in [0, max_new_tokens]";
+        if (!(Temperature >= 0) || float.IsInfinity(Temperature)) return "sampling_params.temperature must be a finite number >= 0";
+        if (!(TopP > 0 && TopP <= 1)) return "sampling_params.top_p must be in (0, 1]";
+        if (TopK < -1) return "sampling_params.top_k must be -1 (all) or a positive integer";
+        if (!(MinP >= 0 && MinP <= 1)) return "sampling_params.min_p must be in [0, 1]";
+        if (!(FrequencyPenalty >= -2 && FrequencyPenalty <= 2)) return "sampling_params.frequency_penalty must be in [-2, 2]";
+        if (!(PresencePenalty >= -2 && PresencePenalty <= 2)) return "sampling_params.presence_penalty must be in [-2, 2]";
+        if (!(RepetitionPenalty > 0 && RepetitionPenalty <= 2)) return "sampling_params.repetition_penalty must be in (0, 2]";
+        foreach (var s in Stop)
+            if (string.IsNullOrEmpty(s)) return "sampling_params.stop must not contain empty strings";
+        return null;
+    }
+}
+
+/// <summary>Per-request overrides of the server's RAG settings (the "rag" object of a request).</summary>
+public sealed record RagOverrides
+{
+    public InjectionMode? Mode { get; init; }
+    public double? Threshold { get; init; }
+    public float? Scale { get; init; }
+}
+
+public sealed record GenerationRequest
+{
+    /// <summary>Request id; the engine makes one when null.</summary>
+    public string? Rid { get; init; }
+    public required IReadOnlyList<int> PromptIds { get; init; }
+    public SamplingParams Sampling { get; init; } = new();
+    public RagOverrides? Rag { get; init; }
+    public bool ReturnLogprob { get; init; }
+    public bool ReturnRouterEntropy { get; init; }
+}
+
+public enum FinishKind { Stop, Length, Abort }
+
+/// <summary>sglang's finish_reason: stop (Matched = token id or stop string), length (Length), abort (Message).</summary>
+public sealed record FinishReason(FinishKind Kind, object? Matched = null, int? Length = null, string? Message = null);
+
+/// <summary>
+/// One streamed step of a request. Token lists hold what is new since the previous update; <see cref="Text"/> is the
+/// whole output text so far (stop strings trimmed once matched). The last update has <see cref="Finish"/> set.
+/// </summary>
+public sealed record GenerationUpdate
+{
+    public required string Rid { get; init; }
+    public required IReadOnlyList<int> NewTokenIds { get; init; }
+    /// <summary>log p of each new token under the model's distribution (log-softmax of raw logits); empty unless requested.</summary>
+    public IReadOnlyList<float> NewLogprobs { get; init; } = [];
+    /// <summary>Router entropy per MoE layer of the forward pass that produced each new token; empty unless requested.</summary>
+    public IReadOnlyList<float[]> NewRouterEntropy { get; init; } = [];
+    public IReadOnlyList<RagEvent> NewEvents { get; init; } = [];
+    public required string Text { get; init; }
+    public required int PromptTokens { get; init; }
+    public required int CompletionTokens { get; init; }
+    public FinishReason? Finish { get; init; }
+}
+
+public sealed record ModelInfo(string ModelPath, string TokenizerPath, int VocabSize, int ContextLength, int NumMoeLayers, int NumExperts, string Device);
+
+public interface IGenerationEngine : IAsyncDisposable
+{
+    ModelInfo Info { get; }
+    Tokenizer Tokenizer { get; }
+    /// <summary>Server-wide default RAG mode (the --rag-mode flag).</summary>
+    InjectionMode DefaultMode { get; }
+
+    /// <summary>
+    /// Queues the request and streams its updates. Cancelling <paramref name="cancellationToken"/> (a client that left)
+    /// aborts the request and frees its slot; the stream then ends with an abort update. Invalid requests (ids outside the
+    /// vocabulary, prompt plus max_new_tokens over the context length) throw <see cref="ArgumentException"/> before queueing.
+    /// </summary>
+    IAsyncEnumerable<GenerationUpdate> GenerateAsync(GenerationRequest request, CancellationToken cancellationToken);
+
+    /// <summary>Aborts a running or queued request by id; false when no such request.</summary>
+    bool Abort(string rid);
+}

@@ -1,0 +1,283 @@
+using System.Net;
+using System.Net.Sockets;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine.Tests;
+
+/// <summary>The engine end to end on the embedded default checkpoint: batching, RAG triggers and injection, faults.</summary>
+public sealed class EngineTests : IDisposable
+{
+    private readonly string _temp = Directory.CreateTempSubdirectory("moe-rag-engine-").FullName;
+
+    public void Dispose() => Directory.Delete(_temp, recursive: true);
+
+    private string WriteCorpus()
+    {
+        var path = Path.Combine(_temp, "corpus.jsonl");
+        File.WriteAllLines(path,
+        [
+            """{"id": "q1", "title": "Quantum", "text": "A quantum is the smallest discrete amount of a physical quantity, such as energy carried by light."}""",
+            """{"id": "f1", "title": "Fox", "text": "The red fox is a quick and clever animal that jumps over obstacles and hunts at dusk."}""",
+            """{"id": "d1", "title": "Dog", "text": "A lazy dog sleeps most of the day; dogs were domesticated from wolves."}""",
+            """{"id": "c1", "title": "Cafe", "text": "A cafe serves coffee; the word comes from French. Naive customers order tea."}""",
+        ]);
+        return path;
+    }
+
+    private LlmEngine CreateEngine(string? retriever, double threshold = 0.5, TimeSpan? timeout = null, TextWriter? notices = null) =>
+        InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Threads = 2,
+            Retriever = retriever,
+            RetrievalTimeout = timeout ?? TimeSpan.FromSeconds(2),
+            Trigger = new TriggerOptions { Threshold = threshold, CooldownTokens = 3, MaxRetrievalsPerRequest = 3 },
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = notices ?? TextWriter.Null,
+            KvCacheTokens = 4096,
+        });
+
+    private static async Task<(List<int> Tokens, List<RagEvent> Events, FinishReason Finish, List<float[]> Entropy)> Collect(
+        IGenerationEngine engine, GenerationRequest request, CancellationToken cancellationToken = default)
+    {
+        var tokens = new List<int>();
+        var events = new List<RagEvent>();
+        var entropy = new List<float[]>();
+        FinishReason? finish = null;
+        await foreach (var update in engine.GenerateAsync(request, cancellationToken))
+        {
+            tokens.AddRange(update.NewTokenIds);
+            events.AddRange(update.NewEvents);
+            entropy.AddRange(update.NewRouterEntropy);
+            finish = update.Finish ?? finish;
+        }
+        return (tokens, events, finish!, entropy);
+    }
+
+    private static GenerationRequest Greedy(int[] prompt, InjectionMode mode, int maxNewTokens = 12) => new()
+    {
+        PromptIds = prompt,
+        Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = maxNewTokens, IgnoreEos = true },
+        Rag = new RagOverrides { Mode = mode },
+        ReturnRouterEntropy = true,
+    };
+
+    [Fact]
+    public async Task SixteenConcurrentRequestsGiveTheTokensEachGivesAlone()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(WriteCorpus());
+        var requests = Enumerable.Range(0, 16)
+            .Select(i => Greedy(reference.Prompts[i % 4].InputIds, i % 2 == 0 ? InjectionMode.Off : InjectionMode.Latent))
+            .ToList();
+
+        var alone = new List<(List<int> Tokens, List<RagEvent> Events, FinishReason Finish, List<float[]> Entropy)>();
+        foreach (var request in requests) alone.Add(await Collect(engine, request));
+        var together = await Task.WhenAll(requests.Select(r => Collect(engine, r)));
+
+        for (var i = 0; i < 16; i++)
+        {
+            Assert.Equal(alone[i].Tokens, together[i].Tokens);
+            Assert.Equal(alone[i].Events.Count, together[i].Events.Count);
+            if (i % 2 == 0)
+            {
+                Assert.Equal(reference.Prompts[i % 4].GreedyIds, together[i].Tokens);
+                Assert.Empty(together[i].Events);
+            }
+        }
+        // The latent requests really retrieved and injected, and the injection changed what they say.
+        var injected = Enumerable.Range(0, 16).Where(i => i % 2 == 1 && together[i].Events.Any(e => e.InjectionNorm > 0)).ToList();
+        Assert.NotEmpty(injected);
+        Assert.Contains(injected, i => !together[i].Tokens.SequenceEqual(reference.Prompts[i % 4].GreedyIds));
+        Assert.True(together.Max(t => t.Events.Max(e => (int?)e.BatchSize) ?? 0) > 1, "some trigger fired inside a batch of several requests");
+    }
+
+    [Fact]
+    public async Task TriggerFiresAboveTheThresholdAndEventsAreLogged()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var notices = new StringWriter();
+        await using var engine = CreateEngine(WriteCorpus(), threshold: 0.5, notices: notices);
+        var result = await Collect(engine, Greedy(reference.Prompts[3].InputIds, InjectionMode.Latent, 16));
+        Assert.NotEmpty(result.Events);
+        Assert.Equal(16, result.Entropy.Count);
+        foreach (var e in result.Events)
+        {
+            Assert.Null(e.Error);
+            Assert.NotEmpty(e.Snippets);
+            Assert.True(e.Entropy > 0.5);
+            Assert.All(e.Layers, l => Assert.True(l >= 0 && l < 4));
+            Assert.Equal(e.Layers, e.InjectionLayers);
+            Assert.True(e.InjectionNorm > 0);
+            // The entropy reported for the triggering token is that of its recomputed forward pass; up to the first
+            // injected layer the stream is unchanged, so there it still exceeds the threshold.
+            Assert.True(result.Entropy[e.TokenIndex][e.Layers.Min()] > 0.5);
+        }
+        Assert.Contains("[MoE-RAG] entropy=", notices.ToString());
+        Assert.Contains("-> triggering RAG", notices.ToString());
+        var logged = RagEventLog.ReadAll(Path.Combine(_temp, "logs", "rag-events.jsonl"));
+        Assert.Equal(result.Events.Count, logged.Count);
+    }
+
+    [Fact]
+    public async Task OffModeMeasuresEntropyAndRetrievesNothing()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(WriteCorpus(), threshold: 0.0);
+        var result = await Collect(engine, Greedy(reference.Prompts[0].InputIds, InjectionMode.Off));
+        Assert.Empty(result.Events);
+        Assert.Equal(reference.Prompts[0].GreedyIds, result.Tokens);
+        Assert.All(result.Entropy, row => Assert.All(row, h => Assert.InRange(h, 0f, (float)Math.Log(8) + 1e-5f)));
+    }
+
+    [Fact]
+    public async Task PromptModeRebuildsTheContextWithThePassages()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(WriteCorpus(), threshold: 0.5);
+        var result = await Collect(engine, Greedy(reference.Prompts[3].InputIds, InjectionMode.Prompt, 16));
+        Assert.NotEmpty(result.Events);
+        Assert.All(result.Events, e => Assert.Equal("prompt", e.Mode));
+        Assert.Contains(result.Events, e => e.Error is null && e.Snippets.Count > 0);
+        Assert.Equal(16, result.Tokens.Count);
+    }
+
+    /// <summary>A retriever that is down, slow past its timeout, or answers garbage never fails a request.</summary>
+    [Theory]
+    [InlineData("down")]
+    [InlineData("slow")]
+    [InlineData("garbage")]
+    public async Task RetrieverFaultsAreRecordedAndRequestsComplete(string fault)
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        using var server = fault == "down" ? null : new FaultyServer(fault);
+        var url = server?.Url ?? $"http://127.0.0.1:{FreePort()}/search";
+        await using var engine = CreateEngine(url, threshold: 0.3, timeout: TimeSpan.FromMilliseconds(300));
+        var results = await Task.WhenAll(Enumerable.Range(0, 4).Select(i =>
+            Collect(engine, Greedy(reference.Prompts[i].InputIds, InjectionMode.Latent))));
+        foreach (var (tokens, events, finish, _) in results.Select((r, i) => (r.Tokens, r.Events, r.Finish, i)))
+        {
+            Assert.Equal(FinishKind.Length, finish.Kind);
+            Assert.Equal(12, tokens.Count);
+            Assert.All(events, e => Assert.False(string.IsNullOrEmpty(e.Error)));
+            Assert.All(events, e => Assert.Equal(0, e.InjectionNorm));
+        }
+        Assert.Contains(results, r => r.Events.Count > 0);
+        // With no injection the tokens are those of plain greedy decoding.
+        for (var i = 0; i < 4; i++) Assert.Equal(reference.Prompts[i].GreedyIds, results[i].Tokens);
+    }
+
+    [Fact]
+    public async Task CancellingARequestAbortsItAndFreesItsSlot()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(null);
+        using var cts = new CancellationTokenSource();
+        var request = Greedy(reference.Prompts[1].InputIds, InjectionMode.Off, 1000);
+        var count = 0;
+        FinishReason? finish = null;
+        await foreach (var update in engine.GenerateAsync(request, cts.Token))
+        {
+            count += update.NewTokenIds.Count;
+            if (count >= 3) await cts.CancelAsync();
+            finish = update.Finish ?? finish;
+        }
+        Assert.Equal(FinishKind.Abort, finish!.Kind);
+        var after = await Collect(engine, Greedy(reference.Prompts[0].InputIds, InjectionMode.Off));
+        Assert.Equal(reference.Prompts[0].GreedyIds, after.Tokens);
+    }
+
+    [Fact]
+    public async Task InvalidRequestsAreRejectedBeforeQueueing()
+    {
+        await using var engine = CreateEngine(null);
+        await Assert.ThrowsAsync<ArgumentException>(() => Collect(engine, Greedy([1, 5000], InjectionMode.Off)));
+        await Assert.ThrowsAsync<ArgumentException>(() => Collect(engine, Greedy([1, 2], InjectionMode.Off, 100_000)));
+        await Assert.ThrowsAsync<ArgumentException>(() => Collect(engine, new GenerationRequest
+        {
+            PromptIds = [1, 2],
+            Sampling = new SamplingParams { TopP = 0 },
+        }));
+    }
+
+    [Fact]
+    public async Task SeededSamplingIsReproducibleAndStopsAtStopTokens()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(null);
+        GenerationRequest Sampled(ulong seed) => new()
+        {
+            PromptIds = reference.Prompts[0].InputIds,
+            Sampling = new SamplingParams { Temperature = 0.8f, TopP = 0.9f, TopK = 50, MaxNewTokens = 20, Seed = seed, IgnoreEos = true },
+        };
+        var a = await Collect(engine, Sampled(42));
+        var b = await Collect(engine, Sampled(42));
+        Assert.Equal(a.Tokens, b.Tokens);
+        var stopAt = a.Tokens[5];
+        var stopped = await Collect(engine, Sampled(42) with { Sampling = Sampled(42).Sampling with { StopTokenIds = [stopAt] } });
+        Assert.Equal(FinishKind.Stop, stopped.Finish.Kind);
+        Assert.Equal(stopAt, stopped.Tokens[^1]);
+        Assert.Equal(a.Tokens.IndexOf(stopAt) + 1, stopped.Tokens.Count);
+    }
+
+    private static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    /// <summary>A real HTTP server on loopback that answers slowly or with garbage.</summary>
+    private sealed class FaultyServer : IDisposable
+    {
+        private readonly HttpListener _listener = new();
+        private readonly CancellationTokenSource _stop = new();
+
+        public FaultyServer(string fault)
+        {
+            var port = FreePort();
+            Url = $"http://127.0.0.1:{port}/search";
+            _listener.Prefixes.Add($"http://127.0.0.1:{port}/");
+            _listener.Start();
+            _ = Task.Run(async () =>
+            {
+                while (!_stop.IsCancellationRequested)
+                {
+                    HttpListenerContext context;
+                    try
+                    {
+                        context = await _listener.GetContextAsync();
+                    }
+                    catch (Exception)
+                    {
+                        return;
+                    }
+                    _ = Task.Run(async () =>
+                    {
+                        try
+                        {
+                            if (fault == "slow") await Task.Delay(3000, _stop.Token);
+                            var body = "<html>not json</html>"u8.ToArray();
+                            context.Response.ContentType = "text/html";
+                            await context.Response.OutputStream.WriteAsync(body);
+                            context.Response.Close();
+                        }
+                        catch (Exception)
+                        {
+                            context.Response.Abort();
+                        }
+                    });
+                }
+            });
+        }
+
+        public string Url { get; }
+
+        public void Dispose()
+        {
+            _stop.Cancel();
+            _listener.Close();
+            _stop.Dispose();
+        }
+    }
+}
