@@ -79,6 +79,8 @@ public sealed record GenerationUpdate
     public IReadOnlyList<float> NewLogprobs { get; init; } = [];
     /// <summary>Router entropy per MoE layer of the forward pass that produced each new token; empty unless requested.</summary>
     public IReadOnlyList<float[]> NewRouterEntropy { get; init; } = [];
+    /// <summary>Entropy (nats) of the output distribution softmax(logits) for each new token, the FLARE-style signal; empty unless router entropy is requested.</summary>
+    public IReadOnlyList<float> NewOutputEntropy { get; init; } = [];
     public IReadOnlyList<RagEvent> NewEvents { get; init; } = [];
     public required string Text { get; init; }
     public required int PromptTokens { get; init; }

@@ -1,6 +1,3 @@
-using MoeRagInject.Backend.Cpu;
-using MoeRagInject.Model;
-using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
@@ -13,41 +10,25 @@ public static class InferenceEngine
 
     public static LlmEngine Create(EngineOptions options)
     {
-        if (!Directory.Exists(options.ModelPath))
-            throw new DirectoryNotFoundException($"model folder not found: {options.ModelPath}");
-        if (options.Device != "cpu")
-            throw new NotSupportedException($"device \"{options.Device}\" is not available: this build has the cpu backend only (the CUDA backend is not built yet)");
-
-        var config = ModelConfig.Load(options.ModelPath);
-        var tokenizer = Tokenizer.Load(options.ModelPath);
-        var checkpoint = options.LoadFormat switch
-        {
-            "auto" or "safetensors" => Checkpoint.Open(options.ModelPath),
-            "dummy" => Checkpoint.CreateDummy(config),
-            _ => throw new ArgumentException($"unknown load format \"{options.LoadFormat}\" (expected auto or dummy)"),
-        };
+        var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Device, options.Threads);
         IRetriever? retriever = null;
         try
         {
-            var weights = MixtralWeights.Resolve(checkpoint, config);
-            var backend = new CpuBackend(options.Threads ?? Environment.ProcessorCount);
-            var model = new MixtralModel(backend, config, weights);
-            var embeddings = new EmbeddingTable(weights.Embedding);
             var injector = options.Projection switch
             {
-                ProjectionKind.Identity => ContextInjector.CreateIdentity(embeddings),
-                ProjectionKind.File => ContextInjector.LoadFromFile(embeddings,
+                ProjectionKind.Identity => ContextInjector.CreateIdentity(loaded.Embeddings),
+                ProjectionKind.File => ContextInjector.LoadFromFile(loaded.Embeddings,
                     options.ProjectionPath ?? throw new ArgumentException("a projection file is needed for --injector-proj file")),
-                _ => ContextInjector.CreateRandom(embeddings, options.ProjectionSeed),
+                _ => ContextInjector.CreateRandom(loaded.Embeddings, options.ProjectionSeed),
             };
             if (options.Retriever is { } spec)
                 retriever = RetrieverFactory.Create(spec, Path.Combine(Path.GetTempPath(), "moe-rag-inject", "index-cache"));
-            return new LlmEngine(options, config, model, tokenizer, retriever, injector, [backend, checkpoint]);
+            return new LlmEngine(options, loaded, retriever, injector);
         }
         catch
         {
             retriever?.Dispose();
-            checkpoint.Dispose();
+            loaded.Dispose();
             throw;
         }
     }

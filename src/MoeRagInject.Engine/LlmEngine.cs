@@ -24,7 +24,7 @@ public sealed class LlmEngine : IGenerationEngine
     private readonly ContextInjector _injector;
     private readonly RagEventLog _eventLog;
     private readonly TextWriter _notices;
-    private readonly IDisposable[] _owned;
+    private readonly LoadedModel _loaded;
     private readonly int _contextLength;
 
     private readonly ConcurrentQueue<Action> _inbox = new();
@@ -36,14 +36,14 @@ public sealed class LlmEngine : IGenerationEngine
     private readonly Thread _loop;
     private long _nextRid;
 
-    internal LlmEngine(EngineOptions options, ModelConfig config, MixtralModel model, Tokenizer tokenizer, IRetriever? retriever,
-        ContextInjector injector, IDisposable[] owned)
+    internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector)
     {
+        var config = loaded.Config;
         _options = options;
-        _model = model;
-        Tokenizer = tokenizer;
+        _loaded = loaded;
+        _model = loaded.Model;
+        Tokenizer = loaded.Tokenizer;
         _injector = injector;
-        _owned = owned;
         _contextLength = options.ContextLength ?? config.MaxPositionEmbeddings;
         _notices = options.Notices ?? Console.Out;
         _retrieval = retriever is null ? null : new RetrievalService(retriever, options.RetrievalTimeout, options.RetrievalTopK);
@@ -55,7 +55,7 @@ public sealed class LlmEngine : IGenerationEngine
         tokens = Math.Max(tokens, _contextLength);
         var numBlocks = (tokens + blockSize - 1) / blockSize;
         _blocks = new KvBlockManager(numBlocks, blockSize);
-        _cache = model.CreateKvCache(numBlocks, blockSize);
+        _cache = _model.CreateKvCache(numBlocks, blockSize);
 
         Info = new ModelInfo(options.ModelPath, options.ModelPath, config.VocabSize, _contextLength, config.NumLayers, config.NumExperts, "cpu");
         _loop = new Thread(Run) { IsBackground = true, Name = "moe-rag-inject engine" };
@@ -215,7 +215,11 @@ public sealed class LlmEngine : IGenerationEngine
         s.OutputCounts[token] = s.OutputCounts.GetValueOrDefault(token) + 1;
         s.PendingTokens.Add(token);
         if (s.Request.ReturnLogprob) s.PendingLogprobs.Add(Sampler.LogProb(logits, token));
-        if (s.Request.ReturnRouterEntropy) s.PendingEntropies.Add(entropies.ToArray());
+        if (s.Request.ReturnRouterEntropy)
+        {
+            s.PendingEntropies.Add(entropies.ToArray());
+            s.PendingOutputEntropies.Add(Sampler.Entropy(logits));
+        }
 
         var previousLength = s.Text.Length;
         s.Text = Tokenizer.Decode(s.Output.ToArray(), p.SkipSpecialTokens);
@@ -392,6 +396,7 @@ public sealed class LlmEngine : IGenerationEngine
             NewTokenIds = [.. s.PendingTokens],
             NewLogprobs = [.. s.PendingLogprobs],
             NewRouterEntropy = [.. s.PendingEntropies],
+            NewOutputEntropy = [.. s.PendingOutputEntropies],
             NewEvents = [.. s.PendingEvents],
             Text = s.Text,
             PromptTokens = s.OriginalPrompt.Count,
@@ -401,6 +406,7 @@ public sealed class LlmEngine : IGenerationEngine
         s.PendingTokens.Clear();
         s.PendingLogprobs.Clear();
         s.PendingEntropies.Clear();
+        s.PendingOutputEntropies.Clear();
         s.PendingEvents.Clear();
     }
 
@@ -413,11 +419,10 @@ public sealed class LlmEngine : IGenerationEngine
             _stop.Cancel();
         });
         _loop.Join();
-        _model.Dispose();
         _cache.Dispose();
         _eventLog.Dispose();
         _retrieval?.Retriever.Dispose();
-        foreach (var d in _owned) d.Dispose();
+        _loaded.Dispose();
         _stop.Dispose();
         _wake.Dispose();
         return ValueTask.CompletedTask;

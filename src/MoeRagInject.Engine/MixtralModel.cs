@@ -6,6 +6,9 @@ namespace MoeRagInject.Engine;
 /// <summary>Logits of the step's logit rows and the router entropy of every row at every MoE layer.</summary>
 public sealed record StepOutput(float[] Logits, int VocabSize, float[] Entropies, int Layers)
 {
+    /// <summary>Residual stream after each captured layer (<c>l_out-l</c>) at the logit rows: [logitRow, capturedLayer, hidden]; null unless asked.</summary>
+    public float[]? Hidden { get; init; }
+
     public ReadOnlySpan<float> LogitRow(int i) => Logits.AsSpan(i * VocabSize, VocabSize);
     public ReadOnlySpan<float> EntropyRow(int row) => Entropies.AsSpan(row * Layers, Layers);
 }
@@ -47,7 +50,8 @@ public sealed class MixtralModel : IDisposable
     public IKvCache CreateKvCache(int numBlocks, int blockSize) =>
         _backend.CreateKvCache(Config.NumLayers, numBlocks, blockSize, Config.NumKvHeads, Config.HeadDim);
 
-    public StepOutput Forward(StepBatch batch, IKvCache cache)
+    /// <param name="captureLayers">Layers whose output residual stream is returned at the logit rows (for calibration).</param>
+    public StepOutput Forward(StepBatch batch, IKvCache cache, int[]? captureLayers = null)
     {
         var c = Config;
         var rows = batch.RowCount;
@@ -60,6 +64,11 @@ public sealed class MixtralModel : IDisposable
         using var v = _backend.Allocate(rows, kvWidth);
         using var attention = _backend.Allocate(rows, qWidth);
         using var projected = _backend.Allocate(rows, c.HiddenSize);
+
+        var logitRows = batch.LogitRows.Length;
+        using var gathered = _backend.Allocate(logitRows, c.HiddenSize);
+        float[]? captured = captureLayers is null ? null : new float[logitRows * captureLayers.Length * c.HiddenSize];
+        var rowScratch = captureLayers is null ? null : new float[logitRows * c.HiddenSize];
 
         _backend.Embed(_embedding, step, hidden);
         for (var l = 0; l < _layers.Length; l++)
@@ -80,17 +89,25 @@ public sealed class MixtralModel : IDisposable
             _backend.MoeExperts(normed, layer.Experts, step, projected);
             _backend.Add(hidden, projected, rows);
             _backend.AddInjection(hidden, l, step);
+
+            var slot = captureLayers is null ? -1 : Array.IndexOf(captureLayers, l);
+            if (slot >= 0)
+            {
+                _backend.GatherRows(hidden, step, gathered);
+                _backend.Download(gathered, logitRows, rowScratch!);
+                for (var r = 0; r < logitRows; r++)
+                    rowScratch!.AsSpan(r * c.HiddenSize, c.HiddenSize)
+                        .CopyTo(captured.AsSpan((r * captureLayers!.Length + slot) * c.HiddenSize, c.HiddenSize));
+            }
         }
 
-        var logitRows = batch.LogitRows.Length;
-        using var gathered = _backend.Allocate(logitRows, c.HiddenSize);
         using var finalNormed = _backend.Allocate(logitRows, c.HiddenSize);
         using var logits = _backend.Allocate(logitRows, c.VocabSize);
         _backend.GatherRows(hidden, step, gathered);
         _backend.RmsNorm(gathered, _finalNorm, c.RmsNormEps, finalNormed, logitRows);
         _backend.Linear(finalNormed, _lmHead, logits, logitRows);
 
-        var output = new StepOutput(new float[logitRows * c.VocabSize], c.VocabSize, new float[rows * c.NumLayers], c.NumLayers);
+        var output = new StepOutput(new float[logitRows * c.VocabSize], c.VocabSize, new float[rows * c.NumLayers], c.NumLayers) { Hidden = captured };
         _backend.Download(logits, logitRows, output.Logits);
         step.ReadEntropies(output.Entropies);
         return output;

@@ -93,6 +93,22 @@ public static class Sampler
         return best;
     }
 
+    /// <summary>−Σ p ln p of softmax(logits), in double precision.</summary>
+    public static float Entropy(ReadOnlySpan<float> logits)
+    {
+        var max = float.NegativeInfinity;
+        foreach (var l in logits) max = Math.Max(max, l);
+        double sum = 0, weighted = 0;
+        foreach (var l in logits)
+        {
+            var e = Math.Exp(l - max);
+            sum += e;
+            weighted += e * (l - max);
+        }
+        // H = log Z − E[z] with z = logits − max.
+        return (float)(Math.Log(sum) - weighted / sum);
+    }
+
     /// <summary>log softmax(logits)[token], in double precision.</summary>
     public static float LogProb(ReadOnlySpan<float> logits, int token)
     {

@@ -64,5 +64,6 @@ internal sealed class Sequence
     public List<int> PendingTokens { get; } = [];
     public List<float> PendingLogprobs { get; } = [];
     public List<float[]> PendingEntropies { get; } = [];
+    public List<float> PendingOutputEntropies { get; } = [];
     public List<RagEvent> PendingEvents { get; } = [];
 }

@@ -110,27 +110,3 @@ public sealed unsafe class Checkpoint : IDisposable
         _ownedBuffers.Clear();
     }
 }
-
-/// <summary>Deterministic generator (SplitMix64) with Box–Muller normals, stable across runtimes.</summary>
-public sealed class SplitMix64(ulong seed)
-{
-    private ulong _state = seed;
-
-    public ulong NextUInt64()
-    {
-        var z = _state += 0x9E3779B97F4A7C15UL;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
-        return z ^ (z >> 31);
-    }
-
-    /// <summary>Uniform in [0, 1) with 53 random bits.</summary>
-    public double NextDouble() => (NextUInt64() >> 11) * (1.0 / (1UL << 53));
-
-    public double NextGaussian()
-    {
-        var u1 = 1.0 - NextDouble();
-        var u2 = NextDouble();
-        return Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2.0 * Math.PI * u2);
-    }
-}

@@ -1,4 +1,5 @@
 using System.Buffers;
+using MoeRagInject.Model;
 using System.Globalization;
 using System.Numerics.Tensors;
 
@@ -48,7 +49,7 @@ public sealed class ContextInjector
     {
         int hidden = CheckEmbeddings(embeddings);
         var projection = new float[checked(hidden * hidden)];
-        var generator = new DeterministicNormal(unchecked((ulong)(long)seed));
+        var generator = new SplitMix64(unchecked((ulong)(long)seed));
         double std = 1.0 / Math.Sqrt(hidden);
         for (int i = 0; i < projection.Length; i++)
         {
@@ -78,19 +79,19 @@ public sealed class ContextInjector
             throw new FileNotFoundException($"Projection file not found: {path}", path);
         }
 
-        using var file = SafeTensors.File.Open(path);
+        using var file = new MoeRagInject.Model.SafeTensorsFile(path);
         if (!file.Tensors.TryGetValue(ProjectionTensorName, out var projInfo))
         {
             string found = file.Tensors.Count == 0 ? "none" : string.Join(", ", file.Tensors.Keys.Order(StringComparer.Ordinal));
-            throw SafeTensors.Bad(path, $"no tensor named \"{ProjectionTensorName}\" (tensors found: {found})");
+            throw Bad(path, $"no tensor named \"{ProjectionTensorName}\" (tensors found: {found})");
         }
 
         if (projInfo.Shape.Length != 2 || projInfo.Shape[0] != hidden || projInfo.Shape[1] != hidden)
         {
-            throw SafeTensors.Bad(path, $"tensor \"{ProjectionTensorName}\" has shape {projInfo.ShapeText}, expected [{hidden}, {hidden}] (the model's hidden size)");
+            throw Bad(path, $"tensor \"{ProjectionTensorName}\" has shape [{string.Join(", ", projInfo.Shape)}], expected [{hidden}, {hidden}] (the model's hidden size)");
         }
 
-        float[] projection = file.ReadAsSingle(projInfo);
+        float[] projection = projInfo.ToFloatArray();
         CheckFinite(path, ProjectionTensorName, projection);
 
         float[]? bias = null;
@@ -98,15 +99,15 @@ public sealed class ContextInjector
         {
             if (biasInfo.Shape.Length != 1 || biasInfo.Shape[0] != hidden)
             {
-                throw SafeTensors.Bad(path, $"tensor \"{BiasTensorName}\" has shape {biasInfo.ShapeText}, expected [{hidden}]");
+                throw Bad(path, $"tensor \"{BiasTensorName}\" has shape [{string.Join(", ", biasInfo.Shape)}], expected [{hidden}]");
             }
 
-            bias = file.ReadAsSingle(biasInfo);
+            bias = biasInfo.ToFloatArray();
             CheckFinite(path, BiasTensorName, bias);
         }
 
         string description = string.Create(CultureInfo.InvariantCulture,
-            $"file:{Path.GetFullPath(path)} ({projInfo.DType} [{hidden}, {hidden}]{(bias is null ? "" : ", bias")})");
+            $"file:{Path.GetFullPath(path)} ({projInfo.DType.SafetensorsName()} [{hidden}, {hidden}]{(bias is null ? "" : ", bias")})");
         return new ContextInjector(embeddings, ProjectionKind.File, projection, bias, description);
     }
 
@@ -129,13 +130,13 @@ public sealed class ContextInjector
             throw new ArgumentException($"The bias has {bias.Length} values; expected {hidden}.", nameof(bias));
         }
 
-        var tensors = new List<(string, long[], float[])> { (ProjectionTensorName, [hidden, hidden], proj) };
+        var tensors = new List<(string, int[], float[])> { (ProjectionTensorName, [hidden, hidden], proj) };
         if (bias is not null)
         {
             tensors.Add((BiasTensorName, [hidden], bias));
         }
 
-        SafeTensors.WriteF32(path, tensors);
+        MoeRagInject.Model.SafeTensorsFile.Write(path, tensors);
     }
 
     public ProjectionKind Kind { get; }
@@ -230,13 +231,15 @@ public sealed class ContextInjector
         return hidden;
     }
 
+    private static InvalidDataException Bad(string path, string problem) => new($"{path}: {problem}");
+
     private static void CheckFinite(string path, string name, float[] values)
     {
         for (int i = 0; i < values.Length; i++)
         {
             if (!float.IsFinite(values[i]))
             {
-                throw SafeTensors.Bad(path, $"tensor \"{name}\" holds a non-finite value at index {i}");
+                throw Bad(path, $"tensor \"{name}\" holds a non-finite value at index {i}");
             }
         }
     }

@@ -81,7 +81,7 @@ public static class CorpusIndex
         {
             string source = Path.GetFullPath(file);
             IEnumerable<(string Id, string? Title, string Text)> passages =
-                file.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) ? ReadJsonl(file) : ReadPlainText(file, maxPassageChars);
+                IsJsonl(file) ? ReadJsonl(file) : ReadPlainText(file, maxPassageChars);
             foreach (var (id, title, text) in passages)
             {
                 writer.Write(id, title, text, source);
@@ -114,11 +114,28 @@ public static class CorpusIndex
         return connection;
     }
 
+    /// <summary>A JSONL corpus, plain (.jsonl) or gzip-compressed (.jsonl.gz).</summary>
+    public static bool IsJsonl(string file) =>
+        file.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase) || file.EndsWith(".jsonl.gz", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>The lines of a text file, decompressed when its name ends in .gz.</summary>
+    public static IEnumerable<string> ReadLines(string file)
+    {
+        if (!file.EndsWith(".gz", StringComparison.OrdinalIgnoreCase))
+        {
+            foreach (var line in File.ReadLines(file)) yield return line;
+            yield break;
+        }
+        using var stream = new System.IO.Compression.GZipStream(File.OpenRead(file), System.IO.Compression.CompressionMode.Decompress);
+        using var reader = new StreamReader(stream);
+        while (reader.ReadLine() is { } line) yield return line;
+    }
+
     private static IEnumerable<(string Id, string? Title, string Text)> ReadJsonl(string file)
     {
         string name = Path.GetFileName(file);
         int lineNumber = 0;
-        foreach (string line in File.ReadLines(file))
+        foreach (string line in ReadLines(file))
         {
             lineNumber++;
             if (string.IsNullOrWhiteSpace(line))

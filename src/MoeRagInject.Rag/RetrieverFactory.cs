@@ -7,7 +7,7 @@ namespace MoeRagInject.Rag;
 public static class RetrieverFactory
 {
     internal const string AcceptedForms =
-        "an index file (*.db, *.sqlite, *.sqlite3), a JSONL corpus (*.jsonl), an http(s):// URL (generic JSON contract) " +
+        "an index file (*.db, *.sqlite, *.sqlite3), a JSONL corpus (*.jsonl or *.jsonl.gz), an http(s):// URL (generic JSON contract) " +
         "or es+http(s)://host:port/index[?field=text] (Elasticsearch/OpenSearch)";
 
     /// <summary>
@@ -44,6 +44,12 @@ public static class RetrieverFactory
             return new HttpRetriever(new HttpRetrieverOptions { Endpoint = uri });
         }
 
+        if (CorpusIndex.IsJsonl(spec))
+        {
+            ArgumentException.ThrowIfNullOrWhiteSpace(cacheDirectory);
+            return new SqliteFtsRetriever(EnsureCachedIndex(spec, cacheDirectory));
+        }
+
         string extension = Path.GetExtension(spec).ToLowerInvariant();
         switch (extension)
         {
@@ -54,9 +60,6 @@ public static class RetrieverFactory
                 }
 
                 return new SqliteFtsRetriever(spec);
-            case ".jsonl":
-                ArgumentException.ThrowIfNullOrWhiteSpace(cacheDirectory);
-                return new SqliteFtsRetriever(EnsureCachedIndex(spec, cacheDirectory));
             default:
                 throw new ArgumentException($"Unrecognised retriever spec '{spec}'; expected {AcceptedForms}.", nameof(spec));
         }

@@ -208,3 +208,53 @@ public class TokenizerHandMadeTests
         Parallel.For(0, 16, _ => Assert.Equal(expected, tok.Encode(text)));
     }
 }
+
+public class TokenizerNormalizerTests
+{
+    private static bool NormalizationAvailable()
+    {
+        try
+        {
+            return "e\u0301".Normalize(System.Text.NormalizationForm.FormC) == "\u00E9";
+        }
+        catch (PlatformNotSupportedException)
+        {
+            return false;
+        }
+    }
+
+    [Fact]
+    public void UnicodeNormalizersComposeOrRefuseToLoad()
+    {
+        var json = TinyTokenizers.Legacy();
+        json["normalizer"] = JsonNode.Parse("""
+            {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+            """);
+        if (!NormalizationAvailable())
+        {
+            // Globalization-invariant mode (this repository's setting): string.Normalize does nothing, so loading must fail loudly.
+            var ex = Assert.Throws<NotSupportedException>(() => Tokenizer.FromJson(json.ToJsonString()));
+            Assert.Contains("tokenizer.json", ex.Message, StringComparison.Ordinal);
+            Assert.Contains("'NFC'", ex.Message, StringComparison.Ordinal);
+            return;
+        }
+        var tok = Tokenizer.FromJson(json.ToJsonString());
+        // e + combining acute accent becomes é (C3 A9) before byte fallback.
+        Assert.Equal([Bos, Meta, Byte(0xC3), Byte(0xA9)], tok.Encode("e\u0301"));
+        json["normalizer"] = JsonNode.Parse("""{"type": "NFKC"}""");
+        // NFKC folds the full-width ａ into a.
+        Assert.Equal([Bos, A], Tokenizer.FromJson(json.ToJsonString()).Encode("\uFF41"));
+    }
+
+    [Fact]
+    public void RegexReplaceAndLowercase()
+    {
+        var json = TinyTokenizers.WithMetaspace("never", true);
+        json["normalizer"] = JsonNode.Parse("""
+            {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, {"type": "Replace", "pattern": {"Regex": "x+"}, "content": "$c"}]}
+            """);
+        var tok = Tokenizer.FromJson(json.ToJsonString());
+        // "ABxxx" -> "abxxx" -> "ab$c": the replacement is literal; $ falls back to its byte.
+        Assert.Equal([Bos, AB, Byte((byte)'$'), C], tok.Encode("ABxxx"));
+    }
+}

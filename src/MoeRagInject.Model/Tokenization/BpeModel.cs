@@ -27,6 +27,7 @@ internal sealed class BpeModel
     private readonly string? _suffix;
     private readonly ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, int[]>.AlternateLookup<ReadOnlySpan<char>> _cacheBySpan;
+    private int _cacheCount;
 
     [ThreadStatic] private static WordScratch? t_scratch;
 
@@ -155,8 +156,9 @@ internal sealed class BpeModel
         int start = output.Count;
         for (int i = 0; i < scratch.Count; i++)
             if (scratch.Symbols[i].Alive) output.Add(scratch.Symbols[i].Id);
-        if (word.Length < CacheMaxWordLength && _cache.Count < CacheCapacity)
-            _cache.TryAdd(word.ToString(), CollectionsMarshal.AsSpan(output)[start..].ToArray());
+        if (word.Length < CacheMaxWordLength && Volatile.Read(ref _cacheCount) < CacheCapacity &&
+            _cache.TryAdd(word.ToString(), CollectionsMarshal.AsSpan(output)[start..].ToArray()))
+            Interlocked.Increment(ref _cacheCount);
     }
 
     private int UnkId()

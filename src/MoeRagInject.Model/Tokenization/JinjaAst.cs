@@ -198,7 +198,7 @@ internal sealed class MacroNode(int line, string name, List<(string Name, JinjaE
                 else if (i < args.Positional.Count) s.Set(p, args.Positional[i]);
                 else s.Set(p, dflt is null ? new JinjaUndefined($"'{p}'") : dflt.Eval(definitionScope, ev));
             }
-            s.Set("varargs", args.Positional.Skip(parameters.Count).ToList());
+            s.Set("varargs", new JinjaTuple(args.Positional.Skip(parameters.Count)));
             var kwargs = new Dictionary<string, object?>(StringComparer.Ordinal);
             foreach (var kv in args.Named)
                 if (!parameters.Exists(p => p.Name == kv.Key)) kwargs[kv.Key] = kv.Value;
@@ -240,9 +240,13 @@ internal sealed class NameExpr(int line, string name) : JinjaExpr(line)
         scope.TryGet(Name, out var v) ? v : new JinjaUndefined($"'{Name}'");
 }
 
-internal sealed class ListExpr(int line, List<JinjaExpr> items) : JinjaExpr(line)
+internal sealed class ListExpr(int line, List<JinjaExpr> items, bool isTuple = false) : JinjaExpr(line)
 {
-    public override object? Eval(JinjaScope scope, JinjaEvaluator ev) => items.Select(i => i.Eval(scope, ev)).ToList();
+    public override object? Eval(JinjaScope scope, JinjaEvaluator ev)
+    {
+        var values = items.Select(i => i.Eval(scope, ev));
+        return isTuple ? new JinjaTuple(values) : values.ToList();
+    }
 }
 
 internal sealed class DictExpr(int line, List<(JinjaExpr Key, JinjaExpr Value)> items) : JinjaExpr(line)

@@ -30,7 +30,7 @@ internal static class JinjaBuiltins
         ["float"] = ToFloat,
         ["abs"] = (v, _, _) => v switch
         {
-            long l => Math.Abs(l),
+            long l => (object)Math.Abs(l),
             double d => Math.Abs(d),
             bool b => b ? 1L : 0L,
             _ => throw new JinjaRuntimeError($"bad operand type for abs(): '{TypeName(v)}'"),
@@ -44,7 +44,7 @@ internal static class JinjaBuiltins
         ["map"] = Map,
         ["items"] = (v, _, _) => v switch
         {
-            Dictionary<string, object?> d => d.Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList(),
+            Dictionary<string, object?> d => d.Select(kv => (object?)new JinjaTuple([kv.Key, kv.Value])).ToList(),
             JinjaUndefined => new List<object?>(),
             _ => throw new JinjaRuntimeError($"items filter: expected a dict, got {TypeName(v)}"),
         },
@@ -72,6 +72,7 @@ internal static class JinjaBuiltins
         ["indent"] = Indent,
         ["format"] = (v, a, _) => PercentFormat(ToStr(v), a.Positional.Count == 1 ? a.Positional[0] : new List<object?>(a.Positional)),
         ["attr"] = (v, a, _) => GetAttr(v, ToStr(a.Get(0, "name", ""))),
+        ["center"] = (v, a, _) => StringMethod(ToStr(v), "center", a),
         ["wordcount"] = (v, _, _) => (long)ToStr(v).Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries).Length,
     };
 
@@ -433,7 +434,7 @@ internal static class JinjaBuiltins
             case Dictionary<string, object?> d:
                 return m.Name switch
                 {
-                    "items" => d.Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList(),
+                    "items" => d.Select(kv => (object?)new JinjaTuple([kv.Key, kv.Value])).ToList(),
                     "keys" => d.Keys.Cast<object?>().ToList(),
                     "values" => d.Values.ToList(),
                     "get" => a.Get(0, "key", null) is string k && d.TryGetValue(k, out var v) ? v : a.Get(1, "default", null),
@@ -534,8 +535,8 @@ internal static class JinjaBuiltins
             {
                 string sep = ToStr(a.Get(0, "sep", ""));
                 int i = name == "partition" ? s.IndexOf(sep, StringComparison.Ordinal) : s.LastIndexOf(sep, StringComparison.Ordinal);
-                if (i < 0) return name == "partition" ? new List<object?> { s, "", "" } : new List<object?> { "", "", s };
-                return new List<object?> { s[..i], sep, s[(i + sep.Length)..] };
+                if (i < 0) return name == "partition" ? new JinjaTuple([s, "", ""]) : new JinjaTuple(["", "", s]);
+                return new JinjaTuple([s[..i], sep, s[(i + sep.Length)..]]);
             }
             case "format": return BraceFormat(s, a);
             default: throw new JinjaRuntimeError($"str has no method '{name}'");

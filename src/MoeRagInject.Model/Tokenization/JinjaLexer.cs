@@ -94,7 +94,8 @@ internal sealed class JinjaLexer
                 if (kind == '%' && tokens.Count > 0 && tokens[0].IsName("raw"))
                 {
                     if (tokens.Count != 1) throw Error(tagLine, "unexpected tokens after 'raw'");
-                    ApplyTrimAfter(closeModifier, true, ref trimAfter);
+                    // Jinja does not apply trim_blocks after {% raw %}; only "-%}" strips what follows.
+                    trimAfter = closeModifier == '-' ? TrimAfter.AllWhitespace : TrimAfter.None;
                     string raw = ReadRaw(tagLine, ref trimAfter);
                     if (raw.Length > 0) segments.Add(new JinjaSegment(JinjaSegmentKind.Text, raw, [], tagLine));
                     lineStarting = _pos > 0 && _src[_pos - 1] == '\n';
@@ -151,6 +152,11 @@ internal sealed class JinjaLexer
                     if (trimAfter == TrimAfter.AllWhitespace) body = body.TrimStart();
                     else if (trimAfter == TrimAfter.OneNewline && body.StartsWith('\n')) body = body[1..];
                     if (modifier == '-') body = body.TrimEnd();
+                    else if (modifier != '+' && _options.LStripBlocks)
+                    {
+                        int lpos = body.LastIndexOf('\n') + 1;
+                        if (lpos > 0 && IsBlank(body.AsSpan(lpos))) body = body[..lpos];
+                    }
                     _line += Count(_src.AsSpan(_pos, p + 2 - _pos), '\n');
                     _pos = p + 2;
                     ApplyTrimAfter(closeModifier, true, ref trimAfter);

@@ -265,7 +265,7 @@ internal sealed class JinjaParser
                 if (AtEnd || Peek.IsOperator(")") || Peek.IsName("if")) break;
                 items.Add(ParseExpression(withCondExpr));
             }
-            return new ListExpr(line, items);
+            return new ListExpr(line, items, isTuple: true);
         }
 
         public JinjaExpr ParseExpression(bool withCondExpr)
@@ -434,7 +434,7 @@ internal sealed class JinjaParser
             {
                 case "(":
                 {
-                    if (SkipOperator(")")) return new ListExpr(t.Line, []);
+                    if (SkipOperator(")")) return new ListExpr(t.Line, [], isTuple: true);
                     var inner = ParseTuple(true);
                     ExpectOperator(")");
                     return inner;

@@ -5,8 +5,11 @@ using System.Text.Json;
 
 namespace MoeRagInject.Model.Tokenization;
 
-/// <summary>An error of a template (syntax, unknown name, type error) or one raised by the template itself.</summary>
-public sealed class JinjaException : Exception
+/// <summary>
+/// An error of a template (syntax, unknown name, type error) or one raised by the template itself. It is an
+/// <see cref="InvalidOperationException"/>: rendering is not possible for this template and these inputs.
+/// </summary>
+public sealed class JinjaException : InvalidOperationException
 {
     public JinjaException() { }
 
@@ -84,6 +87,12 @@ internal sealed class JinjaLoop(List<object?> items)
     };
 }
 
+/// <summary>A Python tuple: a list that prints with parentheses.</summary>
+internal sealed class JinjaTuple : List<object?>
+{
+    public JinjaTuple(IEnumerable<object?> items) : base(items) { }
+}
+
 /// <summary>A method of a built-in value (<c>content.strip</c>) waiting to be called.</summary>
 internal sealed record JinjaBoundMethod(object Target, string Name);
 
@@ -97,6 +106,7 @@ internal static class JinjaValues
         bool => "bool",
         long => "int",
         double => "float",
+        JinjaTuple => "tuple",
         List<object?> => "list",
         Dictionary<string, object?> => "dict",
         JinjaUndefined => "Undefined",
@@ -154,7 +164,7 @@ internal static class JinjaValues
     public static object? FromJson(JsonElement e) => e.ValueKind switch
     {
         JsonValueKind.String => e.GetString(),
-        JsonValueKind.Number => e.TryGetInt64(out long l) ? l : e.GetDouble(),
+        JsonValueKind.Number => e.TryGetInt64(out long l) ? (object)l : e.GetDouble(),
         JsonValueKind.True => true,
         JsonValueKind.False => false,
         JsonValueKind.Null or JsonValueKind.Undefined => null,
@@ -194,6 +204,16 @@ internal static class JinjaValues
         switch (v)
         {
             case string s: return StringRepr(s);
+            case JinjaTuple tuple:
+            {
+                var sb = new StringBuilder("(");
+                for (int i = 0; i < tuple.Count; i++)
+                {
+                    if (i > 0) sb.Append(", ");
+                    sb.Append(Repr(tuple[i]));
+                }
+                return sb.Append(tuple.Count == 1 ? ",)" : ")").ToString();
+            }
             case List<object?> list:
             {
                 var sb = new StringBuilder("[");
@@ -478,7 +498,7 @@ internal static class JinjaValues
         if (a is string sa && b is string sb) return sa + sb;
         if (a is List<object?> la && b is List<object?> lb) return la.Concat(lb).ToList();
         if (IsNumber(a) && IsNumber(b))
-            return IsIntegral(a) && IsIntegral(b) ? ToLong(a) + ToLong(b) : ToDouble(a) + ToDouble(b);
+            return IsIntegral(a) && IsIntegral(b) ? (object)(ToLong(a) + ToLong(b)) : ToDouble(a) + ToDouble(b);
         throw BinaryError("+", a, b);
     }
 
@@ -497,8 +517,8 @@ internal static class JinjaValues
         bool ints = IsIntegral(a) && IsIntegral(b);
         switch (op)
         {
-            case "-": return ints ? ToLong(a) - ToLong(b) : ToDouble(a) - ToDouble(b);
-            case "*": return ints ? ToLong(a) * ToLong(b) : ToDouble(a) * ToDouble(b);
+            case "-": return ints ? (object)(ToLong(a) - ToLong(b)) : ToDouble(a) - ToDouble(b);
+            case "*": return ints ? (object)(ToLong(a) * ToLong(b)) : ToDouble(a) * ToDouble(b);
             case "/":
                 if (ToDouble(b) == 0) throw new JinjaRuntimeError("division by zero");
                 return ToDouble(a) / ToDouble(b);
@@ -539,7 +559,7 @@ internal static class JinjaValues
 
     public static object? Negate(object? v) => v switch
     {
-        long l => -l,
+        long l => (object)(-l),
         double d => -d,
         bool b => b ? -1L : 0L,
         JinjaUndefined u => throw u.Error(),

@@ -34,10 +34,18 @@ internal abstract class TextNormalizer
                 string content = json.RequiredString(element, "content", "normalizer Replace");
                 return new ReplaceNormalizer(literal, regex is null ? null : new Regex(regex, RegexOptions.CultureInvariant), content);
             }
-            case "NFC": return new UnicodeNormalizer(NormalizationForm.FormC);
-            case "NFD": return new UnicodeNormalizer(NormalizationForm.FormD);
-            case "NFKC": return new UnicodeNormalizer(NormalizationForm.FormKC);
-            case "NFKD": return new UnicodeNormalizer(NormalizationForm.FormKD);
+            case "NFC" or "NFD" or "NFKC" or "NFKD":
+                if (!UnicodeNormalizer.Available)
+                    throw new NotSupportedException(
+                        $"{json.FileName}: normalizer type '{type}' needs Unicode normalization data, which this process lacks " +
+                        "(globalization-invariant mode makes string.Normalize a no-op)");
+                return new UnicodeNormalizer(type switch
+                {
+                    "NFC" => NormalizationForm.FormC,
+                    "NFD" => NormalizationForm.FormD,
+                    "NFKC" => NormalizationForm.FormKC,
+                    _ => NormalizationForm.FormKD,
+                });
             case "Lowercase": return new LowercaseNormalizer();
             case "Strip":
                 return new StripNormalizer(
@@ -76,6 +84,21 @@ internal sealed class ReplaceNormalizer(string? literal, Regex? regex, string co
 
 internal sealed class UnicodeNormalizer(NormalizationForm form) : TextNormalizer
 {
+    /// <summary>Whether string.Normalize really normalizes here (it does nothing in globalization-invariant mode).</summary>
+    public static bool Available { get; } = Probe();
+
+    private static bool Probe()
+    {
+        try
+        {
+            return "e\u0301".Normalize(NormalizationForm.FormC) == "\u00E9" && "\uFF41".Normalize(NormalizationForm.FormKC) == "a";
+        }
+        catch (PlatformNotSupportedException)
+        {
+            return false;
+        }
+    }
+
     public override string Normalize(string text)
     {
         if (Ascii.IsValid(text)) return text;

@@ -1,10 +1,10 @@
-namespace MoeRagInject.Rag;
+namespace MoeRagInject.Model;
 
 /// <summary>
-/// Standard-normal samples from a SplitMix64 stream via Box–Muller, using only IEEE-754 basic operations and square root
+/// A deterministic generator: SplitMix64, with standard-normal samples via Box–Muller, using only IEEE-754 basic operations and square root
 /// (own log/sin/cos), so the same seed gives bit-identical samples on every runtime and platform.
 /// </summary>
-internal sealed class DeterministicNormal(ulong seed)
+public sealed class SplitMix64(ulong seed)
 {
     private const double Ln2 = 0.6931471805599453094;
     private const double HalfPi = 1.5707963267948966192;
@@ -26,6 +26,9 @@ internal sealed class DeterministicNormal(ulong seed)
         }
     }
 
+    /// <summary>Uniform in [0, 1) with 53 random bits.</summary>
+    public double NextDouble() => (NextUInt64() >> 11) * TwoPow53Inv;
+
     /// <summary>The next standard-normal sample.</summary>
     public double NextGaussian()
     {
@@ -45,7 +48,7 @@ internal sealed class DeterministicNormal(ulong seed)
     }
 
     /// <summary>Natural log for positive finite normal doubles: exponent split plus 2·atanh series (error below 1e-16 relative).</summary>
-    internal static double Log(double x)
+    public static double Log(double x)
     {
         if (!(x > 0) || !double.IsFinite(x) || !double.IsNormal(x))
         {
@@ -73,7 +76,7 @@ internal sealed class DeterministicNormal(ulong seed)
     }
 
     /// <summary>sin and cos of 2π·t for t in [0, 1), by quadrant reduction and Taylor series on [0, π/2).</summary>
-    internal static void SinCosTurn(double t, out double sin, out double cos)
+    public static void SinCosTurn(double t, out double sin, out double cos)
     {
         double quarter = t * 4.0;
         int quadrant = (int)Math.Floor(quarter);
