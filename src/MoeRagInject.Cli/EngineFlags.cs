@@ -1,0 +1,147 @@
+using MoeRagInject.Cli.Flags;
+using MoeRagInject.Engine;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Cli;
+
+/// <summary>The model and RAG flags that <c>serve</c> and <c>generate</c> share, and their one mapping onto <see cref="EngineOptions"/>.</summary>
+public static class EngineFlags
+{
+    public static IEnumerable<FlagSpec> Specs()
+    {
+        var d = new EngineOptions { ModelPath = "" };
+        return
+        [
+            new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/tiny-mixtral", "PATH"),
+            new("device", FlagKind.String, "compute device: cpu (cuda is not built yet)", d.Device, "DEVICE"),
+            new("load-format", FlagKind.String, "auto reads the safetensors; dummy makes random weights of the config's shapes", d.LoadFormat, "auto|dummy"),
+            new("context-length", FlagKind.Int, "context limit, overriding max_position_embeddings", "from config.json", "N"),
+            new("max-running-requests", FlagKind.Int, "requests decoded together", I(d.MaxRunningRequests), "N"),
+            new("kv-cache-tokens", FlagKind.Int, "tokens of KV cache in the pool", "max-running-requests full contexts", "N"),
+            new("threads", FlagKind.Int, "CPU threads for the forward pass", "all cores", "N"),
+            new("entropy-threshold", FlagKind.Double, "router entropy (nats; at most ln E) above which retrieval fires", I(d.Trigger.Threshold), "NATS"),
+            new("log-dir", FlagKind.String, "where rag-events.jsonl is written", d.LogDir, "DIR"),
+            new("rag-mode", FlagKind.String, "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt", Mode(d.Mode), "off|latent|prompt"),
+            new("trigger-layers", FlagKind.List, "MoE layers whose entropy counts", "all", "all|0,2,3"),
+            new("trigger-aggregation", FlagKind.String, "how the counted layers' entropies combine", d.Trigger.Aggregation.ToString().ToLowerInvariant(), "any|max|mean"),
+            new("cooldown-tokens", FlagKind.Int, "tokens after a retrieval before the next may fire", I(d.Trigger.CooldownTokens), "N"),
+            new("max-retrievals", FlagKind.Int, "retrievals per request at most", I(d.Trigger.MaxRetrievalsPerRequest), "N"),
+            new("injection-scale", FlagKind.Double, "α in α·P·c", I(d.InjectionScale), "α"),
+            new("injection-layers", FlagKind.List, "MoE layers to inject at", "the layers that fired", "fired|0,2,3"),
+            new("injection-tokens", FlagKind.String, "tokens (the triggering one included) that receive the injection", "rest", "N|rest"),
+            new("injector-proj", FlagKind.String, "the projection P: random (seeded), identity, or a safetensors file holding \"proj\"", "random", "random|identity|FILE"),
+            new("projection-seed", FlagKind.Int, "seed of the random projection", I(d.ProjectionSeed), "N"),
+            new("retriever", FlagKind.String, "index.db, corpus .jsonl, http(s)://… (JSON contract) or es+http(s)://host:port/index", "the embedded assets/corpus/default.jsonl with the embedded model", "SPEC"),
+            new("retrieval-timeout-ms", FlagKind.Double, "per-retrieval timeout", I(d.RetrievalTimeout.TotalMilliseconds), "MS"),
+            new("retrieval-top-k", FlagKind.Int, "passages per retrieval", I(d.RetrievalTopK), "K"),
+            new("query-window", FlagKind.Int, "the query is the last N tokens of prompt plus output", I(d.QueryWindowTokens), "N"),
+        ];
+    }
+
+    private static string I(double value) => value.ToString(System.Globalization.CultureInfo.InvariantCulture);
+
+    private static string Mode(InjectionMode mode) => mode.ToString().ToLowerInvariant();
+
+    /// <summary>EngineOptions from the flags; without --model-path the embedded model (and its default corpus) are served.</summary>
+    public static EngineOptions ToOptions(ParsedFlags flags)
+    {
+        ArgumentNullException.ThrowIfNull(flags);
+        var defaults = new EngineOptions { ModelPath = "" };
+
+        var device = (flags.String("device") ?? defaults.Device).ToLowerInvariant();
+        if (device.StartsWith("cuda", StringComparison.Ordinal))
+            throw new UsageException("--device cuda: the CUDA backend is not built yet (use --device cpu)");
+        if (device != "cpu") throw new UsageException($"invalid value for --device: '{device}' (expected cpu)");
+
+        var trigger = defaults.Trigger with
+        {
+            Threshold = flags.DoubleIn("entropy-threshold", 0) ?? defaults.Trigger.Threshold,
+            Layers = flags.IntList("trigger-layers", all: "all"),
+            Aggregation = flags.Choice("trigger-aggregation", "any", "max", "mean") switch
+            {
+                "max" => LayerAggregation.Max,
+                "mean" => LayerAggregation.Mean,
+                "any" => LayerAggregation.Any,
+                _ => defaults.Trigger.Aggregation,
+            },
+            CooldownTokens = flags.IntIn("cooldown-tokens", 0) ?? defaults.Trigger.CooldownTokens,
+            MaxRetrievalsPerRequest = flags.IntIn("max-retrievals", 0) ?? defaults.Trigger.MaxRetrievalsPerRequest,
+        };
+        if (trigger.Layers?.Any(l => l < 0) == true) throw new UsageException("invalid value for --trigger-layers: layers are numbered from 0");
+
+        var (projection, projectionPath) = (flags.String("injector-proj") ?? "random") switch
+        {
+            var p when p.Equals("random", StringComparison.OrdinalIgnoreCase) => (ProjectionKind.Random, (string?)null),
+            var p when p.Equals("identity", StringComparison.OrdinalIgnoreCase) => (ProjectionKind.Identity, null),
+            var file => File.Exists(file)
+                ? (ProjectionKind.File, Path.GetFullPath(file))
+                : throw new UsageException($"invalid value for --injector-proj: '{file}' is not random, identity or an existing .safetensors file"),
+        };
+
+        IReadOnlyList<int>? injectionLayers = flags.String("injection-layers") is { } il && il.Equals("fired", StringComparison.OrdinalIgnoreCase)
+            ? null
+            : flags.IntList("injection-layers");
+        if (injectionLayers?.Any(l => l < 0) == true) throw new UsageException("invalid value for --injection-layers: layers are numbered from 0");
+
+        int? injectionTokens = flags.String("injection-tokens") switch
+        {
+            null => defaults.InjectionTokens,
+            var t when t.Equals("rest", StringComparison.OrdinalIgnoreCase) || t.Equals("all", StringComparison.OrdinalIgnoreCase) => null,
+            var t when int.TryParse(t, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var n) && n >= 1 => n,
+            var t => throw new UsageException($"invalid value for --injection-tokens: '{t}' (expected a positive integer or rest)"),
+        };
+
+        var mode = flags.Choice("rag-mode", "off", "latent", "prompt");
+        var loadFormat = flags.Choice("load-format", "auto", "dummy");
+
+        // The model last, so that every flag value is checked before any file is looked for.
+        string modelPath;
+        string? retriever = flags.String("retriever");
+        if (flags.String("model-path") is { } given)
+        {
+            modelPath = Path.GetFullPath(given);
+        }
+        else
+        {
+            var home = Home.Locate();
+            modelPath = Path.Combine(home, "assets", "models", "tiny-mixtral");
+            if (!Directory.Exists(modelPath))
+                throw new CliException($"the embedded model was not found at {modelPath}; pass --model-path");
+            var corpus = Path.Combine(home, "assets", "corpus", "default.jsonl");
+            if (retriever is null && File.Exists(corpus)) retriever = corpus;
+        }
+        if (!Directory.Exists(modelPath)) throw new CliException($"model folder not found: {modelPath}");
+        if (!File.Exists(Path.Combine(modelPath, "config.json")))
+            throw new CliException($"{modelPath} is not a model folder: it has no config.json");
+
+        return defaults with
+        {
+            ModelPath = modelPath,
+            Device = device,
+            LoadFormat = loadFormat ?? defaults.LoadFormat,
+            ContextLength = flags.IntIn("context-length", 1),
+            MaxRunningRequests = flags.IntIn("max-running-requests", 1) ?? defaults.MaxRunningRequests,
+            KvCacheTokens = flags.IntIn("kv-cache-tokens", 1),
+            Threads = flags.IntIn("threads", 1),
+            Mode = mode switch
+            {
+                "off" => InjectionMode.Off,
+                "latent" => InjectionMode.Latent,
+                "prompt" => InjectionMode.Prompt,
+                _ => defaults.Mode,
+            },
+            Trigger = trigger,
+            InjectionScale = (float)(flags.Double("injection-scale") ?? defaults.InjectionScale),
+            InjectionLayers = injectionLayers,
+            InjectionTokens = injectionTokens,
+            Projection = projection,
+            ProjectionPath = projectionPath,
+            ProjectionSeed = flags.Int("projection-seed") ?? defaults.ProjectionSeed,
+            Retriever = retriever,
+            RetrievalTimeout = flags.DoubleIn("retrieval-timeout-ms", 1) is { } ms ? TimeSpan.FromMilliseconds(ms) : defaults.RetrievalTimeout,
+            RetrievalTopK = flags.IntIn("retrieval-top-k", 1) ?? defaults.RetrievalTopK,
+            QueryWindowTokens = flags.IntIn("query-window", 1) ?? defaults.QueryWindowTokens,
+            LogDir = flags.String("log-dir") ?? defaults.LogDir,
+        };
+    }
+}

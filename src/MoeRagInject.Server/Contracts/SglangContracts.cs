@@ -1,0 +1,91 @@
+using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
+
+namespace MoeRagInject.Server.Contracts;
+
+/// <summary>sglang's finish_reason: <c>{"type":"stop","matched":..}</c>, <c>{"type":"length","length":n}</c> or <c>{"type":"abort","message":..}</c>.</summary>
+public sealed record FinishReasonJson(
+    string Type,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] JsonNode? Matched = null,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] int? Length = null,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] string? Message = null);
+
+public sealed record GenerateMetaInfo(
+    string Id,
+    FinishReasonJson? FinishReason,
+    int PromptTokens,
+    int CompletionTokens,
+    int CachedTokens,
+    // Seconds from the request's arrival to this update.
+    double E2eLatency,
+    // RAG events of the request so far (RagEvent.ToJson()).
+    IReadOnlyList<JsonObject> Rag,
+    // [[logprob, token_id, token_text], ...] over output tokens; present when return_logprob.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] JsonArray? OutputTokenLogprobs = null,
+    // Rows over output tokens, columns over MoE layers (nats); present when return_router_entropy.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float[]>? OutputRouterEntropy = null,
+    // Entropy of the output distribution for each output token (nats, the FLARE-style signal); present when return_router_entropy.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float>? OutputTokenEntropy = null);
+
+/// <summary>One /generate result (or one streamed event, with the text so far).</summary>
+public sealed record GenerateResponse(
+    string Text,
+    IReadOnlyList<int> OutputIds,
+    GenerateMetaInfo MetaInfo,
+    // Position in a batch request; only set on streamed events of a list input, where items interleave.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] int? Index = null);
+
+public sealed record HealthResponse(string Status, [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] string? Message = null);
+
+public sealed record ModelInfoResponse(
+    string ModelPath,
+    string TokenizerPath,
+    bool IsGeneration,
+    string ServedModelName,
+    int VocabSize,
+    int ContextLength,
+    int NumMoeLayers,
+    int NumExperts,
+    string Device,
+    string DefaultRagMode);
+
+/// <summary>The flags the server runs with (sglang's /get_server_info is its ServerArgs).</summary>
+public sealed record ServerInfoResponse(
+    string Version,
+    string Host,
+    int Port,
+    string? ModelPath,
+    string? Device,
+    string? LoadFormat,
+    int? ContextLength,
+    int? MaxRunningRequests,
+    int? KvCacheTokens,
+    int? Threads,
+    string? RagMode,
+    double? EntropyThreshold,
+    IReadOnlyList<int>? TriggerLayers,
+    string? TriggerAggregation,
+    int? CooldownTokens,
+    int? MaxRetrievals,
+    float? InjectionScale,
+    IReadOnlyList<int>? InjectionLayers,
+    int? InjectionTokens,
+    string? InjectorProj,
+    int? ProjectionSeed,
+    string? Retriever,
+    double? RetrievalTimeoutMs,
+    int? RetrievalTopK,
+    int? QueryWindow,
+    string? LogDir);
+
+public sealed record AbortResponse(string Rid, bool Success);
+
+public sealed record FlushCacheResponse(bool Success, string Message);
+
+public sealed record TokenizeResponse(IReadOnlyList<int> Tokens, int Count, int MaxModelLen);
+
+public sealed record BatchTokenizeResponse(IReadOnlyList<IReadOnlyList<int>> Tokens, IReadOnlyList<int> Count, int MaxModelLen);
+
+public sealed record DetokenizeResponse(string Prompt);
+
+public sealed record BatchDetokenizeResponse(IReadOnlyList<string> Prompt);

@@ -1,0 +1,271 @@
+using System.Text;
+using System.Text.Json.Nodes;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+using MoeRagInject.Engine;
+using MoeRagInject.Server.Contracts;
+using MoeRagInject.Server.Generation;
+using MoeRagInject.Server.Requests;
+
+namespace MoeRagInject.Server.Routes;
+
+/// <summary>The OpenAI-compatible surface under /v1, plus sglang's /v1/tokenize and /v1/detokenize.</summary>
+public static class OpenAiRoutes
+{
+    public static void Map(IEndpointRouteBuilder app)
+    {
+        var v1 = app.MapGroup("/v1").WithGroupName("openai");
+        v1.MapGet("/models", (EngineHolder engine, ServerOptions options) => Models(engine, options));
+        v1.MapPost("/completions", (HttpContext context, EngineHolder engine, ServerOptions options) => CompletionsAsync(context, engine, options));
+        v1.MapPost("/chat/completions", (HttpContext context, EngineHolder engine, ServerOptions options) => ChatAsync(context, engine, options));
+        v1.MapPost("/tokenize", (HttpContext context, EngineHolder engine) => TokenizeAsync(context, engine));
+        v1.MapPost("/detokenize", (HttpContext context, EngineHolder engine) => DetokenizeAsync(context, engine));
+    }
+
+    private static string ModelName(IGenerationEngine engine, ServerOptions options) => options.ServedModelName ?? engine.Info.ModelPath;
+
+    private static long Now() => DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+    private static IResult Models(EngineHolder holder, ServerOptions options)
+    {
+        var engine = holder.Require();
+        var name = ModelName(engine, options);
+        return Results.Json(
+            new ModelList("list", [new ModelCard(name, "model", Now(), "moe-rag-inject", name, engine.Info.ContextLength)]),
+            ApiJsonContext.Wire.ModelList);
+    }
+
+    private static async Task<ParsedOpenAi> ParseAsync(HttpContext context, IGenerationEngine engine, bool chat)
+    {
+        using var document = await JsonFields.ReadBodyAsync(context.Request.Body, context.RequestAborted).ConfigureAwait(false);
+        var root = JsonFields.Root(document);
+        return chat ? OpenAiRequestParser.ParseChat(root, engine) : OpenAiRequestParser.ParseCompletion(root, engine);
+    }
+
+    private static async Task CompletionsAsync(HttpContext context, EngineHolder holder, ServerOptions options)
+    {
+        var engine = holder.Require();
+        var parsed = await ParseAsync(context, engine, chat: false).ConfigureAwait(false);
+        var aborted = context.RequestAborted;
+        var model = ModelName(engine, options);
+        var created = Now();
+        var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
+        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+        var id = "cmpl-" + Guid.NewGuid().ToString("N");
+
+        if (!parsed.Stream)
+        {
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+                outputs[index].Add(update);
+            var choices = outputs.Select((o, i) => new CompletionChoice(
+                i, o.Text, o.ReturnLogprob ? CompletionLogprobsOf(o, 0, o.OutputIds.Count, 0) : null,
+                o.Finish is null ? null : RequestOutput.ToOpenAiFinish(o.Finish), MatchedStop(o.Finish),
+                Rag(o, parsed.Requests[i]), o.ReturnRouterEntropy ? o.RouterEntropy.ToArray() : null)).ToArray();
+            await context.Response.WriteAsJsonAsync(
+                new CompletionResponse(id, "text_completion", created, model, choices, UsageOf(outputs)),
+                ApiJsonContext.Wire.CompletionResponse, contentType: null, aborted).ConfigureAwait(false);
+            return;
+        }
+
+        var deltas = outputs.Select(_ => new TextDelta()).ToArray();
+        await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
+        try
+        {
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+            {
+                var output = outputs[index];
+                var firstNew = output.OutputIds.Count;
+                var offset = deltas[index].Sent.Length;
+                output.Add(update);
+                var final = update.Finish is not null;
+                var text = deltas[index].Next(output.Text, final);
+                var choice = new CompletionChoice(
+                    index, text,
+                    output.ReturnLogprob ? CompletionLogprobsOf(output, firstNew, output.OutputIds.Count - firstNew, offset) : null,
+                    final ? RequestOutput.ToOpenAiFinish(update.Finish!) : null,
+                    final ? MatchedStop(update.Finish) : null,
+                    final ? Rag(output, parsed.Requests[index]) : null,
+                    output.ReturnRouterEntropy && update.NewRouterEntropy.Count > 0 ? update.NewRouterEntropy.ToArray() : null);
+                await ServerSentEvents.WriteAsync(context.Response,
+                    new CompletionResponse(id, "text_completion", created, model, [choice], Usage: null),
+                    ApiJsonContext.Wire.CompletionResponse, aborted).ConfigureAwait(false);
+            }
+            if (parsed.IncludeUsageInStream)
+                await ServerSentEvents.WriteAsync(context.Response,
+                    new CompletionResponse(id, "text_completion", created, model, [], UsageOf(outputs)),
+                    ApiJsonContext.Wire.CompletionResponse, aborted).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)
+        {
+            await ServerSentEvents.WriteAsync(context.Response, ErrorHandling.ToError(e), ApiJsonContext.Wire.ErrorResponse, aborted)
+                .ConfigureAwait(false);
+        }
+        await ServerSentEvents.WriteDoneAsync(context.Response, aborted).ConfigureAwait(false);
+    }
+
+    private static async Task ChatAsync(HttpContext context, EngineHolder holder, ServerOptions options)
+    {
+        var engine = holder.Require();
+        var parsed = await ParseAsync(context, engine, chat: true).ConfigureAwait(false);
+        var aborted = context.RequestAborted;
+        var model = ModelName(engine, options);
+        var created = Now();
+        var request = parsed.Requests[0];
+        var output = new RequestOutput(engine.Tokenizer, request.ReturnLogprob, request.ReturnRouterEntropy);
+        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+        var id = "chatcmpl-" + Guid.NewGuid().ToString("N");
+
+        if (!parsed.Stream)
+        {
+            await foreach (var (_, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+                output.Add(update);
+            var choice = new ChatChoice(
+                0, new ChatMessageBody("assistant", output.Text),
+                output.ReturnLogprob ? ChatLogprobsOf(output, 0, output.OutputIds.Count) : null,
+                output.Finish is null ? null : RequestOutput.ToOpenAiFinish(output.Finish), MatchedStop(output.Finish),
+                Rag(output, request), output.ReturnRouterEntropy ? output.RouterEntropy.ToArray() : null);
+            await context.Response.WriteAsJsonAsync(
+                new ChatCompletionResponse(id, "chat.completion", created, model, [choice], UsageOf([output])),
+                ApiJsonContext.Wire.ChatCompletionResponse, contentType: null, aborted).ConfigureAwait(false);
+            return;
+        }
+
+        var delta = new TextDelta();
+        await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
+        try
+        {
+            // OpenAI streams open with the role on its own, then content deltas, then a chunk that carries only finish_reason.
+            await WriteChunkAsync(new ChatChunkChoice(0, new ChatDelta(Role: "assistant", Content: ""), null, null)).ConfigureAwait(false);
+            await foreach (var (_, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+            {
+                var firstNew = output.OutputIds.Count;
+                output.Add(update);
+                var final = update.Finish is not null;
+                var text = delta.Next(output.Text, final);
+                if (text.Length > 0 || (output.ReturnLogprob && update.NewTokenIds.Count > 0))
+                    await WriteChunkAsync(new ChatChunkChoice(
+                        0, new ChatDelta(Content: text),
+                        output.ReturnLogprob ? ChatLogprobsOf(output, firstNew, output.OutputIds.Count - firstNew) : null, null,
+                        RouterEntropy: output.ReturnRouterEntropy && update.NewRouterEntropy.Count > 0 ? update.NewRouterEntropy.ToArray() : null))
+                        .ConfigureAwait(false);
+                if (final)
+                    await WriteChunkAsync(new ChatChunkChoice(
+                        0, new ChatDelta(), null, RequestOutput.ToOpenAiFinish(update.Finish!), MatchedStop(update.Finish), Rag(output, request)))
+                        .ConfigureAwait(false);
+            }
+            if (parsed.IncludeUsageInStream)
+                await ServerSentEvents.WriteAsync(context.Response,
+                    new ChatCompletionChunk(id, "chat.completion.chunk", created, model, [], UsageOf([output])),
+                    ApiJsonContext.Wire.ChatCompletionChunk, aborted).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)
+        {
+            await ServerSentEvents.WriteAsync(context.Response, ErrorHandling.ToError(e), ApiJsonContext.Wire.ErrorResponse, aborted)
+                .ConfigureAwait(false);
+        }
+        await ServerSentEvents.WriteDoneAsync(context.Response, aborted).ConfigureAwait(false);
+
+        Task WriteChunkAsync(ChatChunkChoice choice) => ServerSentEvents.WriteAsync(context.Response,
+            new ChatCompletionChunk(id, "chat.completion.chunk", created, model, [choice]),
+            ApiJsonContext.Wire.ChatCompletionChunk, aborted);
+    }
+
+    private static Usage UsageOf(IReadOnlyList<RequestOutput> outputs)
+    {
+        int prompt = 0, completion = 0;
+        foreach (var o in outputs)
+        {
+            prompt += o.PromptTokens;
+            completion += o.CompletionTokens;
+        }
+        return new Usage(prompt, completion, prompt + completion);
+    }
+
+    private static JsonNode? MatchedStop(FinishReason? finish)
+        => finish is { Kind: FinishKind.Stop } ? RequestOutput.MatchedToJson(finish.Matched) : null;
+
+    /// <summary>RAG events are returned when the request named a RAG mode other than off, or the server's default mode is on.</summary>
+    private static IReadOnlyList<JsonObject>? Rag(RequestOutput output, GenerationRequest request)
+        => output.RagEvents.Count > 0 || request.Rag is not null ? output.RagEvents.ToArray() : null;
+
+    private static CompletionLogprobs CompletionLogprobsOf(RequestOutput output, int start, int count, int textOffset)
+    {
+        var tokens = new string[count];
+        var logprobs = new float[count];
+        var offsets = new int[count];
+        for (var i = 0; i < count; i++)
+        {
+            tokens[i] = output.TokenTexts[start + i];
+            logprobs[i] = start + i < output.Logprobs.Count ? output.Logprobs[start + i] : -9999f; // OpenAI's stand-in for "no logprob"; JSON has no NaN
+            offsets[i] = textOffset;
+            textOffset += tokens[i].Length;
+        }
+        return new CompletionLogprobs(tokens, logprobs, offsets, TopLogprobs: null);
+    }
+
+    private static ChatLogprobs ChatLogprobsOf(RequestOutput output, int start, int count)
+    {
+        var content = new ChatTokenLogprob[count];
+        for (var i = 0; i < count; i++)
+        {
+            var token = output.TokenTexts[start + i];
+            var logprob = start + i < output.Logprobs.Count ? output.Logprobs[start + i] : -9999f; // OpenAI's stand-in for "no logprob"; JSON has no NaN
+            content[i] = new ChatTokenLogprob(token, logprob, Encoding.UTF8.GetBytes(token).Select(b => (int)b).ToArray(), []);
+        }
+        return new ChatLogprobs(content);
+    }
+
+    private static async Task TokenizeAsync(HttpContext context, EngineHolder holder)
+    {
+        var engine = holder.Require();
+        using var document = await JsonFields.ReadBodyAsync(context.Request.Body, context.RequestAborted).ConfigureAwait(false);
+        var root = JsonFields.Root(document);
+        var addSpecialTokens = root.Bool("add_special_tokens") ?? true;
+        if (!root.TryGet("prompt", out var prompt)) throw ApiException.BadRequest("prompt is required");
+        var max = engine.Info.ContextLength;
+        if (prompt.ValueKind == System.Text.Json.JsonValueKind.String)
+        {
+            var ids = engine.Tokenizer.Encode(prompt.GetString()!, addSpecialTokens);
+            await context.Response.WriteAsJsonAsync(new TokenizeResponse(ids, ids.Length, max), ApiJsonContext.Wire.TokenizeResponse,
+                contentType: null, context.RequestAborted).ConfigureAwait(false);
+            return;
+        }
+        var texts = root.StringOrStrings("prompt")!;
+        var all = texts.Select(t => (IReadOnlyList<int>)engine.Tokenizer.Encode(t, addSpecialTokens)).ToArray();
+        await context.Response.WriteAsJsonAsync(new BatchTokenizeResponse(all, all.Select(a => a.Count).ToArray(), max),
+            ApiJsonContext.Wire.BatchTokenizeResponse, contentType: null, context.RequestAborted).ConfigureAwait(false);
+    }
+
+    private static async Task DetokenizeAsync(HttpContext context, EngineHolder holder)
+    {
+        var engine = holder.Require();
+        using var document = await JsonFields.ReadBodyAsync(context.Request.Body, context.RequestAborted).ConfigureAwait(false);
+        var root = JsonFields.Root(document);
+        var skipSpecial = root.Bool("skip_special_tokens") ?? true;
+        if (!root.TryGet("tokens", out var tokens)) throw ApiException.BadRequest("tokens is required");
+        var vocab = engine.Info.VocabSize;
+        if (tokens.ValueKind == System.Text.Json.JsonValueKind.Array && tokens.GetArrayLength() > 0
+            && tokens[0].ValueKind == System.Text.Json.JsonValueKind.Array)
+        {
+            var prompts = new List<string>();
+            var i = 0;
+            foreach (var item in tokens.EnumerateArray())
+                prompts.Add(Decode(engine, JsonFields.ToInts(item, $"tokens[{i}]"), $"tokens[{i++}]", vocab, skipSpecial));
+            await context.Response.WriteAsJsonAsync(new BatchDetokenizeResponse(prompts), ApiJsonContext.Wire.BatchDetokenizeResponse,
+                contentType: null, context.RequestAborted).ConfigureAwait(false);
+            return;
+        }
+        var text = Decode(engine, JsonFields.ToInts(tokens, "tokens"), "tokens", vocab, skipSpecial);
+        await context.Response.WriteAsJsonAsync(new DetokenizeResponse(text), ApiJsonContext.Wire.DetokenizeResponse,
+            contentType: null, context.RequestAborted).ConfigureAwait(false);
+    }
+
+    private static string Decode(IGenerationEngine engine, IReadOnlyList<int> ids, string path, int vocab, bool skipSpecial)
+    {
+        for (var i = 0; i < ids.Count; i++)
+            if ((uint)ids[i] >= (uint)vocab)
+                throw ApiException.BadRequest(RequestParsing.Invariant($"{path}[{i}] = {ids[i]} is outside the vocabulary [0, {vocab})"));
+        return engine.Tokenizer.Decode(ids.ToArray(), skipSpecial);
+    }
+}

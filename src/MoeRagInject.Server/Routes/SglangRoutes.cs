@@ -1,0 +1,169 @@
+using System.Diagnostics;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+using MoeRagInject.Engine;
+using MoeRagInject.Rag;
+using MoeRagInject.Server.Contracts;
+using MoeRagInject.Server.Generation;
+using MoeRagInject.Server.Requests;
+
+namespace MoeRagInject.Server.Routes;
+
+/// <summary>sglang's native surface: /generate, health, model and server info, abort.</summary>
+public static class SglangRoutes
+{
+    public static void Map(IEndpointRouteBuilder app)
+    {
+        var sglang = app.MapGroup("").WithGroupName("sglang");
+        sglang.MapGet("/health", (EngineHolder engine) => Health(engine));
+        sglang.MapGet("/health_generate", (HttpContext context, EngineHolder engine) => HealthGenerateAsync(context, engine));
+        sglang.MapGet("/get_model_info", (EngineHolder engine, ServerOptions options) => ModelInfo(engine, options));
+        sglang.MapGet("/get_server_info", (ServerOptions options, HttpContext context) => ServerInfo(options, context));
+        sglang.MapPost("/generate", (HttpContext context, EngineHolder engine) => GenerateAsync(context, engine));
+        sglang.MapPost("/abort_request", (HttpContext context, EngineHolder engine) => AbortAsync(context, engine));
+        sglang.MapPost("/flush_cache", () => Results.Json(
+            new FlushCacheResponse(true, "no prefix cache to flush"), ApiJsonContext.Wire.FlushCacheResponse));
+    }
+
+    private static IResult Health(EngineHolder engine)
+    {
+        if (engine.Current is not null) return Results.Json(new HealthResponse("ok"), ApiJsonContext.Wire.HealthResponse);
+        var status = engine.LoadError is null ? "loading" : "failed";
+        return Results.Json(new HealthResponse(status, engine.LoadError), ApiJsonContext.Wire.HealthResponse, statusCode: 503);
+    }
+
+    /// <summary>Healthy when one greedy token can be generated end to end, within 30 s.</summary>
+    private static async Task<IResult> HealthGenerateAsync(HttpContext context, EngineHolder holder)
+    {
+        var engine = holder.Require();
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(context.RequestAborted);
+        timeout.CancelAfter(TimeSpan.FromSeconds(30));
+        var request = new GenerationRequest
+        {
+            PromptIds = [engine.Tokenizer.BosTokenId ?? 0],
+            Sampling = new SamplingParams { MaxNewTokens = 1, Temperature = 0, IgnoreEos = true },
+            Rag = new RagOverrides { Mode = InjectionMode.Off },
+        };
+        try
+        {
+            FinishReason? finish = null;
+            await foreach (var update in engine.GenerateAsync(request, timeout.Token).ConfigureAwait(false))
+                finish = update.Finish ?? finish;
+            if (finish is { Kind: FinishKind.Abort })
+                return Results.Json(new HealthResponse("unhealthy", finish.Message), ApiJsonContext.Wire.HealthResponse, statusCode: 503);
+            return Results.Json(new HealthResponse("ok"), ApiJsonContext.Wire.HealthResponse);
+        }
+        catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
+        {
+            return Results.Json(new HealthResponse("unhealthy", "generation did not finish within 30 s"),
+                ApiJsonContext.Wire.HealthResponse, statusCode: 503);
+        }
+    }
+
+    private static IResult ModelInfo(EngineHolder holder, ServerOptions options)
+    {
+        var engine = holder.Require();
+        var info = engine.Info;
+        return Results.Json(
+            new ModelInfoResponse(
+                info.ModelPath, info.TokenizerPath, IsGeneration: true, options.ServedModelName ?? info.ModelPath,
+                info.VocabSize, info.ContextLength, info.NumMoeLayers, info.NumExperts, info.Device,
+                RequestParsing.ModeName(engine.DefaultMode)),
+            ApiJsonContext.Wire.ModelInfoResponse);
+    }
+
+    private static IResult ServerInfo(ServerOptions options, HttpContext context)
+    {
+        var e = options.Engine;
+        var port = context.Connection.LocalPort != 0 ? context.Connection.LocalPort : options.Port;
+        var projection = e is null ? null : e.Projection switch
+        {
+            ProjectionKind.Random => "random",
+            ProjectionKind.Identity => "identity",
+            _ => e.ProjectionPath ?? "file",
+        };
+        return Results.Json(
+            new ServerInfoResponse(
+                Version: typeof(SglangRoutes).Assembly.GetName().Version?.ToString() ?? "0.0.0",
+                options.Host, port,
+                e?.ModelPath, e?.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens, e?.Threads,
+                e is null ? null : RequestParsing.ModeName(e.Mode),
+                e?.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
+                e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest,
+                e?.InjectionScale, e?.InjectionLayers, e?.InjectionTokens, projection, e?.ProjectionSeed,
+                e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir),
+            ApiJsonContext.Wire.ServerInfoResponse);
+    }
+
+    private static async Task AbortAsync(HttpContext context, EngineHolder holder)
+    {
+        var engine = holder.Require();
+        using var document = await JsonFields.ReadBodyAsync(context.Request.Body, context.RequestAborted).ConfigureAwait(false);
+        var root = JsonFields.Root(document);
+        var rid = root.String("rid") ?? throw ApiException.BadRequest("rid is required");
+        var aborted = engine.Abort(rid);
+        await context.Response.WriteAsJsonAsync(new AbortResponse(rid, aborted), ApiJsonContext.Wire.AbortResponse, contentType: null, context.RequestAborted)
+            .ConfigureAwait(false);
+    }
+
+    private static async Task GenerateAsync(HttpContext context, EngineHolder holder)
+    {
+        var arrived = Stopwatch.GetTimestamp();
+        var engine = holder.Require();
+        ParsedGenerate parsed;
+        using (var document = await JsonFields.ReadBodyAsync(context.Request.Body, context.RequestAborted).ConfigureAwait(false))
+            parsed = GenerateRequestParser.Parse(JsonFields.Root(document), engine);
+
+        var aborted = context.RequestAborted;
+        var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
+        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+
+        if (!parsed.Stream)
+        {
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+                outputs[index].Add(update);
+            var latency = Stopwatch.GetElapsedTime(arrived).TotalSeconds;
+            if (parsed.IsBatch)
+            {
+                var list = outputs.Select(o => o.ToGenerateResponse(latency)).ToArray();
+                await context.Response.WriteAsJsonAsync<IReadOnlyList<GenerateResponse>>(
+                    list, ApiJsonContext.Wire.IReadOnlyListGenerateResponse, contentType: null, aborted).ConfigureAwait(false);
+            }
+            else
+            {
+                await context.Response.WriteAsJsonAsync(
+                    outputs[0].ToGenerateResponse(latency), ApiJsonContext.Wire.GenerateResponse, contentType: null, aborted).ConfigureAwait(false);
+            }
+            return;
+        }
+
+        await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
+        try
+        {
+            // Each event carries the whole output so far, so updates that arrived together become one event per request.
+            var touched = new SortedSet<int>();
+            await foreach (var chunk in batch.ReadChunksAsync(256, aborted).ConfigureAwait(false))
+            {
+                touched.Clear();
+                foreach (var (index, update) in chunk)
+                {
+                    outputs[index].Add(update);
+                    touched.Add(index);
+                }
+                var latency = Stopwatch.GetElapsedTime(arrived).TotalSeconds;
+                foreach (var index in touched)
+                    await ServerSentEvents.WriteAsync(
+                        context.Response, outputs[index].ToGenerateResponse(latency, parsed.IsBatch ? index : null),
+                        ApiJsonContext.Wire.GenerateResponse, aborted).ConfigureAwait(false);
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)
+        {
+            // Headers are gone already: report the failure as a last event, then end the stream as usual.
+            await ServerSentEvents.WriteAsync(context.Response, ErrorHandling.ToError(e), ApiJsonContext.Wire.ErrorResponse, aborted)
+                .ConfigureAwait(false);
+        }
+        await ServerSentEvents.WriteDoneAsync(context.Response, aborted).ConfigureAwait(false);
+    }
+}

@@ -1,0 +1,119 @@
+using System.Globalization;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using MoeRagInject.Engine;
+using MoeRagInject.Server.Contracts;
+using MoeRagInject.Server.Generation;
+using MoeRagInject.Server.Routes;
+
+namespace MoeRagInject.Server;
+
+public sealed record ServerOptions
+{
+    public string Host { get; init; } = "127.0.0.1";
+    /// <summary>0 lets the OS choose; <see cref="ServerHost.BaseAddress"/> then tells which port was bound.</summary>
+    public int Port { get; init; } = 30000;
+    /// <summary>The model id in OpenAI responses and /v1/models; null uses the engine's model path (sglang's default).</summary>
+    public string? ServedModelName { get; init; }
+    /// <summary>The engine's flags, reported by /get_server_info; null reports only host and port.</summary>
+    public EngineOptions? Engine { get; init; }
+    /// <summary>Least severe log level written to the console; <see cref="LogLevel.None"/> silences the server.</summary>
+    public LogLevel LogLevel { get; init; } = LogLevel.Warning;
+}
+
+/// <summary>
+/// Kestrel around an <see cref="IGenerationEngine"/>: sglang's native routes and the OpenAI-compatible /v1 routes.
+/// The engine may still be loading when the host starts; until it is ready /health answers 503 and so do the routes that need it.
+/// </summary>
+public sealed class ServerHost : IAsyncDisposable
+{
+    private readonly WebApplication _app;
+    private bool _started;
+
+    private ServerHost(WebApplication app, ServerOptions options, EngineHolder engine)
+    {
+        _app = app;
+        Options = options;
+        Engine = engine;
+    }
+
+    public ServerOptions Options { get; }
+    public EngineHolder Engine { get; }
+
+    /// <summary>The address Kestrel bound (with the real port when <see cref="ServerOptions.Port"/> was 0); valid after <see cref="StartAsync"/>.</summary>
+    public Uri BaseAddress { get; private set; } = new("http://127.0.0.1/");
+
+    public static ServerHost Create(ServerOptions options, IGenerationEngine engine) => Create(options, Task.FromResult(engine));
+
+    public static ServerHost Create(ServerOptions options, Task<IGenerationEngine> engine)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(engine);
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions
+        {
+            ApplicationName = typeof(ServerHost).Assembly.GetName().Name,
+            ContentRootPath = AppContext.BaseDirectory,
+        });
+        builder.WebHost.UseUrls(ListenUrl(options.Host, options.Port));
+        builder.Logging.ClearProviders();
+        if (options.LogLevel != LogLevel.None)
+        {
+            builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss "; });
+            builder.Logging.SetMinimumLevel(options.LogLevel);
+            // A failed start (port in use) is thrown from StartAsync for the caller to report; the host's own log of it is a stack trace.
+            builder.Logging.AddFilter("Microsoft.Extensions.Hosting.Internal.Host", LogLevel.None);
+        }
+        builder.Services.Configure<ConsoleLifetimeOptions>(o => o.SuppressStatusMessages = true);
+        builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.TypeInfoResolverChain.Insert(0, ApiJsonContext.Wire));
+
+        var holder = new EngineHolder(engine);
+        builder.Services.AddSingleton(holder);
+        builder.Services.AddSingleton(options);
+
+        var app = builder.Build();
+        app.Use(ErrorHandling.Middleware);
+        SglangRoutes.Map(app);
+        OpenAiRoutes.Map(app);
+        app.MapFallback(static context => ErrorHandling.WriteAsync(
+            context, StatusCodes.Status404NotFound, $"no route {context.Request.Method} {context.Request.Path}", "not_found"));
+        return new ServerHost(app, options, holder);
+    }
+
+    public async Task StartAsync(CancellationToken cancellationToken = default)
+    {
+        await _app.StartAsync(cancellationToken).ConfigureAwait(false);
+        _started = true;
+        var addresses = _app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()?.Addresses;
+        var bound = addresses?.FirstOrDefault() ?? ListenUrl(Options.Host, Options.Port);
+        BaseAddress = new Uri(bound.EndsWith('/') ? bound : bound + "/");
+    }
+
+    /// <summary>Completes when the host is asked to stop (Ctrl+C, SIGTERM, or <see cref="StopAsync"/>).</summary>
+    public Task WaitForShutdownAsync(CancellationToken cancellationToken = default) => _app.WaitForShutdownAsync(cancellationToken);
+
+    public async Task StopAsync(CancellationToken cancellationToken = default)
+    {
+        if (!_started) return;
+        _started = false;
+        await _app.StopAsync(cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>Stops and disposes the web host. The engine belongs to the caller, who disposes it after the host.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        await StopAsync().ConfigureAwait(false);
+        await _app.DisposeAsync().ConfigureAwait(false);
+    }
+
+    private static string ListenUrl(string host, int port)
+    {
+        var h = host.Contains(':', StringComparison.Ordinal) && !host.StartsWith('[') ? $"[{host}]" : host;
+        return string.Create(CultureInfo.InvariantCulture, $"http://{h}:{port}");
+    }
+}

@@ -1,0 +1,125 @@
+using System.Text.Json.Nodes;
+
+namespace MoeRagInject.Server.Tests;
+
+/// <summary>Every kind of bad input gets a 4xx with sglang's error object, and the server goes on serving.</summary>
+public sealed class ValidationTests(ServerFixture server) : IClassFixture<ServerFixture>
+{
+    public static TheoryData<string, string, string> BadRequests => new()
+    {
+        // route, body, a fragment the message must hold
+        { "/generate", "{not json", "malformed JSON" },
+        { "/generate", "", "malformed JSON" },
+        { "/generate", "[1, 2]", "must be a JSON object" },
+        { "/generate", "{}", "exactly one of text and input_ids" },
+        { "/generate", """{"text": "a", "input_ids": [1]}""", "not both" },
+        { "/generate", """{"text": ""}""", "text must not be empty" },
+        { "/generate", """{"text": []}""", "must not be an empty list" },
+        { "/generate", """{"text": ["ok", ""]}""", "text[1] must not be empty" },
+        { "/generate", """{"text": 5}""", "text must be a string or a list of strings" },
+        { "/generate", """{"text": ["a", 5]}""", "text[1] must be a string" },
+        { "/generate", """{"input_ids": []}""", "input_ids must not be empty" },
+        { "/generate", """{"input_ids": [[1, 2], []]}""", "input_ids[1] must not be empty" },
+        { "/generate", """{"input_ids": [1, "a"]}""", "input_ids[1] must be an integer" },
+        { "/generate", """{"input_ids": [1, 2.5]}""", "input_ids[1] must be an integer" },
+        { "/generate", """{"input_ids": [[1], 2]}""", "input_ids[1] must be a list" },
+        { "/generate", """{"input_ids": [1, 5000]}""", "outside the vocabulary [0, 1000)" },
+        { "/generate", """{"input_ids": [-1]}""", "outside the vocabulary" },
+        { "/generate", """{"input_ids": "1 2 3"}""", "input_ids must be a list" },
+        { "/generate", """{"text": "hi", "bogus": 1}""", "unknown field bogus" },
+        { "/generate", """{"text": "hi", "sampling_params": []}""", "sampling_params must be an object" },
+        { "/generate", """{"text": "hi", "sampling_params": {"temperature": -1}}""", "temperature" },
+        { "/generate", """{"text": "hi", "sampling_params": {"temperature": "hot"}}""", "sampling_params.temperature must be a number" },
+        { "/generate", """{"text": "hi", "sampling_params": {"top_p": 0}}""", "top_p" },
+        { "/generate", """{"text": "hi", "sampling_params": {"top_k": -5}}""", "top_k" },
+        { "/generate", """{"text": "hi", "sampling_params": {"min_p": 2}}""", "min_p" },
+        { "/generate", """{"text": "hi", "sampling_params": {"max_new_tokens": "ten"}}""", "sampling_params.max_new_tokens must be an integer" },
+        { "/generate", """{"text": "hi", "sampling_params": {"max_new_tokens": -1}}""", "max_new_tokens" },
+        { "/generate", """{"text": "hi", "sampling_params": {"max_new_tokens": 1000}}""", "exceeds the context length (256)" },
+        { "/generate", """{"text": "hi", "sampling_params": {"min_new_tokens": 20, "max_new_tokens": 10}}""", "min_new_tokens" },
+        { "/generate", """{"text": "hi", "sampling_params": {"repetition_penalty": 3}}""", "repetition_penalty" },
+        { "/generate", """{"text": "hi", "sampling_params": {"frequency_penalty": 5}}""", "frequency_penalty" },
+        { "/generate", """{"text": "hi", "sampling_params": {"presence_penalty": -3}}""", "presence_penalty" },
+        { "/generate", """{"text": "hi", "sampling_params": {"stop": [""]}}""", "stop must not contain empty strings" },
+        { "/generate", """{"text": "hi", "sampling_params": {"stop": 5}}""", "sampling_params.stop must be a string or a list of strings" },
+        { "/generate", """{"text": "hi", "sampling_params": {"stop_token_ids": [99999]}}""", "outside the vocabulary" },
+        { "/generate", """{"text": "hi", "sampling_params": {"ignore_eos": "yes"}}""", "sampling_params.ignore_eos must be a boolean" },
+        { "/generate", """{"text": "hi", "sampling_params": {"seed": -4}}""", "non-negative integer" },
+        { "/generate", """{"text": "hi", "sampling_params": {"n": 2}}""", "must be 1" },
+        { "/generate", """{"text": "hi", "sampling_params": {"regex": "a+"}}""", "not supported" },
+        { "/generate", """{"text": "hi", "sampling_params": {"tempature": 0}}""", "unknown field sampling_params.tempature" },
+        { "/generate", """{"text": "hi", "rag": {"mode": "sideways"}}""", "rag.mode must be one of off, latent, prompt" },
+        { "/generate", """{"text": "hi", "rag": {"threshold": "high"}}""", "rag.threshold must be a number" },
+        { "/generate", """{"text": "hi", "rag": {"threshold": -1}}""", "rag.threshold must be >= 0" },
+        { "/generate", """{"text": "hi", "rag": "latent"}""", "rag must be an object" },
+        { "/generate", """{"text": "hi", "stream": "yes"}""", "stream must be a boolean" },
+        { "/generate", """{"text": "hi", "return_logprob": 1}""", "return_logprob must be a boolean" },
+        { "/generate", """{"text": "hi", "rid": ["a", "b"]}""", "rid must be a string for a single input" },
+        { "/generate", """{"text": ["a", "b"], "rid": ["x"]}""", "rid has 1 ids for 2 inputs" },
+        { "/v1/completions", "{}", "prompt is required" },
+        { "/v1/completions", """{"prompt": "hi", "n": 2}""", "n must be 1" },
+        { "/v1/completions", """{"prompt": ""}""", "prompt must not be empty" },
+        { "/v1/completions", """{"prompt": ["a", 1]}""", "prompt[1] must be a string" },
+        { "/v1/completions", """{"prompt": "hi", "max_tokens": 300}""", "exceeds the context length" },
+        { "/v1/completions", """{"prompt": "hi", "temperature": -0.5}""", "temperature" },
+        { "/v1/completions", """{"prompt": "hi", "rag": {"mode": "loud"}}""", "rag.mode" },
+        { "/v1/completions", """{"prompt": [7, 5000]}""", "outside the vocabulary" },
+        { "/v1/chat/completions", "{}", "messages is required" },
+        { "/v1/chat/completions", """{"messages": []}""", "messages must not be empty" },
+        { "/v1/chat/completions", """{"messages": [{"role": "wizard", "content": "x"}]}""", "messages[0].role must be one of" },
+        { "/v1/chat/completions", """{"messages": [{"content": "x"}]}""", "messages[0].role must be a string" },
+        { "/v1/chat/completions", """{"messages": [{"role": "user", "content": 5}]}""", "messages[0].content must be a string" },
+        { "/v1/chat/completions", """{"messages": [{"role": "user", "content": "x"}], "n": 3}""", "n must be 1" },
+        { "/v1/tokenize", "{}", "prompt is required" },
+        { "/v1/tokenize", """{"prompt": 5}""", "prompt must be a string" },
+        { "/v1/detokenize", """{"tokens": [5000]}""", "outside the vocabulary" },
+        { "/v1/detokenize", """{"tokens": "abc"}""", "tokens must be a list" },
+        { "/abort_request", "{}", "rid is required" },
+    };
+
+    [Theory]
+    [MemberData(nameof(BadRequests))]
+    public async Task BadInput_Is400WithMessage_AndTheServerKeepsServing(string route, string body, string fragment)
+    {
+        using (var response = await server.Client.PostAsync(route, Http.Json(body)))
+        {
+            var text = await response.Content.ReadAsStringAsync();
+            Assert.True((int)response.StatusCode is >= 400 and < 500, $"{route} {body} -> {(int)response.StatusCode}: {text}");
+            var error = JsonNode.Parse(text)!["error"]!;
+            var message = error["message"]!.GetValue<string>();
+            Assert.Contains(fragment, message, StringComparison.Ordinal);
+            Assert.Equal("invalid_request_error", error["type"]!.GetValue<string>());
+            Assert.Equal((int)response.StatusCode, error["code"]!.GetValue<int>());
+        }
+
+        var good = await server.Client.PostOkAsync("/generate", new JsonObject
+        {
+            ["text"] = "still there?",
+            ["sampling_params"] = new JsonObject { ["max_new_tokens"] = 2, ["temperature"] = 0, ["ignore_eos"] = true },
+        });
+        Assert.Equal(2, good["meta_info"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public async Task LaxIntegers_AndNullsAsDefaults_AreAccepted()
+    {
+        // pydantic takes 4.0 for an int and null for "not given"; so do we.
+        var result = await server.Client.PostOkAsync("/generate", JsonNode.Parse("""
+            {"text": "hi", "rid": null, "sampling_params": {"max_new_tokens": 4.0, "temperature": 0, "top_k": null, "ignore_eos": true, "stop": null}}
+            """)!);
+        Assert.Equal(4, result["meta_info"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public async Task TheContextLimitIsInclusive()
+    {
+        var prompt = TestData.ReferencePrompts[3];
+        var body = new JsonObject
+        {
+            ["input_ids"] = TestData.ToJson(prompt.InputIds),
+            ["sampling_params"] = new JsonObject { ["max_new_tokens"] = 256 - prompt.InputIds.Length, ["temperature"] = 0, ["ignore_eos"] = true },
+        };
+        var result = await server.Client.PostOkAsync("/generate", body);
+        Assert.Equal(256 - prompt.InputIds.Length, result["meta_info"]!["completion_tokens"]!.GetValue<int>());
+    }
+}
