@@ -12,7 +12,7 @@ public static class EngineFlags
         var d = new EngineOptions { ModelPath = "" };
         return
         [
-            new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/tiny-mixtral", "PATH"),
+            new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/moe-wordnet-demo", "PATH"),
             new("device", FlagKind.String, "compute device: cpu (cuda is not built yet)", d.Device, "DEVICE"),
             new("load-format", FlagKind.String, "auto reads the safetensors; dummy makes random weights of the config's shapes", d.LoadFormat, "auto|dummy"),
             new("context-length", FlagKind.Int, "context limit, overriding max_position_embeddings", "from config.json", "N"),
@@ -31,7 +31,7 @@ public static class EngineFlags
             new("injection-tokens", FlagKind.String, "tokens (the triggering one included) that receive the injection", "rest", "N|rest"),
             new("injector-proj", FlagKind.String, "the projection P: random (seeded), identity, or a safetensors file holding \"proj\"", "random", "random|identity|FILE"),
             new("projection-seed", FlagKind.Int, "seed of the random projection", I(d.ProjectionSeed), "N"),
-            new("retriever", FlagKind.String, "index.db, corpus .jsonl, http(s)://… (JSON contract) or es+http(s)://host:port/index", "the embedded assets/corpus/default.jsonl with the embedded model", "SPEC"),
+            new("retriever", FlagKind.String, "index.db, corpus .jsonl, http(s)://… (JSON contract) or es+http(s)://host:port/index", "the embedded assets/corpus/wordnet/wordnet-demo.jsonl.gz with the embedded model", "SPEC"),
             new("retrieval-timeout-ms", FlagKind.Double, "per-retrieval timeout", I(d.RetrievalTimeout.TotalMilliseconds), "MS"),
             new("retrieval-top-k", FlagKind.Int, "passages per retrieval", I(d.RetrievalTopK), "K"),
             new("query-window", FlagKind.Int, "the query is the last N tokens of prompt plus output", I(d.QueryWindowTokens), "N"),
@@ -104,10 +104,10 @@ public static class EngineFlags
         else
         {
             var home = Home.Locate();
-            modelPath = Path.Combine(home, "assets", "models", "tiny-mixtral");
+            modelPath = Path.Combine(home, "assets", "models", "moe-wordnet-demo");
             if (!Directory.Exists(modelPath))
                 throw new CliException($"the embedded model was not found at {modelPath}; pass --model-path");
-            var corpus = Path.Combine(home, "assets", "corpus", "default.jsonl");
+            var corpus = Path.Combine(home, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz");
             if (retriever is null && File.Exists(corpus)) retriever = corpus;
         }
         if (!Directory.Exists(modelPath)) throw new CliException($"model folder not found: {modelPath}");

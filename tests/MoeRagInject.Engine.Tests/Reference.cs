@@ -16,7 +16,10 @@ public static class TestPaths
 
     public static string Case(string name) => Path.Combine(RepoRoot, "tests", "data", "reference", name);
 
-    public static string DefaultModel => Path.Combine(RepoRoot, "assets", "models", "tiny-mixtral");
+    public static string DefaultModel => Case("tiny-mixtral");
+
+    /// <summary>The trained WordNet demo model (the embedded default of serve and generate).</summary>
+    public static string DemoModel => Path.Combine(RepoRoot, "assets", "models", "moe-wordnet-demo");
 }
 
 /// <summary>Outputs of transformers' MixtralForCausalLM recorded by tools/reference/make_reference.py.</summary>
@@ -43,8 +46,8 @@ public sealed class ReferenceCase : IDisposable
     public string Name { get; }
     public IReadOnlyList<ReferencePrompt> Prompts { get; }
 
-    /// <summary>Checkpoint folder: the embedded default model keeps its weights in assets/.</summary>
-    public string CheckpointPath => Name == "tiny-mixtral" ? TestPaths.DefaultModel : TestPaths.Case(Name);
+    /// <summary>Checkpoint folder: the demo model keeps its weights in assets/.</summary>
+    public string CheckpointPath => Name == "demo" ? TestPaths.DemoModel : TestPaths.Case(Name);
 
     public bool HasNative => _tensors.Tensors.ContainsKey("logits_native.0");
 

@@ -7,7 +7,7 @@ namespace MoeRagInject.Engine.Tests;
 /// <summary>The CPU forward pass against transformers' MixtralForCausalLM on checkpoints of varied shapes.</summary>
 public sealed class ReferenceParityTests
 {
-    public static TheoryData<string> Cases => new() { "a-fp32", "b-fp32-sharded", "c-bf16", "d-fp16", "tiny-mixtral" };
+    public static TheoryData<string> Cases => new() { "a-fp32", "b-fp32-sharded", "c-bf16", "d-fp16", "tiny-mixtral", "demo" };
 
     private sealed class Loaded : IDisposable
     {
@@ -99,6 +99,7 @@ public sealed class ReferenceParityTests
     [InlineData("c-bf16", 0.15, 0.9)] // measured 0.070
     [InlineData("d-fp16", 0.01, 0.95)]
     [InlineData("tiny-mixtral", 0.25, 0.9)] // measured 0.128
+    [InlineData("demo", 0.25, 0.9)]
     public void HalfPrecisionReferenceIsClose(string name, double medianTolerance, double argmaxAgreement)
     {
         using var reference = new ReferenceCase(name);

@@ -105,8 +105,8 @@ public sealed class CliTests
     public void EngineFlags_WithoutModelPath_ServeTheEmbeddedModelAndCorpus()
     {
         var o = EngineFlags.ToOptions(ServeCommand.Flags().Parse([]));
-        Assert.Equal(Path.Combine(TestData.RepoRoot, "assets", "models", "tiny-mixtral"), o.ModelPath);
-        Assert.Equal(Path.Combine(TestData.RepoRoot, "assets", "corpus", "default.jsonl"), o.Retriever);
+        Assert.Equal(Path.Combine(TestData.RepoRoot, "assets", "models", "moe-wordnet-demo"), o.ModelPath);
+        Assert.Equal(Path.Combine(TestData.RepoRoot, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"), o.Retriever);
     }
 
     [Theory]
