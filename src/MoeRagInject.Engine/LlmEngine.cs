@@ -44,6 +44,10 @@ public sealed class LlmEngine : IGenerationEngine
         _model = loaded.Model;
         Tokenizer = loaded.Tokenizer;
         _injector = injector;
+        foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers) })
+            foreach (var layer in layers ?? [])
+                if (layer < 0 || layer >= config.NumLayers)
+                    throw new ArgumentException($"{name} {layer} does not exist: the model has MoE layers 0..{config.NumLayers - 1}");
         _contextLength = options.ContextLength ?? config.MaxPositionEmbeddings;
         _notices = options.Notices ?? Console.Out;
         _retrieval = retriever is null ? null : new RetrievalService(retriever, options.RetrievalTimeout, options.RetrievalTopK);
@@ -112,7 +116,18 @@ public sealed class LlmEngine : IGenerationEngine
     {
         while (!_stop.IsCancellationRequested)
         {
-            while (_inbox.TryDequeue(out var action)) action();
+            while (_inbox.TryDequeue(out var action))
+            {
+                try
+                {
+                    action();
+                }
+                catch (Exception e)
+                {
+                    // The loop thread must survive whatever one request's bookkeeping throws.
+                    _notices.WriteLine($"[engine] {e.GetType().Name}: {e.Message}");
+                }
+            }
             Schedule();
             var batch = _running.Where(s => s.State == SequenceState.Running).ToList();
             if (batch.Count == 0)
@@ -302,17 +317,27 @@ public sealed class LlmEngine : IGenerationEngine
 
         if (error is null && snippets.Count > 0)
         {
-            if (s.Mode == InjectionMode.Latent)
+            try
             {
-                injectionLayers = _options.InjectionLayers ?? decision.FiredLayers;
-                var vector = new float[_model.Config.HiddenSize];
-                norm = _injector.ComputeInjection(Tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), s.Scale, vector);
-                s.Injection = new InjectionInput(vector, injectionLayers, position);
-                s.InjectionEnd = _options.InjectionTokens is { } n ? position + n : int.MaxValue;
+                if (s.Mode == InjectionMode.Latent)
+                {
+                    var layers = _options.InjectionLayers ?? decision.FiredLayers;
+                    var vector = new float[_model.Config.HiddenSize];
+                    norm = _injector.ComputeInjection(Tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), s.Scale, vector);
+                    s.Injection = new InjectionInput(vector, layers, position);
+                    s.InjectionEnd = _options.InjectionTokens is { } n ? position + n : int.MaxValue;
+                    injectionLayers = layers;
+                }
+                else if (s.Mode == InjectionMode.Prompt)
+                {
+                    error = RebuildContext(s, snippets);
+                }
             }
-            else if (s.Mode == InjectionMode.Prompt)
+            catch (Exception e) when (e is ArgumentException or InvalidOperationException)
             {
-                error = RebuildContext(s, snippets);
+                // The request goes on without injection rather than failing.
+                error = $"injection failed: {e.Message}";
+                norm = 0;
             }
         }
         else if (error is null)

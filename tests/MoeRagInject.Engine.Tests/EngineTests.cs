@@ -201,6 +201,18 @@ public sealed class EngineTests : IDisposable
     }
 
     [Fact]
+    public void LayersOutsideTheModelAreRejectedAtStart()
+    {
+        var error = Assert.Throws<ArgumentException>(() => InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            InjectionLayers = [4],
+            LogDir = Path.Combine(_temp, "logs"),
+        }));
+        Assert.Contains("injection layer 4", error.Message);
+    }
+
+    [Fact]
     public async Task SeededSamplingIsReproducibleAndStopsAtStopTokens()
     {
         using var reference = new ReferenceCase("tiny-mixtral");
