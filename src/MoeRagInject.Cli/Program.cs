@@ -15,6 +15,8 @@ public static class Program
           generate   generate from one prompt in-process and print the text and the RAG events
           index      build a SQLite FTS5 retrieval index from .jsonl or text files
           bench      measure prefill and decode throughput, RAG off and on
+          calibrate  entropy percentiles and threshold; fit the latent-injection projection P
+          eval       answer quality, retrievals, latency and trigger AUROC for every RAG mode
 
         moe-rag-inject <command> --help shows a command's flags.
         """;
@@ -36,9 +38,11 @@ public static class Program
                 "generate" => await GenerateCommand.RunAsync(rest).ConfigureAwait(false),
                 "index" => IndexCommand.Run(rest),
                 "bench" => await BenchCommand.RunAsync(rest).ConfigureAwait(false),
+                "calibrate" => await CalibrateCommand.RunAsync(rest).ConfigureAwait(false),
+                "eval" => await EvalCommand.RunAsync(rest).ConfigureAwait(false),
                 "-h" or "--help" or "help" => WriteUsage(),
                 "--version" => WriteVersion(),
-                var other => throw new UsageException($"unknown command '{other}' (expected serve, generate, index or bench; see {Name} --help)"),
+                var other => throw new UsageException($"unknown command '{other}' (expected serve, generate, index, bench, calibrate or eval; see {Name} --help)"),
             };
         }
         catch (UsageException e)

@@ -13,8 +13,7 @@ Layout written under OUTDIR:
     tokenizers/legacy/{tokenizer.json,tokenizer_config.json,cases.json,chat_cases.json}
     tokenizers/metaspace/{tokenizer.json,tokenizer_config.json,cases.json}
     reference/<case>/{config.json,...safetensors,tokenizer*.json,reference/reference.{json,safetensors}}
-    reference/tiny-mixtral/reference/reference.{json,safetensors}
-    assets/tiny-mixtral/{config.json,model.safetensors,tokenizer*.json,...}
+    (tiny-mixtral, the first embedded default, is one of the cases; its checkpoint now lives in tests/data/reference/)
     logs/sources.txt   (excerpts of the installed transformers source)
 
 Requires: torch, transformers (5.x), tokenizers, safetensors, numpy.
@@ -460,7 +459,7 @@ CASES = [
     dict(name="tiny-mixtral", hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
          head_dim=None, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256, rope_theta=1e6,
          sliding_window=None, max_position_embeddings=2048, dtype="bfloat16", shards=1, seed=5000,
-         ckpt_dir="assets/tiny-mixtral", ref_dir="reference/tiny-mixtral/reference"),
+         ref_dir="reference/tiny-mixtral/reference"),
 ]
 
 ROUTER_SCALES = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]

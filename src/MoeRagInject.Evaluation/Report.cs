@@ -1,0 +1,258 @@
+using System.Globalization;
+using System.Text;
+using ScottPlot;
+
+namespace MoeRagInject.Evaluation;
+
+/// <summary>The markdown report and the PNG plots of an evaluation (ScottPlot 5, rendered with SkiaSharp).</summary>
+public static class Report
+{
+    private static readonly Color[] s_palette =
+    [
+        Color.FromHex("#1f77b4"), Color.FromHex("#ff7f0e"), Color.FromHex("#2ca02c"),
+        Color.FromHex("#d62728"), Color.FromHex("#9467bd"), Color.FromHex("#8c564b"),
+    ];
+
+    private static string F(double v, string format = "F3") => JsonOut.F(v, format);
+
+    /// <summary>Writes the three plots next to <paramref name="outBase"/>; returns their paths.</summary>
+    public static IReadOnlyList<string> WritePlots(EvaluationResult result, string outBase, double maxEntropy)
+    {
+        var paths = new List<string>();
+        if (result.Trigger is { } trigger)
+        {
+            var path = outBase + "-entropy-hist.png";
+            EntropyHistogram(trigger, maxEntropy, path);
+            paths.Add(path);
+        }
+        if (result.Modes.Count > 0)
+        {
+            var path = outBase + "-f1-by-mode.png";
+            QualityByMode(result, path);
+            paths.Add(path);
+        }
+        if (result.Sweep.Count > 0)
+        {
+            var path = outBase + "-f1-vs-retrievals.png";
+            QualityVsRetrievals(result, path);
+            paths.Add(path);
+        }
+        return paths;
+    }
+
+    private static void EntropyHistogram(TriggerQuality trigger, double maxEntropy, string path)
+    {
+        const int bins = 20;
+        var all = trigger.MaxEntropyJ0Taught.Concat(trigger.MaxEntropyJ0Heldout).ToList();
+        var lo = 0.0;
+        var hi = maxEntropy;
+        if (all.Count > 0)
+        {
+            // Zoom to the occupied range (with a margin) when it is much narrower than [0, ln E].
+            var min = all.Min();
+            var max = all.Max();
+            var pad = Math.Max(0.02, (max - min) * 0.1);
+            lo = Math.Max(0, min - pad);
+            hi = Math.Min(maxEntropy, max + pad);
+            if (hi <= lo) hi = lo + 0.1;
+        }
+        var width = (hi - lo) / bins;
+        var plot = new Plot();
+        var groups = new[] { ("taught", trigger.MaxEntropyJ0Taught, s_palette[0]), ("held-out", trigger.MaxEntropyJ0Heldout, s_palette[1]) };
+        var bars = new List<Bar>();
+        for (var g = 0; g < groups.Length; g++)
+        {
+            var (_, values, color) = groups[g];
+            if (values.Count == 0) continue;
+            var counts = new int[bins];
+            foreach (var v in values) counts[Math.Clamp((int)((v - lo) / width), 0, bins - 1)]++;
+            for (var b = 0; b < bins; b++)
+            {
+                if (counts[b] == 0) continue;
+                var center = lo + (b + 0.5) * width + (g == 0 ? -0.22 : 0.22) * width;
+                bars.Add(new Bar
+                {
+                    Position = center,
+                    Value = counts[b] / (double)values.Count,
+                    Size = width * 0.44,
+                    FillColor = color,
+                    LineWidth = 0,
+                });
+            }
+        }
+        plot.Add.Bars(bars);
+        foreach (var (label, values, color) in groups)
+            plot.Legend.ManualItems.Add(new LegendItem { LabelText = $"{label} (n = {values.Count})", FillColor = color });
+        plot.ShowLegend(Alignment.UpperLeft);
+        plot.Title("Router entropy at j = 0 (max over layers), none mode");
+        plot.XLabel(string.Create(CultureInfo.InvariantCulture, $"entropy (nats; ln E = {maxEntropy:F3})"));
+        plot.YLabel("fraction of questions");
+        plot.Axes.SetLimitsX(lo, hi);
+        plot.Axes.Margins(bottom: 0);
+        plot.SavePng(path, 800, 480);
+    }
+
+    private static void QualityByMode(EvaluationResult result, string path)
+    {
+        var plot = new Plot();
+        var modes = result.Modes.Values.ToList();
+        string[] groups = ["overall", "taught", "heldout"];
+        var bars = new List<Bar>();
+        for (var m = 0; m < modes.Count; m++)
+        {
+            for (var g = 0; g < groups.Length; g++)
+            {
+                var value = g == 0 ? modes[m].Overall.TokenF1
+                    : modes[m].BySplit.TryGetValue(groups[g], out var split) ? split.TokenF1 : double.NaN;
+                if (double.IsNaN(value)) continue;
+                bars.Add(new Bar
+                {
+                    Position = m + (g - 1) * 0.27,
+                    Value = value,
+                    Size = 0.25,
+                    FillColor = s_palette[g],
+                    LineWidth = 0,
+                    Label = value.ToString("F2", CultureInfo.InvariantCulture),
+                });
+            }
+        }
+        var barPlot = plot.Add.Bars(bars);
+        barPlot.ValueLabelStyle.FontSize = 11;
+        for (var g = 0; g < groups.Length; g++)
+            plot.Legend.ManualItems.Add(new LegendItem { LabelText = groups[g] == "heldout" ? "held-out" : groups[g], FillColor = s_palette[g] });
+        plot.ShowLegend(Edge.Bottom);
+        plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(
+            [.. Enumerable.Range(0, modes.Count).Select(i => (double)i)], [.. modes.Select(m => m.Mode)]);
+        plot.Axes.Bottom.MajorTickStyle.Length = 0;
+        plot.Title(string.Create(CultureInfo.InvariantCulture, $"Answer token F1 by mode (n = {modes[0].Overall.Count})"));
+        plot.YLabel("token F1");
+        var top = Math.Max(0.1, bars.Count == 0 ? 1 : bars.Max(b => b.Value));
+        plot.Axes.SetLimitsY(0, Math.Min(1.05, top * 1.25 + 0.02));
+        plot.Axes.SetLimitsX(-0.6, modes.Count - 0.4);
+        plot.SavePng(path, Math.Max(700, 150 * modes.Count), 520);
+    }
+
+    private static void QualityVsRetrievals(EvaluationResult result, string path)
+    {
+        var plot = new Plot();
+        var colorIndex = 0;
+        foreach (var group in result.Sweep.GroupBy(p => p.Mode))
+        {
+            var points = group.OrderBy(p => p.Percentile).ToList();
+            var series = colorIndex;
+            var color = s_palette[colorIndex++ % s_palette.Length];
+            double[] xs = [.. points.Select(p => p.Overall.RetrievalsPerQuestion)];
+            double[] ys = [.. points.Select(p => p.Overall.TokenF1)];
+            var line = plot.Add.Scatter(xs, ys, color);
+            line.LegendText = $"{group.Key} (threshold sweep)";
+            line.MarkerSize = 8;
+            line.LineWidth = 2;
+            foreach (var p in points)
+            {
+                var text = plot.Add.Text(string.Create(CultureInfo.InvariantCulture, $"p{p.Percentile:G4}"), p.Overall.RetrievalsPerQuestion, p.Overall.TokenF1);
+                text.LabelFontSize = 11;
+                text.LabelFontColor = color;
+                text.LabelOffsetX = 6;
+                text.LabelOffsetY = series % 2 == 0 ? -18 : 4;
+            }
+        }
+        foreach (var (mode, shape) in new[] { (EvalModes.None, MarkerShape.FilledSquare), (EvalModes.PromptAlways, MarkerShape.FilledDiamond) })
+        {
+            if (!result.Modes.TryGetValue(mode, out var r)) continue;
+            var marker = plot.Add.Marker(r.Overall.RetrievalsPerQuestion, r.Overall.TokenF1, shape, 12, Colors.Black);
+            marker.LegendText = mode;
+        }
+        plot.ShowLegend(Edge.Bottom);
+        plot.Title("Quality vs retrievals per question as the threshold moves");
+        plot.XLabel("retrievals per question");
+        plot.YLabel("token F1 (all questions)");
+        plot.Axes.Margins(0.12, 0.15);
+        plot.SavePng(path, 860, 560);
+    }
+
+    /// <summary>The markdown report.</summary>
+    public static string Markdown(EvaluationResult result, EvaluationOptions options)
+    {
+        var md = new StringBuilder();
+        var config = result.Json["config"]!;
+        var n = config["n"]!.GetValue<int>();
+        md.AppendLine("# moe-rag-inject evaluation").AppendLine();
+        md.AppendLine(Inv($"- model: `{config["model"]}`"));
+        md.AppendLine(Inv($"- questions: {n} from `{config["qa"]}`") + (options.Limit is { } l ? Inv($" (--limit {l}, seed {options.Seed})") : ""));
+        md.AppendLine(Inv($"- corpus: `{options.Corpus}`; top-{options.RetrievalTopK} passages per retrieval"));
+        md.AppendLine(Inv($"- threshold: {F(result.Threshold, "F4")} nats (from {result.ThresholdSource})"));
+        md.AppendLine(Inv($"- greedy decoding, up to {options.MaxNewTokens} new tokens, stop at EOS or a newline; answer = first line, trimmed"));
+        var machine = config["machine"]!;
+        md.AppendLine(Inv($"- machine: {machine["cores"]} cores, {machine["os"]} ({machine["arch"]}), {machine["runtime"]}; date {config["date"]}; total {config["elapsed_s"]} s"));
+        md.AppendLine();
+
+        md.AppendLine("## Modes").AppendLine();
+        md.AppendLine(Inv($"Latency is end to end per question with {options.Concurrency} questions in flight at once (continuous batching), so it includes queueing behind the other questions of the batch; it also grows with the number of tokens generated (tokens/q). The modes run one after another on the same machine, after a discarded warm-up; anything else running on the machine shows in the timings.")
+            + (Evaluator.TieredCompilationEnabled ? " Tiered JIT compilation was on: set DOTNET_TieredCompilation=0 for steadier latencies." : " Tiered JIT compilation was off."));
+        md.AppendLine();
+        md.AppendLine("| mode | token F1 | contains | F1 taught | F1 held-out | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) |");
+        md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        foreach (var r in result.Modes.Values)
+        {
+            var o = r.Overall;
+            md.AppendLine(Inv($"| {r.Mode} | {F(o.TokenF1)} | {F(o.Contains)} | {F(SplitF1(r, "taught"))} | {F(SplitF1(r, "heldout"))} | {F(o.RetrievalsPerQuestion, "F2")} | {F(o.RetrievalErrorsPerQuestion, "F2")} | {F(o.LatencyMean)} | {F(o.LatencyP50)} | {F(o.LatencyP95)} | {F(o.CompletionTokensMean, "F1")} | {F(r.WallSeconds, "F1")} |"));
+        }
+        foreach (var (mode, reason) in result.Skipped) md.AppendLine($"| {mode} | skipped: {reason} | | | | | | | | | | |");
+        md.AppendLine();
+        foreach (var r in result.Modes.Values) md.AppendLine($"- `{r.Mode}`: {r.Description} ({r.Settings})");
+        md.AppendLine();
+
+        md.AppendLine("## Trigger quality (from the none run)").AppendLine();
+        if (result.Trigger is { } t)
+        {
+            md.AppendLine(Inv($"{t.Count} questions, {t.Wrong} answered wrong without RAG (token F1 < {Evaluator.WrongBelowF1}), {t.Heldout} held-out. AUROC by Mann–Whitney (ties count half); n/a when a label has one class only."));
+            md.AppendLine();
+            md.AppendLine("| score | AUROC: no-RAG answer wrong | AUROC: held-out vs taught |");
+            md.AppendLine("|---|---|---|");
+            foreach (var key in t.AurocWrong.Keys)
+                md.AppendLine($"| {key} | {F(t.AurocWrong[key])} | {F(t.AurocHeldout[key])} |");
+            md.AppendLine();
+            md.AppendLine(Inv($"j = 0 is the forward pass of the last prompt position; *_mean_answer / output_entropy_mean average over the generated tokens. Max-over-layers entropy at j = 0: taught mean {F(Stats.Mean(t.MaxEntropyJ0Taught))}, held-out mean {F(Stats.Mean(t.MaxEntropyJ0Heldout))}."));
+        }
+        else
+        {
+            md.AppendLine("Not measured: the none mode was not run.");
+        }
+        md.AppendLine();
+
+        md.AppendLine("## Threshold sweep").AppendLine();
+        if (result.Sweep.Count > 0)
+        {
+            md.AppendLine("Thresholds are percentiles of the none run's max-over-layers router entropy over all generated tokens.").AppendLine();
+            md.AppendLine("| mode | percentile | threshold | token F1 | F1 held-out | retrievals/q | latency mean (s) |");
+            md.AppendLine("|---|---|---|---|---|---|---|");
+            foreach (var p in result.Sweep)
+                md.AppendLine(Inv($"| {p.Mode} | p{p.Percentile:G4} | {F(p.Threshold, "F4")} | {F(p.Overall.TokenF1)} | {F(p.HeldoutF1)} | {F(p.Overall.RetrievalsPerQuestion, "F2")} | {F(p.Overall.LatencyMean)} |"));
+        }
+        else
+        {
+            md.AppendLine(options.Sweep ? "Not run (needs the none mode and prompt_trigger or a latent mode)." : "Not run (--no-sweep).");
+        }
+        md.AppendLine();
+
+        md.AppendLine("## Goals").AppendLine();
+        foreach (var g in result.Goals)
+            md.AppendLine(Inv($"- **{g.Status}** — {g.Description} ({g.Comparison} {g.Target}): {F(g.Value)}. {g.Detail}"));
+        md.AppendLine();
+
+        if (result.PlotPaths.Count > 0)
+        {
+            md.AppendLine("## Plots").AppendLine();
+            foreach (var plot in result.PlotPaths) md.AppendLine($"![{Path.GetFileNameWithoutExtension(plot)}]({Path.GetFileName(plot)})").AppendLine();
+        }
+
+        md.AppendLine("## Reproduce").AppendLine();
+        md.AppendLine("```").AppendLine(options.ToCommandLine()).AppendLine("```").AppendLine();
+        md.AppendLine(Inv($"Per-question predictions: `{Path.GetFileName(result.PredictionsPath)}`; all numbers: `{Path.GetFileName(result.JsonPath)}`."));
+        return md.ToString();
+    }
+
+    private static double SplitF1(ModeResult r, string split) => r.BySplit.TryGetValue(split, out var g) ? g.TokenF1 : double.NaN;
+
+    private static string Inv(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
+}

@@ -1,0 +1,75 @@
+using MoeRagInject.Engine;
+
+namespace MoeRagInject.Evaluation.Tests;
+
+public sealed class GoalsTests
+{
+    private static readonly QaItem[] s_items =
+    [
+        new("t1", "What is a?", "alpha one", null, "taught", false),
+        new("t2", "What is b?", "beta two", null, "taught", false),
+        new("h1", "What is c?", "gamma three", null, "heldout", false),
+        new("h2", "What is d?", "delta four", null, "heldout", false),
+    ];
+
+    /// <summary>A mode whose answers are right for the given ids, with the given latency and j = 0 max entropy per question.</summary>
+    private static ModeResult Mode(string name, string[] rightIds, double latency, double[]? entropy = null)
+    {
+        var runs = s_items.Select((item, i) =>
+        {
+            var text = rightIds.Contains(item.Id) ? item.Answer + "\nmore" : "wrong";
+            var h = (float)(entropy?[i] ?? 1.0);
+            return new QuestionRun
+            {
+                Item = item,
+                Tokens = [1, 2],
+                Text = text,
+                Events = [],
+                RouterEntropy = [[h, h / 2], [0.5f, 0.5f]],
+                OutputEntropy = [2f, 1f],
+                Finish = new FinishReason(FinishKind.Stop),
+                LatencySeconds = latency,
+            };
+        }).ToArray();
+        return ModeResult.Create(name, null, runs, 1, null);
+    }
+
+    [Fact]
+    public void AnswersAreTheFirstLineAndScoredBySplit()
+    {
+        var m = Mode("none", ["t1", "h1"], 1);
+        Assert.Equal("alpha one", m.Runs[0].Answer);
+        Assert.Equal(0.5, m.Overall.TokenF1);
+        Assert.Equal(1.0, m.BySplit["taught"].TokenF1 + m.BySplit["heldout"].TokenF1);
+        Assert.Equal(0.5, m.HeldoutF1);
+        Assert.Equal(2, m.BySplit["heldout"].Count);
+    }
+
+    [Fact]
+    public void GoalsAreComputedFromTheModes()
+    {
+        // Held-out entropies above taught ones: AUROC 1.
+        var none = Mode("none", ["t1", "t2"], 1.0, [0.2, 0.3, 1.5, 1.9]);
+        var prompt = Mode("prompt_always", ["t1", "t2", "h1", "h2"], 2.0);
+        var latent = Mode("latent_calibrated", ["t1", "t2", "h1"], 1.05);
+        var modes = new Dictionary<string, ModeResult> { ["none"] = none, ["prompt_always"] = prompt, ["latent_calibrated"] = latent };
+        var trigger = Evaluator.MeasureTrigger(none, 2);
+        Assert.Equal(1.0, trigger.AurocHeldout["router_max_j0"]);
+        Assert.Equal(1.0, trigger.AurocWrong["router_max_j0"]); // exactly the held-out ones are wrong
+        Assert.Equal(0.5, trigger.AurocHeldout["output_entropy_j0"]); // all equal
+        var goals = Evaluator.Goals(modes, trigger).ToDictionary(g => g.Key);
+        Assert.Equal("MET", goals["heldout_auroc"].Status);
+        Assert.Equal(0.5, goals["latent_recovery"].Value, 10); // (0.5 - 0) / (1 - 0)
+        Assert.Equal("MET", goals["latent_recovery"].Status);
+        Assert.Equal(0.05, goals["latency_ratio"].Value, 10); // (1.05 - 1) / (2 - 1)
+        Assert.Equal("MET", goals["latency_ratio"].Status);
+
+        // No gain from prompt RAG: the recovery is undefined; a slow latent mode misses the latency goal.
+        modes["prompt_always"] = Mode("prompt_always", ["t1", "t2"], 2.0);
+        modes["latent_calibrated"] = Mode("latent_calibrated", ["t1"], 1.5);
+        goals = Evaluator.Goals(modes, trigger).ToDictionary(g => g.Key);
+        Assert.Equal("UNDEFINED", goals["latent_recovery"].Status);
+        Assert.True(double.IsNaN(goals["latent_recovery"].Value));
+        Assert.Equal("NOT MET", goals["latency_ratio"].Status);
+    }
+}
