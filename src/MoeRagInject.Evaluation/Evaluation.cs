@@ -42,6 +42,8 @@ public sealed record EvaluationOptions
     public bool Sweep { get; init; } = true;
     /// <summary>--sweep-percentiles: percentiles of the none run's max-over-layers entropy (all generated tokens) used as thresholds.</summary>
     public IReadOnlyList<double> SweepPercentiles { get; init; } = [50, 75, 90, 95, 99];
+    /// <summary>--sweep-limit: questions (a seeded sample of those evaluated) each sweep point runs; null = all.</summary>
+    public int? SweepLimit { get; init; } = 1000;
     /// <summary>--top-k: passages per retrieval.</summary>
     public int RetrievalTopK { get; init; } = 3;
     public string LoadFormat { get; init; } = "auto";
@@ -76,6 +78,7 @@ public sealed record EvaluationOptions
         if (!Sweep) Add("--no-sweep", "");
         else if (!SweepPercentiles.SequenceEqual([50, 75, 90, 95, 99]))
             Add("--sweep-percentiles", string.Join(',', SweepPercentiles.Select(p => p.ToString(CultureInfo.InvariantCulture))));
+        if (Sweep && SweepLimit != 1000) Add("--sweep-limit", SweepLimit?.ToString(CultureInfo.InvariantCulture) ?? "all");
         if (RetrievalTopK != 3) Add("--top-k", RetrievalTopK.ToString(CultureInfo.InvariantCulture));
         if (!Plots) Add("--no-plots", "");
         return b.ToString();
@@ -292,11 +295,13 @@ public static class Evaluator
                 var latentSweepMode = projectionExists ? EvalModes.LatentCalibrated : EvalModes.LatentRandom;
                 var sweepModes = new[] { EvalModes.PromptTrigger, latentSweepMode }.Where(modes.Contains).ToList();
                 var maxes = noneRun.Runs.SelectMany(r => r.RouterEntropy.Select(e => (double)e.Max())).Order().ToArray();
+                var sweepItems = QaData.Sample(items, options.SweepLimit, options.Seed);
+                progress.WriteLine(Inv($"[eval] threshold sweep over {sweepItems.Count} questions"));
                 foreach (var mode in sweepModes)
                     foreach (var percentile in options.SweepPercentiles)
                     {
                         var t = Stats.QuantileSorted(maxes, percentile / 100.0);
-                        var run = await RunModeAsync(options, mode, t, projection, injectionLayer, items, logRoot, progress, cancellationToken,
+                        var run = await RunModeAsync(options, mode, t, projection, injectionLayer, sweepItems, logRoot, progress, cancellationToken,
                             string.Create(CultureInfo.InvariantCulture, $"sweep {mode} p{percentile}")).ConfigureAwait(false);
                         sweep.Add(new SweepPoint(mode, percentile, t, run.Overall, run.HeldoutF1,
                             run.BySplit.TryGetValue("taught", out var taught) ? taught.TokenF1 : double.NaN));

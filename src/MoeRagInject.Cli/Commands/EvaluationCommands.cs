@@ -88,6 +88,7 @@ public static class EvalCommand
         .Add(new("seed", FlagKind.Int, "seed of the --limit sample", "0", "N"))
         .Add(new("no-sweep", FlagKind.Bool, "skip the threshold sweep"))
         .Add(new("sweep-percentiles", FlagKind.List, "thresholds of the sweep, as percentiles of the none run's entropies", "50,75,90,95,99", "P1,P2"))
+        .Add(new("sweep-limit", FlagKind.String, "questions each sweep point runs (a seeded sample)", "1000", "N|all"))
         .Add(new("top-k", FlagKind.Int, "passages per retrieval", "3", "K"))
         .Add(new("no-plots", FlagKind.Bool, "skip the PNG plots"));
 
@@ -127,6 +128,13 @@ public static class EvalCommand
             Seed = flags.IntIn("seed", 0) ?? 0,
             Sweep = !flags.Bool("no-sweep"),
             SweepPercentiles = percentiles ?? defaults.SweepPercentiles,
+            SweepLimit = flags.String("sweep-limit") switch
+            {
+                null => defaults.SweepLimit,
+                "all" => null,
+                var n when int.TryParse(n, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var v) && v >= 1 => v,
+                var n => throw new UsageException($"invalid value for --sweep-limit: '{n}' (expected a positive integer or all)"),
+            },
             RetrievalTopK = flags.IntIn("top-k", 1) ?? defaults.RetrievalTopK,
             Plots = !flags.Bool("no-plots"),
         };
