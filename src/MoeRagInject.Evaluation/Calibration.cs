@@ -521,9 +521,9 @@ public static class Calibrator
         return acc;
     }
 
-    private static double CeilingR2(List<PairData> pairs)
+    /// <summary>The mean of every target row of every pair.</summary>
+    private static double[] MeanTarget(IReadOnlyList<PairData> pairs, int hidden)
     {
-        var hidden = pairs[0].Feature.Length;
         var mean = new double[hidden];
         long rows = 0;
         foreach (var pair in pairs)
@@ -533,6 +533,13 @@ public static class Calibrator
                 rows++;
             }
         for (var x = 0; x < hidden; x++) mean[x] /= rows;
+        return mean;
+    }
+
+    private static double CeilingR2(List<PairData> pairs)
+    {
+        var hidden = pairs[0].Feature.Length;
+        var mean = MeanTarget(pairs, hidden);
         double within = 0, total = 0;
         var pairMean = new double[hidden];
         foreach (var pair in pairs)
@@ -555,15 +562,7 @@ public static class Calibrator
     {
         if (pairs.Count == 0) return double.NaN;
         var hidden = pairs[0].Feature.Length;
-        var mean = new double[hidden];
-        long rows = 0;
-        foreach (var pair in pairs)
-            foreach (var d in pair.Targets)
-            {
-                for (var x = 0; x < hidden; x++) mean[x] += d[x];
-                rows++;
-            }
-        for (var x = 0; x < hidden; x++) mean[x] /= rows;
+        var mean = MeanTarget(pairs, hidden);
         double sse = 0, sst = 0;
         var y = new double[hidden];
         foreach (var pair in pairs)
