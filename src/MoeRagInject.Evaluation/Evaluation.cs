@@ -44,6 +44,8 @@ public sealed record EvaluationOptions
     public IReadOnlyList<double> SweepPercentiles { get; init; } = [50, 75, 90, 95, 99];
     /// <summary>--sweep-limit: questions (a seeded sample of those evaluated) each sweep point runs; null = all.</summary>
     public int? SweepLimit { get; init; } = 1000;
+    /// <summary>--latent-scale: α of latent_random and latent_identity (the original's injection has α = 1); latent_calibrated keeps 1, the fit's own scale.</summary>
+    public float LatentScale { get; init; } = 1;
     /// <summary>--top-k: passages per retrieval.</summary>
     public int RetrievalTopK { get; init; } = 3;
     public string LoadFormat { get; init; } = "auto";
@@ -79,6 +81,7 @@ public sealed record EvaluationOptions
         else if (!SweepPercentiles.SequenceEqual([50, 75, 90, 95, 99]))
             Add("--sweep-percentiles", string.Join(',', SweepPercentiles.Select(p => p.ToString(CultureInfo.InvariantCulture))));
         if (Sweep && SweepLimit != 1000) Add("--sweep-limit", SweepLimit?.ToString(CultureInfo.InvariantCulture) ?? "all");
+        if (LatentScale != 1) Add("--latent-scale", LatentScale.ToString("R", CultureInfo.InvariantCulture));
         if (RetrievalTopK != 3) Add("--top-k", RetrievalTopK.ToString(CultureInfo.InvariantCulture));
         if (!Plots) Add("--no-plots", "");
         return b.ToString();
@@ -442,10 +445,10 @@ public static class Evaluator
                 Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
             }, "mode=prompt threshold=0 max_retrievals=1"),
             EvalModes.PromptTrigger => (engineOptions with { Mode = InjectionMode.Prompt }, Inv($"mode=prompt threshold={threshold:G6}")),
-            EvalModes.LatentRandom => (engineOptions with { Mode = InjectionMode.Latent, Projection = ProjectionKind.Random, ProjectionSeed = 0 },
-                Inv($"mode=latent projection=random(seed 0) layers=fired threshold={threshold:G6}")),
-            EvalModes.LatentIdentity => (engineOptions with { Mode = InjectionMode.Latent, Projection = ProjectionKind.Identity },
-                Inv($"mode=latent projection=identity layers=fired threshold={threshold:G6}")),
+            EvalModes.LatentRandom => (engineOptions with { Mode = InjectionMode.Latent, Projection = ProjectionKind.Random, ProjectionSeed = 0, InjectionScale = options.LatentScale },
+                Inv($"mode=latent projection=random(seed 0) layers=fired scale={options.LatentScale:G6} threshold={threshold:G6}")),
+            EvalModes.LatentIdentity => (engineOptions with { Mode = InjectionMode.Latent, Projection = ProjectionKind.Identity, InjectionScale = options.LatentScale },
+                Inv($"mode=latent projection=identity layers=fired scale={options.LatentScale:G6} threshold={threshold:G6}")),
             EvalModes.LatentCalibrated => (engineOptions with
             {
                 Mode = InjectionMode.Latent,

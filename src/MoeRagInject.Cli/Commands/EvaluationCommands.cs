@@ -89,6 +89,7 @@ public static class EvalCommand
         .Add(new("no-sweep", FlagKind.Bool, "skip the threshold sweep"))
         .Add(new("sweep-percentiles", FlagKind.List, "thresholds of the sweep, as percentiles of the none run's entropies", "50,75,90,95,99", "P1,P2"))
         .Add(new("sweep-limit", FlagKind.String, "questions each sweep point runs (a seeded sample)", "1000", "N|all"))
+        .Add(new("latent-scale", FlagKind.Double, "α of latent_random and latent_identity (latent_calibrated keeps its fitted scale)", "1", "α"))
         .Add(new("top-k", FlagKind.Int, "passages per retrieval", "3", "K"))
         .Add(new("no-plots", FlagKind.Bool, "skip the PNG plots"));
 
@@ -136,6 +137,7 @@ public static class EvalCommand
                 var n => throw new UsageException($"invalid value for --sweep-limit: '{n}' (expected a positive integer or all)"),
             },
             RetrievalTopK = flags.IntIn("top-k", 1) ?? defaults.RetrievalTopK,
+            LatentScale = (float)(flags.DoubleIn("latent-scale", 0) ?? defaults.LatentScale),
             Plots = !flags.Bool("no-plots"),
         };
         await Evaluator.RunAsync(options, Console.Out, CancellationToken.None).ConfigureAwait(false);
