@@ -167,6 +167,33 @@ public sealed class EngineTests : IDisposable
         for (var i = 0; i < 4; i++) Assert.Equal(reference.Prompts[i].GreedyIds, results[i].Tokens);
     }
 
+    /// <summary>Within a request an identical query is answered from the request's cache, not sent again.</summary>
+    [Fact]
+    public async Task IdenticalQueriesWithinARequestAreRetrievedOnce()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        // Greedy output of prompt 2 is 976, 86, 86, 86, ...: with a one-token query window and a trigger at every token,
+        // the queries at output tokens 2, 3 and 4 are the same text. The retriever is down, so no injection changes the tokens.
+        await using var engine = InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Threads = 2,
+            Retriever = $"http://127.0.0.1:{FreePort()}/search",
+            RetrievalTimeout = TimeSpan.FromMilliseconds(300),
+            Trigger = new TriggerOptions { Threshold = 0, CooldownTokens = 1, MaxRetrievalsPerRequest = 12 },
+            QueryWindowTokens = 1,
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+        });
+        var result = await Collect(engine, Greedy(reference.Prompts[2].InputIds, InjectionMode.Latent, 6));
+        Assert.Equal(reference.Prompts[2].GreedyIds.Take(6), result.Tokens);
+        Assert.Equal(6, result.Events.Count);
+        var seen = new HashSet<string>();
+        foreach (var e in result.Events)
+            Assert.Equal(!seen.Add(e.Query), e.Cached);
+        Assert.Equal(2, result.Events.Count(e => e.Cached));
+    }
+
     [Fact]
     public async Task CancellingARequestAbortsItAndFreesItsSlot()
     {
