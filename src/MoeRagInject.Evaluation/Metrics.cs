@@ -127,6 +127,29 @@ public static class Stats
         return u / ((double)positives * negatives);
     }
 
+    /// <summary>
+    /// Standard error of an AUROC by Hanley &amp; McNeil (1982): with Q1 = A/(2−A), Q2 = 2A²/(1+A),
+    /// SE² = [A(1−A) + (n₊−1)(Q1−A²) + (n₋−1)(Q2−A²)] / (n₊·n₋). NaN when either class is empty.
+    /// </summary>
+    public static double AurocStandardError(double auroc, long positives, long negatives)
+    {
+        if (positives == 0 || negatives == 0 || double.IsNaN(auroc)) return double.NaN;
+        var q1 = auroc / (2 - auroc);
+        var q2 = 2 * auroc * auroc / (1 + auroc);
+        var variance = (auroc * (1 - auroc) + (positives - 1) * (q1 - auroc * auroc) + (negatives - 1) * (q2 - auroc * auroc))
+            / ((double)positives * negatives);
+        return Math.Sqrt(Math.Max(0, variance));
+    }
+
+    /// <summary>Half-width of the normal-approximation 95% confidence interval of a mean: 1.96·sd/√n (NaN below two values).</summary>
+    public static double MeanCi95(IReadOnlyList<double> values)
+    {
+        if (values.Count < 2) return double.NaN;
+        var mean = values.Average();
+        var variance = values.Sum(v => (v - mean) * (v - mean)) / (values.Count - 1);
+        return 1.96 * Math.Sqrt(variance / values.Count);
+    }
+
     /// <summary>The percentiles reported everywhere (p5 … p95).</summary>
     public static readonly int[] ReportedPercentiles = [5, 10, 25, 50, 75, 90, 95];
 }

@@ -190,14 +190,16 @@ public static class Report
         md.AppendLine(Inv($"Latency is end to end per question with {options.Concurrency} questions in flight at once (continuous batching), so it includes queueing behind the other questions of the batch; it also grows with the number of tokens generated (tokens/q). The modes run one after another on the same machine, after a discarded warm-up; anything else running on the machine shows in the timings.")
             + (Evaluator.TieredCompilationEnabled ? " Tiered JIT compilation was on: set DOTNET_TieredCompilation=0 for steadier latencies." : " Tiered JIT compilation was off."));
         md.AppendLine();
-        md.AppendLine("| mode | token F1 | contains | F1 taught | F1 held-out | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) |");
+        md.AppendLine("| mode | token F1 (± 95% CI) | contains | F1 taught | F1 held-out (± 95% CI) | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) |");
         md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in result.Modes.Values)
         {
             var o = r.Overall;
-            md.AppendLine(Inv($"| {r.Mode} | {F(o.TokenF1)} | {F(o.Contains)} | {F(SplitF1(r, "taught"))} | {F(SplitF1(r, "heldout"))} | {F(o.RetrievalsPerQuestion, "F2")} | {F(o.RetrievalErrorsPerQuestion, "F2")} | {F(o.LatencyMean)} | {F(o.LatencyP50)} | {F(o.LatencyP95)} | {F(o.CompletionTokensMean, "F1")} | {F(r.WallSeconds, "F1")} |"));
+            md.AppendLine(Inv($"| {r.Mode} | {F(o.TokenF1)} ± {F(Stats.MeanCi95(r.TokenF1))} | {F(o.Contains)} | {F(SplitF1(r, "taught"))} | {F(SplitF1(r, "heldout"))} ± {F(Stats.MeanCi95(HeldoutF1s(r)))} | {F(o.RetrievalsPerQuestion, "F2")} | {F(o.RetrievalErrorsPerQuestion, "F2")} | {F(o.LatencyMean)} | {F(o.LatencyP50)} | {F(o.LatencyP95)} | {F(o.CompletionTokensMean, "F1")} | {F(r.WallSeconds, "F1")} |"));
         }
         foreach (var (mode, reason) in result.Skipped) md.AppendLine($"| {mode} | skipped: {reason} | | | | | | | | | | |");
+        md.AppendLine();
+        md.AppendLine("The ± columns are normal-approximation 95% confidence intervals of the mean over questions (1.96·sd/√n).");
         md.AppendLine();
         foreach (var r in result.Modes.Values) md.AppendLine($"- `{r.Mode}`: {r.Description} ({r.Settings})");
         md.AppendLine();
@@ -207,10 +209,14 @@ public static class Report
         {
             md.AppendLine(Inv($"{t.Count} questions, {t.Wrong} answered wrong without RAG (token F1 < {Evaluator.WrongBelowF1}), {t.Heldout} held-out. AUROC by Mann–Whitney (ties count half); n/a when a label has one class only."));
             md.AppendLine();
-            md.AppendLine("| score | AUROC: no-RAG answer wrong | AUROC: held-out vs taught |");
+            md.AppendLine("| score | AUROC: no-RAG answer wrong (95% CI) | AUROC: held-out vs taught (95% CI) |");
             md.AppendLine("|---|---|---|");
+            string WithCi(double auroc, long positives) =>
+                $"{F(auroc)} ({F(auroc - 1.96 * Stats.AurocStandardError(auroc, positives, t.Count - positives))}–{F(auroc + 1.96 * Stats.AurocStandardError(auroc, positives, t.Count - positives))})";
             foreach (var key in t.AurocWrong.Keys)
-                md.AppendLine($"| {key} | {F(t.AurocWrong[key])} | {F(t.AurocHeldout[key])} |");
+                md.AppendLine($"| {key} | {WithCi(t.AurocWrong[key], t.Wrong)} | {WithCi(t.AurocHeldout[key], t.Heldout)} |");
+            md.AppendLine();
+            md.AppendLine("Confidence intervals: AUROC ± 1.96 × the Hanley–McNeil standard error.");
             md.AppendLine();
             md.AppendLine(Inv($"j = 0 is the forward pass of the last prompt position; *_mean_answer / output_entropy_mean average over the generated tokens. Max-over-layers entropy at j = 0: taught mean {F(Stats.Mean(t.MaxEntropyJ0Taught))}, held-out mean {F(Stats.Mean(t.MaxEntropyJ0Heldout))}."));
         }
@@ -251,6 +257,10 @@ public static class Report
         md.AppendLine(Inv($"Per-question predictions: `{Path.GetFileName(result.PredictionsPath)}`; all numbers: `{Path.GetFileName(result.JsonPath)}`."));
         return md.ToString();
     }
+
+    /// <summary>Per-question token F1 of the held-out questions (the runs and F1 lists share their order).</summary>
+    private static List<double> HeldoutF1s(ModeResult r) =>
+        [.. r.Runs.Select((run, i) => (run.Item.Split, F1: r.TokenF1[i])).Where(x => x.Split == "heldout").Select(x => x.F1)];
 
     private static double SplitF1(ModeResult r, string split) => r.BySplit.TryGetValue(split, out var g) ? g.TokenF1 : double.NaN;
 

@@ -82,4 +82,20 @@ public sealed class MetricsTests
         Assert.Equal(3.7, Stats.Quantile(values, 0.9), 12); // h = 2.7 -> 3 + 0.7
         Assert.True(double.IsNaN(Stats.Quantile([], 0.5)));
     }
+
+    [Fact]
+    public void AurocStandardErrorFollowsHanleyMcNeil()
+    {
+        // A = 0.5, 10 + 10: Q1 = Q2 = 1/3, SE² = [0.25 + 18·(1/3 − 1/4)] / 100 = 0.0175.
+        Assert.Equal(Math.Sqrt(0.0175), Stats.AurocStandardError(0.5, 10, 10), 12);
+        Assert.True(double.IsNaN(Stats.AurocStandardError(0.7, 0, 10)));
+    }
+
+    [Fact]
+    public void MeanCi95IsTheNormalApproximation()
+    {
+        // mean 2.5, sample variance 5/3 over n = 4: 1.96·sqrt(5/3/4).
+        Assert.Equal(1.96 * Math.Sqrt(5.0 / 3 / 4), Stats.MeanCi95([1, 2, 3, 4]), 12);
+        Assert.True(double.IsNaN(Stats.MeanCi95([1])));
+    }
 }
