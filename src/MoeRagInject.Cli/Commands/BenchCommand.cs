@@ -19,13 +19,7 @@ public static class BenchCommand
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         var batchSizes = flags.IntList("batch-sizes") ?? [1, 4, 16];
         if (batchSizes.Count == 0 || batchSizes.Any(b => b < 1)) throw new UsageException("invalid value for --batch-sizes: positive integers expected");
         var promptTokens = flags.IntIn("prompt-tokens", 2) ?? 64;

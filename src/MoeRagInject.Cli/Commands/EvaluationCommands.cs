@@ -37,13 +37,7 @@ public static class CalibrateCommand
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         var defaults = new CalibrationOptions { ModelPath = "", Qa = "" };
         var options = new CalibrationOptions
         {
@@ -95,13 +89,7 @@ public static class EvalCommand
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         var defaults = new EvaluationOptions { ModelPath = "", Qa = "", Corpus = "", Out = "" };
         var modes = flags.List("modes");
         foreach (var mode in modes ?? [])

@@ -32,13 +32,7 @@ public static class GenerateCommand
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         if (flags.Positionals.Count != 1)
             throw new UsageException(flags.Positionals.Count == 0
                 ? $"generate needs a prompt: {Program.Name} generate \"What is Quantum?\""

@@ -14,13 +14,7 @@ public static class IndexCommand
 
     public static int Run(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         var output = flags.String("output") ?? throw new UsageException($"index needs --output <index.db> (see {Program.Name} index --help)");
         if (flags.Positionals.Count == 0) throw new UsageException("index needs at least one input file");
         var maxChars = flags.IntIn("max-passage-chars", 50) ?? 800;

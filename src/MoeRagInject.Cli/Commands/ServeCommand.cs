@@ -20,13 +20,7 @@ public static class ServeCommand
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        var flagSet = Flags();
-        var flags = flagSet.Parse(args);
-        if (flags.HelpRequested)
-        {
-            Console.Out.Write(flagSet.Help());
-            return 0;
-        }
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
         if (flags.Positionals.Count > 0)
             throw new UsageException($"serve takes no arguments (got '{flags.Positionals[0]}'); see {Program.Name} serve --help");
 

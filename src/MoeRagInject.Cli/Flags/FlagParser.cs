@@ -43,6 +43,15 @@ public sealed class FlagSet(string command, string usage, string summary)
         return this;
     }
 
+    /// <summary>Parses the flags; when --help was asked, prints the help instead and returns null (the command then exits 0).</summary>
+    public ParsedFlags? ParseOrPrintHelp(IReadOnlyList<string> args)
+    {
+        var flags = Parse(args);
+        if (!flags.HelpRequested) return flags;
+        Console.Out.Write(Help());
+        return null;
+    }
+
     public ParsedFlags Parse(IReadOnlyList<string> args)
     {
         ArgumentNullException.ThrowIfNull(args);
