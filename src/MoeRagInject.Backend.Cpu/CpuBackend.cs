@@ -5,8 +5,8 @@ namespace MoeRagInject.Backend.Cpu;
 
 /// <summary>
 /// The CPU backend: fp32 arithmetic over fp32/fp16/bf16 weights, SIMD kernels with a fixed summation order and
-/// multithreading over output features, heads or experts. Every output element is computed by one thread in one
-/// order, so results do not depend on the batch a request shares.
+/// multithreading over output features, heads, experts or sequences. Every output element is computed by one thread in
+/// one order, so results do not depend on the batch a request shares.
 /// </summary>
 public sealed class CpuBackend(int threads) : IBackend
 {
@@ -14,69 +14,141 @@ public sealed class CpuBackend(int threads) : IBackend
 
     public string Name => "cpu";
 
+    public string Description => $"cpu ({Threads} threads)";
+
     public int Threads => _parallel.MaxDegreeOfParallelism;
 
-    public DeviceTensor UploadWeight(TensorView weight) => new CpuWeight(weight);
+    public long AvailableMemoryBytes => HostMemory.AvailableBytes();
+
+    /// <summary>Weights stay memory-mapped in the checkpoint's own type.</summary>
+    public int WeightBytesPerElement(DType dtype) => dtype.ByteSize();
+
+    public long KvBytesPerTokenPerLayer(int kvHeads, int headDim) => 2L * kvHeads * headDim * sizeof(float);
+
+    public DeviceTensor UploadWeight(params TensorView[] parts) => new CpuWeight(parts);
+
+    public ExpertStack UploadExperts(IReadOnlyList<ExpertWeights> experts) => new CpuExpertStack(experts);
 
     public DeviceTensor Allocate(int rows, int columns) => new CpuActivation(rows, columns);
 
     public IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim) =>
         new CpuKvCache(layers, numBlocks, blockSize, kvHeads, headDim);
 
-    public IStepContext BeginStep(StepBatch batch, int layers, int topK) => new CpuStepContext(batch, layers, topK);
+    public IStepBuffers CreateStepBuffers(StepState host) => new CpuStepBuffers(host);
 
     public void Download(DeviceTensor source, int rows, Span<float> destination) =>
         source.Act().Data.AsSpan(0, rows * source.Columns).CopyTo(destination);
 
-    public void Embed(DeviceTensor table, IStepContext step, DeviceTensor output) =>
-        Embedding.Lookup(table.Weight(), step.Batch.TokenIds, output.Act());
+    public void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows) =>
+        Embedding.Lookup(table.Weight(), step.Host.TokenIds, hidden.Act(), rows);
 
     public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
         Norm.RmsNorm(x.Act(), weight.Weight(), eps, output.Act(), rows);
 
+    public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
+        Norm.AddRmsNorm(residual.Act(), delta.Act(), weight.Weight(), eps, output.Act(), rows);
+
     public void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows) =>
         MatMul.Linear(x.Act(), weight.Weight(), output.Act(), rows, _parallel);
 
-    public void Rotary(DeviceTensor x, int heads, int headDim, float theta, IStepContext step) =>
-        Ops.Rotary.Apply(x.Act(), heads, headDim, theta, step.Batch.Positions, step.Batch.RowCount);
+    public void RotaryAndCacheWrite(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, int rows) =>
+        Rotary.ApplyAndWrite(qkv.Act(), (CpuKvCache)cache, layer, shape, step.Host, rows);
 
-    public void Attention(DeviceTensor q, DeviceTensor k, DeviceTensor v, IKvCache cache, int layer, int heads, int kvHeads,
-        int headDim, int? slidingWindow, IStepContext step, DeviceTensor output) =>
-        Ops.Attention.Run(q.Act(), k.Act(), v.Act(), (CpuKvCache)cache, layer, heads, kvHeads, headDim, slidingWindow,
-            step.Batch, output.Act(), _parallel);
+    public void Attention(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, DeviceTensor output, int rows) =>
+        Ops.Attention.Run(qkv.Act(), (CpuKvCache)cache, layer, shape, step.Host, output.Act(), _parallel);
 
-    public void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, IStepContext step) =>
-        Moe.Route(x.Act(), routerWeight.Weight(), layer, (CpuStepContext)step);
+    public void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows) =>
+        Moe.Route(x.Act(), routerWeight.Weight(), layer, topK, (CpuStepBuffers)step, rows);
 
-    public void MoeExperts(DeviceTensor x, IReadOnlyList<ExpertTensors> experts, IStepContext step, DeviceTensor output) =>
-        Moe.Experts(x.Act(), experts, (CpuStepContext)step, output.Act(), _parallel);
+    public void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows) =>
+        Moe.Experts(x.Act(), (CpuExpertStack)experts, topK, (CpuStepBuffers)step, output.Act(), rows, _parallel);
 
-    public void Add(DeviceTensor a, DeviceTensor b, int rows)
+    public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)
     {
-        var n = rows * a.Columns;
-        System.Numerics.Tensors.TensorPrimitives.Add(a.Act().Data.AsSpan(0, n), b.Act().Data.AsSpan(0, n), a.Act().Data.AsSpan(0, n));
-    }
-
-    public void AddInjection(DeviceTensor hidden, int layer, IStepContext step)
-    {
-        var batch = step.Batch;
-        var h = hidden.Act();
-        for (var r = 0; r < batch.RowCount; r++)
+        var s = step.Host;
+        var a = x.Act();
+        for (var r = 0; r < rows; r++)
         {
-            var s = batch.RowSequence[r];
-            var scale = batch.InjectionScales[s * batch.Layers + layer];
-            if (scale == 0f || batch.Positions[r] < batch.InjectionStart[s]) continue;
-            Kernels.AddScaled(h.Row(r), batch.InjectionVectors.AsSpan(s * batch.HiddenSize, batch.HiddenSize), scale);
+            var slot = s.SeqSlot[s.RowSequence[r]];
+            var scale = s.InjectionScales[slot * s.Layers + layer];
+            var position = s.Positions[r];
+            if (scale == 0f || position < s.InjectionStart[slot] || position >= s.InjectionEnd[slot]) continue;
+            Kernels.AddScaled(a.Row(r), s.InjectionVector(slot), scale);
         }
     }
 
-    public void GatherRows(DeviceTensor hidden, IStepContext step, DeviceTensor output)
+    public void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count)
     {
-        var rows = step.Batch.LogitRows;
-        for (var i = 0; i < rows.Length; i++) hidden.Act().Row(rows[i]).CopyTo(output.Act().Row(i));
+        var s = step.Host;
+        for (var i = 0; i < count; i++) x.Act().Row(s.QueryStart[i + 1] - 1).CopyTo(output.Act().Row(i));
     }
+
+    public void Copy(DeviceTensor x, DeviceTensor output, int rows) =>
+        x.Act().Data.AsSpan(0, rows * x.Columns).CopyTo(output.Act().Data);
+
+    public void Sample(DeviceTensor logits, IStepBuffers step, int count) => Ops.Sample.Run(logits.Act(), step.Host, count, _parallel);
 
     public void Dispose()
     {
+    }
+}
+
+/// <summary>--device cpu: a <see cref="ModelRunner"/> over the <see cref="CpuBackend"/>.</summary>
+public sealed class CpuRunnerFactory(int threads) : IRunnerFactory
+{
+    public string Device => "cpu";
+
+    public int Threads => threads;
+
+    public IModelRunner Create(ModelConfig config, WeightSource weights, RunnerOptions options, Action<string>? progress = null)
+    {
+        var backend = new CpuBackend(threads);
+        try
+        {
+            var weightBytes = weights switch
+            {
+                CheckpointWeights c => c.TotalBytes,
+                DummyWeights => MemoryPlan.WeightElements(config) * DType.BF16.ByteSize(),
+                _ => throw new ArgumentException($"unknown weight source {weights.GetType().Name}"),
+            };
+            var limits = ModelRunner.Plan(backend, config, weightBytes, options);
+            if (weights is CheckpointWeights checkpoint) return new ModelRunner(backend, config, checkpoint.Weights, limits, progress);
+            var dummy = Checkpoint.CreateDummy(config, DType.BF16, ((DummyWeights)weights).Seed, threads, progress);
+            try
+            {
+                return new ModelRunner(backend, config, MixtralWeights.Resolve(dummy, config), limits, progress, dummy);
+            }
+            catch
+            {
+                dummy.Dispose();
+                throw;
+            }
+        }
+        catch
+        {
+            backend.Dispose();
+            throw;
+        }
+    }
+}
+
+/// <summary>Host memory available to this process: MemAvailable (Linux), else what the GC says the machine or container allows.</summary>
+public static class HostMemory
+{
+    public static long AvailableBytes()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/meminfo"))
+            {
+                if (!line.StartsWith("MemAvailable:", StringComparison.Ordinal)) continue;
+                var kb = long.Parse(line.AsSpan(13).Trim().TrimEnd("kB").Trim(), System.Globalization.CultureInfo.InvariantCulture);
+                return Math.Min(kb * 1024, GC.GetGCMemoryInfo().TotalAvailableMemoryBytes);
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException)
+        {
+        }
+        return GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
     }
 }

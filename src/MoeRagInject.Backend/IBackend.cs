@@ -3,96 +3,176 @@ using MoeRagInject.Model;
 namespace MoeRagInject.Backend;
 
 /// <summary>
-/// A tensor that lives where its backend computes. Activations are fp32 row-major [rows, columns];
-/// weights keep the checkpoint's element type.
+/// A tensor that lives where its backend computes: a weight (in the element type the backend keeps) or an activation
+/// buffer of fixed size [rows, columns], allocated once by the runner and reused by every step.
 /// </summary>
 public abstract class DeviceTensor : IDisposable
 {
     public abstract int Rows { get; }
     public abstract int Columns { get; }
-    public virtual void Dispose() => GC.SuppressFinalize(this);
+
+    public void Dispose()
+    {
+        Dispose(disposing: true);
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void Dispose(bool disposing)
+    {
+    }
 }
 
-/// <summary>The KV cache of every layer, in blocks of <see cref="BlockSize"/> positions (paged: a sequence's block table maps positions to blocks).</summary>
+/// <summary>All experts of one MoE layer stacked as [E, …], so that expert ids read from device memory select the weights.</summary>
+public abstract class ExpertStack : IDisposable
+{
+    public abstract int Count { get; }
+    public abstract int Hidden { get; }
+    public abstract int Intermediate { get; }
+
+    public void Dispose()
+    {
+        Dispose(disposing: true);
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void Dispose(bool disposing)
+    {
+    }
+}
+
+/// <summary>The KV cache of every layer, in blocks of <see cref="BlockSize"/> positions (paged: a slot's block table maps positions to blocks).</summary>
 public interface IKvCache : IDisposable
 {
     int NumBlocks { get; }
     int BlockSize { get; }
 }
 
-/// <summary>One expert's weights as uploaded to the backend.</summary>
-public sealed record ExpertTensors(DeviceTensor Gate, DeviceTensor Up, DeviceTensor Down);
-
 /// <summary>
-/// The per-step inputs and outputs that the backend keeps next to the activations: token ids, positions, block
-/// tables, routing scratch, injection vectors and scales, and the router entropies it records.
-/// A CUDA backend keeps these in fixed device buffers so that a captured graph reads and writes them.
+/// The device copy of a <see cref="StepState"/>. On the CPU the host arrays are the device arrays; a GPU backend keeps
+/// fixed device buffers at fixed addresses (what a captured graph reads and writes) and moves the host arrays in and out
+/// of them in one copy each way per step.
 /// </summary>
-public interface IStepContext : IDisposable
+public interface IStepBuffers : IDisposable
 {
-    StepBatch Batch { get; }
+    StepState Host { get; }
 
-    /// <summary>Router entropy (nats) of row r at MoE layer l, at [r * layers + l]; valid after the forward pass.</summary>
-    void ReadEntropies(Span<float> destination);
+    /// <summary>Copies the step's inputs (and whatever per-slot state changed since the last step) to the device.</summary>
+    void Upload();
+
+    /// <summary>Copies the step's results (tokens, logprobs, entropies, status) back into <see cref="Host"/>.</summary>
+    void Download();
+
+    /// <summary>Copies every row's router entropies into <see cref="StepState.RowEntropies"/> (eager diagnostics only).</summary>
+    void DownloadRowEntropies();
+
+    /// <summary>The slot's per-slot state (block table, injection, sampling, penalties) changed on the host; the next <see cref="Upload"/> copies it.</summary>
+    void SlotChanged(int slot);
+
+    /// <summary>An output token of the slot was accepted (its penalty count grows); the next <see cref="Upload"/> applies it.</summary>
+    void TokenAccepted(int slot, int token);
 }
 
 /// <summary>
-/// The compute operations the model is written against. The model code never knows which backend runs it;
-/// a CUDA backend implements the same operations with kernels and cuBLAS.
+/// The compute operations the model is written against. The model code never knows which backend runs it; the CPU backend
+/// runs them with SIMD kernels, a GPU backend enqueues kernels on its stream (so that a step can be captured as a graph).
+/// <para>
+/// Activations: <c>hidden</c> is the fp32 residual stream [rows, hidden]; other activations are in whatever precision the
+/// backend computes in. Every op takes the number of rows to compute explicitly: a graph replays a fixed row count, and rows
+/// past the real batch (padding) are computed harmlessly and never written into the KV cache (their KV slot is −1).
+/// </para>
 /// </summary>
 public interface IBackend : IDisposable
 {
+    /// <summary>"cpu", "cuda".</summary>
     string Name { get; }
 
-    DeviceTensor UploadWeight(TensorView weight);
+    /// <summary>What the backend runs on, for logs and /get_model_info: "cpu (16 threads)", "cuda:0 NVIDIA H200 (sm_90, 140 GB)".</summary>
+    string Description { get; }
 
-    /// <summary>fp32 scratch of <paramref name="rows"/> × <paramref name="columns"/> (contents undefined).</summary>
+    /// <summary>Bytes the backend may use for weights and KV cache (host memory available, or free device memory).</summary>
+    long AvailableMemoryBytes { get; }
+
+    /// <summary>Bytes per element of weights as this backend stores a tensor of <paramref name="dtype"/>.</summary>
+    int WeightBytesPerElement(DType dtype);
+
+    /// <summary>Bytes one position of KV cache takes at one layer (keys and values of every KV head).</summary>
+    long KvBytesPerTokenPerLayer(int kvHeads, int headDim);
+
+    /// <summary>A weight [Σ rows, columns]: the parts' rows one after another (fused q/k/v projections, say).</summary>
+    DeviceTensor UploadWeight(params TensorView[] parts);
+
+    /// <summary>One layer's experts, stacked.</summary>
+    ExpertStack UploadExperts(IReadOnlyList<ExpertWeights> experts);
+
+    /// <summary>An activation buffer of <paramref name="rows"/> × <paramref name="columns"/> (contents undefined).</summary>
     DeviceTensor Allocate(int rows, int columns);
 
     IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim);
 
-    /// <summary>Uploads the step's metadata; <paramref name="layers"/> and <paramref name="topK"/> size the routing and entropy buffers.</summary>
-    IStepContext BeginStep(StepBatch batch, int layers, int topK);
+    /// <summary>The device side of the runner's step state, allocated once.</summary>
+    IStepBuffers CreateStepBuffers(StepState host);
 
+    /// <summary>Copies the first <paramref name="rows"/> rows of an activation to the host (eager diagnostics and tests).</summary>
     void Download(DeviceTensor source, int rows, Span<float> destination);
 
-    /// <summary>output[r] = table[tokenIds[r]].</summary>
-    void Embed(DeviceTensor table, IStepContext step, DeviceTensor output);
+    /// <summary>hidden[r] = table[tokenIds[r]].</summary>
+    void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows);
 
-    /// <summary>output[r] = weight ⊙ x[r] / sqrt(mean(x[r]²) + eps), for the first <paramref name="rows"/> rows.</summary>
+    /// <summary>output[r] = weight ⊙ x[r] / sqrt(mean(x[r]²) + eps).</summary>
     void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows);
+
+    /// <summary>residual[r] += delta[r]; output[r] = rmsnorm(residual[r]) with <paramref name="weight"/>.</summary>
+    void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows);
 
     /// <summary>output[r] = W · x[r] (W is [out, in], as PyTorch stores Linear weights).</summary>
     void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows);
 
-    /// <summary>Rotary embedding (the rotate-half convention of Llama/Mixtral) on every head of x, at each row's position.</summary>
-    void Rotary(DeviceTensor x, int heads, int headDim, float theta, IStepContext step);
+    /// <summary>
+    /// qkv[r] holds q (heads × headDim), then k and v (kvHeads × headDim each). Rotates q and k in place (the rotate-half
+    /// RoPE of Llama/Mixtral, at each row's position) and writes k and v into the cache at each row's KV slot.
+    /// </summary>
+    void RotaryAndCacheWrite(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, int rows);
 
     /// <summary>
-    /// Writes k and v of every row into the cache at its position, then attends: causal, grouped-query
-    /// (query head h reads KV head h / (heads / kvHeads)), keys with position &gt; p − window when a window is set.
+    /// output[r] = attention of row r's query over its sequence's cached keys and values: causal, grouped-query (query head h
+    /// reads KV head h / (heads / kvHeads)), keys at positions &gt; p − window when a window is set.
     /// </summary>
-    void Attention(DeviceTensor q, DeviceTensor k, DeviceTensor v, IKvCache cache, int layer, int heads, int kvHeads, int headDim,
-        int? slidingWindow, IStepContext step, DeviceTensor output);
+    void Attention(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, DeviceTensor output, int rows);
 
     /// <summary>
-    /// The router: softmax over all experts of W·x, the entropy −Σ p ln p recorded for (row, layer), the top-k experts
-    /// and their probabilities renormalised over the k, kept in the step for <see cref="MoeExperts"/>.
+    /// The router: softmax over all experts of W·x[r] in fp32, its entropy −Σ p ln p recorded for (row, layer) (hook point
+    /// <c>router_logits-l</c>), the top-k experts and their probabilities renormalised over the k, kept for <see cref="MoeExperts"/>.
     /// </summary>
-    void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, IStepContext step);
+    void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows);
 
-    /// <summary>output[r] = Σ_k w_k · Down_e(silu(Gate_e x) ⊙ Up_e x) over the experts routed by the last <see cref="Route"/>.</summary>
-    void MoeExperts(DeviceTensor x, IReadOnlyList<ExpertTensors> experts, IStepContext step, DeviceTensor output);
-
-    /// <summary>a[r] += b[r] for the first rows.</summary>
-    void Add(DeviceTensor a, DeviceTensor b, int rows);
+    /// <summary>output[r] = Σ_k w_k · Down_e(silu(Gate_e x[r]) ⊙ Up_e x[r]) over the experts routed by the last <see cref="Route"/>.</summary>
+    void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows);
 
     /// <summary>
-    /// hidden[r] += scale[seq(r), layer] · vector[seq(r)] for rows at positions ≥ the sequence's injection start.
-    /// Always called after every layer: a zero scale turns it off, so injecting never changes what runs.
+    /// x[r] += scale[slot(r), layer] · vector[slot(r)] for rows at positions in [start, end) of their slot's injection. The
+    /// model adds it to the MoE output just before the residual add, so it lands in the residual stream after layer l (hook
+    /// point <c>l_out-l</c>). Always run after every layer: a zero scale turns it off, so injecting never changes what runs.
     /// </summary>
-    void AddInjection(DeviceTensor hidden, int layer, IStepContext step);
+    void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows);
 
-    /// <summary>output[i] = hidden[step.Batch.LogitRows[i]]: gathers the rows whose logits are needed.</summary>
-    void GatherRows(DeviceTensor hidden, IStepContext step, DeviceTensor output);
+    /// <summary>output[i] = x[last row of sequence i] for the step's first <paramref name="count"/> sequences.</summary>
+    void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count);
+
+    /// <summary>output[i] = x[i] for every row (the eager path's "all rows are logit rows").</summary>
+    void Copy(DeviceTensor x, DeviceTensor output, int rows);
+
+    /// <summary>
+    /// Samples one token per sequence from its logits row: penalties, temperature (0 = greedy), top-k, top-p and min-p from
+    /// the sequence's slot, drawn with the step's uniform for it; writes the token, its log-probability, the output
+    /// distribution's entropy, the router entropies of its sampling row, and a status (non-finite logits are reported, not sampled).
+    /// </summary>
+    void Sample(DeviceTensor logits, IStepBuffers step, int count);
+}
+
+/// <summary>The attention geometry of a model, passed to the attention ops.</summary>
+public readonly record struct AttentionShape(int Heads, int KvHeads, int HeadDim, float RopeTheta, int? SlidingWindow)
+{
+    public int QWidth => Heads * HeadDim;
+    public int KvWidth => KvHeads * HeadDim;
+    public int QkvWidth => QWidth + 2 * KvWidth;
 }

@@ -1,3 +1,5 @@
+using MoeRagInject.Backend;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Cli.Flags;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
@@ -9,18 +11,22 @@ public static class EngineFlags
 {
     public static IEnumerable<FlagSpec> Specs()
     {
-        var d = new EngineOptions { ModelPath = "" };
+        var d = Defaults;
         return
         [
             new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/moe-wordnet-demo", "PATH"),
-            new("device", FlagKind.String, "compute device: cpu (cuda is not built yet)", d.Device, "DEVICE"),
+            new("device", FlagKind.String, "compute device: cpu, or null (a runner that computes nothing, for measuring the engine itself)", "cpu", "cpu|null"),
             new("load-format", FlagKind.String, "auto reads the safetensors; dummy makes random weights of the config's shapes", d.LoadFormat, "auto|dummy"),
             new("context-length", FlagKind.Int, "context limit, overriding max_position_embeddings", "from config.json", "N"),
             new("max-running-requests", FlagKind.Int, "requests decoded together", I(d.MaxRunningRequests), "N"),
-            new("kv-cache-tokens", FlagKind.Int, "tokens of KV cache in the pool", "max-running-requests full contexts", "N"),
+            new("kv-cache-tokens", FlagKind.Int, "tokens of KV cache in the pool", "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts", "N"),
+            new("mem-fraction-static", FlagKind.Double, "share of the device's memory for weights plus KV pool", I(d.MemFractionStatic), "F"),
+            new("chunked-prefill-size", FlagKind.Int, "most prompt tokens one request prefills in a step (longer prompts are chunked)", I(d.ChunkedPrefillSize), "N"),
+            new("max-prefill-tokens", FlagKind.Int, "most prompt tokens of all requests prefilled in one step", I(d.MaxPrefillTokens), "N"),
             new("threads", FlagKind.Int, "CPU threads for the forward pass", "all cores", "N"),
             new("entropy-threshold", FlagKind.Double, "router entropy (nats; at most ln E) above which retrieval fires", I(d.Trigger.Threshold), "NATS"),
             new("log-dir", FlagKind.String, "where rag-events.jsonl is written", d.LogDir, "DIR"),
+            new("log-fsync", FlagKind.Bool, "force each RAG event line to disk before its request goes on"),
             new("rag-mode", FlagKind.String, "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt", Mode(d.Mode), "off|latent|prompt"),
             new("trigger-layers", FlagKind.List, "MoE layers whose entropy counts", "all", "all|0,2,3"),
             new("trigger-aggregation", FlagKind.String, "how the counted layers' entropies combine", d.Trigger.Aggregation.ToString().ToLowerInvariant(), "any|max|mean"),
@@ -38,20 +44,30 @@ public static class EngineFlags
         ];
     }
 
+    private static EngineOptions Defaults => new() { ModelPath = "", Runner = new NullRunnerFactory(0) };
+
     private static string I(double value) => value.ToString(System.Globalization.CultureInfo.InvariantCulture);
+
+    /// <summary>The one place a device is chosen: --device picks the runner the engine gets.</summary>
+    public static IRunnerFactory Runner(string device, int? threads, float nullTriggerRate = 0) => device switch
+    {
+        "cpu" => new CpuRunnerFactory(threads ?? Environment.ProcessorCount),
+        "null" => new NullRunnerFactory(nullTriggerRate),
+        _ when device.StartsWith("cuda", StringComparison.Ordinal) => throw new UsageException("--device cuda: the CUDA backend is not built yet (use --device cpu)"),
+        _ => throw new UsageException($"invalid value for --device: '{device}' (expected cpu or null)"),
+    };
 
     private static string Mode(InjectionMode mode) => mode.ToString().ToLowerInvariant();
 
     /// <summary>EngineOptions from the flags; without --model-path the embedded model (and its default corpus) are served.</summary>
-    public static EngineOptions ToOptions(ParsedFlags flags)
+    /// <param name="nullTriggerRate">For --device null: the share of tokens whose router entropies fire the trigger.</param>
+    public static EngineOptions ToOptions(ParsedFlags flags, float nullTriggerRate = 0)
     {
         ArgumentNullException.ThrowIfNull(flags);
-        var defaults = new EngineOptions { ModelPath = "" };
+        var defaults = Defaults;
 
-        var device = (flags.String("device") ?? defaults.Device).ToLowerInvariant();
-        if (device.StartsWith("cuda", StringComparison.Ordinal))
-            throw new UsageException("--device cuda: the CUDA backend is not built yet (use --device cpu)");
-        if (device != "cpu") throw new UsageException($"invalid value for --device: '{device}' (expected cpu)");
+        var device = (flags.String("device") ?? "cpu").ToLowerInvariant();
+        var runner = Runner(device, flags.IntIn("threads", 1), nullTriggerRate);
 
         var trigger = defaults.Trigger with
         {
@@ -114,15 +130,20 @@ public static class EngineFlags
         if (!File.Exists(Path.Combine(modelPath, "config.json")))
             throw new CliException($"{modelPath} is not a model folder: it has no config.json");
 
+        var memFraction = flags.DoubleIn("mem-fraction-static", 0) ?? defaults.MemFractionStatic;
+        if (!(memFraction > 0 && memFraction <= 1)) throw new UsageException("invalid value for --mem-fraction-static: expected a number in (0, 1]");
         return defaults with
         {
             ModelPath = modelPath,
-            Device = device,
+            Runner = runner,
             LoadFormat = loadFormat ?? defaults.LoadFormat,
             ContextLength = flags.IntIn("context-length", 1),
             MaxRunningRequests = flags.IntIn("max-running-requests", 1) ?? defaults.MaxRunningRequests,
             KvCacheTokens = flags.IntIn("kv-cache-tokens", 1),
-            Threads = flags.IntIn("threads", 1),
+            MemFractionStatic = memFraction,
+            ChunkedPrefillSize = flags.IntIn("chunked-prefill-size", 1) ?? defaults.ChunkedPrefillSize,
+            MaxPrefillTokens = flags.IntIn("max-prefill-tokens", 1) ?? defaults.MaxPrefillTokens,
+            LogFsync = flags.Bool("log-fsync"),
             Mode = mode switch
             {
                 "off" => InjectionMode.Off,

@@ -25,6 +25,9 @@ public sealed record SamplingParams
     public bool NoStopTrim { get; init; }
     public ulong? Seed { get; init; }
 
+    /// <summary>Greedy decoding draws nothing from the request's generator.</summary>
+    public bool IsGreedy => Temperature == 0 || TopK == 1;
+
     /// <summary>Null when valid, else a message naming the field and the allowed range.</summary>
     public string? Validate()
     {
@@ -46,9 +49,21 @@ public sealed record SamplingParams
 /// <summary>Per-request overrides of the server's RAG settings (the "rag" object of a request).</summary>
 public sealed record RagOverrides
 {
+    /// <summary>Largest |α| a request may ask for: far past any useful strength, well short of overflowing fp32 activations.</summary>
+    public const float MaxScale = 1e4f;
+
     public InjectionMode? Mode { get; init; }
     public double? Threshold { get; init; }
     public float? Scale { get; init; }
+
+    /// <summary>Null when valid, else a message naming the field and the allowed range.</summary>
+    public string? Validate()
+    {
+        if (Threshold is { } t && !(t >= 0 && double.IsFinite(t))) return "rag.threshold must be a finite number >= 0 (router entropy is in nats)";
+        if (Scale is { } s && !(float.IsFinite(s) && Math.Abs(s) <= MaxScale))
+            return FormattableString.Invariant($"rag.scale must be a finite number in [-{MaxScale}, {MaxScale}]");
+        return null;
+    }
 }
 
 public sealed record GenerationRequest
@@ -68,8 +83,9 @@ public enum FinishKind { Stop, Length, Abort }
 public sealed record FinishReason(FinishKind Kind, object? Matched = null, int? Length = null, string? Message = null);
 
 /// <summary>
-/// One streamed step of a request. Token lists hold what is new since the previous update; <see cref="Text"/> is the
-/// whole output text so far (stop strings trimmed once matched). The last update has <see cref="Finish"/> set.
+/// One streamed update of a request: everything in it is new since the previous update (tokens, text, events). The text is
+/// released only once it can no longer be part of a stop string or of an incomplete UTF-8 character, so the updates' texts
+/// joined are exactly the final text. The last update has <see cref="Finish"/> set.
 /// </summary>
 public sealed record GenerationUpdate
 {
@@ -82,13 +98,18 @@ public sealed record GenerationUpdate
     /// <summary>Entropy (nats) of the output distribution softmax(logits) for each new token, the FLARE-style signal; empty unless router entropy is requested.</summary>
     public IReadOnlyList<float> NewOutputEntropy { get; init; } = [];
     public IReadOnlyList<RagEvent> NewEvents { get; init; } = [];
-    public required string Text { get; init; }
+    public required string NewText { get; init; }
     public required int PromptTokens { get; init; }
     public required int CompletionTokens { get; init; }
     public FinishReason? Finish { get; init; }
 }
 
+/// <param name="Device">What the runner computes on, as it reports it.</param>
 public sealed record ModelInfo(string ModelPath, string TokenizerPath, int VocabSize, int ContextLength, int NumMoeLayers, int NumExperts, string Device);
+
+/// <summary>The engine's load at one moment (what /get_server_info reports).</summary>
+public sealed record EngineStatus(int Running, int Waiting, int Retrieving, int FreeKvBlocks, int TotalKvBlocks, int KvBlockSize,
+    long Preemptions, long Steps);
 
 public interface IGenerationEngine : IAsyncDisposable
 {
@@ -98,12 +119,30 @@ public interface IGenerationEngine : IAsyncDisposable
     InjectionMode DefaultMode { get; }
 
     /// <summary>
-    /// Queues the request and streams its updates. Cancelling <paramref name="cancellationToken"/> (a client that left)
-    /// aborts the request and frees its slot; the stream then ends with an abort update. Invalid requests (ids outside the
-    /// vocabulary, prompt plus max_new_tokens over the context length) throw <see cref="ArgumentException"/> before queueing.
+    /// Validates the request and queues it, at once: an invalid request (ids outside the vocabulary, prompt plus
+    /// max_new_tokens over the context length, a parameter out of range, a rid in use) throws <see cref="ArgumentException"/>
+    /// here, before anything is queued. The returned stream yields the request's updates; disposing it before the end aborts
+    /// the request and frees its slot.
     /// </summary>
-    IAsyncEnumerable<GenerationUpdate> GenerateAsync(GenerationRequest request, CancellationToken cancellationToken);
+    GenerationStream Submit(GenerationRequest request);
 
-    /// <summary>Aborts a running or queued request by id; false when no such request.</summary>
+    /// <summary>Aborts a running or queued request by id (its stream ends with an abort update); false when no such request.</summary>
     bool Abort(string rid);
+
+    EngineStatus GetStatus();
+}
+
+public static class GenerationEngineExtensions
+{
+    /// <summary>
+    /// Submits the request and streams its updates. Cancelling <paramref name="cancellationToken"/> (a client that left)
+    /// aborts the request; the stream then ends with its abort update.
+    /// </summary>
+    public static async IAsyncEnumerable<GenerationUpdate> GenerateAsync(this IGenerationEngine engine, GenerationRequest request,
+        [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken = default)
+    {
+        await using var stream = engine.Submit(request);
+        using var registration = cancellationToken.Register(stream.Abort);
+        await foreach (var update in ((IAsyncEnumerable<GenerationUpdate>)stream).ConfigureAwait(false)) yield return update;
+    }
 }

@@ -16,3 +16,20 @@ internal sealed class EmbeddingTable(TensorView table) : ITokenEmbeddings
         System.Numerics.Tensors.TensorPrimitives.Add(accumulator, row, accumulator);
     }
 }
+
+/// <summary>
+/// The embedding table of dummy weights, computed row by row from <see cref="Checkpoint.DummyValue"/> (tensor 0 is the
+/// embedding) and rounded to bf16, as every device's dummy weights are: nothing is held in memory.
+/// </summary>
+internal sealed class DummyEmbeddings(ModelConfig config, ulong Seed) : ITokenEmbeddings
+{
+    public int HiddenSize => config.HiddenSize;
+    public int VocabSize => config.VocabSize;
+
+    public void AccumulateRow(int tokenId, Span<float> accumulator)
+    {
+        var start = (long)tokenId * HiddenSize;
+        for (var i = 0; i < HiddenSize; i++)
+            accumulator[i] += BitConverter.UInt32BitsToSingle((uint)HalfConversion.FloatToBFloat16(Checkpoint.DummyValue(Seed, 0, start + i)) << 16);
+    }
+}

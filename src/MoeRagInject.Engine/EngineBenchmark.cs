@@ -1,42 +1,58 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text;
+using System.Text.Json.Nodes;
 using MoeRagInject.Model;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
 
 /// <summary>One measured configuration: B concurrent requests of P prompt tokens generating N tokens each.</summary>
+/// <param name="StepMilliseconds">Mean wall time of a decode step, scheduling to results applied.</param>
+/// <param name="HostMicrosecondsPerStep">Of a decode step, the time spent outside the runner (the engine's own cost).</param>
 public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, int NewTokens, double PrefillSeconds,
-    double DecodeSeconds, int Retrievals)
+    double DecodeSeconds, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep)
 {
     /// <summary>Prompt tokens per second until every request had its first token.</summary>
     public double PrefillTokensPerSecond => BatchSize * PromptTokens / PrefillSeconds;
     /// <summary>Generated tokens per second after the first token, over all requests.</summary>
     public double DecodeTokensPerSecond => BatchSize * (NewTokens - 1) / DecodeSeconds;
+
+    public JsonObject ToJson() => new()
+    {
+        ["batch_size"] = BatchSize,
+        ["mode"] = Mode,
+        ["input_len"] = PromptTokens,
+        ["output_len"] = NewTokens,
+        ["prefill_tok_s"] = Math.Round(PrefillTokensPerSecond, 1),
+        ["decode_tok_s"] = Math.Round(DecodeTokensPerSecond, 1),
+        ["step_ms"] = Math.Round(StepMilliseconds, 4),
+        ["host_us_per_step"] = Math.Round(HostMicrosecondsPerStep, 2),
+        ["retrievals"] = Retrievals,
+    };
 }
 
 /// <summary>
-/// Throughput of the engine on this machine: prefill and decode at several batch sizes with RAG off, and the same with
-/// latent RAG firing at the first token (threshold 0, one retrieval per request), so its cost is a ratio to the baseline
-/// measured in the same run.
+/// Throughput of the engine: prefill and decode at several batch sizes, with RAG off and with triggers firing (latent RAG at
+/// threshold 0 and one retrieval per request on a real device; on the null device, the trigger rate its runner is built
+/// with), each a ratio to the RAG-off baseline of the same run. Also the engine's own time per decode step outside the runner.
 /// </summary>
 public static class EngineBenchmark
 {
-    public static async Task<IReadOnlyList<BenchmarkRow>> RunAsync(EngineOptions options, IReadOnlyList<int> batchSizes, int promptTokens,
-        int newTokens, TextWriter progress, CancellationToken cancellationToken)
+    public static async Task<IReadOnlyList<BenchmarkRow>> RunAsync(EngineOptions options, IReadOnlyList<int> batchSizes,
+        IReadOnlyList<InjectionMode> modes, int promptTokens, int newTokens, TextWriter progress, CancellationToken cancellationToken)
     {
         var maxBatch = batchSizes.Max();
+        var nullDevice = options.Runner.Device == "null";
         await using var engine = InferenceEngine.Create(options with
         {
             MaxRunningRequests = Math.Max(options.MaxRunningRequests, maxBatch),
-            Trigger = options.Trigger with { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+            Trigger = nullDevice ? options.Trigger : options.Trigger with { Threshold = 0, MaxRetrievalsPerRequest = 1 },
             Notices = TextWriter.Null,
-        });
+        }, line => progress.WriteLine($"  {line}"));
         var vocab = engine.Config.VocabSize;
         var rng = new SplitMix64(1234);
         var rows = new List<BenchmarkRow>();
-        var modes = options.Retriever is null ? new[] { InjectionMode.Off } : [InjectionMode.Off, InjectionMode.Latent];
         // A warm-up round of every mode at the largest batch, so that tiered JIT compilation is done before timing.
         var warmup = Prompts(rng, vocab, maxBatch, promptTokens);
         foreach (var mode in modes)
@@ -47,10 +63,10 @@ public static class EngineBenchmark
             var prompts = Prompts(rng, vocab, batch, promptTokens);
             foreach (var mode in modes)
             {
-                var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken);
+                var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false);
                 rows.Add(row);
                 progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,9:F1} tok/s, decode {row.DecodeTokensPerSecond,8:F1} tok/s, retrievals {row.Retrievals}"));
+                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs), retrievals {row.Retrievals}"));
             }
         }
         return rows;
@@ -74,7 +90,9 @@ public static class EngineBenchmark
         int newTokens, CancellationToken cancellationToken)
     {
         var start = Stopwatch.GetTimestamp();
-        var firstTokens = new long[batch];
+        var firstTokens = 0;
+        long prefillEnd = 0;
+        EngineCounters atPrefillEnd = default;
         var retrievals = 0;
         await Task.WhenAll(Enumerable.Range(0, batch).Select(async i =>
         {
@@ -84,34 +102,54 @@ public static class EngineBenchmark
                 Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = newTokens, IgnoreEos = true },
                 Rag = new RagOverrides { Mode = mode },
             };
+            var first = true;
             await foreach (var update in engine.GenerateAsync(request, cancellationToken).ConfigureAwait(false))
             {
-                if (firstTokens[i] == 0 && update.NewTokenIds.Count > 0) firstTokens[i] = Stopwatch.GetTimestamp();
+                if (first && update.NewTokenIds.Count > 0)
+                {
+                    first = false;
+                    if (Interlocked.Increment(ref firstTokens) == batch)
+                    {
+                        prefillEnd = Stopwatch.GetTimestamp();
+                        atPrefillEnd = engine.Counters;
+                    }
+                }
                 Interlocked.Add(ref retrievals, update.NewEvents.Count);
             }
         })).ConfigureAwait(false);
         var end = Stopwatch.GetTimestamp();
-        var prefillEnd = firstTokens.Max();
+        var decode = engine.Counters - atPrefillEnd;
         return new BenchmarkRow(mode.ToString().ToLowerInvariant(), batch, prompts[0].Length, newTokens,
-            Stopwatch.GetElapsedTime(start, prefillEnd).TotalSeconds, Stopwatch.GetElapsedTime(prefillEnd, end).TotalSeconds, retrievals);
+            Stopwatch.GetElapsedTime(start, prefillEnd).TotalSeconds, Stopwatch.GetElapsedTime(prefillEnd, end).TotalSeconds, retrievals,
+            decode.StepMilliseconds, decode.HostMicrosecondsPerStep);
     }
 
-    /// <summary>A markdown table, with the latent rows' decode speed as a ratio of the RAG-off row of the same batch size.</summary>
-    public static string ToMarkdown(IReadOnlyList<BenchmarkRow> rows, string machine, string model)
+    /// <summary>A markdown table, with each row's decode speed as a ratio of the RAG-off row of the same batch size.</summary>
+    public static string ToMarkdown(IReadOnlyList<BenchmarkRow> rows, string machine, string device, string model)
     {
         var text = new StringBuilder();
-        text.AppendLine(CultureInfo.InvariantCulture, $"Machine: {machine}. Model: {model}.");
+        text.AppendLine(CultureInfo.InvariantCulture, $"Machine: {machine}. Device: {device}. Model: {model}.");
         text.AppendLine();
-        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | decode tok/s | decode vs off | retrievals |");
-        text.AppendLine("|---|---|---|---|---|---|---|---|");
+        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | decode tok/s | decode vs off | step ms | host µs/step | retrievals |");
+        text.AppendLine("|---|---|---|---|---|---|---|---|---|---|");
         foreach (var row in rows)
         {
-            var baseline = rows.First(r => r.Mode == "off" && r.BatchSize == row.BatchSize);
+            var baseline = rows.FirstOrDefault(r => r.Mode == "off" && r.BatchSize == row.BatchSize);
+            var ratio = baseline is null ? "—" : string.Create(CultureInfo.InvariantCulture, $"{row.DecodeTokensPerSecond / baseline.DecodeTokensPerSecond:F2}×");
             text.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {row.DecodeTokensPerSecond:F1} | {row.DecodeTokensPerSecond / baseline.DecodeTokensPerSecond:F2}× | {row.Retrievals} |"));
+                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {row.DecodeTokensPerSecond:F1} | {ratio} | {row.StepMilliseconds:F3} | {row.HostMicrosecondsPerStep:F1} | {row.Retrievals} |"));
         }
         return text.ToString();
     }
+
+    /// <summary>The one JSON object <c>bench --json</c> prints.</summary>
+    public static JsonObject ToJson(IReadOnlyList<BenchmarkRow> rows, string machine, string device, string model) => new()
+    {
+        ["machine"] = machine,
+        ["device"] = device,
+        ["model"] = model,
+        ["results"] = new JsonArray([.. rows.Select(r => (JsonNode)r.ToJson())]),
+    };
 
     /// <summary>"N cores, CPU model, OS" of this machine.</summary>
     public static string DescribeMachine()

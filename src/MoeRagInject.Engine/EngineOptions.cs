@@ -1,3 +1,4 @@
+using MoeRagInject.Backend;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
@@ -7,17 +8,26 @@ public sealed record EngineOptions
 {
     /// <summary>A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).</summary>
     public required string ModelPath { get; init; }
-    /// <summary>"cpu" (a "cuda" backend comes later).</summary>
-    public string Device { get; init; } = "cpu";
+    /// <summary>Builds the model runner: the device. The CLI chooses it from --device; the engine knows no backend.</summary>
+    public required IRunnerFactory Runner { get; init; }
     /// <summary>"auto" reads the safetensors; "dummy" builds random weights of the config's shapes.</summary>
     public string LoadFormat { get; init; } = "auto";
     public int MaxRunningRequests { get; init; } = 16;
     /// <summary>Overrides max_position_embeddings as the context limit when set.</summary>
     public int? ContextLength { get; init; }
-    /// <summary>Tokens of KV cache in the pool; null sizes it for MaxRunningRequests full contexts.</summary>
+    /// <summary>Tokens of KV cache in the pool; null sizes it from the device's memory (see <see cref="MemFractionStatic"/>).</summary>
     public int? KvCacheTokens { get; init; }
-    /// <summary>CPU threads for the forward pass; null uses every core.</summary>
-    public int? Threads { get; init; }
+    /// <summary>Share of the device's memory that weights plus KV pool may take (sglang's --mem-fraction-static).</summary>
+    public double MemFractionStatic { get; init; } = 0.9;
+    /// <summary>Most prompt tokens one request prefills in a step; longer prompts are prefilled in chunks (sglang's --chunked-prefill-size).</summary>
+    public int ChunkedPrefillSize { get; init; } = 2048;
+    /// <summary>Most prompt tokens of all requests prefilled in one step (sglang's --max-prefill-tokens).</summary>
+    public int MaxPrefillTokens { get; init; } = 16384;
+    /// <summary>Largest decode batch replayed from a captured graph (GPU backends).</summary>
+    public int CudaGraphMaxBatchSize { get; init; } = 256;
+    public bool DisableCudaGraph { get; init; }
+    /// <summary>Batch-invariant kernels on backends that otherwise trade that for speed.</summary>
+    public bool Deterministic { get; init; }
 
     public InjectionMode Mode { get; init; } = InjectionMode.Latent;
     public TriggerOptions Trigger { get; init; } = new();
@@ -40,6 +50,39 @@ public sealed record EngineOptions
     public int QueryWindowTokens { get; init; } = 32;
 
     public string LogDir { get; init; } = "./logs";
+    /// <summary>Each RAG event line is on disk (fsync) before its request goes on.</summary>
+    public bool LogFsync { get; init; }
     /// <summary>Where the one-line "[MoE-RAG] entropy=... -> triggering RAG" notices go; null = Console.Out.</summary>
     public TextWriter? Notices { get; init; }
+    /// <summary>Faults to inject, for tests of per-request isolation; null in production.</summary>
+    public IFaultInjection? Faults { get; init; }
+
+    /// <summary>The prefill tokens one step may hold: a chunk of one prompt at most, and all prompts' share at most.</summary>
+    public int PrefillBudget => Math.Min(ChunkedPrefillSize, MaxPrefillTokens);
+
+    /// <summary>Null when valid, else what is wrong.</summary>
+    public string? Validate()
+    {
+        if (MaxRunningRequests < 1) return "max_running_requests must be >= 1";
+        if (ChunkedPrefillSize < 1) return "chunked_prefill_size must be >= 1";
+        if (MaxPrefillTokens < 1) return "max_prefill_tokens must be >= 1";
+        if (!(MemFractionStatic > 0 && MemFractionStatic <= 1)) return "mem_fraction_static must be in (0, 1]";
+        if (ContextLength is < 1) return "context_length must be >= 1";
+        if (KvCacheTokens is < 1) return "kv_cache_tokens must be >= 1";
+        if (QueryWindowTokens < 1) return "query_window must be >= 1";
+        if (RetrievalTopK < 1) return "retrieval_top_k must be >= 1";
+        return null;
+    }
+}
+
+/// <summary>Faults a test can inject into chosen requests, to show that one request's failure is its own.</summary>
+public interface IFaultInjection
+{
+    /// <summary>The sampler fails for this request's tokens.</summary>
+    bool FailSampling(string rid) => false;
+
+    /// <summary>Replaces this request's injection vector (after it was computed), e.g. with NaNs.</summary>
+    void CorruptInjection(string rid, Span<float> vector)
+    {
+    }
 }

@@ -1,67 +1,88 @@
 using System.Collections.Concurrent;
-using System.Globalization;
-using System.Runtime.CompilerServices;
+using System.Diagnostics;
+using System.Runtime.InteropServices;
 using MoeRagInject.Backend;
+using MoeRagInject.Engine.Coordination;
+using MoeRagInject.Engine.Output;
+using MoeRagInject.Engine.Scheduling;
 using MoeRagInject.Model;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
 
+/// <summary>Host-time counters of the engine loop since it started (read them before and after a measured phase).</summary>
+/// <param name="Steps">Steps run.</param>
+/// <param name="StepTicks">Stopwatch ticks from scheduling a step to the end of applying its results.</param>
+/// <param name="RunnerTicks">Of those, ticks inside the runner's Execute.</param>
+public readonly record struct EngineCounters(long Steps, long StepTicks, long RunnerTicks, long Rows)
+{
+    public static EngineCounters operator -(EngineCounters a, EngineCounters b) =>
+        new(a.Steps - b.Steps, a.StepTicks - b.StepTicks, a.RunnerTicks - b.RunnerTicks, a.Rows - b.Rows);
+
+    /// <summary>Microseconds per step spent outside the runner: scheduling, building inputs, applying results.</summary>
+    public double HostMicrosecondsPerStep => Steps == 0 ? 0 : (StepTicks - RunnerTicks) * 1e6 / Stopwatch.Frequency / Steps;
+
+    public double StepMilliseconds => Steps == 0 ? 0 : StepTicks * 1e3 / Stopwatch.Frequency / Steps;
+}
+
 /// <summary>
-/// Continuous batching over one model: requests queue, join the running batch when KV blocks allow, prefill and decode
-/// together in one forward pass per step, and leave when finished. A trigger parks its request while the retrieval runs
-/// (the rest of the batch goes on), then the token whose step fired is recomputed with the retrieved knowledge.
-/// All scheduling state is owned by one loop thread; other threads talk to it through the inbox.
+/// The engine core: one loop thread that owns the scheduler and the runner. Each step it takes the scheduler's chunks,
+/// writes them into the runner's fixed step inputs, runs the step, and applies the results: a token is accepted and handed
+/// to its request's output queue, or a trigger parks its request while the retrieval runs off the loop. Detokenization,
+/// stop strings and streaming happen on each request's reader (<see cref="GenerationStream"/>); other threads talk to the
+/// loop through its inbox. One request's failure ends that request alone.
 /// </summary>
 public sealed class LlmEngine : IGenerationEngine
 {
     private readonly EngineOptions _options;
-    private readonly MixtralModel _model;
-    private readonly IKvCache _cache;
-    private readonly KvBlockManager _blocks;
-    private readonly RetrievalService? _retrieval;
-    private readonly ContextInjector _injector;
-    private readonly RagEventLog _eventLog;
-    private readonly TextWriter _notices;
     private readonly LoadedModel _loaded;
+    private readonly IModelRunner _runner;
+    private readonly Scheduler _scheduler;
+    private readonly RagCoordinator _rag;
+    private readonly RagEventWriter _eventLog;
+    private readonly RetrievalService? _retrieval;
+    private readonly TextWriter _notices;
     private readonly int _contextLength;
+    private readonly HashSet<int> _eosIds;
 
     private readonly ConcurrentQueue<Action> _inbox = new();
     private readonly SemaphoreSlim _wake = new(0);
     private readonly ConcurrentDictionary<string, Sequence> _byRid = new(StringComparer.Ordinal);
-    private readonly Queue<Sequence> _waiting = new();
-    private readonly List<Sequence> _running = [];
     private readonly CancellationTokenSource _stop = new();
     private readonly Thread _loop;
+    private long _nextArrival;
     private long _nextRid;
+
+    private long _steps, _stepTicks, _runnerTicks, _rows;
+    private volatile EngineStatus _status;
 
     internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector)
     {
         var config = loaded.Config;
         _options = options;
         _loaded = loaded;
-        _model = loaded.Model;
+        _runner = loaded.Runner;
         Tokenizer = loaded.Tokenizer;
-        _injector = injector;
         foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers) })
             foreach (var layer in layers ?? [])
                 if (layer < 0 || layer >= config.NumLayers)
                     throw new ArgumentException($"{name} {layer} does not exist: the model has MoE layers 0..{config.NumLayers - 1}");
-        _contextLength = options.ContextLength ?? config.MaxPositionEmbeddings;
+        _contextLength = Math.Min(options.ContextLength ?? config.MaxPositionEmbeddings, _runner.Limits.ContextLength);
+        _eosIds = [.. config.EosTokenIds];
+        if (Tokenizer.EosTokenId is { } eos) _eosIds.Add(eos);
         _notices = options.Notices ?? Console.Out;
         _retrieval = retriever is null ? null : new RetrievalService(retriever, options.RetrievalTimeout, options.RetrievalTopK);
-        _eventLog = new RagEventLog(options.LogDir);
+        _eventLog = new RagEventWriter(options.LogDir, options.LogFsync,
+            e => _notices.WriteLine($"[MoE-RAG] could not write the event log: {e.Message}"));
+        _rag = new RagCoordinator(options, Tokenizer, injector, _retrieval, _eventLog, _notices, _contextLength, config.HiddenSize,
+            (sequence, outcome) => Post(() => Resume(sequence, outcome)));
+        var limits = _runner.Limits;
+        _scheduler = new Scheduler(new KvBlockManager(limits.NumKvBlocks, limits.BlockSize), limits.MaxSequences,
+            options.ChunkedPrefillSize, options.PrefillBudget);
 
-        const int blockSize = 16;
-        var perToken = 2L * config.NumLayers * config.NumKvHeads * config.HeadDim * sizeof(float);
-        var tokens = options.KvCacheTokens ?? (int)Math.Min((long)options.MaxRunningRequests * _contextLength, (2L << 30) / perToken);
-        tokens = Math.Max(tokens, _contextLength);
-        var numBlocks = (tokens + blockSize - 1) / blockSize;
-        _blocks = new KvBlockManager(numBlocks, blockSize);
-        _cache = _model.CreateKvCache(numBlocks, blockSize);
-
-        Info = new ModelInfo(options.ModelPath, options.ModelPath, config.VocabSize, _contextLength, config.NumLayers, config.NumExperts, "cpu");
+        Info = new ModelInfo(options.ModelPath, options.ModelPath, config.VocabSize, _contextLength, config.NumLayers, config.NumExperts, _runner.Device);
+        _status = Snapshot();
         _loop = new Thread(Run) { IsBackground = true, Name = "moe-rag-inject engine" };
         _loop.Start();
     }
@@ -69,42 +90,61 @@ public sealed class LlmEngine : IGenerationEngine
     public ModelInfo Info { get; }
     public Tokenizer Tokenizer { get; }
     public InjectionMode DefaultMode => _options.Mode;
-    public ModelConfig Config => _model.Config;
+    public ModelConfig Config => _loaded.Config;
+    public RunnerLimits Limits => _runner.Limits;
 
-    public async IAsyncEnumerable<GenerationUpdate> GenerateAsync(GenerationRequest request,
-        [EnumeratorCancellation] CancellationToken cancellationToken)
+    public EngineStatus GetStatus() => _status;
+
+    /// <summary>Host-time counters (read on any thread; steps in flight are not counted yet).</summary>
+    public EngineCounters Counters => new(Interlocked.Read(ref _steps), Interlocked.Read(ref _stepTicks), Interlocked.Read(ref _runnerTicks),
+        Interlocked.Read(ref _rows));
+
+    public GenerationStream Submit(GenerationRequest request)
     {
-        var sequence = Admit(request);
-        using var registration = cancellationToken.Register(() => Post(() => Finish(sequence, new FinishReason(FinishKind.Abort, Message: "client disconnected"))));
-        await foreach (var update in sequence.Updates.Reader.ReadAllAsync(CancellationToken.None))
-            yield return update;
+        ArgumentNullException.ThrowIfNull(request);
+        ObjectDisposedException.ThrowIf(_stop.IsCancellationRequested, this);
+        Validate(request);
+        var rid = request.Rid ?? $"req-{Interlocked.Increment(ref _nextRid)}-{Guid.NewGuid():N}"[..24];
+        var rag = request.Rag;
+        var trigger = _options.Trigger with { Threshold = rag?.Threshold ?? _options.Trigger.Threshold };
+        var sequence = new Sequence(rid, Interlocked.Increment(ref _nextArrival), request, rag?.Mode ?? _options.Mode, trigger,
+            rag?.Scale ?? _options.InjectionScale);
+        if (!_byRid.TryAdd(rid, sequence)) throw new ArgumentException($"a request with rid \"{rid}\" is already running");
+        Post(() =>
+        {
+            if (sequence.State == SequenceState.Finished) return;
+            if (request.Sampling.MaxNewTokens == 0) Finish(sequence, new FinishReason(FinishKind.Length, Length: 0));
+            else _scheduler.Add(sequence);
+        });
+        return new GenerationStream(this, sequence, Tokenizer);
+    }
+
+    private void Validate(GenerationRequest request)
+    {
+        if (request.Sampling.Validate() is { } error) throw new ArgumentException(error);
+        if (request.Rag?.Validate() is { } ragError) throw new ArgumentException(ragError);
+        if (request.Rid is { Length: 0 }) throw new ArgumentException("rid must not be empty");
+        if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt is empty");
+        var vocab = Config.VocabSize;
+        foreach (var id in request.PromptIds)
+            if ((uint)id >= (uint)vocab) throw new ArgumentException($"token id {id} is outside the vocabulary [0, {vocab})");
+        foreach (var id in request.Sampling.StopTokenIds)
+            if ((uint)id >= (uint)vocab) throw new ArgumentException($"stop token id {id} is outside the vocabulary [0, {vocab})");
+        if ((long)request.PromptIds.Count + request.Sampling.MaxNewTokens > _contextLength)
+            throw new ArgumentException($"prompt ({request.PromptIds.Count} tokens) plus max_new_tokens ({request.Sampling.MaxNewTokens}) exceeds the context length {_contextLength}");
     }
 
     public bool Abort(string rid)
     {
         if (!_byRid.TryGetValue(rid, out var sequence)) return false;
-        Post(() => Finish(sequence, new FinishReason(FinishKind.Abort, Message: "aborted by request")));
+        AbortSequence(sequence, "aborted by request");
         return true;
     }
 
-    private Sequence Admit(GenerationRequest request)
-    {
-        if (request.Sampling.Validate() is { } error) throw new ArgumentException(error);
-        if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt is empty");
-        foreach (var id in request.PromptIds)
-            if (id < 0 || id >= _model.Config.VocabSize)
-                throw new ArgumentException($"token id {id} is outside the vocabulary [0, {_model.Config.VocabSize})");
-        if (request.PromptIds.Count + request.Sampling.MaxNewTokens > _contextLength)
-            throw new ArgumentException($"prompt ({request.PromptIds.Count} tokens) plus max_new_tokens ({request.Sampling.MaxNewTokens}) exceeds the context length {_contextLength}");
-        if (request.Rag?.Threshold is { } t && (double.IsNaN(t) || t < 0)) throw new ArgumentException("rag.threshold must be a number >= 0");
+    internal void AbortSequence(Sequence sequence, string message) => FinishSequence(sequence, new FinishReason(FinishKind.Abort, Message: message));
 
-        var rid = request.Rid ?? $"req-{Interlocked.Increment(ref _nextRid)}-{Guid.NewGuid():N}"[..24];
-        var trigger = _options.Trigger with { Threshold = request.Rag?.Threshold ?? _options.Trigger.Threshold };
-        var sequence = new Sequence(rid, request, request.Rag?.Mode ?? _options.Mode, trigger, request.Rag?.Scale ?? _options.InjectionScale);
-        if (!_byRid.TryAdd(rid, sequence)) throw new ArgumentException($"a request with rid \"{rid}\" is already running");
-        Post(() => _waiting.Enqueue(sequence));
-        return sequence;
-    }
+    /// <summary>Ends a request from another thread (its stream found a stop string, or was closed).</summary>
+    internal void FinishSequence(Sequence sequence, FinishReason reason) => Post(() => Finish(sequence, reason));
 
     private void Post(Action action)
     {
@@ -128,8 +168,20 @@ public sealed class LlmEngine : IGenerationEngine
                     _notices.WriteLine($"[engine] {e.GetType().Name}: {e.Message}");
                 }
             }
-            Schedule();
-            var batch = _running.Where(s => s.State == SequenceState.Running).ToList();
+            var started = Stopwatch.GetTimestamp();
+            IReadOnlyList<ScheduledChunk> batch;
+            try
+            {
+                batch = _scheduler.Schedule();
+            }
+            catch (Exception e)
+            {
+                // A scheduler bug must not spin or kill the loop: every request ends with the error.
+                _notices.WriteLine($"[engine] scheduling failed: {e}");
+                foreach (var s in _scheduler.All()) Finish(s, new FinishReason(FinishKind.Abort, Message: $"internal error: {e.Message}"));
+                continue;
+            }
+            _status = Snapshot();
             if (batch.Count == 0)
             {
                 try
@@ -144,312 +196,224 @@ public sealed class LlmEngine : IGenerationEngine
             }
             try
             {
-                Step(batch);
+                Step(batch, started);
             }
             catch (Exception e)
             {
-                // A failed step must not take the server down: the requests in it end with the error.
-                foreach (var sequence in batch) Finish(sequence, new FinishReason(FinishKind.Abort, Message: $"internal error: {e.Message}"));
+                // The runner failed for the whole step (a device fault): the requests in it end with the error; the loop goes on.
+                foreach (var chunk in batch.ToList()) Finish(chunk.Sequence, new FinishReason(FinishKind.Abort, Message: $"internal error: {e.Message}"));
                 _notices.WriteLine($"[engine] step failed: {e}");
             }
         }
     }
 
-    /// <summary>Moves waiting requests into the batch while slots and KV blocks allow (a request reserves its whole budget).</summary>
-    private void Schedule()
-    {
-        while (_waiting.Count > 0 && _running.Count < _options.MaxRunningRequests)
-        {
-            var next = _waiting.Peek();
-            if (next.State == SequenceState.Finished)
-            {
-                _waiting.Dequeue();
-                continue;
-            }
-            var budget = Math.Min(_contextLength, next.Context.Count + next.Sampling.MaxNewTokens);
-            if (!_blocks.EnsureCapacity(next.BlockTable, budget)) break;
-            _waiting.Dequeue();
-            if (next.Sampling.MaxNewTokens == 0)
-            {
-                Finish(next, new FinishReason(FinishKind.Length, Length: 0));
-                continue;
-            }
-            next.State = SequenceState.Running;
-            _running.Add(next);
-        }
-    }
+    private EngineStatus Snapshot() => new(_scheduler.Active - _scheduler.Retrieving, _scheduler.Waiting, _scheduler.Retrieving,
+        _scheduler.Blocks.FreeBlocks, _scheduler.Blocks.NumBlocks, _scheduler.Blocks.BlockSize, _scheduler.Preemptions, Interlocked.Read(ref _steps));
 
-    private void Step(List<Sequence> batch)
+    private void Step(IReadOnlyList<ScheduledChunk> batch, long started)
     {
-        var steps = new List<SequenceStep>(batch.Count);
-        foreach (var s in batch)
+        var state = _runner.State;
+        var rows = 0;
+        for (var i = 0; i < batch.Count; i++)
         {
-            var tokens = s.Context.Count;
-            var all = new List<int>(s.TotalTokens - s.Computed);
-            for (var p = s.Computed; p < s.TotalTokens; p++) all.Add(p < tokens ? s.Context[p] : s.Output[p - tokens]);
-            if (s.Injection is not null && s.Computed >= s.InjectionEnd) s.Injection = null;
-            steps.Add(new SequenceStep(all, s.Computed, s.BlockTable, Injection: s.Injection));
+            var (s, tokens, _) = batch[i];
+            PrepareSlot(s);
+            state.SeqSlot[i] = s.Slot;
+            state.QueryStart[i] = rows;
+            for (var p = s.Computed; p < s.Computed + tokens; p++)
+            {
+                state.TokenIds[rows] = s.TokenAt(p);
+                state.Positions[rows++] = p;
+            }
+            var samples = s.Computed + tokens == s.TotalTokens;
+            var request = s.Request;
+            byte flags = 0;
+            if (samples) flags |= StepState.FlagSample;
+            if (request.ReturnLogprob) flags |= StepState.FlagLogprob;
+            if (request.ReturnRouterEntropy) flags |= StepState.FlagOutputEntropy;
+            if (s.Generated.Count < s.Sampling.MinNewTokens) flags |= StepState.FlagSuppressStops;
+            if (_options.Faults?.FailSampling(s.Rid) == true) flags |= StepState.FlagFailSampling;
+            state.SeqFlags[i] = flags;
+            state.Uniform[i] = s.Sampling.IsGreedy ? 0f : s.PeekUniform();
         }
-        var stepBatch = new StepBatch(_model.Config.HiddenSize, _model.Config.NumLayers, steps);
-        var output = _model.Forward(stepBatch, _cache);
+        state.Sequences = batch.Count;
+        state.Rows = rows;
+        state.QueryStart[batch.Count] = rows;
+
+        var before = Stopwatch.GetTimestamp();
+        _runner.Execute();
+        var runner = Stopwatch.GetTimestamp() - before;
 
         for (var i = 0; i < batch.Count; i++)
         {
-            var s = batch[i];
-            if (s.State != SequenceState.Running) continue;
-            var lastRow = stepBatch.FirstRow[i] + steps[i].TokenIds.Count - 1;
-            var entropies = output.EntropyRow(lastRow);
-            s.Computed = s.TotalTokens;
-            var tokenIndex = s.Output.Count;
-
-            if (s.Mode != InjectionMode.Off && tokenIndex != s.RecomputeTokenIndex)
-            {
-                var decision = s.Trigger.Evaluate(entropies, tokenIndex);
-                if (decision.Fired)
-                {
-                    StartRetrieval(s, decision, tokenIndex, batch.Count);
-                    continue;
-                }
-            }
-            EmitToken(s, output.LogitRow(i), entropies);
+            var (s, tokens, _) = batch[i];
+            if (s.State == SequenceState.Finished) continue;
+            s.Computed += tokens;
+            if ((state.SeqFlags[i] & StepState.FlagSample) != 0) Apply(s, i, batch.Count);
         }
+        Interlocked.Increment(ref _steps);
+        Interlocked.Add(ref _rows, rows);
+        Interlocked.Add(ref _runnerTicks, runner);
+        Interlocked.Add(ref _stepTicks, Stopwatch.GetTimestamp() - started);
     }
 
-    private void EmitToken(Sequence s, ReadOnlySpan<float> logits, ReadOnlySpan<float> entropies)
+    /// <summary>Gives a newly admitted request its slot's sampling state, and the runner the KV blocks it gained.</summary>
+    private void PrepareSlot(Sequence s)
     {
-        var p = s.Sampling;
-        HashSet<int>? suppressed = null;
-        if (s.Output.Count < p.MinNewTokens)
+        if (!s.SlotBound)
         {
-            suppressed = [.. p.StopTokenIds];
-            if (!p.IgnoreEos) suppressed.UnionWith(_model.Config.EosTokenIds);
-            if (Tokenizer.EosTokenId is { } eos && !p.IgnoreEos) suppressed.Add(eos);
+            _runner.BindSlot(s.Slot, ToSlotSampling(s.Sampling), s.OriginalPrompt);
+            s.SlotBound = true;
+            s.InjectionStart = -1;
         }
-        var token = Sampler.Sample(logits, p, s.OriginalPrompt, s.OutputCounts, s.Rng, suppressed);
-        s.Output.Add(token);
-        s.OutputCounts[token] = s.OutputCounts.GetValueOrDefault(token) + 1;
-        s.PendingTokens.Add(token);
-        if (s.Request.ReturnLogprob) s.PendingLogprobs.Add(Sampler.LogProb(logits, token));
-        if (s.Request.ReturnRouterEntropy)
+        if (s.SyncedBlocks < s.BlockTable.Count)
         {
-            s.PendingEntropies.Add(entropies.ToArray());
-            s.PendingOutputEntropies.Add(Sampler.Entropy(logits));
+            _runner.SetBlocks(s.Slot, s.SyncedBlocks, CollectionsMarshal.AsSpan(s.BlockTable)[s.SyncedBlocks..]);
+            s.SyncedBlocks = s.BlockTable.Count;
         }
-
-        var previousLength = s.Text.Length;
-        s.Text = Tokenizer.Decode(s.Output.ToArray(), p.SkipSpecialTokens);
-        FinishReason? finish = null;
-        var isEos = !p.IgnoreEos && (_model.Config.EosTokenIds.Contains(token) || token == Tokenizer.EosTokenId);
-        if (isEos || p.StopTokenIds.Contains(token))
-        {
-            finish = new FinishReason(FinishKind.Stop, Matched: token);
-        }
-        else if (p.Stop.Count > 0)
-        {
-            var longest = p.Stop.Max(x => x.Length);
-            var from = Math.Max(0, Math.Min(previousLength, s.Text.Length) - longest);
-            var best = -1;
-            string? matched = null;
-            foreach (var stop in p.Stop)
-            {
-                var at = s.Text.IndexOf(stop, from, StringComparison.Ordinal);
-                if (at >= 0 && (best < 0 || at < best))
-                {
-                    best = at;
-                    matched = stop;
-                }
-            }
-            if (matched is not null)
-            {
-                if (!p.NoStopTrim) s.Text = s.Text[..best];
-                finish = new FinishReason(FinishKind.Stop, Matched: matched);
-            }
-        }
-        if (finish is null && (s.Output.Count >= p.MaxNewTokens || s.TotalTokens >= _contextLength))
-            finish = new FinishReason(FinishKind.Length, Length: s.Output.Count);
-
-        if (finish is not null) Finish(s, finish);
-        else Flush(s, null);
     }
 
-    private void StartRetrieval(Sequence s, TriggerDecision decision, int tokenIndex, int batchSize)
+    private SlotSampling ToSlotSampling(SamplingParams p)
+    {
+        List<int> suppressed = [];
+        if (p.MinNewTokens > 0)
+        {
+            suppressed.AddRange(p.StopTokenIds);
+            if (!p.IgnoreEos) suppressed.AddRange(_eosIds);
+        }
+        return new SlotSampling
+        {
+            Temperature = p.Temperature,
+            TopP = p.TopP,
+            TopK = p.TopK,
+            MinP = p.MinP,
+            RepetitionPenalty = p.RepetitionPenalty,
+            FrequencyPenalty = p.FrequencyPenalty,
+            PresencePenalty = p.PresencePenalty,
+            SuppressedIds = suppressed.Distinct().ToArray(),
+        };
+    }
+
+    /// <summary>Applies sequence <paramref name="i"/>'s sampled result: isolate a failure, fire a trigger, or accept the token.</summary>
+    private void Apply(Sequence s, int i, int batchSize)
+    {
+        var state = _runner.State;
+        switch (state.OutStatus[i])
+        {
+            case SampleStatus.Ok:
+                break;
+            case SampleStatus.NonFinite:
+                NonFinite(s);
+                return;
+            case SampleStatus.SamplerFailed:
+                Finish(s, new FinishReason(FinishKind.Abort, Message: "sampling failed for this request"));
+                return;
+            default:
+                return;
+        }
+        var tokenIndex = s.Generated.Count;
+        var entropies = state.RouterEntropyOf(i);
+        if (s.Mode != InjectionMode.Off && tokenIndex != s.RecomputeTokenIndex)
+        {
+            var decision = s.Trigger.Evaluate(entropies, tokenIndex);
+            if (decision.Fired)
+            {
+                Park(s, decision, tokenIndex, batchSize);
+                return;
+            }
+        }
+
+        var token = state.OutTokens[i];
+        if (!s.Sampling.IsGreedy) s.Rng.NextSingle();
+        if (state.Sampling[s.Slot].HasPenalties) _runner.AcceptToken(s.Slot, token);
+        s.Generated.Add(token);
+        var request = s.Request;
+        s.Output.AddToken(new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i],
+            request.ReturnRouterEntropy ? entropies.ToArray() : null));
+
+        var p = s.Sampling;
+        if ((!p.IgnoreEos && _eosIds.Contains(token)) || p.StopTokenIds.Contains(token))
+            Finish(s, new FinishReason(FinishKind.Stop, Matched: token));
+        else if (s.Generated.Count >= p.MaxNewTokens || s.TotalTokens >= _contextLength)
+            Finish(s, new FinishReason(FinishKind.Length, Length: s.Generated.Count));
+    }
+
+    /// <summary>
+    /// Non-finite logits or router entropies. With an injection active it is the likely cause: the request goes on without
+    /// it (and without further RAG), recomputing from where the injection started. Without one, the request ends.
+    /// </summary>
+    private void NonFinite(Sequence s)
+    {
+        if (s.InjectionStart < 0)
+        {
+            Finish(s, new FinishReason(FinishKind.Abort, Message: "the model produced non-finite logits or router entropies for this request"));
+            return;
+        }
+        _runner.ClearInjection(s.Slot);
+        s.Computed = Math.Min(s.Computed, s.InjectionStart);
+        s.InjectionStart = -1;
+        s.Mode = InjectionMode.Off;
+        _notices.WriteLine($"[MoE-RAG] request {s.Rid}: the injection made its hidden state non-finite; it goes on without injection");
+    }
+
+    /// <summary>A trigger fired: the token is dropped, the request waits for its retrieval, and the position is recomputed after.</summary>
+    private void Park(Sequence s, TriggerDecision decision, int tokenIndex, int batchSize)
     {
         s.State = SequenceState.Retrieving;
         s.Computed = s.TotalTokens - 1;
         s.Trigger.RecordRetrieval(tokenIndex);
-        var position = s.TotalTokens - 1;
-        _notices.WriteLine(string.Create(CultureInfo.InvariantCulture,
-            $"[MoE-RAG] entropy={decision.Entropy:F2} > {s.Trigger.Options.Threshold:F2} (bsz={batchSize}) -> triggering RAG"));
-
         var window = _options.QueryWindowTokens;
-        var history = s.OriginalPrompt.Concat(s.Output).ToList();
-        var query = Tokenizer.Decode(history.Skip(Math.Max(0, history.Count - window)).ToArray(), skipSpecialTokens: true).Trim();
-        var start = DateTimeOffset.UtcNow;
-
-        if (s.QueryCache.TryGetValue(query, out var cached))
+        var history = s.OriginalPrompt.Length + s.Generated.Count;
+        var queryIds = new int[Math.Min(window, history)];
+        for (var j = 0; j < queryIds.Length; j++)
         {
-            CompleteRetrieval(s, decision, tokenIndex, position, batchSize, query, start, cached, true);
-            return;
+            var index = history - queryIds.Length + j;
+            queryIds[j] = index < s.OriginalPrompt.Length ? s.OriginalPrompt[index] : s.Generated[index - s.OriginalPrompt.Length];
         }
-        if (_retrieval is null)
-        {
-            var none = new RetrievalResult([], "no retriever is configured (--retriever)", TimeSpan.Zero);
-            CompleteRetrieval(s, decision, tokenIndex, position, batchSize, query, start, none, false);
-            return;
-        }
-        _ = _retrieval.RetrieveAsync(query, _stop.Token).ContinueWith(task =>
-        {
-            var result = task.IsCompletedSuccessfully ? task.Result
-                : new RetrievalResult([], task.Exception?.GetBaseException().Message ?? "retrieval cancelled", DateTimeOffset.UtcNow - start);
-            Post(() => CompleteRetrieval(s, decision, tokenIndex, position, batchSize, query, start, result, false));
-        }, TaskScheduler.Default);
+        _rag.Start(s, new RagTrigger(decision, tokenIndex, s.TotalTokens - 1, batchSize, queryIds, s.Mode, s.Scale,
+            s.Trigger.Options.Threshold, s.Generated.Count));
     }
 
-    private void CompleteRetrieval(Sequence s, TriggerDecision decision, int tokenIndex, int position, int batchSize, string query,
-        DateTimeOffset start, RetrievalResult result, bool cached)
+    private void Resume(Sequence s, RagOutcome outcome)
     {
-        if (s.State == SequenceState.Finished) return;
-        s.QueryCache[query] = result;
-        var snippets = result.Passages.Select(p => p.Text).ToList();
-        var error = result.Error;
-        IReadOnlyList<int> injectionLayers = [];
-        double norm = 0;
-
-        if (error is null && snippets.Count > 0)
+        if (s.State != SequenceState.Retrieving) return;
+        s.Output.AddEvent(outcome.Event);
+        if (outcome.Vector is { } vector)
         {
-            try
-            {
-                if (s.Mode == InjectionMode.Latent)
-                {
-                    var layers = _options.InjectionLayers ?? decision.FiredLayers;
-                    var vector = new float[_model.Config.HiddenSize];
-                    norm = _injector.ComputeInjection(Tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), s.Scale, vector);
-                    s.Injection = new InjectionInput(vector, layers, position);
-                    s.InjectionEnd = _options.InjectionTokens is { } n ? position + n : int.MaxValue;
-                    injectionLayers = layers;
-                }
-                else if (s.Mode == InjectionMode.Prompt)
-                {
-                    error = RebuildContext(s, snippets);
-                }
-            }
-            catch (Exception e) when (e is ArgumentException or InvalidOperationException)
-            {
-                // The request goes on without injection rather than failing.
-                error = $"injection failed: {e.Message}";
-                norm = 0;
-            }
+            _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, outcome.Position, outcome.InjectionEnd);
+            s.InjectionStart = outcome.Position;
         }
-        else if (error is null)
+        else if (outcome.Context is { } context)
         {
-            error = "the retriever returned no passages";
+            s.Context = context;
+            s.Computed = 0;
         }
-
-        var ragEvent = new RagEvent
-        {
-            EventId = RagEvent.NewEventId(start),
-            StartTime = start,
-            EndTime = DateTimeOffset.UtcNow,
-            RequestId = s.Rid,
-            Query = query,
-            Snippets = snippets,
-            SnippetIds = result.Passages.Select(p => p.Id).ToList(),
-            TokenIndex = tokenIndex,
-            Position = position,
-            Layers = decision.FiredLayers,
-            Entropy = decision.Entropy,
-            Threshold = s.Trigger.Options.Threshold,
-            BatchSize = batchSize,
-            Retriever = _retrieval?.Retriever.Name ?? "none",
-            LatencyMs = result.Latency.TotalMilliseconds,
-            Mode = s.Mode.ToString().ToLowerInvariant(),
-            InjectionLayers = injectionLayers,
-            Scale = s.Mode == InjectionMode.Latent ? s.Scale : 0,
-            InjectionNorm = norm,
-            Cached = cached,
-            Error = error,
-        };
-        try
-        {
-            _eventLog.Append(ragEvent);
-        }
-        catch (IOException e)
-        {
-            _notices.WriteLine($"[MoE-RAG] could not write the event log: {e.Message}");
-        }
-        s.PendingEvents.Add(ragEvent);
-        s.RecomputeTokenIndex = tokenIndex;
-        s.State = SequenceState.Running;
-    }
-
-    /// <summary>Prompt-mode RAG: the passages go ahead of the prompt and the whole context is prefilled again.</summary>
-    private string? RebuildContext(Sequence s, IReadOnlyList<string> snippets)
-    {
-        var bos = Tokenizer.BosTokenId;
-        var prompt = s.OriginalPrompt.ToList();
-        if (bos is { } b && prompt.Count > 0 && prompt[0] == b) prompt.RemoveAt(0);
-        var passages = Tokenizer.Encode("Context:\n" + string.Join("\n", snippets) + "\n\n", addSpecialTokens: false);
-        var context = new List<int>();
-        if (bos is { } b2) context.Add(b2);
-        context.AddRange(passages);
-        context.AddRange(prompt);
-        var remaining = s.Sampling.MaxNewTokens - s.Output.Count;
-        var needed = context.Count + s.Output.Count + remaining;
-        if (needed > _contextLength) return $"the passages do not fit the context length {_contextLength}";
-        if (!_blocks.EnsureCapacity(s.BlockTable, needed)) return "no free KV cache blocks for the passages";
-        s.Context = context;
-        s.Computed = 0;
-        return null;
+        s.RecomputeTokenIndex = outcome.TokenIndex;
+        _scheduler.Resume(s);
     }
 
     private void Finish(Sequence s, FinishReason reason)
     {
         if (s.State == SequenceState.Finished) return;
+        _scheduler.Remove(s);
         s.State = SequenceState.Finished;
-        _running.Remove(s);
-        _blocks.Release(s.BlockTable);
-        _byRid.TryRemove(s.Rid, out _);
-        Flush(s, reason);
-        s.Updates.Writer.TryComplete();
+        _byRid.TryRemove(new KeyValuePair<string, Sequence>(s.Rid, s));
+        s.Cancellation.Cancel();
+        s.Output.Complete(reason);
     }
 
-    private void Flush(Sequence s, FinishReason? finish)
-    {
-        s.Updates.Writer.TryWrite(new GenerationUpdate
-        {
-            Rid = s.Rid,
-            NewTokenIds = [.. s.PendingTokens],
-            NewLogprobs = [.. s.PendingLogprobs],
-            NewRouterEntropy = [.. s.PendingEntropies],
-            NewOutputEntropy = [.. s.PendingOutputEntropies],
-            NewEvents = [.. s.PendingEvents],
-            Text = s.Text,
-            PromptTokens = s.OriginalPrompt.Count,
-            CompletionTokens = s.Output.Count,
-            Finish = finish,
-        });
-        s.PendingTokens.Clear();
-        s.PendingLogprobs.Clear();
-        s.PendingEntropies.Clear();
-        s.PendingOutputEntropies.Clear();
-        s.PendingEvents.Clear();
-    }
-
-    public ValueTask DisposeAsync()
+    public async ValueTask DisposeAsync()
     {
         Post(() =>
         {
-            foreach (var s in _running.ToList()) Finish(s, new FinishReason(FinishKind.Abort, Message: "server shutting down"));
-            while (_waiting.Count > 0) Finish(_waiting.Dequeue(), new FinishReason(FinishKind.Abort, Message: "server shutting down"));
+            foreach (var s in _scheduler.All()) Finish(s, new FinishReason(FinishKind.Abort, Message: "server shutting down"));
             _stop.Cancel();
         });
         _loop.Join();
-        _cache.Dispose();
-        _eventLog.Dispose();
+        await _eventLog.DisposeAsync().ConfigureAwait(false);
         _retrieval?.Retriever.Dispose();
         _loaded.Dispose();
         _stop.Dispose();
         _wake.Dispose();
-        return ValueTask.CompletedTask;
     }
 }

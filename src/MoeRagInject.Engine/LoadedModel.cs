@@ -1,62 +1,71 @@
-using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Backend;
 using MoeRagInject.Model;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
 
-/// <summary>A checkpoint folder loaded onto a backend: config, tokenizer, weights and the model that runs them.</summary>
+/// <summary>A checkpoint folder loaded onto a device: config, tokenizer, and the runner that holds the weights.</summary>
 public sealed class LoadedModel : IDisposable
 {
-    private readonly Checkpoint _checkpoint;
-    private readonly CpuBackend _backend;
+    private readonly Checkpoint? _checkpoint;
 
-    private LoadedModel(ModelConfig config, Tokenizer tokenizer, Checkpoint checkpoint, CpuBackend backend, MixtralModel model)
+    private LoadedModel(ModelConfig config, Tokenizer tokenizer, Checkpoint? checkpoint, IModelRunner runner, ITokenEmbeddings embeddings)
     {
         Config = config;
         Tokenizer = tokenizer;
         _checkpoint = checkpoint;
-        _backend = backend;
-        Model = model;
-        Embeddings = new EmbeddingTable(model.Weights.Embedding);
+        Runner = runner;
+        Embeddings = embeddings;
     }
 
     public ModelConfig Config { get; }
     public Tokenizer Tokenizer { get; }
-    public MixtralModel Model { get; }
-    /// <summary>The token embedding table as the injector reads it.</summary>
+    public IModelRunner Runner { get; }
+    /// <summary>The token embedding table as the injector reads it (host memory).</summary>
     public ITokenEmbeddings Embeddings { get; }
 
     /// <param name="loadFormat">"auto" reads the safetensors; "dummy" builds random weights of the config's shapes.</param>
-    public static LoadedModel Load(string path, string loadFormat = "auto", string device = "cpu", int? threads = null)
+    /// <param name="options">The runner's sizes, given the model's config.</param>
+    public static LoadedModel Load(string path, string loadFormat, IRunnerFactory device, Func<ModelConfig, RunnerOptions> options,
+        Action<string>? progress = null)
     {
         if (!Directory.Exists(path)) throw new DirectoryNotFoundException($"model folder not found: {path}");
-        if (device != "cpu")
-            throw new NotSupportedException($"device \"{device}\" is not available: this build has the cpu backend only (the CUDA backend is not built yet)");
         var config = ModelConfig.Load(path);
         var tokenizer = Tokenizer.Load(path);
-        var checkpoint = loadFormat switch
-        {
-            "auto" or "safetensors" => Checkpoint.Open(path),
-            "dummy" => Checkpoint.CreateDummy(config),
-            _ => throw new ArgumentException($"unknown load format \"{loadFormat}\" (expected auto or dummy)"),
-        };
+        Checkpoint? checkpoint = null;
         try
         {
-            var backend = new CpuBackend(threads ?? Environment.ProcessorCount);
-            return new LoadedModel(config, tokenizer, checkpoint, backend, new MixtralModel(backend, config, MixtralWeights.Resolve(checkpoint, config)));
+            WeightSource source;
+            ITokenEmbeddings embeddings;
+            switch (loadFormat)
+            {
+                case "auto" or "safetensors":
+                    checkpoint = Checkpoint.Open(path);
+                    var weights = MixtralWeights.Resolve(checkpoint, config);
+                    source = new CheckpointWeights(weights, checkpoint.Tensors.Values.Sum(t => t.ByteLength), weights.Embedding.DType);
+                    embeddings = new EmbeddingTable(weights.Embedding);
+                    break;
+                case "dummy":
+                    source = new DummyWeights(Seed: 0);
+                    embeddings = new DummyEmbeddings(config, Seed: 0);
+                    break;
+                default:
+                    throw new ArgumentException($"unknown load format \"{loadFormat}\" (expected auto or dummy)");
+            }
+            var runner = device.Create(config, source, options(config), progress);
+            return new LoadedModel(config, tokenizer, checkpoint, runner, embeddings);
         }
         catch
         {
-            checkpoint.Dispose();
+            checkpoint?.Dispose();
             throw;
         }
     }
 
     public void Dispose()
     {
-        Model.Dispose();
-        _backend.Dispose();
-        _checkpoint.Dispose();
+        Runner.Dispose();
+        _checkpoint?.Dispose();
     }
 }

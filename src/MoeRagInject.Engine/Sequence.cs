@@ -1,5 +1,5 @@
-using System.Threading.Channels;
 using MoeRagInject.Backend;
+using MoeRagInject.Engine.Output;
 using MoeRagInject.Model;
 using MoeRagInject.Rag;
 
@@ -7,6 +7,7 @@ namespace MoeRagInject.Engine;
 
 internal enum SequenceState
 {
+    /// <summary>Queued, or preempted and waiting to be recomputed.</summary>
     Waiting,
     Running,
     /// <summary>A trigger fired; the token it was about to emit waits for the retrieval, then is recomputed.</summary>
@@ -14,12 +15,13 @@ internal enum SequenceState
     Finished,
 }
 
-/// <summary>Plain per-request data: tokens, KV blocks, sampling and RAG state, and what has not been streamed yet.</summary>
+/// <summary>Plain per-request data owned by the engine loop: tokens, KV blocks, slot, sampling and RAG state.</summary>
 internal sealed class Sequence
 {
-    public Sequence(string rid, GenerationRequest request, InjectionMode mode, TriggerOptions trigger, float scale)
+    public Sequence(string rid, long arrival, GenerationRequest request, InjectionMode mode, TriggerOptions trigger, float scale)
     {
         Rid = rid;
+        Arrival = arrival;
         Request = request;
         OriginalPrompt = [.. request.PromptIds];
         Context = [.. request.PromptIds];
@@ -30,40 +32,46 @@ internal sealed class Sequence
     }
 
     public string Rid { get; }
+    /// <summary>Admission order: the newest running request is preempted first.</summary>
+    public long Arrival { get; }
     public GenerationRequest Request { get; }
     public SamplingParams Sampling => Request.Sampling;
-    public InjectionMode Mode { get; }
+    public InjectionMode Mode { get; set; }
     public EntropyTrigger Trigger { get; }
     public float Scale { get; }
     public SplitMix64 Rng { get; }
-    public DateTimeOffset Arrival { get; } = DateTimeOffset.UtcNow;
-    public Channel<GenerationUpdate> Updates { get; } = Channel.CreateUnbounded<GenerationUpdate>(new() { SingleReader = true, SingleWriter = true });
+    /// <summary>Where the loop puts what the request produced; its stream reads it.</summary>
+    public OutputQueue Output { get; } = new();
+    /// <summary>Cancels the request's retrieval when it finishes.</summary>
+    public CancellationTokenSource Cancellation { get; } = new();
 
-    public List<int> OriginalPrompt { get; }
+    public int[] OriginalPrompt { get; }
     /// <summary>The tokens ahead of the output: the prompt, or (prompt-mode RAG) the passages and the prompt.</summary>
     public List<int> Context { get; set; }
-    public List<int> Output { get; } = [];
-    public Dictionary<int, int> OutputCounts { get; } = [];
+    public List<int> Generated { get; } = [];
+    public int TotalTokens => Context.Count + Generated.Count;
+    public int TokenAt(int position) => position < Context.Count ? Context[position] : Generated[position - Context.Count];
+
+    public SequenceState State { get; set; } = SequenceState.Waiting;
+    /// <summary>The runner slot holding its per-request state, or −1.</summary>
+    public int Slot { get; set; } = -1;
+    /// <summary>The slot's sampling state was given to the runner.</summary>
+    public bool SlotBound { get; set; }
+    /// <summary>KV blocks in position order.</summary>
     public List<int> BlockTable { get; } = [];
+    /// <summary>Entries of <see cref="BlockTable"/> already written to the runner's table.</summary>
+    public int SyncedBlocks { get; set; }
     /// <summary>Positions whose keys and values are in the cache.</summary>
     public int Computed { get; set; }
-    public int TotalTokens => Context.Count + Output.Count;
-    public SequenceState State { get; set; } = SequenceState.Waiting;
+    public int Preemptions { get; set; }
 
-    public InjectionInput? Injection { get; set; }
-    /// <summary>First position past the injection's reach.</summary>
-    public int InjectionEnd { get; set; } = int.MaxValue;
+    /// <summary>First position that receives the current injection, or −1 when none is set.</summary>
+    public int InjectionStart { get; set; } = -1;
     /// <summary>Output-token index being recomputed after a retrieval: the trigger does not fire twice for it.</summary>
     public int RecomputeTokenIndex { get; set; } = -1;
+    /// <summary>Per-request answers by query (a request has one retrieval in flight at most, so its tasks use it in turn).</summary>
     public Dictionary<string, RetrievalResult> QueryCache { get; } = new(StringComparer.Ordinal);
 
-    public string Text { get; set; } = "";
-    public int StopScanFrom { get; set; }
-
-    // Not yet streamed.
-    public List<int> PendingTokens { get; } = [];
-    public List<float> PendingLogprobs { get; } = [];
-    public List<float[]> PendingEntropies { get; } = [];
-    public List<float> PendingOutputEntropies { get; } = [];
-    public List<RagEvent> PendingEvents { get; } = [];
+    /// <summary>The next draw of the request's generator, without consuming it: a token that a trigger discards leaves the generator where it was.</summary>
+    public float PeekUniform() => Rng.PeekSingle();
 }

@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeRagInject.Backend;
 using MoeRagInject.Engine;
+using MoeRagInject.Model;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
@@ -46,6 +47,8 @@ public sealed record CalibrationOptions
     public int BatchPairs { get; init; } = 8;
     /// <summary>--threads: CPU threads; null = all cores.</summary>
     public int? Threads { get; init; }
+    /// <summary>The device the model runs on (the CLI builds it from --device and --threads).</summary>
+    public required IRunnerFactory Runner { get; init; }
     public int Seed { get; init; }
     public string LoadFormat { get; init; } = "auto";
 }
@@ -133,7 +136,7 @@ public static class Calibrator
             {
                 ModelPath = options.ModelPath,
                 LoadFormat = options.LoadFormat,
-                Threads = options.Threads,
+                Runner = options.Runner,
                 MaxRunningRequests = options.Concurrency,
                 Mode = InjectionMode.Off,
                 LogDir = logDir,
@@ -349,27 +352,39 @@ public static class Calibrator
         progress.WriteLine($"[calibrate] fitting P at layer {layer} from {chosen.Count} taught (question, gold passage) pairs" +
             (missing > 0 ? $" ({missing} taught questions lack their passage)" : ""));
 
-        using var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, "cpu", options.Threads);
-        var config = loaded.Config;
+        var tokenizer = Tokenizer.Load(options.ModelPath);
+        var config = ModelConfig.Load(options.ModelPath);
         var hidden = config.HiddenSize;
         var contextLimit = config.MaxPositionEmbeddings;
         var pairs = new List<PairTokens>();
         var skipped = 0;
         foreach (var item in chosen)
         {
-            var pair = TokenizePair(loaded.Tokenizer, item.Question, item.Answer, passages[item.PassageId!], options.MaxPositions);
+            var pair = TokenizePair(tokenizer, item.Question, item.Answer, passages[item.PassageId!], options.MaxPositions);
             if (pair.B.Length > contextLimit || pair.PassageTokens.Length == 0) skipped++;
             else pairs.Add(pair);
         }
         if (pairs.Count < 2) throw new InvalidOperationException("fewer than 2 pairs fit the model's context");
 
+        // One slot per sequence of a batch, each with its own run of KV blocks; the runner's eager path with the l_out hook.
         const int blockSize = 16;
         var maxLength = pairs.Max(p => Math.Max(p.A.Length, p.B.Length));
         var blocksPerSequence = (maxLength + blockSize - 1) / blockSize;
         var sequencesPerBatch = 2 * Math.Max(1, options.BatchPairs);
-        using var cache = loaded.Model.CreateKvCache(sequencesPerBatch * blocksPerSequence, blockSize);
-        var tables = Enumerable.Range(0, sequencesPerBatch)
-            .Select(s => (IReadOnlyList<int>)Enumerable.Range(s * blocksPerSequence, blocksPerSequence).ToArray()).ToArray();
+        using var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, _ => new RunnerOptions
+        {
+            MaxSequences = sequencesPerBatch,
+            MaxRows = sequencesPerBatch * maxLength,
+            ContextLength = blocksPerSequence * blockSize,
+            BlockSize = blockSize,
+            KvCacheTokens = sequencesPerBatch * blocksPerSequence * blockSize,
+        });
+        var runner = loaded.Runner;
+        for (var slot = 0; slot < sequencesPerBatch; slot++)
+        {
+            runner.BindSlot(slot, SlotSampling.Greedy, []);
+            runner.SetBlocks(slot, 0, Enumerable.Range(slot * blocksPerSequence, blocksPerSequence).ToArray());
+        }
         int[] capture = [layer];
 
         var data = new List<PairData>(pairs.Count);
@@ -386,11 +401,10 @@ public static class Calibrator
                 sequences.Add((p.B, p.QuestionLastB, p.Positions));
             }
             // The prefix up to (not including) the question's last token fills the cache; then the fitted positions run with every row a logit row.
-            var prefill = sequences.Select((s, i) => new SequenceStep(s.Tokens[..s.QuestionLast], 0, tables[i])).ToList();
-            loaded.Model.Forward(new StepBatch(hidden, config.NumLayers, prefill), cache);
-            var tail = sequences.Select((s, i) => new SequenceStep(s.Tokens[s.QuestionLast..(s.QuestionLast + s.Positions)], s.QuestionLast, tables[i], AllLogits: true)).ToList();
-            var output = loaded.Model.Forward(new StepBatch(hidden, config.NumLayers, tail), cache, capture);
-            var captured = output.Hidden ?? throw new InvalidOperationException("the forward pass returned no hidden states");
+            runner.ForwardEager(sequences.Select((s, i) => new EagerSequence(i, s.Tokens[..s.QuestionLast], 0)).ToList());
+            var output = runner.ForwardEager(sequences.Select((s, i) =>
+                new EagerSequence(i, s.Tokens[s.QuestionLast..(s.QuestionLast + s.Positions)], s.QuestionLast, AllLogits: true)).ToList(), capture);
+            var captured = output.Captured ?? throw new InvalidOperationException("the forward pass returned no hidden states");
 
             var row = 0;
             for (var i = 0; i < batch.Count; i++)

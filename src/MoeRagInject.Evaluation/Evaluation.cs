@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend;
 using MoeRagInject.Engine;
 using MoeRagInject.Model;
 using MoeRagInject.Rag;
@@ -36,6 +37,8 @@ public sealed record EvaluationOptions
     public int Concurrency { get; init; } = 8;
     /// <summary>--threads: CPU threads; null = all cores.</summary>
     public int? Threads { get; init; }
+    /// <summary>The device the model runs on (the CLI builds it from --device and --threads).</summary>
+    public required IRunnerFactory Runner { get; init; }
     /// <summary>--seed: the --limit sample.</summary>
     public int Seed { get; init; }
     /// <summary>--no-sweep turns the threshold sweep off.</summary>
@@ -427,7 +430,7 @@ public static class Evaluator
         {
             ModelPath = options.ModelPath,
             LoadFormat = options.LoadFormat,
-            Threads = options.Threads,
+            Runner = options.Runner,
             MaxRunningRequests = options.Concurrency,
             Retriever = options.Corpus,
             RetrievalTopK = options.RetrievalTopK,

@@ -87,7 +87,7 @@ public static class QuestionRunner
         var router = new List<float[]>();
         var output = new List<float>();
         FinishReason? finish = null;
-        var text = "";
+        var text = new System.Text.StringBuilder();
         var clock = Stopwatch.StartNew();
         await foreach (var update in engine.GenerateAsync(request, cancellationToken).ConfigureAwait(false))
         {
@@ -95,7 +95,7 @@ public static class QuestionRunner
             events.AddRange(update.NewEvents);
             router.AddRange(update.NewRouterEntropy);
             output.AddRange(update.NewOutputEntropy);
-            text = update.Text;
+            text.Append(update.NewText);
             finish = update.Finish ?? finish;
         }
         clock.Stop();
@@ -105,7 +105,7 @@ public static class QuestionRunner
         {
             Item = item,
             Tokens = tokens,
-            Text = text,
+            Text = text.ToString(),
             Events = events,
             RouterEntropy = router,
             OutputEntropy = output,

@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 
@@ -64,31 +65,82 @@ public sealed unsafe class Checkpoint : IDisposable
         }
     }
 
-    /// <summary>Random weights of the config's shapes (normal, std 0.02; norms 1), for benchmarks.</summary>
-    public static Checkpoint CreateDummy(ModelConfig config, DType dtype = DType.BF16, ulong seed = 0)
+    /// <summary>
+    /// Random weights of the config's shapes, for benchmarks: uniform with standard deviation 0.02 (norms 1), each value a
+    /// function of (seed, tensor, index) alone (<see cref="DummyValue"/>), so any number of threads, or a GPU filling its own
+    /// memory, makes the same weights. Uses <paramref name="threads"/> threads (0: all cores) and reports progress.
+    /// </summary>
+    public static Checkpoint CreateDummy(ModelConfig config, DType dtype = DType.BF16, ulong seed = 0, int threads = 0,
+        Action<string>? progress = null)
     {
         var checkpoint = new Checkpoint("dummy");
-        var rng = new SplitMix64(seed);
-        foreach (var (name, shape, isNorm) in MixtralWeightNames.Expected(config))
+        try
         {
-            long count = 1;
-            foreach (var d in shape) count *= d;
-            var bytes = count * dtype.ByteSize();
-            var buffer = (byte*)NativeMemory.Alloc((nuint)bytes);
-            checkpoint._ownedBuffers.Add((IntPtr)buffer);
-            for (long i = 0; i < count; i++)
+            var specs = MixtralWeightNames.Expected(config).ToList();
+            var buffers = new (long Count, nint Pointer, bool IsNorm)[specs.Count];
+            long totalBytes = 0;
+            for (var t = 0; t < specs.Count; t++)
             {
-                var value = isNorm ? 1f : (float)(rng.NextGaussian() * 0.02);
-                switch (dtype)
-                {
-                    case DType.F32: ((float*)buffer)[i] = value; break;
-                    case DType.BF16: ((ushort*)buffer)[i] = HalfConversion.FloatToBFloat16(value); break;
-                    default: ((Half*)buffer)[i] = (Half)value; break;
-                }
+                var (name, shape, isNorm) = specs[t];
+                long count = 1;
+                foreach (var d in shape) count *= d;
+                var bytes = count * dtype.ByteSize();
+                var buffer = (byte*)NativeMemory.Alloc((nuint)bytes);
+                checkpoint._ownedBuffers.Add((IntPtr)buffer);
+                checkpoint._tensors[name] = new TensorView(name, dtype, shape, buffer, bytes);
+                buffers[t] = (count, (nint)buffer, isNorm);
+                totalBytes += bytes;
             }
-            checkpoint._tensors[name] = new TensorView(name, dtype, shape, buffer, bytes);
+
+            const long chunk = 1 << 20;
+            var chunks = new List<(int Tensor, long Start, long End)>();
+            for (var t = 0; t < buffers.Length; t++)
+                for (long start = 0; start < buffers[t].Count; start += chunk)
+                    chunks.Add((t, start, Math.Min(buffers[t].Count, start + chunk)));
+            long done = 0;
+            var reported = 0;
+            var parallel = new ParallelOptions { MaxDegreeOfParallelism = threads > 0 ? threads : Environment.ProcessorCount };
+            Parallel.ForEach(chunks, parallel, c =>
+            {
+                var (count, pointer, isNorm) = buffers[c.Tensor];
+                for (var i = c.Start; i < c.End; i++)
+                {
+                    var value = isNorm ? 1f : DummyValue(seed, c.Tensor, i);
+                    switch (dtype)
+                    {
+                        case DType.F32: ((float*)pointer)[i] = value; break;
+                        case DType.BF16: ((ushort*)pointer)[i] = HalfConversion.FloatToBFloat16(value); break;
+                        default: ((Half*)pointer)[i] = (Half)value; break;
+                    }
+                }
+                var now = Interlocked.Add(ref done, (c.End - c.Start) * dtype.ByteSize());
+                var percent = (int)(100 * now / Math.Max(1, totalBytes));
+                var last = Volatile.Read(ref reported);
+                if (progress is not null && percent >= last + 10 && Interlocked.CompareExchange(ref reported, percent - percent % 10, last) == last)
+                    progress(string.Create(CultureInfo.InvariantCulture, $"dummy weights: {now / 1e9:F2} of {totalBytes / 1e9:F2} GB ({percent}%)"));
+            });
+            return checkpoint;
         }
-        return checkpoint;
+        catch
+        {
+            checkpoint.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Dummy weight <paramref name="index"/> of tensor <paramref name="tensor"/>: uniform on [−0.02·√3, 0.02·√3) (standard deviation 0.02) from a SplitMix64 hash of (seed, tensor, index).</summary>
+    public static float DummyValue(ulong seed, int tensor, long index)
+    {
+        unchecked
+        {
+            var z = seed ^ ((ulong)tensor << 48) ^ (ulong)index;
+            z += 0x9E3779B97F4A7C15UL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+            z ^= z >> 31;
+            var u = (float)(z >> 40) * (1f / 16777216f);
+            return (2f * u - 1f) * 0.034641016f;
+        }
     }
 
     public TensorView Get(string name, params int[] expectedShape)

@@ -29,6 +29,21 @@ public sealed class SplitMix64(ulong seed)
     /// <summary>Uniform in [0, 1) with 53 random bits.</summary>
     public double NextDouble() => (NextUInt64() >> 11) * TwoPow53Inv;
 
+    /// <summary>
+    /// What the next <see cref="NextSingle"/> will return, without advancing: uniform in [0, 1) with 24 random bits, exact in
+    /// fp32 on any device.
+    /// </summary>
+    public float PeekSingle()
+    {
+        var state = _state;
+        var value = NextSingle();
+        _state = state;
+        return value;
+    }
+
+    /// <summary>Uniform in [0, 1) with 24 random bits.</summary>
+    public float NextSingle() => (NextUInt64() >> 40) * (1f / 16777216f);
+
     /// <summary>The next standard-normal sample.</summary>
     public double NextGaussian()
     {

@@ -162,7 +162,8 @@ public sealed class RagEventLog : IDisposable
     public string FilePath { get; }
 
     /// <summary>Serialises the event to one line in memory, then appends it with a single write and a flush.</summary>
-    public void Append(RagEvent ragEvent)
+    /// <param name="fsync">Also force the line to the disk (fsync) before returning.</param>
+    public void Append(RagEvent ragEvent, bool fsync = false)
     {
         ArgumentNullException.ThrowIfNull(ragEvent);
         string line = ragEvent.ToJsonLine();
@@ -173,7 +174,7 @@ public sealed class RagEventLog : IDisposable
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             _stream.Write(bytes, 0, length);
-            _stream.Flush();
+            _stream.Flush(flushToDisk: fsync);
         }
     }
 

@@ -23,6 +23,8 @@ public sealed record ServerOptions
     public string? ServedModelName { get; init; }
     /// <summary>The engine's flags, reported by /get_server_info; null reports only host and port.</summary>
     public EngineOptions? Engine { get; init; }
+    /// <summary>/generate streams carry only the new text in each event, not the text so far (sglang's --incremental-streaming-output).</summary>
+    public bool IncrementalStreamingOutput { get; init; }
     /// <summary>Least severe log level written to the console; <see cref="LogLevel.None"/> silences the server.</summary>
     public LogLevel LogLevel { get; init; } = LogLevel.Warning;
 }

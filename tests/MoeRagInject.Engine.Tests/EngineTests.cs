@@ -1,5 +1,6 @@
 using System.Net;
 using System.Net.Sockets;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine.Tests;
@@ -28,7 +29,7 @@ public sealed class EngineTests : IDisposable
         InferenceEngine.Create(new EngineOptions
         {
             ModelPath = TestPaths.DefaultModel,
-            Threads = 2,
+            Runner = new CpuRunnerFactory(2),
             Retriever = retriever,
             RetrievalTimeout = timeout ?? TimeSpan.FromSeconds(2),
             Trigger = new TriggerOptions { Threshold = threshold, CooldownTokens = 3, MaxRetrievalsPerRequest = 3 },
@@ -177,7 +178,7 @@ public sealed class EngineTests : IDisposable
         await using var engine = InferenceEngine.Create(new EngineOptions
         {
             ModelPath = TestPaths.DefaultModel,
-            Threads = 2,
+            Runner = new CpuRunnerFactory(2),
             Retriever = $"http://127.0.0.1:{FreePort()}/search",
             RetrievalTimeout = TimeSpan.FromMilliseconds(300),
             Trigger = new TriggerOptions { Threshold = 0, CooldownTokens = 1, MaxRetrievalsPerRequest = 12 },
@@ -233,6 +234,7 @@ public sealed class EngineTests : IDisposable
         var error = Assert.Throws<ArgumentException>(() => InferenceEngine.Create(new EngineOptions
         {
             ModelPath = TestPaths.DefaultModel,
+            Runner = new CpuRunnerFactory(1),
             InjectionLayers = [4],
             LogDir = Path.Combine(_temp, "logs"),
         }));

@@ -1,5 +1,4 @@
 using MoeRagInject.Backend;
-using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Backend.Cpu.Ops;
 using MoeRagInject.Model;
 
@@ -30,10 +29,10 @@ public sealed class ForwardTests
         var config = Config(hidden, layers, heads, kvHeads, headDim, experts, topK, window);
         using var checkpoint = Checkpoint.CreateDummy(config, dtype, seed: 7);
         var weights = MixtralWeights.Resolve(checkpoint, config);
-        using var model = new MixtralModel(new CpuBackend(2), config, weights);
+        using var runner = TestRunners.Cpu(config, weights, blockSize: 4, blocks: 8);
         int[] ids = [1, 5, 9, 33, 2, 96, 40, 40, 7, 12, 0];
-        using var cache = model.CreateKvCache(8, 4);
-        var output = model.Forward(new StepBatch(hidden, layers, [new SequenceStep(ids, 0, [3, 0, 6], AllLogits: true)]), cache);
+        runner.Bind(0, 3, 0, 6);
+        var output = runner.Forward(ids);
         var (logits, entropies) = ScalarOracle.Forward(config, weights, ids);
         for (var i = 0; i < ids.Length; i++)
         {
@@ -53,26 +52,27 @@ public sealed class ForwardTests
     {
         var config = Config(48, 2, 6, 2, 8, 4, 2, 5);
         using var checkpoint = Checkpoint.CreateDummy(config, DType.BF16, seed: 3);
-        using var model = new MixtralModel(new CpuBackend(2), config, MixtralWeights.Resolve(checkpoint, config));
+        var weights = MixtralWeights.Resolve(checkpoint, config);
         int[][] prompts = [[1, 4, 8, 15, 16, 23, 42], [1, 2], [1, 90, 80, 70, 60]];
         int[][] tables = [[5, 2], [7], [0, 3]];
         var vector = Enumerable.Range(0, 48).Select(i => MathF.Sin(i)).ToArray();
-        InjectionInput?[] injections = [null, new InjectionInput(vector, [1], 1), null];
 
-        float[][] Run(int[] which, IKvCache cache)
+        float[][] Run(int[] which)
         {
-            var first = model.Forward(new StepBatch(48, 2, which.Select(s => new SequenceStep(prompts[s], 0, tables[s], Injection: injections[s])).ToList()), cache);
+            using var runner = TestRunners.Cpu(config, weights, blockSize: 4, blocks: 8);
+            foreach (var s in which) runner.Bind(s, tables[s]);
+            // Sequence 1 has an injection after layer 1 from position 1 on.
+            if (which.Contains(1)) runner.SetInjection(1, vector, [1], 1, int.MaxValue);
+            var first = runner.ForwardEager(which.Select(s => new EagerSequence(s, prompts[s], 0)).ToList());
             var next = which.Select((s, i) => Sampler.ArgMax(first.LogitRow(i))).ToArray();
-            var second = model.Forward(new StepBatch(48, 2, which.Select((s, i) => new SequenceStep([next[i]], prompts[s].Length, tables[s], Injection: injections[s])).ToList()), cache);
+            var second = runner.ForwardEager(which.Select((s, i) => new EagerSequence(s, [next[i]], prompts[s].Length)).ToList());
             return which.Select((s, i) => first.LogitRow(i).ToArray().Concat(second.LogitRow(i).ToArray()).ToArray()).ToArray();
         }
 
-        using var batchedCache = model.CreateKvCache(8, 4);
-        var batched = Run([0, 1, 2], batchedCache);
+        var batched = Run([0, 1, 2]);
         for (var s = 0; s < 3; s++)
         {
-            using var aloneCache = model.CreateKvCache(8, 4);
-            var alone = Run([s], aloneCache)[0];
+            var alone = Run([s])[0];
             Assert.Equal(alone, batched[s]);
         }
     }
@@ -82,13 +82,14 @@ public sealed class ForwardTests
     {
         var config = Config(32, 2, 4, 2, 8, 4, 2, null);
         using var checkpoint = Checkpoint.CreateDummy(config, DType.F32, seed: 11);
-        using var model = new MixtralModel(new CpuBackend(1), config, MixtralWeights.Resolve(checkpoint, config));
+        var weights = MixtralWeights.Resolve(checkpoint, config);
         int[] ids = [1, 7, 9, 11, 13];
         var vector = Enumerable.Repeat(0.5f, 32).ToArray();
-        using var c1 = model.CreateKvCache(4, 4);
-        using var c2 = model.CreateKvCache(4, 4);
-        var plain = model.Forward(new StepBatch(32, 2, [new SequenceStep(ids, 0, [0, 1], AllLogits: true)]), c1);
-        var injected = model.Forward(new StepBatch(32, 2, [new SequenceStep(ids, 0, [0, 1], AllLogits: true, new InjectionInput(vector, [0], 3))]), c2);
+        using var runner = TestRunners.Cpu(config, weights, blockSize: 4, blocks: 4, threads: 1);
+        runner.Bind(0, 0, 1);
+        var plain = runner.Forward(ids);
+        runner.SetInjection(0, vector, [0], 3, int.MaxValue);
+        var injected = runner.Forward(ids);
         for (var i = 0; i < 3; i++) Assert.Equal(plain.LogitRow(i).ToArray(), injected.LogitRow(i).ToArray());
         for (var i = 3; i < 5; i++) Assert.NotEqual(plain.LogitRow(i).ToArray(), injected.LogitRow(i).ToArray());
         // Layer 0's router sees the stream before the add; layer 1's sees it after.

@@ -1,5 +1,4 @@
 using MoeRagInject.Backend;
-using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Model;
 
 namespace MoeRagInject.Engine.Tests;
@@ -15,16 +14,17 @@ public sealed class ReferenceParityTests
         {
             Config = ModelConfig.Load(path);
             Checkpoint = Checkpoint.Open(path);
-            Model = new MixtralModel(new CpuBackend(2), Config, MixtralWeights.Resolve(Checkpoint, Config));
+            Runner = TestRunners.Cpu(Config, MixtralWeights.Resolve(Checkpoint, Config), slots: 1);
+            Runner.Bind(0);
         }
 
         public ModelConfig Config { get; }
         public Checkpoint Checkpoint { get; }
-        public MixtralModel Model { get; }
+        public ModelRunner Runner { get; }
 
         public void Dispose()
         {
-            Model.Dispose();
+            Runner.Dispose();
             Checkpoint.Dispose();
         }
     }
@@ -45,12 +45,7 @@ public sealed class ReferenceParityTests
     {
         var prompt = reference.Prompts[promptIndex];
         var config = loaded.Config;
-        var blocks = new KvBlockManager(64, 16);
-        var table = new List<int>();
-        Assert.True(blocks.EnsureCapacity(table, prompt.FullIds.Length));
-        using var cache = loaded.Model.CreateKvCache(64, 16);
-        var batch = new StepBatch(config.HiddenSize, config.NumLayers, [new SequenceStep(prompt.FullIds, 0, table, AllLogits: true)]);
-        var output = loaded.Model.Forward(batch, cache);
+        var output = loaded.Runner.Forward(prompt.FullIds);
 
         var logits = reference.Tensor($"logits{suffix}.{promptIndex}").ToFloatArray();
         var probs = reference.Tensor($"router_probs{suffix}.{promptIndex}").ToFloatArray();
@@ -111,9 +106,7 @@ public sealed class ReferenceParityTests
         for (var p = 0; p < reference.Prompts.Count; p++)
         {
             var ids = reference.Prompts[p].FullIds;
-            using var cache = loaded.Model.CreateKvCache(64, 16);
-            var table = Enumerable.Range(0, 64).ToList();
-            var output = loaded.Model.Forward(new StepBatch(config.HiddenSize, config.NumLayers, [new SequenceStep(ids, 0, table, AllLogits: true)]), cache);
+            var output = loaded.Runner.Forward(ids);
             var logits = reference.Tensor($"logits_native.{p}").ToFloatArray();
             for (var row = 0; row < ids.Length; row++)
             {
@@ -140,17 +133,12 @@ public sealed class ReferenceParityTests
         var config = loaded.Config;
         foreach (var prompt in reference.Prompts)
         {
-            var blocks = new KvBlockManager(64, 16);
-            var table = new List<int>();
-            using var cache = loaded.Model.CreateKvCache(64, 16);
             var generated = new List<int>();
             var pending = prompt.InputIds.ToList();
             var position = 0;
             while (generated.Count < prompt.GreedyIds.Length)
             {
-                Assert.True(blocks.EnsureCapacity(table, position + pending.Count));
-                var batch = new StepBatch(config.HiddenSize, config.NumLayers, [new SequenceStep(pending, position, table)]);
-                var output = loaded.Model.Forward(batch, cache);
+                var output = loaded.Runner.Forward(pending, position, allLogits: false);
                 position += pending.Count;
                 var next = Sampler.ArgMax(output.LogitRow(0));
                 generated.Add(next);

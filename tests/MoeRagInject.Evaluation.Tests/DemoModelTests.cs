@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend.Cpu;
 
 namespace MoeRagInject.Evaluation.Tests;
 
@@ -34,6 +35,7 @@ public sealed class DemoModelTests : IDisposable
         var projection = Path.Combine(_temp, "injector-proj.safetensors");
         var calibration = await Calibrator.RunAsync(new CalibrationOptions
         {
+            Runner = new CpuRunnerFactory(2),
             ModelPath = s_model,
             Qa = s_qa,
             Corpus = s_corpus,
@@ -49,6 +51,7 @@ public sealed class DemoModelTests : IDisposable
         var outPath = Path.Combine(_temp, "eval", "wordnet-small.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions
         {
+            Runner = new CpuRunnerFactory(2),
             ModelPath = s_model,
             Qa = s_qaSmall,
             Corpus = s_corpus,

@@ -1,4 +1,6 @@
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
 
@@ -68,7 +70,7 @@ public sealed class PipelineTests : IDisposable
     [Fact]
     public void PairTokensLineUpTheQuestionsLastTokenAndTheAnswer()
     {
-        using var loaded = LoadedModel.Load(TestPaths.TinyModel, threads: 1);
+        using var loaded = LoadedModel.Load(TestPaths.TinyModel, "auto", new CpuRunnerFactory(1), c => new RunnerOptions { ContextLength = c.MaxPositionEmbeddings });
         var tokenizer = loaded.Tokenizer;
         var pair = Calibrator.TokenizePair(tokenizer, "What is fox?", "alert carnivorous mammal", "fox (noun): alert carnivorous mammal.", 16);
         var prompt = tokenizer.Encode("What is fox?");
@@ -91,6 +93,7 @@ public sealed class PipelineTests : IDisposable
         var projection = Path.Combine(_data.Directory, "cal", "injector-proj.safetensors");
         var calibration = await Calibrator.RunAsync(new CalibrationOptions
         {
+            Runner = new CpuRunnerFactory(2),
             ModelPath = TestPaths.TinyModel,
             Qa = _data.Qa,
             Corpus = _data.Corpus,
@@ -114,7 +117,7 @@ public sealed class PipelineTests : IDisposable
         Assert.True(fit.DNormMean > 0);
         Assert.True(fit.TrainR2 is > -1 and <= 1);
         // The saved projection loads as the engine loads it.
-        using (var loaded = LoadedModel.Load(TestPaths.TinyModel, threads: 1))
+        using (var loaded = LoadedModel.Load(TestPaths.TinyModel, "auto", new CpuRunnerFactory(1), c => new RunnerOptions { ContextLength = c.MaxPositionEmbeddings }))
         {
             var injector = ContextInjector.LoadFromFile(loaded.Embeddings, projection);
             Assert.Equal(ProjectionKind.File, injector.Kind);
@@ -133,6 +136,7 @@ public sealed class PipelineTests : IDisposable
         var outPath = Path.Combine(_data.Directory, "eval", "results.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions
         {
+            Runner = new CpuRunnerFactory(2),
             ModelPath = TestPaths.TinyModel,
             Qa = _data.Qa,
             Corpus = _data.Corpus,
@@ -219,6 +223,7 @@ public sealed class PipelineTests : IDisposable
         var outPath = Path.Combine(_data.Directory, "skip", "results.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions
         {
+            Runner = new CpuRunnerFactory(2),
             ModelPath = TestPaths.TinyModel,
             Qa = _data.Qa,
             Corpus = _data.Corpus,

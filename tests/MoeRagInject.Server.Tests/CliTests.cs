@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Cli;
 using MoeRagInject.Cli.Commands;
 using MoeRagInject.Cli.Flags;
@@ -71,11 +72,11 @@ public sealed class CliTests
             "--retriever", "/tmp/corpus.jsonl", "--retrieval-timeout-ms", "250", "--retrieval-top-k", "5", "--query-window", "16"]);
         var o = EngineFlags.ToOptions(flags);
         Assert.Equal(TestData.CheckpointPath, o.ModelPath);
-        Assert.Equal("cpu", o.Device);
+        Assert.Equal("cpu", o.Runner.Device);
         Assert.Equal("dummy", o.LoadFormat);
         Assert.Equal(128, o.ContextLength);
         Assert.Equal(3, o.MaxRunningRequests);
-        Assert.Equal(2, o.Threads);
+        Assert.Equal(2, Assert.IsType<CpuRunnerFactory>(o.Runner).Threads);
         Assert.Equal(InjectionMode.Prompt, o.Mode);
         Assert.Equal(1.25, o.Trigger.Threshold);
         Assert.Equal([0, 1], o.Trigger.Layers);

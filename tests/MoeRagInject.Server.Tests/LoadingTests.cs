@@ -1,5 +1,6 @@
 using System.Net;
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
 
@@ -28,6 +29,7 @@ public sealed class LoadingTests
         var engine = await InferenceEngine.CreateAsync(new EngineOptions
         {
             ModelPath = TestData.CheckpointPath,
+            Runner = new CpuRunnerFactory(2),
             Mode = InjectionMode.Off,
             LogDir = Path.Combine(Path.GetTempPath(), "moe-rag-inject-loading-test"),
             Notices = TextWriter.Null,

@@ -1,6 +1,7 @@
 using System.Net.Http.Headers;
 using System.Text;
 using System.Text.Json.Nodes;
+using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
 
@@ -36,6 +37,7 @@ public class ServerFixture : IAsyncLifetime
         var options = Configure(new EngineOptions
         {
             ModelPath = TestData.CheckpointPath,
+            Runner = new CpuRunnerFactory(2),
             Mode = InjectionMode.Off,
             Retriever = CorpusPath,
             LogDir = LogDirectory,

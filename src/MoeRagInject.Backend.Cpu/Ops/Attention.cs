@@ -4,45 +4,34 @@ namespace MoeRagInject.Backend.Cpu.Ops;
 
 internal static class Attention
 {
-    public static void Run(CpuActivation q, CpuActivation k, CpuActivation v, CpuKvCache cache, int layer, int heads, int kvHeads,
-        int headDim, int? slidingWindow, StepBatch batch, CpuActivation output, ParallelOptions parallel)
+    /// <summary>Causal grouped-query attention of every row over its sequence's cached keys and values (written beforehand).</summary>
+    public static void Run(CpuActivation qkv, CpuKvCache cache, int layer, AttentionShape shape, StepState state, CpuActivation output,
+        ParallelOptions parallel)
     {
         var keys = cache.Keys[layer];
         var values = cache.Values[layer];
-        var width = cache.RowWidth;
-        for (var r = 0; r < batch.RowCount; r++)
-        {
-            var table = batch.Sequences[batch.RowSequence[r]].BlockTable;
-            var offset = cache.Offset(table, batch.Positions[r]);
-            k.Row(r).CopyTo(keys.AsSpan((int)offset, width));
-            v.Row(r).CopyTo(values.AsSpan((int)offset, width));
-        }
-
-        var sequences = batch.Sequences.Count;
-        var work = sequences * heads;
+        int heads = shape.Heads, headDim = shape.HeadDim, width = cache.RowWidth;
         var scale = 1f / MathF.Sqrt(headDim);
-        var group = heads / kvHeads;
-        Parallel.For(0, work, parallel, item =>
+        var group = heads / shape.KvHeads;
+        Parallel.For(0, state.Sequences * heads, parallel, item =>
         {
             var s = item / heads;
             var h = item % heads;
             var kvHead = h / group;
-            var seq = batch.Sequences[s];
-            var first = batch.FirstRow[s];
-            var lastPosition = seq.StartPosition + seq.TokenIds.Count - 1;
-            var scores = ArrayPool<float>.Shared.Rent(lastPosition + 1);
+            var slot = state.SeqSlot[s];
+            int first = state.QueryStart[s], end = state.QueryStart[s + 1];
+            var scores = ArrayPool<float>.Shared.Rent(state.Positions[end - 1] + 1);
             try
             {
-                for (var i = 0; i < seq.TokenIds.Count; i++)
+                for (var row = first; row < end; row++)
                 {
-                    var row = first + i;
-                    var position = seq.StartPosition + i;
-                    var lo = slidingWindow is { } window ? Math.Max(0, position - window + 1) : 0;
-                    var query = q.Row(row).Slice(h * headDim, headDim);
+                    var position = state.Positions[row];
+                    var lo = shape.SlidingWindow is { } window ? Math.Max(0, position - window + 1) : 0;
+                    var query = qkv.Row(row).Slice(h * headDim, headDim);
                     var max = float.NegativeInfinity;
                     for (var j = lo; j <= position; j++)
                     {
-                        var key = keys.AsSpan((int)cache.Offset(seq.BlockTable, j) + kvHead * headDim, headDim);
+                        var key = keys.AsSpan(state.KvSlotOf(slot, j) * width + kvHead * headDim, headDim);
                         var score = Kernels.Dot(query, key) * scale;
                         scores[j] = score;
                         if (score > max) max = score;
@@ -59,7 +48,7 @@ internal static class Attention
                     var inv = 1f / sum;
                     for (var j = lo; j <= position; j++)
                     {
-                        var value = values.AsSpan((int)cache.Offset(seq.BlockTable, j) + kvHead * headDim, headDim);
+                        var value = values.AsSpan(state.KvSlotOf(slot, j) * width + kvHead * headDim, headDim);
                         Kernels.AddScaled(result, value, scores[j] * inv);
                     }
                 }

@@ -2,12 +2,8 @@ namespace MoeRagInject.Backend.Cpu.Ops;
 
 internal static class Embedding
 {
-    public static void Lookup(CpuWeight table, int[] tokenIds, CpuActivation output)
+    public static void Lookup(CpuWeight table, int[] tokenIds, CpuActivation output, int rows)
     {
-        for (var r = 0; r < tokenIds.Length; r++)
-        {
-            var row = output.Row(r);
-            table.View.ReadFloats((long)tokenIds[r] * table.Columns, row);
-        }
+        for (var r = 0; r < rows; r++) table.ReadRow(tokenIds[r], output.Row(r));
     }
 }

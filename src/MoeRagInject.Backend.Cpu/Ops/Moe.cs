@@ -3,16 +3,16 @@ namespace MoeRagInject.Backend.Cpu.Ops;
 internal static class Moe
 {
     /// <summary>
-    /// p = softmax(W·x) over all experts (fp32), H = −Σ p ln p, then the top-k by probability with weights
-    /// renormalised to sum to one over the k (Mixtral's router).
+    /// p = softmax(W·x) over all experts (fp32), H = −Σ p ln p, then the top-k by probability with weights renormalised to
+    /// sum to one over the k (Mixtral's router).
     /// </summary>
-    public static void Route(CpuActivation x, CpuWeight router, int layer, CpuStepContext step)
+    public static void Route(CpuActivation x, CpuWeight router, int layer, int topK, CpuStepBuffers step, int rows)
     {
         var experts = router.Rows;
-        var topK = step.TopK;
+        var state = step.Host;
         Span<float> probs = stackalloc float[experts];
         Span<float> scratch = stackalloc float[router.Columns];
-        for (var r = 0; r < step.Batch.RowCount; r++)
+        for (var r = 0; r < rows; r++)
         {
             var xr = x.Row(r);
             var max = float.NegativeInfinity;
@@ -33,7 +33,7 @@ internal static class Moe
                 probs[e] /= sum;
                 if (probs[e] > 0) entropy -= probs[e] * Math.Log(probs[e]);
             }
-            step.Entropies[r * step.Layers + layer] = (float)entropy;
+            state.RowEntropies[r * state.Layers + layer] = (float)entropy;
 
             var chosen = step.TopExperts.AsSpan(r * topK, topK);
             var weights = step.TopWeights.AsSpan(r * topK, topK);
@@ -44,6 +44,7 @@ internal static class Moe
                 for (var e = 0; e < experts; e++)
                 {
                     if (chosen[..k].Contains(e)) continue;
+                    // A NaN probability is never "greater": fall back to the first expert not yet chosen.
                     if (best < 0 || probs[e] > probs[best]) best = e;
                 }
                 chosen[k] = best;
@@ -55,43 +56,50 @@ internal static class Moe
     }
 
     /// <summary>
-    /// Runs each expert over the rows routed to it (threads split the experts), keeping each (row, k) result apart,
-    /// then sums a row's k results in k order: the same order whatever else is in the batch.
+    /// Runs each expert over the rows routed to it (threads split the experts; each works in its own segment of the step's
+    /// scratch), keeping each (row, k) result apart, then sums a row's k results in k order: the same order whatever else
+    /// is in the batch.
     /// </summary>
-    public static void Experts(CpuActivation x, IReadOnlyList<ExpertTensors> experts, CpuStepContext step, CpuActivation output,
+    public static void Experts(CpuActivation x, CpuExpertStack stack, int topK, CpuStepBuffers step, CpuActivation output, int rows,
         ParallelOptions parallel)
     {
-        var rows = step.Batch.RowCount;
-        var topK = step.TopK;
         var hidden = x.Columns;
-        var partial = new float[rows * topK * hidden];
-        var assignments = new List<int>[experts.Count];
-        for (var e = 0; e < experts.Count; e++) assignments[e] = [];
-        for (var slot = 0; slot < rows * topK; slot++) assignments[step.TopExperts[slot]].Add(slot);
+        var experts = stack.Count;
+        var inter = stack.Intermediate;
+        var slots = rows * topK;
 
-        Parallel.For(0, experts.Count, parallel, e =>
+        // Group the (row, k) slots by expert: counts, then segment starts, then the slots in slot order within each segment.
+        var start = step.ExpertCounts;
+        Array.Clear(start);
+        for (var slot = 0; slot < slots; slot++) start[step.TopExperts[slot] + 1]++;
+        for (var e = 0; e < experts; e++) start[e + 1] += start[e];
+        Span<int> fill = stackalloc int[experts];
+        for (var slot = 0; slot < slots; slot++)
         {
-            var slots = assignments[e];
-            if (slots.Count == 0) return;
-            var gate = experts[e].Gate.Weight();
-            var up = experts[e].Up.Weight();
-            var down = experts[e].Down.Weight();
-            var inter = gate.Rows;
-            var input = new CpuActivation(slots.Count, hidden);
-            for (var i = 0; i < slots.Count; i++) x.Row(slots[i] / topK).CopyTo(input.Row(i));
-            var g = new CpuActivation(slots.Count, inter);
-            var u = new CpuActivation(slots.Count, inter);
-            MatMul.LinearRange(input, gate, g, slots.Count, 0, inter);
-            MatMul.LinearRange(input, up, u, slots.Count, 0, inter);
-            for (var i = 0; i < g.Data.Length; i++) g.Data[i] = Kernels.Silu(g.Data[i]) * u.Data[i];
-            var result = new CpuActivation(slots.Count, hidden);
-            MatMul.LinearRange(g, down, result, slots.Count, 0, hidden);
-            for (var i = 0; i < slots.Count; i++)
+            var e = step.TopExperts[slot];
+            step.SlotOrder[start[e] + fill[e]++] = slot;
+        }
+
+        Parallel.For(0, experts, parallel, e =>
+        {
+            int first = start[e], count = start[e + 1] - first;
+            if (count == 0) return;
+            var (gate, up, down) = stack.Experts[e];
+            var input = step.ExpertInput.AsSpan(first * hidden, count * hidden);
+            for (var i = 0; i < count; i++) x.Row(step.SlotOrder[first + i] / topK).CopyTo(input.Slice(i * hidden, hidden));
+            var g = step.Gate.AsSpan(first * inter, count * inter);
+            var u = step.Up.AsSpan(first * inter, count * inter);
+            MatMul.Rows(input, count, gate, g, 0, inter);
+            MatMul.Rows(input, count, up, u, 0, inter);
+            for (var i = 0; i < g.Length; i++) g[i] = Kernels.Silu(g[i]) * u[i];
+            var result = step.ExpertOutput.AsSpan(first * hidden, count * hidden);
+            MatMul.Rows(g, count, down, result, 0, hidden);
+            for (var i = 0; i < count; i++)
             {
-                var slot = slots[i];
+                var slot = step.SlotOrder[first + i];
                 var weight = step.TopWeights[slot];
-                var destination = partial.AsSpan(slot * hidden, hidden);
-                var source = result.Row(i);
+                var destination = step.Partial.AsSpan(slot * hidden, hidden);
+                var source = result.Slice(i * hidden, hidden);
                 for (var j = 0; j < hidden; j++) destination[j] = source[j] * weight;
             }
         });
@@ -99,8 +107,8 @@ internal static class Moe
         for (var r = 0; r < rows; r++)
         {
             var destination = output.Row(r);
-            partial.AsSpan(r * topK * hidden, hidden).CopyTo(destination);
-            for (var k = 1; k < topK; k++) Kernels.AddScaled(destination, partial.AsSpan((r * topK + k) * hidden, hidden), 1f);
+            step.Partial.AsSpan(r * topK * hidden, hidden).CopyTo(destination);
+            for (var k = 1; k < topK; k++) Kernels.AddScaled(destination, step.Partial.AsSpan((r * topK + k) * hidden, hidden), 1f);
         }
     }
 }

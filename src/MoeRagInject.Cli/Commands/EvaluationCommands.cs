@@ -38,7 +38,7 @@ public static class CalibrateCommand
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
         if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
-        var defaults = new CalibrationOptions { ModelPath = "", Qa = "" };
+        var defaults = new CalibrationOptions { ModelPath = "", Qa = "", Runner = EngineFlags.Runner("cpu", null) };
         var options = new CalibrationOptions
         {
             ModelPath = DemoAssets.Existing(flags.String("model-path") ?? DemoAssets.Model, "model folder"),
@@ -54,6 +54,7 @@ public static class CalibrateCommand
             SkipProjection = flags.Bool("skip-projection"),
             Concurrency = flags.IntIn("concurrency", 1) ?? defaults.Concurrency,
             Threads = flags.IntIn("threads", 1),
+            Runner = EngineFlags.Runner("cpu", flags.IntIn("threads", 1)),
         };
         await Calibrator.RunAsync(options, Console.Out, CancellationToken.None).ConfigureAwait(false);
         return 0;
@@ -90,7 +91,7 @@ public static class EvalCommand
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
         if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
-        var defaults = new EvaluationOptions { ModelPath = "", Qa = "", Corpus = "", Out = "" };
+        var defaults = new EvaluationOptions { ModelPath = "", Qa = "", Corpus = "", Out = "", Runner = EngineFlags.Runner("cpu", null) };
         var modes = flags.List("modes");
         foreach (var mode in modes ?? [])
             if (!EvalModes.All.Contains(mode))
@@ -114,6 +115,7 @@ public static class EvalCommand
             MaxNewTokens = flags.IntIn("max-new-tokens", 1) ?? defaults.MaxNewTokens,
             Concurrency = flags.IntIn("concurrency", 1) ?? defaults.Concurrency,
             Threads = flags.IntIn("threads", 1),
+            Runner = EngineFlags.Runner("cpu", flags.IntIn("threads", 1)),
             Seed = flags.IntIn("seed", 0) ?? 0,
             Sweep = !flags.Bool("no-sweep"),
             SweepPercentiles = percentiles ?? defaults.SweepPercentiles,

@@ -95,7 +95,6 @@ public static class GenerateCommand
             : engine.Tokenizer.Encode(prompt);
         var request = new GenerationRequest { PromptIds = ids, Sampling = sampling };
         var output = new RequestOutput(engine.Tokenizer, returnLogprob: false, returnRouterEntropy: false);
-        var delta = new TextDelta();
         var started = Stopwatch.GetTimestamp();
         var stdout = Console.Out;
         var events = new List<MoeRagInject.Rag.RagEvent>();
@@ -115,7 +114,7 @@ public static class GenerateCommand
             {
                 output.Add(update);
                 events.AddRange(update.NewEvents);
-                if (!json) await stdout.WriteAsync(delta.Next(update.Text, update.Finish is not null)).ConfigureAwait(false);
+                if (!json) await stdout.WriteAsync(update.NewText).ConfigureAwait(false);
                 if (!json) await stdout.FlushAsync(cancellationToken).ConfigureAwait(false);
             }
         }

@@ -16,6 +16,7 @@ public static class ServeCommand
         .Add(new("port", FlagKind.Int, "port to listen on (0 picks a free one)", "30000", "PORT"))
         .Add(new("served-model-name", FlagKind.String, "model id in OpenAI responses", "the model path", "NAME"))
         .Add(new("log-level", FlagKind.String, "server log level", "warning", "debug|info|warning|error"))
+        .Add(new("incremental-streaming-output", FlagKind.Bool, "/generate stream events carry only the new text, not the text so far"))
         .AddRange(EngineFlags.Specs());
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
@@ -31,6 +32,7 @@ public static class ServeCommand
             Port = flags.IntIn("port", 0, 65535) ?? 30000,
             ServedModelName = flags.String("served-model-name"),
             Engine = engineOptions,
+            IncrementalStreamingOutput = flags.Bool("incremental-streaming-output"),
             LogLevel = flags.Choice("log-level", "debug", "info", "warning", "error") switch
             {
                 "debug" => LogLevel.Debug,
@@ -41,9 +43,10 @@ public static class ServeCommand
         };
 
         using var loadingCancel = new CancellationTokenSource();
-        await Console.Error.WriteLineAsync($"loading {engineOptions.ModelPath} (rag mode {engineOptions.Mode.ToString().ToLowerInvariant()}, retriever {engineOptions.Retriever ?? "none"}) ...")
+        await Console.Error.WriteLineAsync($"loading {engineOptions.ModelPath} on {engineOptions.Runner.Device} (rag mode {engineOptions.Mode.ToString().ToLowerInvariant()}, retriever {engineOptions.Retriever ?? "none"}) ...")
             .ConfigureAwait(false);
-        var loading = InferenceEngine.CreateAsync(engineOptions, loadingCancel.Token);
+        var loading = Task.Run<IGenerationEngine>(() => InferenceEngine.Create(engineOptions, line => Console.Error.WriteLine($"  {line}")),
+            loadingCancel.Token);
         var host = ServerHost.Create(serverOptions, loading);
         IGenerationEngine? engine = null;
         try

@@ -27,7 +27,7 @@ public sealed record GenerateMetaInfo(
     // Entropy of the output distribution for each output token (nats, the FLARE-style signal); present when return_router_entropy.
     [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float>? OutputTokenEntropy = null);
 
-/// <summary>One /generate result (or one streamed event, with the text so far).</summary>
+/// <summary>One /generate result, or one streamed event (what is new, and the text so far or only its new part).</summary>
 public sealed record GenerateResponse(
     string Text,
     IReadOnlyList<int> OutputIds,
@@ -55,12 +55,19 @@ public sealed record ServerInfoResponse(
     string Host,
     int Port,
     string? ModelPath,
+    // The --device value, and what the runner reports it computes on (once loaded).
     string? Device,
+    string? DeviceDescription,
     string? LoadFormat,
     int? ContextLength,
     int? MaxRunningRequests,
     int? KvCacheTokens,
-    int? Threads,
+    int? ChunkedPrefillSize,
+    int? MaxPrefillTokens,
+    double? MemFractionStatic,
+    int? CudaGraphMaxBs,
+    bool? DisableCudaGraph,
+    bool? Deterministic,
     string? RagMode,
     double? EntropyThreshold,
     IReadOnlyList<int>? TriggerLayers,
@@ -76,7 +83,14 @@ public sealed record ServerInfoResponse(
     double? RetrievalTimeoutMs,
     int? RetrievalTopK,
     int? QueryWindow,
-    string? LogDir);
+    string? LogDir,
+    bool? LogFsync,
+    bool IncrementalStreamingOutput,
+    // The engine's load now (null while the model loads).
+    EngineStatusJson? Status);
+
+public sealed record EngineStatusJson(int NumRunning, int NumWaiting, int NumRetrieving, int FreeKvBlocks, int TotalKvBlocks, int KvBlockSize,
+    long Preemptions, long Steps);
 
 public sealed record AbortResponse(string Rid, bool Success);
 

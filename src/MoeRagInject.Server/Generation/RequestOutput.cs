@@ -1,3 +1,4 @@
+using System.Text;
 using System.Text.Json.Nodes;
 using MoeRagInject.Engine;
 using MoeRagInject.Model.Tokenization;
@@ -14,9 +15,11 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     private readonly List<float[]> _routerEntropy = [];
     private readonly List<float> _outputEntropy = [];
     private readonly List<JsonObject> _ragEvents = [];
+    private readonly StringBuilder _text = new();
 
     public string Rid { get; private set; } = "";
-    public string Text { get; private set; } = "";
+    public string Text => _text.ToString();
+    public int TextLength => _text.Length;
     public int PromptTokens { get; private set; }
     public int CompletionTokens { get; private set; }
     public FinishReason? Finish { get; private set; }
@@ -30,10 +33,12 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     public IReadOnlyList<float[]> RouterEntropy => _routerEntropy;
     public IReadOnlyList<JsonObject> RagEvents => _ragEvents;
 
-    public void Add(GenerationUpdate update)
+    /// <summary>Folds the update in; returns where its items start in the accumulated lists (to answer with what is new).</summary>
+    public Marks Add(GenerationUpdate update)
     {
+        var marks = new Marks(_outputIds.Count, _ragEvents.Count, _text.Length);
         Rid = update.Rid;
-        Text = update.Text;
+        _text.Append(update.NewText);
         PromptTokens = update.PromptTokens;
         CompletionTokens = update.CompletionTokens;
         Finish = update.Finish ?? Finish;
@@ -50,22 +55,36 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
             _outputEntropy.AddRange(update.NewOutputEntropy);
         }
         foreach (var ragEvent in update.NewEvents) _ragEvents.Add(ragEvent.ToJson());
+        return marks;
     }
 
-    /// <summary>sglang's <c>[[logprob, token_id, token_text], ...]</c>.</summary>
-    public JsonArray LogprobTriples()
+    /// <summary>Where an update's tokens, events and text start in the accumulated output.</summary>
+    public readonly record struct Marks(int Token, int Event, int Text);
+
+    /// <summary>sglang's <c>[[logprob, token_id, token_text], ...]</c> for tokens [start, end).</summary>
+    public JsonArray LogprobTriples(int start, int end)
     {
         var triples = new JsonArray();
-        var count = Math.Min(_logprobs.Count, _outputIds.Count);
-        for (var i = 0; i < count; i++)
+        end = Math.Min(end, Math.Min(_logprobs.Count, _outputIds.Count));
+        for (var i = start; i < end; i++)
             triples.Add(new JsonArray(JsonValue.Create(_logprobs[i]), JsonValue.Create(_outputIds[i]), JsonValue.Create(_tokenTexts[i])));
         return triples;
     }
 
-    public GenerateResponse ToGenerateResponse(double e2eLatencySeconds, int? index = null)
+    /// <summary>The whole result.</summary>
+    public GenerateResponse ToGenerateResponse(double e2eLatencySeconds) => Response(Text, new Marks(0, 0, 0), e2eLatencySeconds, null);
+
+    /// <summary>
+    /// A streamed event: the tokens, logprobs, entropies and RAG events new since <paramref name="from"/>, and the text so far
+    /// (sglang's default) or only its new part (<paramref name="incrementalText"/>, sglang's --incremental-streaming-output).
+    /// </summary>
+    public GenerateResponse ToGenerateEvent(Marks from, bool incrementalText, double e2eLatencySeconds, int? index) =>
+        Response(incrementalText ? _text.ToString(from.Text, _text.Length - from.Text) : Text, from, e2eLatencySeconds, index);
+
+    private GenerateResponse Response(string text, Marks from, double e2eLatencySeconds, int? index)
         => new(
-            Text,
-            _outputIds.ToArray(),
+            text,
+            _outputIds.GetRange(from.Token, _outputIds.Count - from.Token),
             new GenerateMetaInfo(
                 Rid,
                 Finish is null ? null : ToJson(Finish),
@@ -73,10 +92,10 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
                 CompletionTokens,
                 CachedTokens: 0,
                 e2eLatencySeconds,
-                _ragEvents.ToArray(),
-                returnLogprob ? LogprobTriples() : null,
-                returnRouterEntropy ? _routerEntropy.ToArray() : null,
-                returnRouterEntropy ? _outputEntropy.ToArray() : null),
+                _ragEvents.GetRange(from.Event, _ragEvents.Count - from.Event),
+                returnLogprob ? LogprobTriples(from.Token, _outputIds.Count) : null,
+                returnRouterEntropy ? _routerEntropy.GetRange(from.Token, Math.Max(0, _routerEntropy.Count - from.Token)) : null,
+                returnRouterEntropy ? _outputEntropy.GetRange(from.Token, Math.Max(0, _outputEntropy.Count - from.Token)) : null),
             index);
 
     public static FinishReasonJson ToJson(FinishReason finish) => finish.Kind switch

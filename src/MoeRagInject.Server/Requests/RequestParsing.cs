@@ -73,8 +73,12 @@ public static class RequestParsing
         var threshold = rag.Number("threshold");
         if (threshold < 0)
             throw ApiException.BadRequest($"{rag.PathOf("threshold")} must be >= 0 (router entropy is in nats)");
-        var scale = rag.Float("scale");
-        return new RagOverrides { Mode = mode, Threshold = threshold, Scale = scale };
+        // Range-checked as a double first: a value past fp32's range would otherwise arrive as infinity.
+        if (rag.Number("scale") is { } scale && !(Math.Abs(scale) <= RagOverrides.MaxScale))
+            throw ApiException.BadRequest(Invariant($"{rag.PathOf("scale")} must be a finite number in [-{RagOverrides.MaxScale}, {RagOverrides.MaxScale}] (got {scale})"));
+        var overrides = new RagOverrides { Mode = mode, Threshold = threshold, Scale = (float?)rag.Number("scale") };
+        if (overrides.Validate() is { } message) throw ApiException.BadRequest(message);
+        return overrides;
     }
 
     public static InjectionMode? ParseMode(string text) => text.ToLowerInvariant() switch

@@ -51,7 +51,7 @@ public static class OpenAiRoutes
         var model = ModelName(engine, options);
         var created = Now();
         var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
-        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
         var id = "cmpl-" + Guid.NewGuid().ToString("N");
 
         if (!parsed.Stream)
@@ -68,21 +68,17 @@ public static class OpenAiRoutes
             return;
         }
 
-        var deltas = outputs.Select(_ => new TextDelta()).ToArray();
         await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
         try
         {
             await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
             {
                 var output = outputs[index];
-                var firstNew = output.OutputIds.Count;
-                var offset = deltas[index].Sent.Length;
-                output.Add(update);
+                var marks = output.Add(update);
                 var final = update.Finish is not null;
-                var text = deltas[index].Next(output.Text, final);
                 var choice = new CompletionChoice(
-                    index, text,
-                    output.ReturnLogprob ? CompletionLogprobsOf(output, firstNew, output.OutputIds.Count - firstNew, offset) : null,
+                    index, update.NewText,
+                    output.ReturnLogprob ? CompletionLogprobsOf(output, marks.Token, output.OutputIds.Count - marks.Token, marks.Text) : null,
                     final ? RequestOutput.ToOpenAiFinish(update.Finish!) : null,
                     final ? MatchedStop(update.Finish) : null,
                     final ? Rag(output, parsed.Requests[index]) : null,
@@ -113,7 +109,7 @@ public static class OpenAiRoutes
         var created = Now();
         var request = parsed.Requests[0];
         var output = new RequestOutput(engine.Tokenizer, request.ReturnLogprob, request.ReturnRouterEntropy);
-        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
         var id = "chatcmpl-" + Guid.NewGuid().ToString("N");
 
         if (!parsed.Stream)
@@ -131,7 +127,6 @@ public static class OpenAiRoutes
             return;
         }
 
-        var delta = new TextDelta();
         await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
         try
         {
@@ -139,14 +134,13 @@ public static class OpenAiRoutes
             await WriteChunkAsync(new ChatChunkChoice(0, new ChatDelta(Role: "assistant", Content: ""), null, null)).ConfigureAwait(false);
             await foreach (var (_, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
             {
-                var firstNew = output.OutputIds.Count;
-                output.Add(update);
+                var marks = output.Add(update);
                 var final = update.Finish is not null;
-                var text = delta.Next(output.Text, final);
+                var text = update.NewText;
                 if (text.Length > 0 || (output.ReturnLogprob && update.NewTokenIds.Count > 0))
                     await WriteChunkAsync(new ChatChunkChoice(
                         0, new ChatDelta(Content: text),
-                        output.ReturnLogprob ? ChatLogprobsOf(output, firstNew, output.OutputIds.Count - firstNew) : null, null,
+                        output.ReturnLogprob ? ChatLogprobsOf(output, marks.Token, output.OutputIds.Count - marks.Token) : null, null,
                         RouterEntropy: output.ReturnRouterEntropy && update.NewRouterEntropy.Count > 0 ? update.NewRouterEntropy.ToArray() : null))
                         .ConfigureAwait(false);
                 if (final)

@@ -19,8 +19,8 @@ public static class SglangRoutes
         sglang.MapGet("/health", (EngineHolder engine) => Health(engine));
         sglang.MapGet("/health_generate", (HttpContext context, EngineHolder engine) => HealthGenerateAsync(context, engine));
         sglang.MapGet("/get_model_info", (EngineHolder engine, ServerOptions options) => ModelInfo(engine, options));
-        sglang.MapGet("/get_server_info", (ServerOptions options, HttpContext context) => ServerInfo(options, context));
-        sglang.MapPost("/generate", (HttpContext context, EngineHolder engine) => GenerateAsync(context, engine));
+        sglang.MapGet("/get_server_info", (ServerOptions options, EngineHolder engine, HttpContext context) => ServerInfo(options, engine, context));
+        sglang.MapPost("/generate", (HttpContext context, EngineHolder engine, ServerOptions options) => GenerateAsync(context, engine, options));
         sglang.MapPost("/abort_request", (HttpContext context, EngineHolder engine) => AbortAsync(context, engine));
         sglang.MapPost("/flush_cache", () => Results.Json(
             new FlushCacheResponse(true, "no prefix cache to flush"), ApiJsonContext.Wire.FlushCacheResponse));
@@ -73,8 +73,10 @@ public static class SglangRoutes
             ApiJsonContext.Wire.ModelInfoResponse);
     }
 
-    private static IResult ServerInfo(ServerOptions options, HttpContext context)
+    private static IResult ServerInfo(ServerOptions options, EngineHolder holder, HttpContext context)
     {
+        var engine = holder.Current;
+        var status = engine?.GetStatus();
         var e = options.Engine;
         var port = context.Connection.LocalPort != 0 ? context.Connection.LocalPort : options.Port;
         var projection = e is null ? null : e.Projection switch
@@ -87,12 +89,16 @@ public static class SglangRoutes
             new ServerInfoResponse(
                 Version: typeof(SglangRoutes).Assembly.GetName().Version?.ToString() ?? "0.0.0",
                 options.Host, port,
-                e?.ModelPath, e?.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens, e?.Threads,
+                e?.ModelPath, e?.Runner.Device, engine?.Info.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens,
+                e?.ChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
                 e is null ? null : RequestParsing.ModeName(e.Mode),
                 e?.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
                 e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest,
                 e?.InjectionScale, e?.InjectionLayers, e?.InjectionTokens, projection, e?.ProjectionSeed,
-                e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir),
+                e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir, e?.LogFsync,
+                options.IncrementalStreamingOutput,
+                status is null ? null : new EngineStatusJson(status.Running, status.Waiting, status.Retrieving, status.FreeKvBlocks,
+                    status.TotalKvBlocks, status.KvBlockSize, status.Preemptions, status.Steps)),
             ApiJsonContext.Wire.ServerInfoResponse);
     }
 
@@ -107,7 +113,7 @@ public static class SglangRoutes
             .ConfigureAwait(false);
     }
 
-    private static async Task GenerateAsync(HttpContext context, EngineHolder holder)
+    private static async Task GenerateAsync(HttpContext context, EngineHolder holder, ServerOptions options)
     {
         var arrived = Stopwatch.GetTimestamp();
         var engine = holder.Require();
@@ -117,7 +123,7 @@ public static class SglangRoutes
 
         var aborted = context.RequestAborted;
         var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
-        await using var batch = await GenerationBatch.StartAsync(engine, parsed.Requests, aborted).ConfigureAwait(false);
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
 
         if (!parsed.Stream)
         {
@@ -141,21 +147,16 @@ public static class SglangRoutes
         await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
         try
         {
-            // Each event carries the whole output so far, so updates that arrived together become one event per request.
-            var touched = new SortedSet<int>();
-            await foreach (var chunk in batch.ReadChunksAsync(256, aborted).ConfigureAwait(false))
+            // Each event carries what is new for its request: tokens, logprobs, entropies and RAG events (and, with
+            // --incremental-streaming-output, only the new text; by default the text so far, as sglang streams it).
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
             {
-                touched.Clear();
-                foreach (var (index, update) in chunk)
-                {
-                    outputs[index].Add(update);
-                    touched.Add(index);
-                }
+                var marks = outputs[index].Add(update);
                 var latency = Stopwatch.GetElapsedTime(arrived).TotalSeconds;
-                foreach (var index in touched)
-                    await ServerSentEvents.WriteAsync(
-                        context.Response, outputs[index].ToGenerateResponse(latency, parsed.IsBatch ? index : null),
-                        ApiJsonContext.Wire.GenerateResponse, aborted).ConfigureAwait(false);
+                await ServerSentEvents.WriteAsync(
+                    context.Response,
+                    outputs[index].ToGenerateEvent(marks, options.IncrementalStreamingOutput, latency, parsed.IsBatch ? index : null),
+                    ApiJsonContext.Wire.GenerateResponse, aborted).ConfigureAwait(false);
             }
         }
         catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)

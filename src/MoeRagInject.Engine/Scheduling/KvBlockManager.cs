@@ -1,4 +1,4 @@
-namespace MoeRagInject.Engine;
+namespace MoeRagInject.Engine.Scheduling;
 
 /// <summary>
 /// Bookkeeping of the paged KV cache: which blocks are free and which belong to each sequence. Knows nothing of tensors.

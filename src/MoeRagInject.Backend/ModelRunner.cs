@@ -1,0 +1,245 @@
+using MoeRagInject.Model;
+
+namespace MoeRagInject.Backend;
+
+/// <summary>
+/// The model runner of any <see cref="IBackend"/>: it sizes the KV pool and the fixed buffers, uploads the weights, keeps the
+/// per-slot state (block tables, injections, sampling) in the backend's step buffers, and runs a step as one upload, the
+/// forward pass with sampling, and one small download.
+/// </summary>
+public sealed class ModelRunner : IModelRunner
+{
+    private readonly IBackend _backend;
+    private readonly MixtralModel _model;
+    private readonly IKvCache _cache;
+    private readonly IStepBuffers _step;
+    private readonly ForwardBuffers _buffers;
+    private readonly IDisposable? _ownedWeights;
+
+    /// <param name="ownedWeights">What holds the weights' host memory (a dummy checkpoint), disposed with the runner.</param>
+    public ModelRunner(IBackend backend, ModelConfig config, MixtralWeights weights, RunnerLimits limits,
+        Action<string>? progress = null, IDisposable? ownedWeights = null)
+    {
+        _backend = backend;
+        Config = config;
+        Limits = limits;
+        _ownedWeights = ownedWeights;
+        try
+        {
+            _model = new MixtralModel(backend, config, weights, progress);
+            _cache = backend.CreateKvCache(config.NumLayers, limits.NumKvBlocks, limits.BlockSize, config.NumKvHeads, config.HeadDim);
+            State = new StepState(limits, config);
+            _step = backend.CreateStepBuffers(State);
+            _buffers = new ForwardBuffers(backend, config, limits.MaxRows, limits.MaxSequences);
+        }
+        catch
+        {
+            DisposeParts();
+            throw;
+        }
+    }
+
+    public string Device => _backend.Description;
+    public ModelConfig Config { get; }
+    public RunnerLimits Limits { get; }
+    public StepState State { get; } = null!;
+
+    /// <summary>
+    /// The limits a runner of <paramref name="config"/> gets on <paramref name="backend"/>, after checking that the weights and
+    /// one context of KV cache fit: the KV pool takes what <see cref="RunnerOptions.MemFractionStatic"/> leaves after the
+    /// weights, up to every slot holding a full context, unless <see cref="RunnerOptions.KvCacheTokens"/> sets it.
+    /// </summary>
+    public static RunnerLimits Plan(IBackend backend, ModelConfig config, long weightBytes, RunnerOptions options)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.MaxSequences, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.BlockSize, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.ContextLength, 1);
+        var bs = options.BlockSize;
+        var blocksPerSequence = (options.ContextLength + bs - 1) / bs;
+        var context = blocksPerSequence * bs;
+        var perToken = backend.KvBytesPerTokenPerLayer(config.NumKvHeads, config.HeadDim) * config.NumLayers;
+        var available = backend.AvailableMemoryBytes;
+        MemoryPlan.EnsureFits(backend.Description, weightBytes, perToken, context, available);
+        long tokens;
+        if (options.KvCacheTokens is { } asked)
+        {
+            tokens = Math.Max(asked, context);
+            MemoryPlan.EnsureFits(backend.Description, weightBytes, perToken, (int)Math.Min(tokens, int.MaxValue), available);
+        }
+        else
+        {
+            var budget = (long)(available * options.MemFractionStatic) - weightBytes;
+            tokens = Math.Clamp(budget / perToken, context, (long)options.MaxSequences * context);
+        }
+        var blocks = (int)Math.Min((tokens + bs - 1) / bs, int.MaxValue / bs);
+        return new RunnerLimits(options.MaxSequences, Math.Max(options.MaxRows, options.MaxSequences), blocksPerSequence, bs, blocks,
+            perToken, weightBytes);
+    }
+
+    public void BindSlot(int slot, SlotSampling sampling, ReadOnlySpan<int> promptIds)
+    {
+        CheckSlot(slot);
+        State.Sampling[slot] = sampling;
+        State.Penalties[slot].Reset(promptIds);
+        ClearInjectionState(slot);
+        _step.SlotChanged(slot);
+    }
+
+    public void SetBlocks(int slot, int firstIndex, ReadOnlySpan<int> blocks)
+    {
+        CheckSlot(slot);
+        if (firstIndex < 0 || firstIndex + blocks.Length > Limits.MaxBlocksPerSequence)
+            throw new ArgumentOutOfRangeException(nameof(firstIndex), $"block entries {firstIndex}..{firstIndex + blocks.Length} exceed the table's {Limits.MaxBlocksPerSequence}");
+        foreach (var block in blocks)
+            if ((uint)block >= (uint)Limits.NumKvBlocks)
+                throw new ArgumentOutOfRangeException(nameof(blocks), $"KV block {block} is outside the pool of {Limits.NumKvBlocks}");
+        blocks.CopyTo(State.BlockTable(slot)[firstIndex..]);
+        _step.SlotChanged(slot);
+    }
+
+    public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end)
+    {
+        CheckSlot(slot);
+        if (vector.Length != Config.HiddenSize) throw new ArgumentException($"the injection vector has {vector.Length} values; the hidden size is {Config.HiddenSize}");
+        vector.CopyTo(State.InjectionVector(slot));
+        var scales = State.InjectionScale(slot);
+        scales.Clear();
+        foreach (var layer in layers)
+        {
+            if ((uint)layer >= (uint)Config.NumLayers) throw new ArgumentOutOfRangeException(nameof(layers), $"layer {layer} does not exist");
+            scales[layer] = 1f;
+        }
+        State.InjectionStart[slot] = start;
+        State.InjectionEnd[slot] = end;
+        _step.SlotChanged(slot);
+    }
+
+    public void ClearInjection(int slot)
+    {
+        CheckSlot(slot);
+        ClearInjectionState(slot);
+        _step.SlotChanged(slot);
+    }
+
+    private void ClearInjectionState(int slot)
+    {
+        State.InjectionScale(slot).Clear();
+        State.InjectionStart[slot] = int.MaxValue;
+        State.InjectionEnd[slot] = int.MaxValue;
+    }
+
+    public void AcceptToken(int slot, int token)
+    {
+        var counts = State.Penalties[slot].OutputCounts;
+        counts[token] = counts.GetValueOrDefault(token) + 1;
+        _step.TokenAccepted(slot, token);
+    }
+
+    public void Execute()
+    {
+        PrepareRows();
+        _step.Upload();
+        _model.Step(_buffers, _cache, _step, State.Rows, State.Sequences);
+        _step.Download();
+    }
+
+    public EagerResult ForwardEager(IReadOnlyList<EagerSequence> sequences, IReadOnlyList<int>? captureLayers = null)
+    {
+        var s = State;
+        var row = 0;
+        var logitRows = new List<int>();
+        for (var i = 0; i < sequences.Count; i++)
+        {
+            var seq = sequences[i];
+            CheckSlot(seq.Slot);
+            if (seq.TokenIds.Count == 0) throw new ArgumentException($"sequence {i} has no tokens");
+            if (row + seq.TokenIds.Count > Limits.MaxRows) throw new ArgumentException($"the step has more than {Limits.MaxRows} rows");
+            s.SeqSlot[i] = seq.Slot;
+            s.QueryStart[i] = row;
+            s.SeqFlags[i] = 0;
+            for (var j = 0; j < seq.TokenIds.Count; j++)
+            {
+                s.TokenIds[row] = seq.TokenIds[j];
+                s.Positions[row] = seq.StartPosition + j;
+                if (seq.AllLogits || j == seq.TokenIds.Count - 1) logitRows.Add(row);
+                row++;
+            }
+        }
+        s.Sequences = sequences.Count;
+        s.Rows = row;
+        s.QueryStart[sequences.Count] = row;
+        PrepareRows();
+        _step.Upload();
+
+        var hidden = Config.HiddenSize;
+        float[]? captured = captureLayers is { Count: > 0 } ? new float[logitRows.Count * captureLayers.Count * hidden] : null;
+        var rowScratch = captured is null ? null : new float[row * hidden];
+        _model.Layers(_buffers, _cache, _step, row, captured is null ? null : (layer, stream) =>
+        {
+            var index = IndexOf(captureLayers!, layer);
+            if (index < 0) return;
+            _backend.Download(stream, row, rowScratch);
+            for (var i = 0; i < logitRows.Count; i++)
+                rowScratch.AsSpan(logitRows[i] * hidden, hidden).CopyTo(captured.AsSpan((i * captureLayers!.Count + index) * hidden, hidden));
+        });
+
+        var vocab = Config.VocabSize;
+        using var logits = _backend.Allocate(row, vocab);
+        _backend.Linear(_buffers.Normed, _model.LmHead, logits, row);
+        var all = new float[(long)row * vocab];
+        _backend.Download(logits, row, all);
+        var picked = new float[logitRows.Count * vocab];
+        for (var i = 0; i < logitRows.Count; i++) all.AsSpan(logitRows[i] * vocab, vocab).CopyTo(picked.AsSpan(i * vocab, vocab));
+        _step.DownloadRowEntropies();
+        return new EagerResult(picked, vocab, s.RowEntropies.AsSpan(0, row * Config.NumLayers).ToArray(), Config.NumLayers, captured);
+    }
+
+    private static int IndexOf(IReadOnlyList<int> list, int value)
+    {
+        for (var i = 0; i < list.Count; i++)
+            if (list[i] == value) return i;
+        return -1;
+    }
+
+    /// <summary>Derives each row's sequence and KV slot, and each sequence's context length, from the engine's inputs.</summary>
+    private void PrepareRows()
+    {
+        var s = State;
+        if (s.Sequences < 1 || s.Sequences > Limits.MaxSequences) throw new InvalidOperationException($"a step has 1..{Limits.MaxSequences} sequences, not {s.Sequences}");
+        if (s.Rows < s.Sequences || s.Rows > Limits.MaxRows) throw new InvalidOperationException($"a step of {s.Sequences} sequences has {s.Sequences}..{Limits.MaxRows} rows, not {s.Rows}");
+        if (s.QueryStart[0] != 0 || s.QueryStart[s.Sequences] != s.Rows) throw new InvalidOperationException("QueryStart does not cover the step's rows");
+        var context = Limits.ContextLength;
+        for (var i = 0; i < s.Sequences; i++)
+        {
+            var slot = s.SeqSlot[i];
+            CheckSlot(slot);
+            int first = s.QueryStart[i], end = s.QueryStart[i + 1];
+            if (end <= first) throw new InvalidOperationException($"sequence {i} of the step has no rows");
+            for (var r = first; r < end; r++)
+            {
+                var position = s.Positions[r];
+                if ((uint)position >= (uint)context) throw new InvalidOperationException($"position {position} is outside the context of {context}");
+                s.RowSequence[r] = i;
+                s.KvSlots[r] = s.KvSlotOf(slot, position);
+            }
+            s.ContextLength[i] = s.Positions[end - 1] + 1;
+        }
+    }
+
+    private void CheckSlot(int slot)
+    {
+        if ((uint)slot >= (uint)Limits.MaxSequences) throw new ArgumentOutOfRangeException(nameof(slot), slot, $"slots are 0..{Limits.MaxSequences - 1}");
+    }
+
+    public void Dispose() => DisposeParts();
+
+    private void DisposeParts()
+    {
+        _buffers?.Dispose();
+        _step?.Dispose();
+        _cache?.Dispose();
+        _model?.Dispose();
+        _backend.Dispose();
+        _ownedWeights?.Dispose();
+    }
+}

@@ -1,0 +1,158 @@
+using System.Globalization;
+using MoeRagInject.Model.Tokenization;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine.Coordination;
+
+/// <summary>What the loop captured when a trigger fired (everything the retrieval needs, copied, so the loop can go on).</summary>
+internal sealed record RagTrigger(TriggerDecision Decision, int TokenIndex, int Position, int BatchSize, int[] QueryIds,
+    InjectionMode Mode, float Scale, double Threshold, int GeneratedCount);
+
+/// <summary>What a retrieval brings back to the loop: the event, and a vector to inject or a context to rebuild (or neither).</summary>
+internal sealed record RagOutcome(RagEvent Event, int TokenIndex, int Position, float[]? Vector, IReadOnlyList<int> InjectionLayers,
+    int InjectionEnd, List<int>? Context);
+
+/// <summary>
+/// Everything a trigger sets off, off the engine loop: the notice line, detokenizing the query, the retrieval (cancelled
+/// with its request), tokenizing the passages, the P·c product or the rebuilt context, and the event-log append. The loop
+/// only parks the request before and resumes it after (through <c>resume</c>).
+/// </summary>
+internal sealed class RagCoordinator(
+    EngineOptions options,
+    Tokenizer tokenizer,
+    ContextInjector injector,
+    RetrievalService? retrieval,
+    RagEventWriter eventLog,
+    TextWriter notices,
+    int contextLength,
+    int hiddenSize,
+    Action<Sequence, RagOutcome> resume)
+{
+    public string RetrieverName => retrieval?.Retriever.Name ?? "none";
+
+    /// <summary>Called on the loop after it parked <paramref name="sequence"/>; returns at once.</summary>
+    public void Start(Sequence sequence, RagTrigger trigger) => _ = Task.Run(() => RunAsync(sequence, trigger));
+
+    private async Task RunAsync(Sequence s, RagTrigger t)
+    {
+        var start = DateTimeOffset.UtcNow;
+        var cancel = s.Cancellation.Token;
+        try
+        {
+            await notices.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
+                $"[MoE-RAG] entropy={t.Decision.Entropy:F2} > {t.Threshold:F2} (bsz={t.BatchSize}) -> triggering RAG")).ConfigureAwait(false);
+            var query = tokenizer.Decode(t.QueryIds, skipSpecialTokens: true).Trim();
+            var cached = s.QueryCache.TryGetValue(query, out var result);
+            if (!cached)
+            {
+                result = retrieval is null
+                    ? new RetrievalResult([], "no retriever is configured (--retriever)", TimeSpan.Zero)
+                    : await retrieval.RetrieveAsync(query, cancel).ConfigureAwait(false);
+                s.QueryCache[query] = result;
+            }
+            var outcome = Apply(s, t, query, start, result!, cached);
+            try
+            {
+                var written = eventLog.AppendAsync(outcome.Event);
+                if (eventLog.Fsync) await written.WaitAsync(cancel).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ObjectDisposedException)
+            {
+                await notices.WriteLineAsync($"[MoE-RAG] could not write the event log: {e.Message}").ConfigureAwait(false);
+            }
+            resume(s, outcome);
+        }
+        catch (OperationCanceledException) when (cancel.IsCancellationRequested)
+        {
+            // The request finished (aborted, disconnected) while its retrieval ran: nobody waits for the result.
+        }
+        catch (Exception e)
+        {
+            // Whatever failed, the request goes on without injection, with the failure in its event.
+            resume(s, new RagOutcome(Event(s, t, "", start, null, false, $"RAG failed: {e.Message}", [], 0), t.TokenIndex, t.Position,
+                null, [], 0, null));
+        }
+    }
+
+    private RagOutcome Apply(Sequence s, RagTrigger t, string query, DateTimeOffset start, RetrievalResult result, bool cached)
+    {
+        var snippets = result.Passages.Select(p => p.Text).ToList();
+        var error = result.Error;
+        if (error is null && snippets.Count == 0) error = "the retriever returned no passages";
+        float[]? vector = null;
+        IReadOnlyList<int> layers = [];
+        List<int>? context = null;
+        double norm = 0;
+        var end = int.MaxValue;
+        if (error is null)
+        {
+            try
+            {
+                if (t.Mode == InjectionMode.Latent)
+                {
+                    layers = options.InjectionLayers ?? t.Decision.FiredLayers;
+                    vector = new float[hiddenSize];
+                    norm = injector.ComputeInjection(tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), t.Scale, vector);
+                    options.Faults?.CorruptInjection(s.Rid, vector);
+                    end = options.InjectionTokens is { } n ? t.Position + n : int.MaxValue;
+                }
+                else if (t.Mode == InjectionMode.Prompt)
+                {
+                    (context, error) = RebuildContext(s, t, snippets);
+                }
+            }
+            catch (Exception e) when (e is ArgumentException or InvalidOperationException)
+            {
+                error = $"injection failed: {e.Message}";
+                vector = null;
+                layers = [];
+                norm = 0;
+            }
+        }
+        return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets), t.TokenIndex, t.Position,
+            vector, layers, end, context);
+    }
+
+    /// <summary>Prompt-mode RAG: the passages go ahead of the prompt, and the whole context will be prefilled again.</summary>
+    private (List<int>? Context, string? Error) RebuildContext(Sequence s, RagTrigger t, IReadOnlyList<string> snippets)
+    {
+        var bos = tokenizer.BosTokenId;
+        var prompt = s.OriginalPrompt.AsSpan();
+        if (bos is { } b && prompt.Length > 0 && prompt[0] == b) prompt = prompt[1..];
+        var passages = tokenizer.Encode("Context:\n" + string.Join("\n", snippets) + "\n\n", addSpecialTokens: false);
+        var context = new List<int>(passages.Length + prompt.Length + 1);
+        if (bos is { } b2) context.Add(b2);
+        context.AddRange(passages);
+        foreach (var id in prompt) context.Add(id);
+        var needed = context.Count + s.Sampling.MaxNewTokens;
+        return needed > contextLength
+            ? (null, $"the passages do not fit the context length {contextLength} ({context.Count} context tokens + max_new_tokens {s.Sampling.MaxNewTokens})")
+            : (context, null);
+    }
+
+    private RagEvent Event(Sequence s, RagTrigger t, string query, DateTimeOffset start, RetrievalResult? result, bool cached, string? error,
+        IReadOnlyList<int> injectionLayers, double norm, IReadOnlyList<string>? snippets = null) => new()
+    {
+        EventId = RagEvent.NewEventId(start),
+        StartTime = start,
+        EndTime = DateTimeOffset.UtcNow,
+        RequestId = s.Rid,
+        Query = query,
+        Snippets = snippets ?? [],
+        SnippetIds = result?.Passages.Select(p => p.Id).ToList() ?? [],
+        TokenIndex = t.TokenIndex,
+        Position = t.Position,
+        Layers = t.Decision.FiredLayers,
+        Entropy = t.Decision.Entropy,
+        Threshold = t.Threshold,
+        BatchSize = t.BatchSize,
+        Retriever = RetrieverName,
+        LatencyMs = result?.Latency.TotalMilliseconds ?? 0,
+        Mode = t.Mode.ToString().ToLowerInvariant(),
+        InjectionLayers = error is null ? injectionLayers : [],
+        Scale = t.Mode == InjectionMode.Latent ? t.Scale : 0,
+        InjectionNorm = error is null ? norm : 0,
+        Cached = cached,
+        Error = error,
+    };
+}

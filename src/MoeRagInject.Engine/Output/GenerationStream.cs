@@ -1,0 +1,108 @@
+using System.Runtime.CompilerServices;
+using System.Text;
+using MoeRagInject.Engine.Output;
+using MoeRagInject.Model.Tokenization;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine;
+
+/// <summary>
+/// One request's output as it streams: the request's own output processing (incremental detokenization, stop strings held
+/// back until they can no longer match) runs here, on the reader's side, never on the engine loop. Enumerate it once.
+/// Disposing it, or stopping the enumeration, before the final update aborts the request.
+/// </summary>
+public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyncDisposable
+{
+    private readonly LlmEngine _engine;
+    private readonly Sequence _sequence;
+    private readonly Tokenizer _tokenizer;
+    private int _enumerated;
+    private volatile bool _finished;
+
+    internal GenerationStream(LlmEngine engine, Sequence sequence, Tokenizer tokenizer)
+    {
+        _engine = engine;
+        _sequence = sequence;
+        _tokenizer = tokenizer;
+    }
+
+    public string Rid => _sequence.Rid;
+
+    /// <summary>Aborts the request (as a client that left); the stream then ends with its abort update.</summary>
+    public void Abort()
+    {
+        if (!_finished) _engine.AbortSequence(_sequence, "client disconnected");
+    }
+
+    public async IAsyncEnumerator<GenerationUpdate> GetAsyncEnumerator(CancellationToken cancellationToken = default)
+    {
+        if (Interlocked.Exchange(ref _enumerated, 1) != 0) throw new InvalidOperationException("a generation stream can be read once");
+        var request = _sequence.Request;
+        var sampling = request.Sampling;
+        var detokenizer = new IncrementalDetokenizer(_tokenizer, sampling.SkipSpecialTokens);
+        var stops = new StopMatcher(sampling.Stop, sampling.NoStopTrim);
+        List<TokenOutput> spareTokens = [];
+        List<RagEvent> spareEvents = [];
+        var completion = 0;
+        try
+        {
+            while (!_finished)
+            {
+                var batch = await _sequence.Output.TakeAsync(spareTokens, spareEvents, cancellationToken).ConfigureAwait(false);
+                spareTokens = batch.Tokens;
+                spareEvents = batch.Events;
+                var ids = new List<int>(batch.Tokens.Count);
+                var logprobs = request.ReturnLogprob ? new List<float>(batch.Tokens.Count) : null;
+                var routerEntropy = request.ReturnRouterEntropy ? new List<float[]>(batch.Tokens.Count) : null;
+                var outputEntropy = request.ReturnRouterEntropy ? new List<float>(batch.Tokens.Count) : null;
+                var text = new StringBuilder();
+                FinishReason? finish = null;
+                foreach (var token in batch.Tokens)
+                {
+                    ids.Add(token.Token);
+                    logprobs?.Add(token.Logprob);
+                    if (token.RouterEntropy is { } entropies) routerEntropy?.Add(entropies);
+                    outputEntropy?.Add(token.OutputEntropy);
+                    text.Append(stops.Push(detokenizer.Push(token.Token)));
+                    if (stops.Matched is { } matched)
+                    {
+                        finish = new FinishReason(FinishKind.Stop, Matched: matched);
+                        _engine.FinishSequence(_sequence, finish);
+                        break;
+                    }
+                }
+                if (finish is null && batch.Finish is { } engineFinish)
+                {
+                    text.Append(stops.Push(detokenizer.Flush()));
+                    finish = stops.Matched is { } matched ? new FinishReason(FinishKind.Stop, Matched: matched) : engineFinish;
+                    if (stops.Matched is null) text.Append(stops.Flush());
+                }
+                completion += ids.Count;
+                _finished = finish is not null;
+                yield return new GenerationUpdate
+                {
+                    Rid = _sequence.Rid,
+                    NewTokenIds = ids,
+                    NewLogprobs = (IReadOnlyList<float>?)logprobs ?? [],
+                    NewRouterEntropy = (IReadOnlyList<float[]>?)routerEntropy ?? [],
+                    NewOutputEntropy = (IReadOnlyList<float>?)outputEntropy ?? [],
+                    NewEvents = batch.Events.Count == 0 ? [] : [.. batch.Events],
+                    NewText = text.ToString(),
+                    PromptTokens = _sequence.OriginalPrompt.Length,
+                    CompletionTokens = completion,
+                    Finish = finish,
+                };
+            }
+        }
+        finally
+        {
+            if (!_finished) _engine.AbortSequence(_sequence, "the request's stream was closed before it finished");
+        }
+    }
+
+    public ValueTask DisposeAsync()
+    {
+        Abort();
+        return ValueTask.CompletedTask;
+    }
+}

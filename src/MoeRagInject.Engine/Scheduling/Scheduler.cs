@@ -1,0 +1,184 @@
+namespace MoeRagInject.Engine.Scheduling;
+
+/// <summary>One sequence's share of a step: <see cref="Tokens"/> positions from its <see cref="Sequence.Computed"/> on.</summary>
+/// <param name="CountsAsPrefill">Whether its tokens were taken from the step's prefill budget (prompt chunks and recomputes; not decodes).</param>
+internal readonly record struct ScheduledChunk(Sequence Sequence, int Tokens, bool CountsAsPrefill);
+
+/// <summary>
+/// Pure bookkeeping of who runs in the next step (nothing here knows tensors). A waiting queue and a running set ordered by
+/// arrival; KV blocks appended on demand as sequences grow. Each step takes, in order: one token of every decoding request
+/// (so that a long prompt never stalls them), prompt chunks of running requests, then new or preempted requests, while
+/// slots, the prefill budget (--chunked-prefill-size per request, --max-prefill-tokens in all) and free blocks allow. When a
+/// running request needs a block and none is free, the newest request holding blocks is preempted: its blocks are freed and
+/// it waits at the front of the queue to be recomputed.
+/// </summary>
+internal sealed class Scheduler
+{
+    private readonly KvBlockManager _blocks;
+    private readonly LinkedList<Sequence> _waiting = new();
+    /// <summary>Running and retrieving sequences, oldest first.</summary>
+    private readonly List<Sequence> _running = [];
+    private readonly Stack<int> _freeSlots;
+    private readonly List<ScheduledChunk> _batch = [];
+    private readonly int _chunkSize;
+    private readonly int _prefillBudget;
+
+    public Scheduler(KvBlockManager blocks, int maxSequences, int chunkSize, int prefillBudget)
+    {
+        _blocks = blocks;
+        _chunkSize = chunkSize;
+        _prefillBudget = prefillBudget;
+        _freeSlots = new Stack<int>(Enumerable.Range(0, maxSequences).Reverse());
+        MaxSequences = maxSequences;
+    }
+
+    public int MaxSequences { get; }
+    public KvBlockManager Blocks => _blocks;
+    public long Preemptions { get; private set; }
+    public int Waiting => _waiting.Count;
+    /// <summary>Sequences holding a slot and not waiting: running or retrieving.</summary>
+    public int Active => _running.Count;
+    public int Retrieving
+    {
+        get
+        {
+            var n = 0;
+            foreach (var s in _running)
+                if (s.State == SequenceState.Retrieving) n++;
+            return n;
+        }
+    }
+
+    public void Add(Sequence sequence)
+    {
+        sequence.State = SequenceState.Waiting;
+        _waiting.AddLast(sequence);
+    }
+
+    /// <summary>Every sequence not finished (for shutdown).</summary>
+    public List<Sequence> All() => [.. _running, .. _waiting];
+
+    /// <summary>Takes a finished sequence out: its blocks and slot go back to the pools.</summary>
+    public void Remove(Sequence sequence)
+    {
+        if (!_running.Remove(sequence)) _waiting.Remove(sequence);
+        ReleaseBlocks(sequence);
+        if (sequence.Slot >= 0)
+        {
+            _freeSlots.Push(sequence.Slot);
+            sequence.Slot = -1;
+        }
+    }
+
+    /// <summary>A parked sequence may run again; one that lost its blocks while parked goes to the front of the queue to be recomputed.</summary>
+    public void Resume(Sequence sequence)
+    {
+        if (sequence.BlockTable.Count == 0 && _running.Remove(sequence))
+        {
+            sequence.State = SequenceState.Waiting;
+            _waiting.AddFirst(sequence);
+            return;
+        }
+        sequence.State = SequenceState.Running;
+    }
+
+    /// <summary>The next step's chunks (reused between calls); empty when nothing can run.</summary>
+    public IReadOnlyList<ScheduledChunk> Schedule()
+    {
+        _batch.Clear();
+        var prefill = _prefillBudget;
+        // Decodes first: one token of every running request, and the one position a retrieval left to recompute.
+        for (var i = 0; i < _running.Count; i++)
+        {
+            var s = _running[i];
+            if (s.State == SequenceState.Running && s.TotalTokens - s.Computed == 1 && Reserve(s, s.Computed + 1, ref prefill))
+                _batch.Add(new ScheduledChunk(s, 1, CountsAsPrefill: false));
+        }
+        // Then the next chunk of each running request still prefilling (a long prompt, or a context rebuilt by prompt RAG).
+        for (var i = 0; i < _running.Count && prefill > 0; i++)
+        {
+            var s = _running[i];
+            var need = s.TotalTokens - s.Computed;
+            if (s.State != SequenceState.Running || need <= 1) continue;
+            var chunk = Math.Min(need, Math.Min(_chunkSize, prefill));
+            if (!Reserve(s, s.Computed + chunk, ref prefill)) continue;
+            _batch.Add(new ScheduledChunk(s, chunk, CountsAsPrefill: true));
+            prefill -= chunk;
+        }
+        // Then admit from the queue (preempted requests are at its front) while a slot, the budget and free blocks allow.
+        while (_waiting.First is { } node && prefill > 0)
+        {
+            var s = node.Value;
+            if (s.Slot < 0 && _freeSlots.Count == 0) break;
+            var chunk = Math.Min(s.TotalTokens - s.Computed, Math.Min(_chunkSize, prefill));
+            if (!_blocks.EnsureCapacity(s.BlockTable, s.Computed + chunk)) break;
+            _waiting.RemoveFirst();
+            if (s.Slot < 0)
+            {
+                s.Slot = _freeSlots.Pop();
+                s.SlotBound = false;
+            }
+            s.State = SequenceState.Running;
+            InsertByArrival(s);
+            _batch.Add(new ScheduledChunk(s, chunk, CountsAsPrefill: true));
+            prefill -= chunk;
+        }
+        return _batch;
+    }
+
+    /// <summary>Blocks for positions below <paramref name="upTo"/>, preempting the newest other holders of blocks until they fit.</summary>
+    private bool Reserve(Sequence s, int upTo, ref int prefill)
+    {
+        while (!_blocks.EnsureCapacity(s.BlockTable, upTo))
+        {
+            Sequence? victim = null;
+            for (var i = _running.Count - 1; i >= 0; i--)
+            {
+                var candidate = _running[i];
+                if (candidate != s && candidate.BlockTable.Count > 0)
+                {
+                    victim = candidate;
+                    break;
+                }
+            }
+            if (victim is null) return false;
+            Preempt(victim, ref prefill);
+        }
+        return true;
+    }
+
+    private void Preempt(Sequence victim, ref int prefill)
+    {
+        for (var i = 0; i < _batch.Count; i++)
+        {
+            if (_batch[i].Sequence != victim) continue;
+            if (_batch[i].CountsAsPrefill) prefill += _batch[i].Tokens;
+            _batch.RemoveAt(i);
+            break;
+        }
+        ReleaseBlocks(victim);
+        victim.Preemptions++;
+        Preemptions++;
+        if (victim.State == SequenceState.Running)
+        {
+            // A parked victim stays parked (Resume requeues it); a running one waits at the front to be recomputed.
+            _running.Remove(victim);
+            victim.State = SequenceState.Waiting;
+            _waiting.AddFirst(victim);
+        }
+    }
+
+    private void ReleaseBlocks(Sequence s)
+    {
+        _blocks.Release(s.BlockTable);
+        s.SyncedBlocks = 0;
+        s.Computed = 0;
+    }
+
+    private void InsertByArrival(Sequence s)
+    {
+        var i = _running.Count;
+        while (i > 0 && _running[i - 1].Arrival > s.Arrival) i--;
+        _running.Insert(i, s);
+    }
+}
