@@ -117,12 +117,13 @@ public sealed class EntropyTrigger
             return new TriggerDecision(false, 0, []);
         }
 
+        // One pass without allocating (this runs for every token of every request); the fired layers are listed only on a fire.
         double threshold = Options.Threshold;
         double max = double.NegativeInfinity;
         int argmax = -1;
         double sum = 0;
         int finite = 0;
-        var above = new List<int>();
+        int aboveCount = 0;
         for (int i = 0; i < count; i++)
         {
             int layer = _layers is null ? i : _layers[i];
@@ -142,7 +143,7 @@ public sealed class EntropyTrigger
 
             if (e > threshold)
             {
-                above.Add(layer);
+                aboveCount++;
             }
         }
 
@@ -158,16 +159,11 @@ public sealed class EntropyTrigger
             case LayerAggregation.Any:
             case LayerAggregation.Max:
                 entropy = max;
-                crossed = above.Count > 0;
+                crossed = aboveCount > 0;
                 break;
             case LayerAggregation.Mean:
                 entropy = sum / finite;
                 crossed = entropy > threshold;
-                if (crossed && above.Count == 0)
-                {
-                    above.Add(argmax); // only reachable through rounding, but keep FiredLayers non-empty
-                }
-
                 break;
             default:
                 throw new InvalidOperationException($"Unknown layer aggregation {Options.Aggregation}.");
@@ -186,6 +182,21 @@ public sealed class EntropyTrigger
         if (_lastRetrievalToken is int last && (long)tokenIndex - last < Options.CooldownTokens)
         {
             return new TriggerDecision(false, entropy, []) { Suppression = TriggerSuppression.Cooldown };
+        }
+
+        var above = new List<int>(Math.Max(1, aboveCount));
+        for (int i = 0; i < count; i++)
+        {
+            int layer = _layers is null ? i : _layers[i];
+            if (entropies[layer] > threshold)
+            {
+                above.Add(layer);
+            }
+        }
+
+        if (above.Count == 0)
+        {
+            above.Add(argmax); // Mean above the threshold with no layer above it: only through rounding, but keep FiredLayers non-empty
         }
 
         return new TriggerDecision(true, entropy, above);

@@ -261,6 +261,105 @@ public sealed class EngineTests : IDisposable
         Assert.Equal(a.Tokens.IndexOf(stopAt) + 1, stopped.Tokens.Count);
     }
 
+    /// <summary>Submit validates at once: a bad request throws before anything is queued, never while its stream is read.</summary>
+    [Fact]
+    public async Task SubmitRejectsInvalidRequestsSynchronously()
+    {
+        await using var engine = CreateEngine(null);
+        GenerationRequest Valid() => Greedy([1, 5, 9], InjectionMode.Off);
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { PromptIds = [1, 5000] }));
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { Sampling = Valid().Sampling with { MaxNewTokens = 100_000 } }));
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { Rag = new RagOverrides { Scale = 1e30f } }));
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { Rag = new RagOverrides { Threshold = double.NaN } }));
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { Sampling = Valid().Sampling with { StopTokenIds = [-1] } }));
+        await using var first = engine.Submit(Valid() with { Rid = "same" });
+        Assert.Throws<ArgumentException>(() => engine.Submit(Valid() with { Rid = "same" }));
+        // The first of the two with that rid was valid and runs to its end.
+        FinishReason? finish = null;
+        await foreach (var update in first) finish = update.Finish ?? finish;
+        Assert.Equal(FinishKind.Length, finish?.Kind);
+    }
+
+    /// <summary>Leaving a stream early (disposing its enumerator) aborts the request and frees its blocks and slot.</summary>
+    [Fact]
+    public async Task DisposingAStreamAbortsItsRequest()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        await using var engine = CreateEngine(null);
+        await foreach (var update in engine.Submit(Greedy(reference.Prompts[1].InputIds, InjectionMode.Off, 1000)))
+            if (update.NewTokenIds.Count > 0) break;
+        var status = await WaitForIdleAsync(engine);
+        Assert.Equal(0, status.Running);
+        Assert.Equal(status.TotalKvBlocks, status.FreeKvBlocks);
+        var after = await Collect(engine, Greedy(reference.Prompts[0].InputIds, InjectionMode.Off));
+        Assert.Equal(reference.Prompts[0].GreedyIds, after.Tokens);
+    }
+
+    /// <summary>Aborting a request whose retrieval is in flight cancels the retrieval: the search server sees its client leave.</summary>
+    [Fact]
+    public async Task AbortingARequestCancelsItsRetrieval()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        using var server = new HangingServer();
+        await using var engine = CreateEngine(server.Url, threshold: 0, timeout: TimeSpan.FromSeconds(30));
+        var request = Greedy(reference.Prompts[0].InputIds, InjectionMode.Latent) with { Rid = "to-abort" };
+        var collecting = Collect(engine, request);
+        await server.Connected.WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.True(engine.Abort("to-abort"));
+        var result = await collecting.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(FinishKind.Abort, result.Finish.Kind);
+        await server.Disconnected.WaitAsync(TimeSpan.FromSeconds(5));
+    }
+
+    private static async Task<EngineStatus> WaitForIdleAsync(IGenerationEngine engine)
+    {
+        for (var i = 0; i < 500; i++)
+        {
+            var status = engine.GetStatus();
+            if (status.Running == 0 && status.Waiting == 0 && status.FreeKvBlocks == status.TotalKvBlocks) return status;
+            await Task.Delay(10);
+        }
+        return engine.GetStatus();
+    }
+
+    /// <summary>A real TCP server on loopback that reads an HTTP request and never answers, noting when its client hangs up.</summary>
+    private sealed class HangingServer : IDisposable
+    {
+        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+        private readonly TaskCompletionSource _connected = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly TaskCompletionSource _disconnected = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public HangingServer()
+        {
+            _listener.Start();
+            Url = $"http://127.0.0.1:{((IPEndPoint)_listener.LocalEndpoint).Port}/search";
+            _ = Task.Run(async () =>
+            {
+                try
+                {
+                    using var client = await _listener.AcceptTcpClientAsync();
+                    var stream = client.GetStream();
+                    var buffer = new byte[4096];
+                    _connected.TrySetResult();
+                    // Read until the client closes the connection (Read returns 0) or resets it.
+                    while (await stream.ReadAsync(buffer) > 0)
+                    {
+                    }
+                }
+                catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+                {
+                }
+                _disconnected.TrySetResult();
+            });
+        }
+
+        public string Url { get; }
+        public Task Connected => _connected.Task;
+        public Task Disconnected => _disconnected.Task;
+
+        public void Dispose() => _listener.Stop();
+    }
+
     private static int FreePort()
     {
         using var listener = new TcpListener(IPAddress.Loopback, 0);

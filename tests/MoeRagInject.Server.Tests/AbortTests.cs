@@ -97,4 +97,25 @@ public sealed class AbortTests(SingleSlotServerFixture server) : IClassFixture<S
         var abort = await server.Client.PostOkAsync("/abort_request", new JsonObject { ["rid"] = "never-existed" });
         Assert.False(abort["success"]!.GetValue<bool>());
     }
+
+    /// <summary>With the only slot taken, a second stream is queued, yet its response headers come at once (validation is synchronous).</summary>
+    [Fact]
+    public async Task QueuedRequest_GetsItsHeadersAtOnce()
+    {
+        using var running = await OpenStreamAsync(server.Client, LongStream("hold-the-slot"), CancellationToken.None);
+        using var first = new StreamReader(await running.Content.ReadAsStreamAsync());
+        Assert.StartsWith("data: {", await first.ReadLineAsync());
+
+        using var headersIn = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        var watch = Stopwatch.StartNew();
+        using var queued = await OpenStreamAsync(server.Client, LongStream("queued"), headersIn.Token);
+        Assert.Equal("text/event-stream", queued.Content.Headers.ContentType?.MediaType);
+        Assert.True(server.Engine.GetStatus().Waiting >= 1 || watch.Elapsed < TimeSpan.FromSeconds(10));
+        Assert.True(server.Engine.Abort("queued"));
+        Assert.True(server.Engine.Abort("hold-the-slot"));
+        using var second = new StreamReader(await queued.Content.ReadAsStreamAsync());
+        var events = Http.JsonEvents(await Http.ReadEventsAsync(second, CancellationToken.None));
+        Assert.Equal("abort", events[^1]["meta_info"]!["finish_reason"]!["type"]!.GetValue<string>());
+        Assert.Empty(TestData.IntArray(events[^1]["output_ids"]));
+    }
 }

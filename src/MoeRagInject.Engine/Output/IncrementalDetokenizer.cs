@@ -6,8 +6,10 @@ namespace MoeRagInject.Engine.Output;
 /// <summary>
 /// Decodes output tokens as they arrive with O(1) work per token, as vLLM's and Hugging Face's streaming decoders do: it
 /// keeps a prefix offset and a read offset, decodes only the tokens from the prefix offset on, and emits the text past
-/// what those prefix tokens alone decode to. Text that ends in U+FFFD (the bytes of a character still incomplete, as
-/// byte-fallback tokens deliver it) is held until the character completes, so what is emitted is never revised.
+/// what those prefix tokens alone decode to. What is emitted is never revised, and all of it joined is exactly the whole
+/// sequence's decode: a run of byte-fallback tokens is held until a token that is not a byte ends it (Hugging Face decodes
+/// each run as a unit, so a later byte can turn a character already complete into U+FFFD), and text that still ends in
+/// U+FFFD is held until more arrives.
 /// </summary>
 internal sealed class IncrementalDetokenizer(Tokenizer tokenizer, bool skipSpecialTokens)
 {
@@ -20,6 +22,7 @@ internal sealed class IncrementalDetokenizer(Tokenizer tokenizer, bool skipSpeci
     public string Push(int token)
     {
         _ids.Add(token);
+        if (tokenizer.IsByteFallbackToken(token)) return "";
         var text = Decode(_prefix, _ids.Count);
         if (text.Length <= _prefixText.Length || text[^1] == '\uFFFD') return "";
         var delta = text[_prefixText.Length..];

@@ -217,6 +217,9 @@ public sealed class Tokenizer
     /// <summary>The token text of an id, or null when the id has none.</summary>
     public string? IdToToken(int id) => id >= 0 && id < _idToToken.Length ? _idToToken[id] : null;
 
+    /// <summary>True for a byte-fallback token (<c>&lt;0xNN&gt;</c>): one byte of a character the vocabulary has no token for.</summary>
+    public bool IsByteFallbackToken(int id) => IdToToken(id) is { } token && ByteFallbackDecoder.TryParseByte(token, out _);
+
     /// <summary>Ids of <paramref name="text"/>; with <paramref name="addSpecialTokens"/> the post-processor's BOS is added.</summary>
     public int[] Encode(string text, bool addSpecialTokens = true)
     {

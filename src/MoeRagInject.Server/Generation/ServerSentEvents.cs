@@ -20,6 +20,8 @@ public static class ServerSentEvents
         // Proxies such as nginx buffer responses unless told not to; a token stream must not wait in a buffer.
         response.Headers["X-Accel-Buffering"] = "no";
         await response.StartAsync(cancellationToken).ConfigureAwait(false);
+        // Send the headers now: a queued request's client learns at once that it was accepted.
+        await response.Body.FlushAsync(cancellationToken).ConfigureAwait(false);
     }
 
     public static async Task WriteAsync<T>(HttpResponse response, T value, JsonTypeInfo<T> typeInfo, CancellationToken cancellationToken)
