@@ -6,18 +6,22 @@ namespace MoeRagInject.Backend;
 /// A runner that does no arithmetic, for measuring the host side: the engine, scheduler, output processing and RAG
 /// coordination run for real over it. Each sampling sequence gets a token from a fixed pseudo-random walk over ordinary
 /// ids (never EOS), and router entropies that exceed any threshold on a configurable share of tokens (the trigger rate).
+/// A step can be made to last a given time (sleeping, as the host does while a GPU computes), so that retrievals and
+/// readers run beside steps as long as a real device's.
 /// </summary>
 public sealed class NullRunner : IModelRunner
 {
     private readonly float _triggerRate;
+    private readonly TimeSpan _stepTime;
 
-    public NullRunner(ModelConfig config, RunnerLimits limits, float triggerRate)
+    public NullRunner(ModelConfig config, RunnerLimits limits, float triggerRate, TimeSpan stepTime = default)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(triggerRate, 0f);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(triggerRate, 1f);
         Config = config;
         Limits = limits;
         _triggerRate = triggerRate;
+        _stepTime = stepTime;
         State = new StepState(limits, config);
     }
 
@@ -49,6 +53,7 @@ public sealed class NullRunner : IModelRunner
 
     public void Execute()
     {
+        if (_stepTime > TimeSpan.Zero) Thread.Sleep(_stepTime);
         var s = State;
         var layers = Config.NumLayers;
         var firstOrdinary = Math.Min(259, Config.VocabSize - 1);
@@ -93,7 +98,7 @@ public sealed class NullRunner : IModelRunner
 }
 
 /// <summary>--device null: the <see cref="NullRunner"/>, sized like a real runner but holding no weights.</summary>
-public sealed class NullRunnerFactory(float triggerRate) : IRunnerFactory
+public sealed class NullRunnerFactory(float triggerRate, TimeSpan stepTime = default) : IRunnerFactory
 {
     public string Device => "null";
 
@@ -104,6 +109,6 @@ public sealed class NullRunnerFactory(float triggerRate) : IRunnerFactory
         var tokens = options.KvCacheTokens ?? (long)options.MaxSequences * blocksPerSequence * bs;
         var limits = new RunnerLimits(options.MaxSequences, Math.Max(options.MaxRows, options.MaxSequences), blocksPerSequence, bs,
             (int)Math.Min((tokens + bs - 1) / bs, int.MaxValue / bs), 0, 0);
-        return new NullRunner(config, limits, triggerRate);
+        return new NullRunner(config, limits, triggerRate, stepTime);
     }
 }

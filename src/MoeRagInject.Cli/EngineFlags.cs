@@ -49,10 +49,10 @@ public static class EngineFlags
     private static string I(double value) => value.ToString(System.Globalization.CultureInfo.InvariantCulture);
 
     /// <summary>The one place a device is chosen: --device picks the runner the engine gets.</summary>
-    public static IRunnerFactory Runner(string device, int? threads, float nullTriggerRate = 0) => device switch
+    public static IRunnerFactory Runner(string device, int? threads, float nullTriggerRate = 0, TimeSpan nullStepTime = default) => device switch
     {
         "cpu" => new CpuRunnerFactory(threads ?? Environment.ProcessorCount),
-        "null" => new NullRunnerFactory(nullTriggerRate),
+        "null" => new NullRunnerFactory(nullTriggerRate, nullStepTime),
         _ when device.StartsWith("cuda", StringComparison.Ordinal) => throw new UsageException("--device cuda: the CUDA backend is not built yet (use --device cpu)"),
         _ => throw new UsageException($"invalid value for --device: '{device}' (expected cpu or null)"),
     };
@@ -61,13 +61,14 @@ public static class EngineFlags
 
     /// <summary>EngineOptions from the flags; without --model-path the embedded model (and its default corpus) are served.</summary>
     /// <param name="nullTriggerRate">For --device null: the share of tokens whose router entropies fire the trigger.</param>
-    public static EngineOptions ToOptions(ParsedFlags flags, float nullTriggerRate = 0)
+    /// <param name="nullStepTime">For --device null: how long a step lasts.</param>
+    public static EngineOptions ToOptions(ParsedFlags flags, float nullTriggerRate = 0, TimeSpan nullStepTime = default)
     {
         ArgumentNullException.ThrowIfNull(flags);
         var defaults = Defaults;
 
         var device = (flags.String("device") ?? "cpu").ToLowerInvariant();
-        var runner = Runner(device, flags.IntIn("threads", 1), nullTriggerRate);
+        var runner = Runner(device, flags.IntIn("threads", 1), nullTriggerRate, nullStepTime);
 
         var trigger = defaults.Trigger with
         {

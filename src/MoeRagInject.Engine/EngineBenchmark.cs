@@ -8,15 +8,16 @@ using MoeRagInject.Rag;
 namespace MoeRagInject.Engine;
 
 /// <summary>One measured configuration: B concurrent requests of P prompt tokens generating N tokens each.</summary>
-/// <param name="StepMilliseconds">Mean wall time of a decode step, scheduling to results applied.</param>
+/// <param name="PrefillSeconds">From submitting the requests until each had its first token (as its reader saw it).</param>
+/// <param name="DecodeTokensPerSecond">Tokens accepted in decode steps per second of decode-step time, measured in the engine loop.</param>
+/// <param name="StepMilliseconds">Mean time of a decode step, scheduling to results applied.</param>
 /// <param name="HostMicrosecondsPerStep">Of a decode step, the time spent outside the runner (the engine's own cost).</param>
+/// <param name="MeanDecodeBatch">Sequences in a decode step on average (fewer than the batch while requests wait for retrievals).</param>
 public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, int NewTokens, double PrefillSeconds,
-    double DecodeSeconds, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep)
+    double DecodeTokensPerSecond, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep, double MeanDecodeBatch)
 {
     /// <summary>Prompt tokens per second until every request had its first token.</summary>
     public double PrefillTokensPerSecond => BatchSize * PromptTokens / PrefillSeconds;
-    /// <summary>Generated tokens per second after the first token, over all requests.</summary>
-    public double DecodeTokensPerSecond => BatchSize * (NewTokens - 1) / DecodeSeconds;
 
     public JsonObject ToJson() => new()
     {
@@ -28,6 +29,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
         ["decode_tok_s"] = Math.Round(DecodeTokensPerSecond, 1),
         ["step_ms"] = Math.Round(StepMilliseconds, 4),
         ["host_us_per_step"] = Math.Round(HostMicrosecondsPerStep, 2),
+        ["mean_decode_batch"] = Math.Round(MeanDecodeBatch, 1),
         ["retrievals"] = Retrievals,
     };
 }
@@ -66,7 +68,7 @@ public static class EngineBenchmark
                 var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false);
                 rows.Add(row);
                 progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs), retrievals {row.Retrievals}"));
+                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}"));
             }
         }
         return rows;
@@ -92,7 +94,7 @@ public static class EngineBenchmark
         var start = Stopwatch.GetTimestamp();
         var firstTokens = 0;
         long prefillEnd = 0;
-        EngineCounters atPrefillEnd = default;
+        var before = engine.Counters;
         var retrievals = 0;
         await Task.WhenAll(Enumerable.Range(0, batch).Select(async i =>
         {
@@ -108,20 +110,15 @@ public static class EngineBenchmark
                 if (first && update.NewTokenIds.Count > 0)
                 {
                     first = false;
-                    if (Interlocked.Increment(ref firstTokens) == batch)
-                    {
-                        prefillEnd = Stopwatch.GetTimestamp();
-                        atPrefillEnd = engine.Counters;
-                    }
+                    if (Interlocked.Increment(ref firstTokens) == batch) prefillEnd = Stopwatch.GetTimestamp();
                 }
                 Interlocked.Add(ref retrievals, update.NewEvents.Count);
             }
         })).ConfigureAwait(false);
-        var end = Stopwatch.GetTimestamp();
-        var decode = engine.Counters - atPrefillEnd;
+        var run = engine.Counters - before;
         return new BenchmarkRow(mode.ToString().ToLowerInvariant(), batch, prompts[0].Length, newTokens,
-            Stopwatch.GetElapsedTime(start, prefillEnd).TotalSeconds, Stopwatch.GetElapsedTime(prefillEnd, end).TotalSeconds, retrievals,
-            decode.StepMilliseconds, decode.HostMicrosecondsPerStep);
+            Stopwatch.GetElapsedTime(start, prefillEnd).TotalSeconds, run.DecodeTokensPerSecond, retrievals,
+            run.DecodeStepMilliseconds, run.HostMicrosecondsPerDecodeStep, run.MeanDecodeBatch);
     }
 
     /// <summary>A markdown table, with each row's decode speed as a ratio of the RAG-off row of the same batch size.</summary>
@@ -130,14 +127,14 @@ public static class EngineBenchmark
         var text = new StringBuilder();
         text.AppendLine(CultureInfo.InvariantCulture, $"Machine: {machine}. Device: {device}. Model: {model}.");
         text.AppendLine();
-        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | decode tok/s | decode vs off | step ms | host µs/step | retrievals |");
-        text.AppendLine("|---|---|---|---|---|---|---|---|---|---|");
+        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | decode tok/s | decode vs off | step ms | host µs/step | mean decode batch | retrievals |");
+        text.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var row in rows)
         {
             var baseline = rows.FirstOrDefault(r => r.Mode == "off" && r.BatchSize == row.BatchSize);
             var ratio = baseline is null ? "—" : string.Create(CultureInfo.InvariantCulture, $"{row.DecodeTokensPerSecond / baseline.DecodeTokensPerSecond:F2}×");
             text.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {row.DecodeTokensPerSecond:F1} | {ratio} | {row.StepMilliseconds:F3} | {row.HostMicrosecondsPerStep:F1} | {row.Retrievals} |"));
+                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {row.DecodeTokensPerSecond:F1} | {ratio} | {row.StepMilliseconds:F3} | {row.HostMicrosecondsPerStep:F1} | {row.MeanDecodeBatch:F1} | {row.Retrievals} |"));
         }
         return text.ToString();
     }

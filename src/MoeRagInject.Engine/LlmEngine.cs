@@ -11,19 +11,37 @@ using MoeRagInject.Rag;
 
 namespace MoeRagInject.Engine;
 
-/// <summary>Host-time counters of the engine loop since it started (read them before and after a measured phase).</summary>
+/// <summary>
+/// Time counters of the engine loop since it started, for decode steps (every sequence of the step computes one position)
+/// and for all steps (read them before and after a measured phase, and subtract).
+/// </summary>
 /// <param name="Steps">Steps run.</param>
 /// <param name="StepTicks">Stopwatch ticks from scheduling a step to the end of applying its results.</param>
 /// <param name="RunnerTicks">Of those, ticks inside the runner's Execute.</param>
-public readonly record struct EngineCounters(long Steps, long StepTicks, long RunnerTicks, long Rows)
+/// <param name="DecodeSteps">Steps that were decode steps.</param>
+/// <param name="DecodeTicks">Their ticks, scheduling to results applied.</param>
+/// <param name="DecodeRunnerTicks">Of those, ticks inside the runner.</param>
+/// <param name="DecodeTokens">Tokens accepted in decode steps.</param>
+/// <param name="DecodeRows">Sequences in decode steps, summed over the steps.</param>
+public readonly record struct EngineCounters(long Steps, long StepTicks, long RunnerTicks, long DecodeSteps, long DecodeTicks,
+    long DecodeRunnerTicks, long DecodeTokens, long DecodeRows)
 {
     public static EngineCounters operator -(EngineCounters a, EngineCounters b) =>
-        new(a.Steps - b.Steps, a.StepTicks - b.StepTicks, a.RunnerTicks - b.RunnerTicks, a.Rows - b.Rows);
+        new(a.Steps - b.Steps, a.StepTicks - b.StepTicks, a.RunnerTicks - b.RunnerTicks, a.DecodeSteps - b.DecodeSteps,
+            a.DecodeTicks - b.DecodeTicks, a.DecodeRunnerTicks - b.DecodeRunnerTicks, a.DecodeTokens - b.DecodeTokens,
+            a.DecodeRows - b.DecodeRows);
 
-    /// <summary>Microseconds per step spent outside the runner: scheduling, building inputs, applying results.</summary>
-    public double HostMicrosecondsPerStep => Steps == 0 ? 0 : (StepTicks - RunnerTicks) * 1e6 / Stopwatch.Frequency / Steps;
+    /// <summary>Mean sequences in a decode step (the batch the runner saw).</summary>
+    public double MeanDecodeBatch => DecodeSteps == 0 ? 0 : (double)DecodeRows / DecodeSteps;
 
-    public double StepMilliseconds => Steps == 0 ? 0 : StepTicks * 1e3 / Stopwatch.Frequency / Steps;
+    /// <summary>Microseconds per decode step spent outside the runner: scheduling, building inputs, applying results.</summary>
+    public double HostMicrosecondsPerDecodeStep => DecodeSteps == 0 ? 0 : (DecodeTicks - DecodeRunnerTicks) * 1e6 / Stopwatch.Frequency / DecodeSteps;
+
+    /// <summary>Milliseconds per decode step, scheduling to results applied.</summary>
+    public double DecodeStepMilliseconds => DecodeSteps == 0 ? 0 : DecodeTicks * 1e3 / Stopwatch.Frequency / DecodeSteps;
+
+    /// <summary>Tokens per second of decode-step time.</summary>
+    public double DecodeTokensPerSecond => DecodeTicks == 0 ? 0 : DecodeTokens * (double)Stopwatch.Frequency / DecodeTicks;
 }
 
 /// <summary>
@@ -54,7 +72,8 @@ public sealed class LlmEngine : IGenerationEngine
     private long _nextArrival;
     private long _nextRid;
 
-    private long _steps, _stepTicks, _runnerTicks, _rows;
+    private long _steps, _stepTicks, _runnerTicks, _decodeSteps, _decodeTicks, _decodeRunnerTicks, _decodeTokens, _decodeRows;
+    private int _accepted;
     private volatile EngineStatus _status;
 
     internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector)
@@ -97,7 +116,8 @@ public sealed class LlmEngine : IGenerationEngine
 
     /// <summary>Host-time counters (read on any thread; steps in flight are not counted yet).</summary>
     public EngineCounters Counters => new(Interlocked.Read(ref _steps), Interlocked.Read(ref _stepTicks), Interlocked.Read(ref _runnerTicks),
-        Interlocked.Read(ref _rows));
+        Interlocked.Read(ref _decodeSteps), Interlocked.Read(ref _decodeTicks), Interlocked.Read(ref _decodeRunnerTicks),
+        Interlocked.Read(ref _decodeTokens), Interlocked.Read(ref _decodeRows));
 
     public GenerationStream Submit(GenerationRequest request)
     {
@@ -244,6 +264,7 @@ public sealed class LlmEngine : IGenerationEngine
         _runner.Execute();
         var runner = Stopwatch.GetTimestamp() - before;
 
+        _accepted = 0;
         for (var i = 0; i < batch.Count; i++)
         {
             var (s, tokens, _) = batch[i];
@@ -251,10 +272,18 @@ public sealed class LlmEngine : IGenerationEngine
             s.Computed += tokens;
             if ((state.SeqFlags[i] & StepState.FlagSample) != 0) Apply(s, i, batch.Count);
         }
+        var ticks = Stopwatch.GetTimestamp() - started;
         Interlocked.Increment(ref _steps);
-        Interlocked.Add(ref _rows, rows);
         Interlocked.Add(ref _runnerTicks, runner);
-        Interlocked.Add(ref _stepTicks, Stopwatch.GetTimestamp() - started);
+        Interlocked.Add(ref _stepTicks, ticks);
+        if (rows == batch.Count)
+        {
+            Interlocked.Increment(ref _decodeSteps);
+            Interlocked.Add(ref _decodeTicks, ticks);
+            Interlocked.Add(ref _decodeRunnerTicks, runner);
+            Interlocked.Add(ref _decodeTokens, _accepted);
+            Interlocked.Add(ref _decodeRows, rows);
+        }
     }
 
     /// <summary>Gives a newly admitted request its slot's sampling state, and the runner the KV blocks it gained.</summary>
@@ -324,6 +353,7 @@ public sealed class LlmEngine : IGenerationEngine
         }
 
         var token = state.OutTokens[i];
+        _accepted++;
         if (!s.Sampling.IsGreedy) s.Rng.NextSingle();
         if (state.Sampling[s.Slot].HasPenalties) _runner.AcceptToken(s.Slot, token);
         s.Generated.Add(token);

@@ -21,6 +21,7 @@ public static class BenchCommand
         .Add(new("new-tokens", FlagKind.Int, "the same as --output-len", "32", "N"))
         .Add(new("modes", FlagKind.List, "RAG modes to measure", "off,latent (off when no retriever is set)", "off,latent,prompt"))
         .Add(new("trigger-rate", FlagKind.Double, "with --device null: share of tokens whose router entropies fire the trigger", "0.05", "R"))
+        .Add(new("null-step-ms", FlagKind.Double, "with --device null: how long a step lasts (as a device would take)", "0", "MS"))
         .Add(new("json", FlagKind.Bool, "print one JSON object instead of the table"))
         .Add(new("out", FlagKind.String, "also write the table (or JSON) to this file", null, "FILE"))
         .AddRange(EngineFlags.Specs());
@@ -34,7 +35,8 @@ public static class BenchCommand
         var newTokens = flags.IntIn("output-len", 2) ?? flags.IntIn("new-tokens", 2) ?? 32;
         var triggerRate = (float)(flags.DoubleIn("trigger-rate", 0, 1) ?? 0.05);
         var json = flags.Bool("json");
-        var options = EngineFlags.ToOptions(flags, triggerRate) with { LogDir = Path.Combine(Path.GetTempPath(), "moe-rag-inject-bench-logs") };
+        var stepTime = TimeSpan.FromMilliseconds(flags.DoubleIn("null-step-ms", 0) ?? 0);
+        var options = EngineFlags.ToOptions(flags, triggerRate, stepTime) with { LogDir = Path.Combine(Path.GetTempPath(), "moe-rag-inject-bench-logs") };
         var modes = (flags.List("modes") ?? (options.Retriever is null ? ["off"] : ["off", "latent"]))
             .Select(m => Server.Requests.RequestParsing.ParseMode(m) ?? throw new UsageException($"invalid value for --modes: '{m}' (expected off, latent or prompt)"))
             .Distinct().ToList();
