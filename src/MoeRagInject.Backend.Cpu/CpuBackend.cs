@@ -29,7 +29,16 @@ public sealed class CpuBackend(int threads) : IBackend
 
     public ExpertStack UploadExperts(IReadOnlyList<ExpertWeights> experts) => new CpuExpertStack(experts);
 
-    public DeviceTensor Allocate(int rows, int columns) => new CpuActivation(rows, columns);
+    public DeviceTensor Allocate(int rows, int columns, ActivationKind kind = ActivationKind.Float32) => new CpuActivation(rows, columns);
+
+    /// <summary>fp32 activations of every row, and the MoE scratch: four [rows·k, width] buffers.</summary>
+    public long WorkspaceBytes(ModelConfig config, int maxRows, int maxSequences)
+    {
+        long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
+        var slots = (long)maxRows * config.NumExpertsPerToken;
+        return 4 * ((long)maxRows * (4 * h + q + 2 * kv + q) + (long)maxSequences * (h + config.VocabSize)
+            + slots * (3 * h + 2 * config.IntermediateSize) + (long)maxRows * config.NumLayers);
+    }
 
     public IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim) =>
         new CpuKvCache(layers, numBlocks, blockSize, kvHeads, headDim);
@@ -38,6 +47,8 @@ public sealed class CpuBackend(int threads) : IBackend
 
     public void Download(DeviceTensor source, int rows, Span<float> destination) =>
         source.Act().Data.AsSpan(0, rows * source.Columns).CopyTo(destination);
+
+    public void Upload(ReadOnlySpan<float> source, DeviceTensor destination) => source.CopyTo(destination.Act().Data);
 
     public void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows) =>
         Embedding.Lookup(table.Weight(), step.Host.TokenIds, hidden.Act(), rows);

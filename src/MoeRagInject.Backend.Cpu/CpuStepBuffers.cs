@@ -54,6 +54,14 @@ internal sealed class CpuStepBuffers : IStepBuffers
     {
     }
 
+    public void BlocksChanged(int slot, int first, int count)
+    {
+    }
+
+    public void SlotBound(int slot)
+    {
+    }
+
     public void TokenAccepted(int slot, int token)
     {
     }

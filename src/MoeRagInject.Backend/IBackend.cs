@@ -65,8 +65,14 @@ public interface IStepBuffers : IDisposable
     /// <summary>Copies every row's router entropies into <see cref="StepState.RowEntropies"/> (eager diagnostics only).</summary>
     void DownloadRowEntropies();
 
-    /// <summary>The slot's per-slot state (block table, injection, sampling, penalties) changed on the host; the next <see cref="Upload"/> copies it.</summary>
+    /// <summary>The slot's injection or sampling state changed on the host; the next <see cref="Upload"/> copies it.</summary>
     void SlotChanged(int slot);
+
+    /// <summary>A new request took the slot: its sampling state and penalty counts start afresh at the next <see cref="Upload"/>.</summary>
+    void SlotBound(int slot);
+
+    /// <summary>Entries [first, first + count) of the slot's block table changed on the host; the next <see cref="Upload"/> applies them.</summary>
+    void BlocksChanged(int slot, int first, int count);
 
     /// <summary>An output token of the slot was accepted (its penalty count grows); the next <see cref="Upload"/> applies it.</summary>
     void TokenAccepted(int slot, int token);
@@ -105,7 +111,11 @@ public interface IBackend : IDisposable
     ExpertStack UploadExperts(IReadOnlyList<ExpertWeights> experts);
 
     /// <summary>An activation buffer of <paramref name="rows"/> × <paramref name="columns"/> (contents undefined).</summary>
-    DeviceTensor Allocate(int rows, int columns);
+    /// <param name="kind">What it holds: a GPU keeps GEMM inputs in bf16, everything else in fp32; the CPU keeps all in fp32.</param>
+    DeviceTensor Allocate(int rows, int columns, ActivationKind kind = ActivationKind.Float32);
+
+    /// <summary>Bytes of activations and scratch a runner of these sizes needs besides weights and KV cache.</summary>
+    long WorkspaceBytes(ModelConfig config, int maxRows, int maxSequences);
 
     IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim);
 
@@ -114,6 +124,9 @@ public interface IBackend : IDisposable
 
     /// <summary>Copies the first <paramref name="rows"/> rows of an activation to the host (eager diagnostics and tests).</summary>
     void Download(DeviceTensor source, int rows, Span<float> destination);
+
+    /// <summary>Writes host values into an activation's first rows (rounded to bf16 where the backend keeps it so; tests).</summary>
+    void Upload(ReadOnlySpan<float> source, DeviceTensor destination);
 
     /// <summary>hidden[r] = table[tokenIds[r]].</summary>
     void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows);
@@ -167,6 +180,27 @@ public interface IBackend : IDisposable
     /// distribution's entropy, the router entropies of its sampling row, and a status (non-finite logits are reported, not sampled).
     /// </summary>
     void Sample(DeviceTensor logits, IStepBuffers step, int count);
+}
+
+/// <summary>What an activation buffer holds, so that a backend can choose its precision.</summary>
+public enum ActivationKind
+{
+    /// <summary>The residual stream, GEMM outputs, logits: fp32 everywhere.</summary>
+    Float32,
+    /// <summary>The input of a projection (normed activations, attention output): bf16 on a GPU.</summary>
+    GemmInput,
+}
+
+/// <summary>A backend that can record a step's ops once and replay them (CUDA graphs).</summary>
+public interface IGraphCapable
+{
+    /// <summary>Whether a step of <paramref name="rows"/> decode rows runs only capturable ops (no host synchronisation).</summary>
+    bool CanCapture(int rows);
+
+    /// <summary>Records what <paramref name="enqueue"/> enqueues, without running it, as a replayable graph.</summary>
+    IDisposable Capture(Action enqueue);
+
+    void Replay(IDisposable graph);
 }
 
 /// <summary>The attention geometry of a model, passed to the attention ops.</summary>

@@ -9,11 +9,11 @@ public sealed class ForwardBuffers : IDisposable
     {
         var shape = MixtralModel.ShapeOf(c);
         Hidden = backend.Allocate(maxRows, c.HiddenSize);
-        Normed = backend.Allocate(maxRows, c.HiddenSize);
+        Normed = backend.Allocate(maxRows, c.HiddenSize, ActivationKind.GemmInput);
         Qkv = backend.Allocate(maxRows, shape.QkvWidth);
-        Attention = backend.Allocate(maxRows, shape.QWidth);
+        Attention = backend.Allocate(maxRows, shape.QWidth, ActivationKind.GemmInput);
         Delta = backend.Allocate(maxRows, c.HiddenSize);
-        Gathered = backend.Allocate(maxSequences, c.HiddenSize);
+        Gathered = backend.Allocate(maxSequences, c.HiddenSize, ActivationKind.GemmInput);
         Logits = backend.Allocate(maxSequences, c.VocabSize);
     }
 

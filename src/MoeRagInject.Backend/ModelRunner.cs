@@ -15,15 +15,28 @@ public sealed class ModelRunner : IModelRunner
     private readonly IStepBuffers _step;
     private readonly ForwardBuffers _buffers;
     private readonly IDisposable? _ownedWeights;
+    private readonly IGraphCapable? _graphs;
+    private readonly int[] _buckets;
+    private readonly Dictionary<int, IDisposable> _captured = [];
 
     /// <param name="ownedWeights">What holds the weights' host memory (a dummy checkpoint), disposed with the runner.</param>
+    /// <param name="options">Whether and up to which batch decode steps replay captured graphs (backends that can capture).</param>
     public ModelRunner(IBackend backend, ModelConfig config, MixtralWeights weights, RunnerLimits limits,
-        Action<string>? progress = null, IDisposable? ownedWeights = null)
+        Action<string>? progress = null, IDisposable? ownedWeights = null, RunnerOptions? options = null)
     {
         _backend = backend;
         Config = config;
         Limits = limits;
         _ownedWeights = ownedWeights;
+        if (backend is IGraphCapable graphs && options is { DisableCudaGraph: false })
+        {
+            _graphs = graphs;
+            _buckets = GraphBuckets(Math.Min(options.CudaGraphMaxBatchSize, limits.MaxSequences));
+        }
+        else
+        {
+            _buckets = [];
+        }
         try
         {
             _model = new MixtralModel(backend, config, weights, progress);
@@ -58,6 +71,9 @@ public sealed class ModelRunner : IModelRunner
         var blocksPerSequence = (options.ContextLength + bs - 1) / bs;
         var context = blocksPerSequence * bs;
         var perToken = backend.KvBytesPerTokenPerLayer(config.NumKvHeads, config.HeadDim) * config.NumLayers;
+        var maxRows = Math.Max(options.MaxRows, options.MaxSequences);
+        // Activations and scratch come out of the same memory; the weights' share below includes them.
+        weightBytes += backend.WorkspaceBytes(config, maxRows, options.MaxSequences);
         var available = backend.AvailableMemoryBytes;
         MemoryPlan.EnsureFits(backend.Description, weightBytes, perToken, context, available);
         long tokens;
@@ -72,8 +88,7 @@ public sealed class ModelRunner : IModelRunner
             tokens = Math.Clamp(budget / perToken, context, (long)options.MaxSequences * context);
         }
         var blocks = (int)Math.Min((tokens + bs - 1) / bs, int.MaxValue / bs);
-        return new RunnerLimits(options.MaxSequences, Math.Max(options.MaxRows, options.MaxSequences), blocksPerSequence, bs, blocks,
-            perToken, weightBytes);
+        return new RunnerLimits(options.MaxSequences, maxRows, blocksPerSequence, bs, blocks, perToken, weightBytes);
     }
 
     public void BindSlot(int slot, SlotSampling sampling, ReadOnlySpan<int> promptIds)
@@ -82,7 +97,7 @@ public sealed class ModelRunner : IModelRunner
         State.Sampling[slot] = sampling;
         State.Penalties[slot].Reset(promptIds);
         ClearInjectionState(slot);
-        _step.SlotChanged(slot);
+        _step.SlotBound(slot);
     }
 
     public void SetBlocks(int slot, int firstIndex, ReadOnlySpan<int> blocks)
@@ -94,7 +109,7 @@ public sealed class ModelRunner : IModelRunner
             if ((uint)block >= (uint)Limits.NumKvBlocks)
                 throw new ArgumentOutOfRangeException(nameof(blocks), $"KV block {block} is outside the pool of {Limits.NumKvBlocks}");
         blocks.CopyTo(State.BlockTable(slot)[firstIndex..]);
-        _step.SlotChanged(slot);
+        _step.BlocksChanged(slot, firstIndex, blocks.Length);
     }
 
     public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end)
@@ -135,12 +150,68 @@ public sealed class ModelRunner : IModelRunner
         _step.TokenAccepted(slot, token);
     }
 
+    /// <summary>Decode batch sizes that get a graph: 1, 2, 4, 8, then steps of 8 to 64, of 16 to 128, of 32 beyond (as sglang and nano-vllm pad).</summary>
+    public static int[] GraphBuckets(int max)
+    {
+        var buckets = new List<int>();
+        for (var b = 1; b <= max;)
+        {
+            buckets.Add(b);
+            b = b < 8 ? b * 2 : b < 64 ? b + 8 : b < 128 ? b + 16 : b + 32;
+        }
+        if (max > 0 && buckets[^1] != max) buckets.Add(max);
+        return [.. buckets];
+    }
+
+    /// <summary>Decode steps whose batch has a captured graph (or gets one now), by bucket; the rest run op by op.</summary>
+    public IReadOnlyCollection<int> CapturedBuckets => _captured.Keys;
+
     public void Execute()
     {
+        var s = State;
+        if (_graphs is not null && s.Rows == s.Sequences && FindBucket(s.Sequences) is { } bucket && _graphs.CanCapture(bucket))
+        {
+            var real = s.Sequences;
+            Pad(bucket);
+            PrepareRows();
+            _step.Upload();
+            if (!_captured.TryGetValue(bucket, out var graph))
+            {
+                graph = _graphs.Capture(() => _model.Step(_buffers, _cache, _step, bucket, bucket));
+                _captured[bucket] = graph;
+            }
+            _graphs.Replay(graph);
+            _step.Download();
+            s.Rows = s.Sequences = real;
+            return;
+        }
         PrepareRows();
         _step.Upload();
-        _model.Step(_buffers, _cache, _step, State.Rows, State.Sequences);
+        _model.Step(_buffers, _cache, _step, s.Rows, s.Sequences);
         _step.Download();
+    }
+
+    private int? FindBucket(int sequences)
+    {
+        foreach (var b in _buckets)
+            if (b >= sequences) return b;
+        return null;
+    }
+
+    /// <summary>Fills a decode step up to <paramref name="bucket"/> with padding sequences: slot −1, one row each, nothing sampled or written.</summary>
+    private void Pad(int bucket)
+    {
+        var s = State;
+        for (var i = s.Sequences; i < bucket; i++)
+        {
+            s.SeqSlot[i] = -1;
+            s.QueryStart[i + 1] = i + 1;
+            s.TokenIds[i] = 0;
+            s.Positions[i] = 0;
+            s.SeqFlags[i] = 0;
+            s.Uniform[i] = 0;
+        }
+        s.Rows = s.Sequences = bucket;
     }
 
     public EagerResult ForwardEager(IReadOnlyList<EagerSequence> sequences, IReadOnlyList<int>? captureLayers = null)
@@ -212,8 +283,16 @@ public sealed class ModelRunner : IModelRunner
         for (var i = 0; i < s.Sequences; i++)
         {
             var slot = s.SeqSlot[i];
-            CheckSlot(slot);
             int first = s.QueryStart[i], end = s.QueryStart[i + 1];
+            if (slot < 0)
+            {
+                // Padding: one row that reads and writes no cache.
+                s.RowSequence[first] = i;
+                s.KvSlots[first] = -1;
+                s.ContextLength[i] = 1;
+                continue;
+            }
+            CheckSlot(slot);
             if (end <= first) throw new InvalidOperationException($"sequence {i} of the step has no rows");
             for (var r = first; r < end; r++)
             {
@@ -235,6 +314,8 @@ public sealed class ModelRunner : IModelRunner
 
     private void DisposeParts()
     {
+        foreach (var graph in _captured.Values) graph.Dispose();
+        _captured.Clear();
         _buffers?.Dispose();
         _step?.Dispose();
         _cache?.Dispose();

@@ -1,5 +1,6 @@
 using MoeRagInject.Backend;
 using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Backend.Cuda;
 using MoeRagInject.Cli.Flags;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
@@ -15,7 +16,8 @@ public static class EngineFlags
         return
         [
             new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/moe-wordnet-demo", "PATH"),
-            new("device", FlagKind.String, "compute device: cpu, or null (a runner that computes nothing, for measuring the engine itself)", "cpu", "cpu|null"),
+            new("device", FlagKind.String, "compute device: cpu, cuda (GPU 0) or cuda:N, or null (a runner that computes nothing, for measuring the engine itself)", "cpu", "cpu|cuda[:N]|null"),
+            new("model-config", FlagKind.String, "a shipped model shape (assets/configs/NAME) or a folder with a config.json, for --load-format dummy", null, "NAME|DIR"),
             new("load-format", FlagKind.String, "auto reads the safetensors; dummy makes random weights of the config's shapes", d.LoadFormat, "auto|dummy"),
             new("context-length", FlagKind.Int, "context limit, overriding max_position_embeddings", "from config.json", "N"),
             new("max-running-requests", FlagKind.Int, "requests decoded together", I(d.MaxRunningRequests), "N"),
@@ -24,6 +26,9 @@ public static class EngineFlags
             new("chunked-prefill-size", FlagKind.Int, "most prompt tokens one request prefills in a step (longer prompts are chunked)", I(d.ChunkedPrefillSize), "N"),
             new("max-prefill-tokens", FlagKind.Int, "most prompt tokens of all requests prefilled in one step", I(d.MaxPrefillTokens), "N"),
             new("threads", FlagKind.Int, "CPU threads for the forward pass", "all cores", "N"),
+            new("cuda-graph-max-bs", FlagKind.Int, "largest decode batch replayed from a captured CUDA graph", I(d.CudaGraphMaxBatchSize), "N"),
+            new("disable-cuda-graph", FlagKind.Bool, "run every step op by op"),
+            new("deterministic", FlagKind.Bool, "batch-invariant kernels: a request's tokens do not depend on what runs beside it"),
             new("entropy-threshold", FlagKind.Double, "router entropy (nats; at most ln E) above which retrieval fires", I(d.Trigger.Threshold), "NATS"),
             new("log-dir", FlagKind.String, "where rag-events.jsonl is written", d.LogDir, "DIR"),
             new("log-fsync", FlagKind.Bool, "force each RAG event line to disk before its request goes on"),
@@ -53,8 +58,10 @@ public static class EngineFlags
     {
         "cpu" => new CpuRunnerFactory(threads ?? Environment.ProcessorCount),
         "null" => new NullRunnerFactory(nullTriggerRate, nullStepTime),
-        _ when device.StartsWith("cuda", StringComparison.Ordinal) => throw new UsageException("--device cuda: the CUDA backend is not built yet (use --device cpu)"),
-        _ => throw new UsageException($"invalid value for --device: '{device}' (expected cpu or null)"),
+        "cuda" => new CudaRunnerFactory(0),
+        _ when device.StartsWith("cuda:", StringComparison.Ordinal) && int.TryParse(device.AsSpan(5), System.Globalization.NumberStyles.None,
+            System.Globalization.CultureInfo.InvariantCulture, out var ordinal) => new CudaRunnerFactory(ordinal),
+        _ => throw new UsageException($"invalid value for --device: '{device}' (expected cpu, cuda, cuda:N or null)"),
     };
 
     private static string Mode(InjectionMode mode) => mode.ToString().ToLowerInvariant();
@@ -114,7 +121,14 @@ public static class EngineFlags
         // The model last, so that every flag value is checked before any file is looked for.
         string modelPath;
         string? retriever = flags.String("retriever");
-        if (flags.String("model-path") is { } given)
+        if (flags.String("model-config") is { } shape)
+        {
+            if (loadFormat != "dummy") throw new UsageException("--model-config gives a shape without weights: use it with --load-format dummy");
+            if (flags.String("model-path") is not null) throw new UsageException("give --model-path or --model-config, not both");
+            var shipped = Path.Combine(Home.Locate(), "assets", "configs", shape);
+            modelPath = Directory.Exists(shipped) ? shipped : Path.GetFullPath(shape);
+        }
+        else if (flags.String("model-path") is { } given)
         {
             modelPath = Path.GetFullPath(given);
         }
@@ -145,6 +159,9 @@ public static class EngineFlags
             ChunkedPrefillSize = flags.IntIn("chunked-prefill-size", 1) ?? defaults.ChunkedPrefillSize,
             MaxPrefillTokens = flags.IntIn("max-prefill-tokens", 1) ?? defaults.MaxPrefillTokens,
             LogFsync = flags.Bool("log-fsync"),
+            CudaGraphMaxBatchSize = flags.IntIn("cuda-graph-max-bs", 0) ?? defaults.CudaGraphMaxBatchSize,
+            DisableCudaGraph = flags.Bool("disable-cuda-graph"),
+            Deterministic = flags.Bool("deterministic"),
             Mode = mode switch
             {
                 "off" => InjectionMode.Off,

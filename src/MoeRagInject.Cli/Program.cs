@@ -17,6 +17,7 @@ public static class Program
           bench      measure prefill and decode throughput, RAG off and on
           calibrate  entropy percentiles and threshold; fit the latent-injection projection P
           eval       answer quality, retrievals, latency and trigger AUROC for every RAG mode
+          check-device  check a GPU: ops against the CPU backend, graphs, the model against transformers
 
         moe-rag-inject <command> --help shows a command's flags.
         """;
@@ -38,8 +39,13 @@ public static class Program
                 "generate" => await GenerateCommand.RunAsync(rest).ConfigureAwait(false),
                 "index" => IndexCommand.Run(rest),
                 "bench" => await BenchCommand.RunAsync(rest).ConfigureAwait(false),
+#if WITH_EVALUATION
                 "calibrate" => await CalibrateCommand.RunAsync(rest).ConfigureAwait(false),
                 "eval" => await EvalCommand.RunAsync(rest).ConfigureAwait(false),
+#else
+                "calibrate" or "eval" => throw new UsageException($"{args[0]} is not in this build (it was built without the evaluation, for a GPU machine)"),
+#endif
+                "check-device" => await CheckDeviceCommand.RunAsync(rest).ConfigureAwait(false),
                 "-h" or "--help" or "help" => WriteUsage(),
                 "--version" => WriteVersion(),
                 var other => throw new UsageException($"unknown command '{other}' (expected serve, generate, index, bench, calibrate or eval; see {Name} --help)"),

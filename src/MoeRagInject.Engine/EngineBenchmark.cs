@@ -19,7 +19,23 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     /// <summary>Prompt tokens per second until every request had its first token.</summary>
     public double PrefillTokensPerSecond => BatchSize * PromptTokens / PrefillSeconds;
 
-    public JsonObject ToJson() => new()
+    /// <summary>Set for a GPU run: the bytes a decode step must read, and the card's copy rate measured in the same run.</summary>
+    public Roofline? Roofline { get; init; }
+
+    public JsonObject ToJson()
+    {
+        var json = Fields();
+        if (Roofline is { } r)
+        {
+            json["bytes_per_step"] = r.BytesPerStep;
+            json["copy_bandwidth_gbs"] = Math.Round(r.CopyBandwidth / 1e9, 1);
+            json["roofline_tok_s"] = Math.Round(r.TokensPerSecond(BatchSize), 1);
+            json["roofline_share"] = Math.Round(DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), 3);
+        }
+        return json;
+    }
+
+    private JsonObject Fields() => new()
     {
         ["batch_size"] = BatchSize,
         ["mode"] = Mode,
@@ -35,14 +51,37 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
 }
 
 /// <summary>
+/// The memory-bandwidth limit of a decode step: the bytes it must read (every non-expert weight, the experts the batch's
+/// tokens touch (8·(1 − (1 − k/E)^B) of E per layer with uniform routing, as random weights route), and the KV cache the
+/// batch attends over) over the card's measured copy rate.
+/// </summary>
+public sealed record Roofline(long BytesPerStep, double CopyBandwidth)
+{
+    public double TokensPerSecond(int batch) => batch * CopyBandwidth / BytesPerStep;
+
+    public static Roofline For(Model.ModelConfig c, int batch, int meanContext, double copyBandwidth)
+    {
+        long h = c.HiddenSize, q = (long)c.NumHeads * c.HeadDim, kv = (long)c.NumKvHeads * c.HeadDim;
+        var attention = h * q + 2 * h * kv + q * h + 2 * h + (long)c.NumExperts * h;
+        var expert = 3L * h * c.IntermediateSize;
+        var touched = c.NumExperts * (1 - Math.Pow(1 - (double)c.NumExpertsPerToken / c.NumExperts, batch));
+        var weights = 2 * (c.NumLayers * (attention + (long)(touched * expert)) + (long)c.VocabSize * h + h);
+        var cache = (long)batch * meanContext * 2 * kv * 2 * c.NumLayers;
+        return new Roofline(weights + cache, copyBandwidth);
+    }
+}
+
+/// <summary>
 /// Throughput of the engine: prefill and decode at several batch sizes, with RAG off and with triggers firing (latent RAG at
 /// threshold 0 and one retrieval per request on a real device; on the null device, the trigger rate its runner is built
 /// with), each a ratio to the RAG-off baseline of the same run. Also the engine's own time per decode step outside the runner.
 /// </summary>
 public static class EngineBenchmark
 {
+    /// <param name="copyBandwidth">The card's copy rate (bytes/s) measured in this run, for the roofline fields; null on the CPU.</param>
     public static async Task<IReadOnlyList<BenchmarkRow>> RunAsync(EngineOptions options, IReadOnlyList<int> batchSizes,
-        IReadOnlyList<InjectionMode> modes, int promptTokens, int newTokens, TextWriter progress, CancellationToken cancellationToken)
+        IReadOnlyList<InjectionMode> modes, int promptTokens, int newTokens, TextWriter progress, CancellationToken cancellationToken,
+        double? copyBandwidth = null)
     {
         var maxBatch = batchSizes.Max();
         var nullDevice = options.Runner.Device == "null";
@@ -66,9 +105,14 @@ public static class EngineBenchmark
             foreach (var mode in modes)
             {
                 var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false);
+                if (copyBandwidth is { } bandwidth)
+                    row = row with { Roofline = Roofline.For(engine.Config, batch, promptTokens + newTokens / 2, bandwidth) };
                 rows.Add(row);
+                var roofline = row.Roofline is { } r
+                    ? string.Create(CultureInfo.InvariantCulture, $", {100 * row.DecodeTokensPerSecond / r.TokensPerSecond(batch):F1}% of the roofline {r.TokensPerSecond(batch):F0} tok/s")
+                    : "";
                 progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}"));
+                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}{roofline}"));
             }
         }
         return rows;

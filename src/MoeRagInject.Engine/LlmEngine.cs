@@ -112,6 +112,9 @@ public sealed class LlmEngine : IGenerationEngine
     public ModelConfig Config => _loaded.Config;
     public RunnerLimits Limits => _runner.Limits;
 
+    /// <summary>The runner under the engine (diagnostics: which graphs it captured, its limits).</summary>
+    public IModelRunner Runner => _runner;
+
     public EngineStatus GetStatus() => _status;
 
     /// <summary>Host-time counters (read on any thread; steps in flight are not counted yet).</summary>

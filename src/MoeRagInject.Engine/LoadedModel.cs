@@ -32,7 +32,10 @@ public sealed class LoadedModel : IDisposable
     {
         if (!Directory.Exists(path)) throw new DirectoryNotFoundException($"model folder not found: {path}");
         var config = ModelConfig.Load(path);
-        var tokenizer = Tokenizer.Load(path);
+        // A config-only folder (a shape for dummy weights) gets a synthetic tokenizer of the config's vocabulary.
+        var tokenizer = loadFormat == "dummy" && !File.Exists(Path.Combine(path, "tokenizer.json"))
+            ? Tokenizer.CreateSynthetic(config.VocabSize)
+            : Tokenizer.Load(path);
         Checkpoint? checkpoint = null;
         try
         {

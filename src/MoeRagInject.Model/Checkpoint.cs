@@ -128,6 +128,22 @@ public sealed unsafe class Checkpoint : IDisposable
         }
     }
 
+    /// <summary>
+    /// The config's tensors with shapes and no data (null pointers), for a device that fills dummy weights in its own memory
+    /// (with the same <see cref="DummyValue"/>, tensor numbers in <see cref="MixtralWeightNames.Expected"/> order).
+    /// </summary>
+    public static Checkpoint CreateShapes(ModelConfig config, DType dtype = DType.BF16)
+    {
+        var checkpoint = new Checkpoint("dummy");
+        foreach (var (name, shape, _) in MixtralWeightNames.Expected(config))
+        {
+            long count = 1;
+            foreach (var d in shape) count *= d;
+            checkpoint._tensors[name] = new TensorView(name, dtype, shape, null, count * dtype.ByteSize());
+        }
+        return checkpoint;
+    }
+
     /// <summary>Dummy weight <paramref name="index"/> of tensor <paramref name="tensor"/>: uniform on [−0.02·√3, 0.02·√3) (standard deviation 0.02) from a SplitMix64 hash of (seed, tensor, index).</summary>
     public static float DummyValue(ulong seed, int tensor, long index)
     {

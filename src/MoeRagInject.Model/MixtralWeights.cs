@@ -85,6 +85,15 @@ public sealed record MixtralWeights(TensorView Embedding, LayerWeights[] Layers,
 /// <summary>Tensor names and shapes of the per-expert Mixtral layout (what dummy weights are built with).</summary>
 public static class MixtralWeightNames
 {
+    /// <summary>Each tensor's number in <see cref="Expected"/> order (the tensor argument of dummy values) and whether it is a norm.</summary>
+    public static Dictionary<string, (int Index, bool IsNorm)> Numbers(ModelConfig c)
+    {
+        var numbers = new Dictionary<string, (int, bool)>(StringComparer.Ordinal);
+        var i = 0;
+        foreach (var (name, _, isNorm) in Expected(c)) numbers[name] = (i++, isNorm);
+        return numbers;
+    }
+
     public static IEnumerable<(string Name, int[] Shape, bool IsNorm)> Expected(ModelConfig c)
     {
         int h = c.HiddenSize, inter = c.IntermediateSize, q = c.NumHeads * c.HeadDim, kv = c.NumKvHeads * c.HeadDim;

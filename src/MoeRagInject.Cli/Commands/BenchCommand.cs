@@ -45,7 +45,14 @@ public static class BenchCommand
 
         var log = json ? Console.Error : Console.Out;
         log.WriteLine($"bench: {options.ModelPath} ({options.LoadFormat}) on {options.Runner.Device}, batch sizes {string.Join(",", batchSizes)}, {promptTokens} prompt + {newTokens} new tokens");
-        var rows = await EngineBenchmark.RunAsync(options, batchSizes, modes, promptTokens, newTokens, log, CancellationToken.None).ConfigureAwait(false);
+        double? bandwidth = null;
+        if (options.Runner is Backend.Cuda.CudaRunnerFactory cuda)
+        {
+            bandwidth = Backend.Cuda.CudaRunnerFactory.MeasureCopyBandwidth(cuda.Ordinal);
+            log.WriteLine(FormattableString.Invariant($"copy bandwidth (read + write): {bandwidth / 1e12:F2} TB/s"));
+        }
+        var rows = await EngineBenchmark.RunAsync(options, batchSizes, modes, promptTokens, newTokens, log, CancellationToken.None, bandwidth)
+            .ConfigureAwait(false);
         var machine = EngineBenchmark.DescribeMachine();
         var model = $"{Path.GetFileName(options.ModelPath)} ({options.LoadFormat} weights)";
         var text = json

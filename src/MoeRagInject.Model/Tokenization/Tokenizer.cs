@@ -86,6 +86,34 @@ public sealed class Tokenizer
     }
 
     /// <summary>Loads <c>tokenizer.json</c> and (when present) <c>tokenizer_config.json</c> from a model folder.</summary>
+    /// <summary>
+    /// A byte-fallback tokenizer of <paramref name="vocabSize"/> ids for model folders that hold only a config (dummy weights):
+    /// &lt;unk&gt;, &lt;s&gt;, &lt;/s&gt;, the 256 byte tokens, then placeholder words "▁w3", "▁w4", …; text encodes to byte tokens.
+    /// </summary>
+    public static Tokenizer CreateSynthetic(int vocabSize)
+    {
+        if (vocabSize < 260) throw new ArgumentOutOfRangeException(nameof(vocabSize), vocabSize, "a synthetic tokenizer needs at least 260 ids");
+        var vocab = new System.Text.StringBuilder();
+        vocab.Append("\"<unk>\": 0, \"<s>\": 1, \"</s>\": 2");
+        for (var b = 0; b < 256; b++) vocab.Append(System.Globalization.CultureInfo.InvariantCulture, $", \"<0x{b:X2}>\": {3 + b}");
+        for (var id = 259; id < vocabSize; id++) vocab.Append(System.Globalization.CultureInfo.InvariantCulture, $", \"\u2581w{id}\": {id}");
+        var json = """
+            {"version": "1.0", "truncation": null, "padding": null,
+             "added_tokens": [{"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+                              {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+                              {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+             "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+             "pre_tokenizer": null,
+             "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+             "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+             "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                       "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": {VOCAB}, "merges": []}}
+            """.Replace("VOCAB", vocab.ToString(), StringComparison.Ordinal);
+        return FromJson(json, """{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true}""", "synthetic");
+    }
+
     public static Tokenizer Load(string directory)
     {
         ArgumentNullException.ThrowIfNull(directory);

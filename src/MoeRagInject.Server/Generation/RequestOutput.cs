@@ -67,7 +67,7 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
         var triples = new JsonArray();
         end = Math.Min(end, Math.Min(_logprobs.Count, _outputIds.Count));
         for (var i = start; i < end; i++)
-            triples.Add(new JsonArray(JsonValue.Create(_logprobs[i]), JsonValue.Create(_outputIds[i]), JsonValue.Create(_tokenTexts[i])));
+            triples.Add((JsonNode)new JsonArray(JsonValue.Create(_logprobs[i]), JsonValue.Create(_outputIds[i]), JsonValue.Create(_tokenTexts[i])));
         return triples;
     }
 

@@ -1,0 +1,94 @@
+using System.Reflection;
+using System.Security.Cryptography;
+using System.Text;
+using MoeRagInject.Backend.Cuda.Interop;
+
+namespace MoeRagInject.Backend.Cuda;
+
+/// <summary>
+/// The kernels of Kernels/*.cu, compiled at start-up by NVRTC for the card's architecture as one program (common.cuh first)
+/// and cached on disk by the hash of source, options and NVRTC version, so a second start loads the cubin directly.
+/// </summary>
+internal sealed class CudaKernels : IDisposable
+{
+    private readonly CudaModule _module;
+    private readonly Dictionary<string, CudaKernel> _kernels = new(StringComparer.Ordinal);
+
+    public CudaKernels(CudaDevice device, Action<string>? progress)
+    {
+        var (major, minor) = device.ComputeCapability;
+        var arch = $"sm_{major}{minor}";
+        var source = Source();
+        string[] options = [$"-arch={arch}", "-std=c++17", "-DNDEBUG", "-lineinfo"];
+        var (nvrtcMajor, nvrtcMinor) = Nvrtc.Version;
+        var key = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(
+            $"{source}\n{string.Join(' ', options)}\nnvrtc {nvrtcMajor}.{nvrtcMinor}")))[..24];
+        var cache = Path.Combine(CacheDirectory(), $"{key}-{arch}.cubin");
+        byte[] image;
+        if (File.Exists(cache))
+        {
+            image = File.ReadAllBytes(cache);
+            progress?.Invoke($"kernels: cached {arch} cubin {Path.GetFileName(cache)}");
+        }
+        else
+        {
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            image = Nvrtc.Compile(source, "moe-rag-inject.cu", options);
+            progress?.Invoke($"kernels: compiled for {arch} by NVRTC {nvrtcMajor}.{nvrtcMinor} in {clock.Elapsed.TotalSeconds:F1} s");
+            try
+            {
+                Directory.CreateDirectory(Path.GetDirectoryName(cache)!);
+                var temporary = cache + $".{Environment.ProcessId}.tmp";
+                File.WriteAllBytes(temporary, image);
+                File.Move(temporary, cache, overwrite: true);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                progress?.Invoke($"kernels: could not cache the cubin ({e.Message})");
+            }
+        }
+        _module = device.LoadModule(image);
+        Architecture = arch;
+    }
+
+    public string Architecture { get; }
+
+    public CudaKernel this[string name]
+    {
+        get
+        {
+            if (!_kernels.TryGetValue(name, out var kernel))
+            {
+                kernel = _module.GetFunction(name);
+                _kernels[name] = kernel;
+            }
+            return kernel;
+        }
+    }
+
+    /// <summary>common.cuh, then every .cu file in name order: the one program NVRTC compiles.</summary>
+    public static string Source()
+    {
+        var assembly = typeof(CudaKernels).Assembly;
+        var names = assembly.GetManifestResourceNames().Where(n => n.StartsWith("kernels/", StringComparison.Ordinal)).ToList();
+        var text = new StringBuilder();
+        foreach (var name in names.Where(n => n.EndsWith(".cuh", StringComparison.Ordinal)).Order(StringComparer.Ordinal)
+                     .Concat(names.Where(n => n.EndsWith(".cu", StringComparison.Ordinal)).Order(StringComparer.Ordinal)))
+        {
+            using var stream = assembly.GetManifestResourceStream(name)!;
+            using var reader = new StreamReader(stream);
+            text.Append("// ---- ").Append(name).Append('\n').Append(reader.ReadToEnd()).Append('\n');
+        }
+        return text.ToString();
+    }
+
+    private static string CacheDirectory()
+    {
+        var root = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_CACHE")
+            ?? Environment.GetEnvironmentVariable("XDG_CACHE_HOME")
+            ?? Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache");
+        return Path.Combine(root, "moe-rag-inject", "kernels");
+    }
+
+    public void Dispose() => _module.Dispose();
+}

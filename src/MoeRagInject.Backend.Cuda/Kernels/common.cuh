@@ -1,0 +1,75 @@
+// Shared by every kernel file. NVRTC compiles all files as one program with this first; nothing here includes a header,
+// so bf16 is plain 16-bit storage converted by bit operations (exact, round-to-nearest-even as PyTorch rounds).
+typedef unsigned short bf16;
+
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+struct alignas(16) u32x4 { unsigned x, y, z, w; };
+
+__device__ __forceinline__ float bf16_to_float(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
+
+__device__ __forceinline__ bf16 float_to_bf16(float f)
+{
+    unsigned bits = __float_as_uint(f);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;  // NaN stays a (quiet) NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16)(bits >> 16);
+}
+
+// The two bf16 halves of a 32-bit word as floats (element 2i is the low half, little-endian).
+__device__ __forceinline__ float lo_bf16(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_bf16(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Σ of 8 products: 8 bf16 weights (one 16-byte load) times 8 bf16 activations.
+__device__ __forceinline__ float dot8(u32x4 w, u32x4 x)
+{
+    float s = lo_bf16(w.x) * lo_bf16(x.x);
+    s = fmaf(hi_bf16(w.x), hi_bf16(x.x), s);
+    s = fmaf(lo_bf16(w.y), lo_bf16(x.y), s);
+    s = fmaf(hi_bf16(w.y), hi_bf16(x.y), s);
+    s = fmaf(lo_bf16(w.z), lo_bf16(x.z), s);
+    s = fmaf(hi_bf16(w.z), hi_bf16(x.z), s);
+    s = fmaf(lo_bf16(w.w), lo_bf16(x.w), s);
+    s = fmaf(hi_bf16(w.w), hi_bf16(x.w), s);
+    return s;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result. scratch: 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int i = 0; i < warps; i++) total += scratch[i];  // the same order in every thread and every run
+    return total;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = scratch[0];
+    for (int i = 1; i < warps; i++) m = fmaxf(m, scratch[i]);
+    return m;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }

@@ -1,0 +1,34 @@
+// y[t, n] = Σ_k x[t, k] · W[n, k] for a few rows: one warp per output feature reads its weight row once (16-byte loads,
+// lanes striding over the row) and dots it with every row of x. Memory-bound on the weights, so it reads them at close to
+// the card's bandwidth when few rows share them; each output is one fixed-order reduction, whatever the number of rows,
+// which makes it batch-invariant (--deterministic uses it at every batch size). Grid: (ceil(N / 8), ceil(rows / GEMV_T));
+// block: 256.
+#define GEMV_T 8
+
+extern "C" __global__ void __launch_bounds__(256) linear_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
+    float* __restrict__ y, int rows, int n, int k)
+{
+    const int lane = threadIdx.x & 31;
+    const int feature = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int first = blockIdx.y * GEMV_T;
+    if (feature >= n) return;
+    const int count = min(GEMV_T, rows - first);
+    const u32x4* wRow = (const u32x4*)(w + (long long)feature * k);
+    const int chunks = k / 8;
+    float acc[GEMV_T];
+#pragma unroll
+    for (int t = 0; t < GEMV_T; t++) acc[t] = 0.f;
+    for (int c = lane; c < chunks; c += 32)
+    {
+        const u32x4 wv = wRow[c];
+#pragma unroll
+        for (int t = 0; t < GEMV_T; t++)
+            if (t < count) acc[t] += dot8(wv, ((const u32x4*)(x + (long long)(first + t) * k))[c]);
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_T; t++)
+    {
+        const float total = warp_sum(acc[t]);
+        if (lane == 0 && t < count) y[(long long)(first + t) * n + feature] = total;
+    }
+}

@@ -1,0 +1,304 @@
+// The MoE block: the router, then the experts by one of three paths that the backend picks by the number of rows:
+//  - small (few rows): warp-per-feature kernels that read each routed expert's weights once, expert ids read from device
+//    memory (no host involvement, so a captured graph replays them whatever the routing);
+//  - dense (tens of rows, when every expert is touched anyway): all experts on all rows with strided-batched GEMMs, then
+//    each row sums its own experts' outputs (graph-capturable: no shape depends on the routing);
+//  - grouped (many rows, prefill): rows sorted by expert on the device, one GEMM per expert over its rows.
+#define ROUTER_MAX_EXPERTS 64
+#define ROUTER_MAX_TOPK 8
+#define MOE_T 16
+#define MOE_MAX_SLOTS 8192
+
+// The (row, k) slots routed to expert e, in slot order, into routed[] (shared); their number into *count. Warp 0 scans
+// 32 slots at a time with a ballot, so the order is stable and the scan is short.
+__device__ __forceinline__ void collect_routed(const int* __restrict__ topIds, int slots, int e, int* routed, int* count)
+{
+    if (threadIdx.x < 32)
+    {
+        const int lane = threadIdx.x;
+        int n = 0;
+        for (int base = 0; base < slots; base += 32)
+        {
+            const int s = base + lane;
+            const bool mine = s < slots && topIds[s] == e;
+            const unsigned mask = __ballot_sync(0xffffffffu, mine);
+            if (mine) routed[n + __popc(mask & ((1u << lane) - 1u))] = s;
+            n += __popc(mask);
+        }
+        if (lane == 0) *count = n;
+    }
+    __syncthreads();
+}
+
+// Router: softmax over all experts of W·x in fp32, its entropy (nats) at (row, layer), the top-k by probability (ties to
+// the lower expert id) renormalised over the k. Padding rows (slot −1) get expert −1. Grid: rows; block: 256.
+extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts, int topK,
+    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds, float* __restrict__ topWeights,
+    float* __restrict__ entropies, int layer, int layers)
+{
+    __shared__ float logits[ROUTER_MAX_EXPERTS];
+    const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const u32x4* xRow = (const u32x4*)(x + (long long)r * hidden);
+    const int chunks = hidden / 8;
+    for (int e = warp; e < experts; e += warps)
+    {
+        const u32x4* wRow = (const u32x4*)(w + (long long)e * hidden);
+        float s = 0.f;
+        for (int c = lane; c < chunks; c += 32) s += dot8(wRow[c], xRow[c]);
+        s = warp_sum(s);
+        if (lane == 0) logits[e] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    int* ids = topIds + (long long)r * topK;
+    float* weights = topWeights + (long long)r * topK;
+    if (seqSlot[rowSequence[r]] < 0)
+    {
+        for (int k = 0; k < topK; k++)
+        {
+            ids[k] = -1;
+            weights[k] = 0.f;
+        }
+        entropies[(long long)r * layers + layer] = 0.f;
+        return;
+    }
+    float max = NEG_INF;
+    for (int e = 0; e < experts; e++) max = fmaxf(max, logits[e]);
+    float sum = 0.f;
+    for (int e = 0; e < experts; e++)
+    {
+        logits[e] = expf(logits[e] - max);
+        sum += logits[e];
+    }
+    float entropy = 0.f;
+    for (int e = 0; e < experts; e++)
+    {
+        const float p = logits[e] / sum;
+        logits[e] = p;
+        if (p > 0.f) entropy -= p * logf(p);
+    }
+    entropies[(long long)r * layers + layer] = entropy;
+    unsigned long long chosen = 0;
+    float chosenSum = 0.f;
+    for (int k = 0; k < topK; k++)
+    {
+        int best = -1;
+        for (int e = 0; e < experts; e++)
+            if (!((chosen >> e) & 1ull) && (best < 0 || logits[e] > logits[best])) best = e;
+        chosen |= 1ull << best;
+        ids[k] = best;
+        weights[k] = logits[best];
+        chosenSum += logits[best];
+    }
+    for (int k = 0; k < topK; k++) weights[k] /= chosenSum;
+}
+
+// Small path, gate and up: for expert blockIdx.x and 8 intermediate features (a warp each), act[slot, n] =
+// silu(gate_n · x) · (up_n · x) for every (row, k) slot routed to the expert. Weights [E, 2I, H]: gate rows, then up rows.
+// Grid: (E, ceil(I / 8)); block: 256.
+extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
+    const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate)
+{
+    __shared__ int routed[MOE_MAX_SLOTS];
+    __shared__ int count;
+    const int e = blockIdx.x, lane = threadIdx.x & 31;
+    collect_routed(topIds, slots, e, routed, &count);
+    const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (count == 0 || feature >= intermediate) return;
+    const u32x4* gate = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + feature) * hidden);
+    const u32x4* up = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + intermediate + feature) * hidden);
+    const int chunks = hidden / 8;
+    for (int first = 0; first < count; first += MOE_T)
+    {
+        const int n = min(MOE_T, count - first);
+        const u32x4* rows[MOE_T];
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++) rows[t] = (const u32x4*)(x + (long long)(routed[first + min(t, n - 1)] / topK) * hidden);
+        float g[MOE_T], u[MOE_T];
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++) g[t] = u[t] = 0.f;
+        for (int c = lane; c < chunks; c += 32)
+        {
+            const u32x4 gv = gate[c], uv = up[c];
+#pragma unroll
+            for (int t = 0; t < MOE_T; t++)
+                if (t < n)
+                {
+                    const u32x4 xv = rows[t][c];
+                    g[t] += dot8(gv, xv);
+                    u[t] += dot8(uv, xv);
+                }
+        }
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++)
+        {
+            const float gs = warp_sum(g[t]), us = warp_sum(u[t]);
+            if (lane == 0 && t < n) act[(long long)routed[first + t] * intermediate + feature] = float_to_bf16(silu(gs) * us);
+        }
+    }
+}
+
+// Small path, down: out[slot, h] = w_slot · (down_h · act[slot]) for the slots routed to expert blockIdx.x; 8 output
+// features per block. Weights [E, H, I]. Grid: (E, ceil(H / 8)); block: 256.
+extern "C" __global__ void __launch_bounds__(256) moe_small_down(const bf16* __restrict__ act, const bf16* __restrict__ down,
+    const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate)
+{
+    __shared__ int routed[MOE_MAX_SLOTS];
+    __shared__ int count;
+    const int e = blockIdx.x, lane = threadIdx.x & 31;
+    collect_routed(topIds, slots, e, routed, &count);
+    const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (count == 0 || feature >= hidden) return;
+    const u32x4* row = (const u32x4*)(down + ((long long)e * hidden + feature) * intermediate);
+    const int chunks = intermediate / 8;
+    for (int first = 0; first < count; first += MOE_T)
+    {
+        const int n = min(MOE_T, count - first);
+        const u32x4* inputs[MOE_T];
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++) inputs[t] = (const u32x4*)(act + (long long)routed[first + min(t, n - 1)] * intermediate);
+        float acc[MOE_T];
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++) acc[t] = 0.f;
+        for (int c = lane; c < chunks; c += 32)
+        {
+            const u32x4 wv = row[c];
+#pragma unroll
+            for (int t = 0; t < MOE_T; t++)
+                if (t < n) acc[t] += dot8(wv, inputs[t][c]);
+        }
+#pragma unroll
+        for (int t = 0; t < MOE_T; t++)
+        {
+            const float total = warp_sum(acc[t]);
+            if (lane == 0 && t < n)
+            {
+                const int slot = routed[first + t];
+                out[(long long)slot * hidden + feature] = total * topWeights[slot];
+            }
+        }
+    }
+}
+
+// delta[r] = Σ_k out[r·K + k] in k order (the small path's per-slot outputs, already weighted). Grid: rows; block: 256.
+extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, const int* __restrict__ topIds, float* __restrict__ delta,
+    int topK, int hidden)
+{
+    const int r = blockIdx.x;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    {
+        float sum = 0.f;
+        for (int k = 0; k < topK; k++)
+            if (topIds[r * topK + k] >= 0) sum += out[((long long)r * topK + k) * hidden + c];
+        delta[(long long)r * hidden + c] = sum;
+    }
+}
+
+// act[g, n] = silu(gu[g, n]) · gu[g, I + n] for every row g of a [groups·rows, 2I] fp32 gate/up product. Grid: row count;
+// block: 256.
+extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* __restrict__ act, int intermediate)
+{
+    const long long g = blockIdx.x;
+    const float* in = gateUp + g * 2 * intermediate;
+    bf16* o = act + g * intermediate;
+    for (int n = threadIdx.x; n < intermediate; n += blockDim.x) o[n] = float_to_bf16(silu(in[n]) * in[intermediate + n]);
+}
+
+// Dense path: delta[r] = Σ_k w_{r,k} · out[e_{r,k}, r] over [E, rows, H] outputs of every expert on every row, in k order.
+// Grid: rows; block: 256.
+extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, const int* __restrict__ topIds,
+    const float* __restrict__ topWeights, float* __restrict__ delta, int rows, int topK, int hidden)
+{
+    const int r = blockIdx.x;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    {
+        float sum = 0.f;
+        for (int k = 0; k < topK; k++)
+        {
+            const int e = topIds[r * topK + k];
+            if (e >= 0) sum += topWeights[r * topK + k] * out[((long long)e * rows + r) * hidden + c];
+        }
+        delta[(long long)r * hidden + c] = sum;
+    }
+}
+
+// Grouped path: the (row, k) slots sorted by expert, stable (slot order within an expert): offsets[E + 1], sorted[slots],
+// and each slot's place in that order (−1 for padding). One warp per expert counts, then fills with ballots. Grid: 1;
+// block: 32 · min(E, 32).
+extern "C" __global__ void moe_align(const int* __restrict__ topIds, int slots, int experts, int* __restrict__ offsets,
+    int* __restrict__ sorted, int* __restrict__ placeOf)
+{
+    __shared__ int counts[ROUTER_MAX_EXPERTS + 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int e = warp; e < experts; e += warps)
+    {
+        int n = 0;
+        for (int base = 0; base < slots; base += 32)
+        {
+            const int s = base + lane;
+            n += __popc(__ballot_sync(0xffffffffu, s < slots && topIds[s] == e));
+        }
+        if (lane == 0) counts[e] = n;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+    {
+        int running = 0;
+        for (int e = 0; e < experts; e++)
+        {
+            offsets[e] = running;
+            const int n = counts[e];
+            counts[e] = running;
+            running += n;
+        }
+        offsets[experts] = running;
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < slots; s += blockDim.x)
+        if (topIds[s] < 0) placeOf[s] = -1;
+    for (int e = warp; e < experts; e += warps)
+    {
+        int next = counts[e];
+        for (int base = 0; base < slots; base += 32)
+        {
+            const int s = base + lane;
+            const bool mine = s < slots && topIds[s] == e;
+            const unsigned mask = __ballot_sync(0xffffffffu, mine);
+            if (mine)
+            {
+                const int place = next + __popc(mask & ((1u << lane) - 1u));
+                sorted[place] = s;
+                placeOf[s] = place;
+            }
+            next += __popc(mask);
+        }
+    }
+}
+
+// Grouped path: xs[i] = x[row of sorted[i]] for i below offsets[E]. Grid: slots; block: 128.
+extern "C" __global__ void moe_gather(const bf16* __restrict__ x, const int* __restrict__ sorted, const int* __restrict__ offsets,
+    int experts, bf16* __restrict__ xs, int topK, int hidden)
+{
+    const int i = blockIdx.x;
+    if (i >= offsets[experts]) return;
+    const u32x4* in = (const u32x4*)(x + (long long)(sorted[i] / topK) * hidden);
+    u32x4* o = (u32x4*)(xs + (long long)i * hidden);
+    for (int c = threadIdx.x; c < hidden / 8; c += blockDim.x) o[c] = in[c];
+}
+
+// Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order. Grid: rows; block: 256.
+extern "C" __global__ void moe_combine_grouped(const float* __restrict__ out, const int* __restrict__ placeOf,
+    const float* __restrict__ topWeights, float* __restrict__ delta, int topK, int hidden)
+{
+    const int r = blockIdx.x;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    {
+        float sum = 0.f;
+        for (int k = 0; k < topK; k++)
+        {
+            const int place = placeOf[r * topK + k];
+            if (place >= 0) sum += topWeights[r * topK + k] * out[(long long)place * hidden + c];
+        }
+        delta[(long long)r * hidden + c] = sum;
+    }
+}

@@ -1,0 +1,80 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using MoeRagInject.Backend;
+using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Backend.Cuda;
+using MoeRagInject.Cli.Flags;
+using MoeRagInject.DeviceChecks;
+
+namespace MoeRagInject.Cli.Commands;
+
+/// <summary>
+/// Checks a device: every op against the CPU backend on random inputs, graph replay against op-by-op steps, the model on the
+/// committed reference checkpoints against transformers, and the engine's batch safety with graphs and injections.
+/// </summary>
+public static class CheckDeviceCommand
+{
+    public static FlagSet Flags() => new FlagSet(
+            "check-device", "check-device [flags]",
+            "Checks a compute device: ops against the CPU backend (normalised error, NaN/inf, guard rows), decode steps replayed\n"
+            + "from graphs against op-by-op steps, the model against transformers' reference outputs (tests/data/reference), and\n"
+            + "the engine's batch safety. Prints one line per check; exits 1 when any fails.")
+        .Add(new("device", FlagKind.String, "the device to check", "cuda", "cuda|cuda:N|cpu"))
+        .Add(new("groups", FlagKind.List, "which checks", "ops,graph,models,engine", "ops,graph,models,engine"))
+        .Add(new("seed", FlagKind.Int, "seed of the random inputs", "1", "N"))
+        .Add(new("case", FlagKind.String, "also check this checkpoint folder against its reference/ folder (as tools/gpu writes them)", null, "DIR"))
+        .Add(new("json", FlagKind.String, "also write the results as JSON to this file", null, "FILE"));
+
+    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    {
+        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
+        var device = (flags.String("device") ?? "cuda").ToLowerInvariant();
+        var groups = flags.List("groups") ?? ["ops", "graph", "models", "engine"];
+        var seed = flags.IntIn("seed", 0) ?? 1;
+        var home = Home.Locate();
+        var factory = EngineFlags.Runner(device, null);
+        void Progress(string line) => Console.Error.WriteLine($"  {line}");
+        if (factory is CudaRunnerFactory && !CudaRunnerFactory.IsAvailable(out var reason))
+        {
+            Console.Out.WriteLine($"check-device: skipped, no CUDA device here: {reason}");
+            return 0;
+        }
+
+        var results = new List<CheckResult>();
+        void Report(IEnumerable<CheckResult> batch)
+        {
+            foreach (var result in batch)
+            {
+                results.Add(result);
+                Console.Out.WriteLine(result);
+            }
+        }
+        var demo = Path.Combine(home, "assets", "models", "moe-wordnet-demo");
+        if (groups.Contains("ops"))
+        {
+            using var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2);
+            using var ops = new OpChecks(backend, seed);
+            Report(ops.Run());
+        }
+        if (groups.Contains("graph") && factory is CudaRunnerFactory) Report([ModelChecks.GraphReplay(factory, demo)]);
+        if (groups.Contains("models")) Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));
+        if (flags.String("case") is { } extra)
+            Report(ModelChecks.RunCase(factory, Path.GetFileName(Path.GetFullPath(extra)), extra, Path.Combine(extra, "reference"), Progress));
+        if (groups.Contains("engine"))
+            Report(await EngineChecks.RunAsync(factory, demo, Path.Combine(home, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
+                Path.Combine(Path.GetTempPath(), "moe-rag-inject-check-device")).ConfigureAwait(false));
+
+        var failed = results.Count(r => !r.Passed);
+        Console.Out.WriteLine($"check-device {device}: {results.Count - failed} passed, {failed} failed");
+        if (flags.String("json") is { } path)
+        {
+            var json = new JsonArray([.. results.Select(r => (JsonNode)new JsonObject
+            {
+                ["group"] = r.Group, ["name"] = r.Name, ["passed"] = r.Passed, ["error"] = double.IsFinite(r.Error) ? r.Error : null,
+                ["tolerance"] = r.Tolerance, ["detail"] = r.Detail,
+            })]);
+            await File.WriteAllTextAsync(path, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true })).ConfigureAwait(false);
+        }
+        return failed == 0 ? 0 : 1;
+    }
+}

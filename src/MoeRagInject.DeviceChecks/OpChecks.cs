@@ -1,0 +1,451 @@
+using MoeRagInject.Backend;
+using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Model;
+
+namespace MoeRagInject.DeviceChecks;
+
+/// <summary>One check's outcome: the error measured, the tolerance it is held to, and whether it passed.</summary>
+public sealed record CheckResult(string Group, string Name, bool Passed, double Error, double Tolerance, string Detail = "")
+{
+    public override string ToString() =>
+        FormattableString.Invariant($"{(Passed ? "ok  " : "FAIL")} {Group,-8} {Name,-44} error {Error,10:E2} (tolerance {Tolerance:E1}) {Detail}");
+}
+
+/// <summary>
+/// Each op of a device backend against the CPU backend on fresh random inputs, as ggml's test-backend-ops does: the same
+/// weights and inputs on both (activations the device keeps in bf16 are rounded to bf16 first, so both see the same numbers),
+/// normalised mean squared error of the outputs with a tolerance per op, every output checked finite, and poisoned guard
+/// rows after every output that must still be poisoned afterwards.
+/// </summary>
+public sealed class OpChecks : IDisposable
+{
+    private const int Guard = 2;
+    private readonly IBackend _device;
+    private readonly CpuBackend _cpu = new(Environment.ProcessorCount);
+    private readonly ModelConfig _config;
+    private readonly Checkpoint _checkpoint;
+    private readonly MixtralWeights _weights;
+    private readonly Random _rng;
+    private readonly List<CheckResult> _results = [];
+
+    public OpChecks(IBackend device, int seed)
+    {
+        _device = device;
+        _rng = new Random(seed);
+        _config = new ModelConfig
+        {
+            ModelType = "mixtral", VocabSize = 512, HiddenSize = 256, IntermediateSize = 384, NumLayers = 2, NumHeads = 8, NumKvHeads = 2,
+            HeadDim = 32, NumExperts = 8, NumExpertsPerToken = 2, MaxPositionEmbeddings = 512, RmsNormEps = 1e-5f, RopeTheta = 10000f,
+        };
+        _checkpoint = Checkpoint.CreateDummy(_config, DType.BF16, (ulong)seed);
+        _weights = MixtralWeights.Resolve(_checkpoint, _config);
+    }
+
+    public IReadOnlyList<CheckResult> Run()
+    {
+        Check("embed", [1, 7, 64], EmbedCase);
+        Check("rms_norm", [1, 33], RmsNormCase);
+        Check("add_rms_norm", [1, 33], AddRmsNormCase);
+        Check("linear", [1, 5, 8, 37, 130], LinearCase);
+        Check("attention", [0, 1, 2], AttentionCase);
+        Check("route", [1, 40], RouteCase);
+        Check("moe", [1, 8, 16, 40, 100], MoeCase);
+        Check("injection", [3], InjectionCase);
+        Check("sample", [0, 1, 2, 3], SampleCase);
+        return _results;
+    }
+
+    private void Check(string op, int[] variants, Action<int> run)
+    {
+        foreach (var variant in variants)
+        {
+            try
+            {
+                run(variant);
+            }
+            catch (Exception e)
+            {
+                _results.Add(new CheckResult("op", $"{op} [{variant}]", false, double.NaN, 0, $"{e.GetType().Name}: {e.Message}"));
+            }
+        }
+    }
+
+    // ---- Cases.
+
+    private void EmbedCase(int rows)
+    {
+        using var pair = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, _rng));
+        using var table = Pair.Weight(this, _weights.Embedding);
+        using var outputs = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.Float32);
+        outputs.Poison();
+        _cpu.Embed(table.Cpu, pair.Cpu, outputs.Cpu, rows);
+        _device.Embed(table.Device, pair.Device, outputs.Device, rows);
+        Compare($"embed rows={rows}", outputs, rows, 0);
+    }
+
+    private void RmsNormCase(int rows)
+    {
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        x.Fill(_rng, 2f);
+        using var w = Pair.Weight(this, _weights.Layers[0].InputNorm);
+        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
+        y.Poison();
+        _cpu.RmsNorm(x.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
+        _device.RmsNorm(x.Device, w.Device, 1e-5f, y.Device, rows);
+        Compare($"rms_norm rows={rows}", y, rows, 1e-5);
+    }
+
+    private void AddRmsNormCase(int rows)
+    {
+        using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        residual.Fill(_rng, 1f);
+        using var delta = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        delta.Fill(_rng, 1f);
+        using var w = Pair.Weight(this, _weights.Layers[0].PostAttentionNorm);
+        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
+        y.Poison();
+        _cpu.AddRmsNorm(residual.Cpu, delta.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
+        _device.AddRmsNorm(residual.Device, delta.Device, w.Device, 1e-5f, y.Device, rows);
+        Compare($"add_rms_norm rows={rows} (normed)", y, rows, 1e-5);
+        Compare($"add_rms_norm rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+    }
+
+    private void LinearCase(int rows)
+    {
+        var layer = _weights.Layers[0];
+        using var w = Pair.Weight(this, layer.QProj, layer.KProj, layer.VProj);
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 1f);
+        using var y = Pair.Activation(this, rows + Guard, w.Cpu.Rows, ActivationKind.Float32);
+        y.Poison();
+        _cpu.Linear(x.Cpu, w.Cpu, y.Cpu, rows);
+        _device.Linear(x.Device, w.Device, y.Device, rows);
+        Compare($"linear (fused qkv) rows={rows}", y, rows, 1e-5);
+    }
+
+    /// <summary>Rope and KV write, then attention, over scattered paged blocks: a prefill, decodes, and both mixed; GQA 4:1; variant 2 with a sliding window.</summary>
+    private void AttentionCase(int variant)
+    {
+        var shape = MixtralModel.ShapeOf(_config) with { SlidingWindow = variant == 2 ? 7 : null };
+        var scenario = variant == 0 ? Scenario.Prefill([19, 5, 33], _config.VocabSize, _rng) : Scenario.Mixed(_config.VocabSize, _rng);
+        using var pair = new StepPair(this, scenario);
+        using var cpuCache = _cpu.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, _config.NumKvHeads, _config.HeadDim);
+        using var deviceCache = _device.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, _config.NumKvHeads, _config.HeadDim);
+        var rows = scenario.Rows;
+        // Earlier positions of each sequence first (a prefill of its history), then this step's rows.
+        using var history = new StepPair(this, scenario.History(_rng));
+        using var hq = Pair.Activation(this, history.State.Rows, shape.QkvWidth, ActivationKind.Float32);
+        hq.Fill(_rng, 1f);
+        foreach (var layer in new[] { 1 })
+        {
+            if (history.State.Rows > 0)
+            {
+                _cpu.RotaryAndCacheWrite(hq.Cpu, cpuCache, layer, shape, history.Cpu, history.State.Rows);
+                _device.RotaryAndCacheWrite(hq.Device, deviceCache, layer, shape, history.Device, history.State.Rows);
+            }
+            using var qkv = Pair.Activation(this, rows, shape.QkvWidth, ActivationKind.Float32);
+            qkv.Fill(_rng, 1f);
+            _cpu.RotaryAndCacheWrite(qkv.Cpu, cpuCache, layer, shape, pair.Cpu, rows);
+            _device.RotaryAndCacheWrite(qkv.Device, deviceCache, layer, shape, pair.Device, rows);
+            Compare($"rope qkv ({scenario.Name})", qkv, rows, 1e-10, guardRows: 0);
+            using var output = Pair.Activation(this, rows + Guard, shape.QWidth, ActivationKind.GemmInput);
+            output.Poison();
+            _cpu.Attention(qkv.Cpu, cpuCache, layer, shape, pair.Cpu, output.Cpu, rows);
+            _device.Attention(qkv.Device, deviceCache, layer, shape, pair.Device, output.Device, rows);
+            Compare($"attention ({scenario.Name}{(shape.SlidingWindow is { } w ? $", window {w}" : "")})", output, rows, 1e-4);
+        }
+    }
+
+    private void RouteCase(int rows)
+    {
+        using var pair = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, _rng));
+        using var router = Pair.Weight(this, _weights.Layers[1].Router);
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 20f);
+        _cpu.Route(x.Cpu, router.Cpu, 1, _config.NumExpertsPerToken, pair.Cpu, rows);
+        _device.Route(x.Device, router.Device, 1, _config.NumExpertsPerToken, pair.Device, rows);
+        pair.Device.DownloadRowEntropies();
+        var cpu = pair.Cpu.Host.RowEntropies;
+        var device = pair.DeviceState.RowEntropies;
+        double worst = 0;
+        var finite = true;
+        for (var r = 0; r < rows; r++)
+        {
+            var a = cpu[r * _config.NumLayers + 1];
+            var b = device[r * _config.NumLayers + 1];
+            finite &= float.IsFinite(b);
+            worst = Math.Max(worst, Math.Abs(a - b));
+        }
+        _results.Add(new CheckResult("op", $"route entropy rows={rows}", finite && worst < 1e-4, worst, 1e-4, "max |Δ| nats"));
+    }
+
+    /// <summary>The MoE block at row counts that take each device path (few routed slots, dense, grouped).</summary>
+    private void MoeCase(int rows)
+    {
+        using var pair = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, _rng));
+        var layer = _weights.Layers[0];
+        using var router = Pair.Weight(this, layer.Router);
+        var cpuExperts = _cpu.UploadExperts(layer.Experts);
+        using var deviceExperts = _device.UploadExperts(layer.Experts);
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 20f);
+        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.Float32);
+        y.Poison();
+        _cpu.Route(x.Cpu, router.Cpu, 0, _config.NumExpertsPerToken, pair.Cpu, rows);
+        _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, pair.Device, rows);
+        _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
+        _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
+        Compare($"moe rows={rows}", y, rows, 1e-4);
+    }
+
+    private void InjectionCase(int rows)
+    {
+        var scenario = Scenario.Decode(rows, _config.VocabSize, _rng);
+        using var pair = new StepPair(this, scenario);
+        var vector = Enumerable.Range(0, _config.HiddenSize).Select(_ => (float)(_rng.NextDouble() - 0.5)).ToArray();
+        // Slot of row 1 injects at layer 1 from its position on; the others not.
+        var slot = scenario.Slots[1];
+        foreach (var state in new[] { pair.Cpu.Host, pair.DeviceState })
+        {
+            vector.CopyTo(state.InjectionVector(slot));
+            state.InjectionScale(slot)[1] = 1f;
+            state.InjectionStart[slot] = 0;
+            state.InjectionEnd[slot] = int.MaxValue;
+        }
+        pair.Device.SlotChanged(slot);
+        pair.Device.Upload();
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        x.Fill(_rng, 1f);
+        _cpu.AddInjection(x.Cpu, 1, pair.Cpu, rows);
+        _device.AddInjection(x.Device, 1, pair.Device, rows);
+        Compare($"add_injection rows={rows}", x, rows, 1e-12, guardRows: 0);
+    }
+
+    /// <summary>Sampling: greedy tokens, log-probabilities and entropies as the host computes them; non-finite logits and an injected failure reported; a top-p that keeps one token.</summary>
+    private void SampleCase(int variant)
+    {
+        const int rows = 6;
+        var scenario = Scenario.Decode(rows, _config.VocabSize, _rng);
+        using var pair = new StepPair(this, scenario);
+        var sampling = variant == 3 ? new SlotSampling { Temperature = 0.7f, TopP = 1e-6f } : SlotSampling.Greedy;
+        if (variant == 2) sampling = SlotSampling.Greedy with { RepetitionPenalty = 1.3f, FrequencyPenalty = 0.5f, PresencePenalty = 0.25f };
+        foreach (var (state, buffers) in new[] { (pair.Cpu.Host, (IStepBuffers)pair.Cpu), (pair.DeviceState, pair.Device) })
+        {
+            for (var i = 0; i < rows; i++)
+            {
+                var slot = scenario.Slots[i];
+                state.Sampling[slot] = sampling;
+                state.Penalties[slot].Reset([3, 9, 27]);
+                state.SeqFlags[i] = StepState.FlagSample | StepState.FlagLogprob | StepState.FlagOutputEntropy;
+                state.Uniform[i] = (float)_rng.NextDouble();
+                buffers.SlotBound(slot);
+            }
+            if (variant == 1)
+            {
+                state.SeqFlags[2] |= StepState.FlagFailSampling;
+            }
+            for (var l = 0; l < rows * state.Layers; l++) state.RowEntropies[l] = 1f;
+        }
+        pair.Device.Upload();
+        using var logits = Pair.Activation(this, rows, _config.VocabSize, ActivationKind.Float32);
+        logits.Fill(_rng, 4f);
+        if (variant == 1) logits.Set(4, 17, float.NaN);
+        // The router entropies the sampler copies come from the route kernel; give both the same ones.
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 20f);
+        using var router = Pair.Weight(this, _weights.Layers[0].Router);
+        for (var l = 0; l < _config.NumLayers; l++)
+        {
+            _cpu.Route(x.Cpu, router.Cpu, l, _config.NumExpertsPerToken, pair.Cpu, rows);
+            _device.Route(x.Device, router.Device, l, _config.NumExpertsPerToken, pair.Device, rows);
+        }
+        _cpu.Sample(logits.Cpu, pair.Cpu, rows);
+        _device.Sample(logits.Device, pair.Device, rows);
+        pair.Device.Download();
+        var a = pair.Cpu.Host;
+        var b = pair.DeviceState;
+        var mismatches = new List<string>();
+        double worst = 0;
+        for (var i = 0; i < rows; i++)
+        {
+            if (a.OutStatus[i] != b.OutStatus[i]) mismatches.Add($"seq {i} status {a.OutStatus[i]} vs {b.OutStatus[i]}");
+            if (a.OutStatus[i] != SampleStatus.Ok) continue;
+            if (a.OutTokens[i] != b.OutTokens[i]) mismatches.Add($"seq {i} token {a.OutTokens[i]} vs {b.OutTokens[i]}");
+            worst = Math.Max(worst, Math.Abs(a.OutLogprobs[i] - b.OutLogprobs[i]));
+            worst = Math.Max(worst, Math.Abs(a.OutOutputEntropy[i] - b.OutOutputEntropy[i]));
+            for (var l = 0; l < a.Layers; l++) worst = Math.Max(worst, Math.Abs(a.RouterEntropyOf(i)[l] - b.RouterEntropyOf(i)[l]));
+        }
+        var expected = variant == 1 ? "NaN row → NonFinite, injected failure → SamplerFailed" : variant == 2 ? "penalties" : variant == 3 ? "top-p keeps one" : "greedy";
+        _results.Add(new CheckResult("op", $"sample ({expected})", mismatches.Count == 0 && worst < 1e-3, worst, 1e-3, string.Join("; ", mismatches)));
+    }
+
+    private void Compare(string name, Pair.Tensor tensor, int rows, double tolerance, int guardRows = Guard)
+    {
+        var columns = tensor.Cpu.Columns;
+        var expected = new float[rows * columns];
+        _cpu.Download(tensor.Cpu, rows, expected);
+        var all = new float[(rows + guardRows) * columns];
+        _device.Download(tensor.Device, rows + guardRows, all);
+        double num = 0, den = 0;
+        var nonFinite = 0;
+        for (var i = 0; i < expected.Length; i++)
+        {
+            if (!float.IsFinite(all[i])) nonFinite++;
+            num += ((double)all[i] - expected[i]) * ((double)all[i] - expected[i]);
+            den += (double)expected[i] * expected[i];
+        }
+        var guardsTouched = 0;
+        for (var i = expected.Length; i < all.Length; i++)
+            if (!float.IsNaN(all[i])) guardsTouched++;
+        var nmse = num / Math.Max(den, 1e-30);
+        var passed = nonFinite == 0 && guardsTouched == 0 && nmse <= tolerance;
+        _results.Add(new CheckResult("op", name, passed, nmse, tolerance,
+            nonFinite > 0 ? $"{nonFinite} non-finite outputs" : guardsTouched > 0 ? $"{guardsTouched} guard values overwritten" : "nmse"));
+    }
+
+    public void Dispose()
+    {
+        _cpu.Dispose();
+        _checkpoint.Dispose();
+    }
+
+    /// <summary>The same tensor on both backends.</summary>
+    private static class Pair
+    {
+        public sealed class Tensor(OpChecks owner, DeviceTensor cpu, DeviceTensor device, bool bf16) : IDisposable
+        {
+            public DeviceTensor Cpu { get; } = cpu;
+            public DeviceTensor Device { get; } = device;
+
+            /// <summary>Random values in [−scale, scale), rounded to bf16 when the device keeps bf16, written to both.</summary>
+            public void Fill(Random rng, float scale)
+            {
+                var values = new float[Cpu.Rows * Cpu.Columns];
+                for (var i = 0; i < values.Length; i++)
+                {
+                    var v = (float)((rng.NextDouble() * 2 - 1) * scale);
+                    values[i] = bf16 ? BitConverter.UInt32BitsToSingle((uint)HalfConversion.FloatToBFloat16(v) << 16) : v;
+                }
+                owner._cpu.Upload(values, Cpu);
+                owner._device.Upload(values, Device);
+            }
+
+            public void Set(int row, int column, float value)
+            {
+                var values = new float[Cpu.Rows * Cpu.Columns];
+                owner._cpu.Download(Cpu, Cpu.Rows, values);
+                values[row * Cpu.Columns + column] = value;
+                owner._cpu.Upload(values, Cpu);
+                owner._device.Upload(values, Device);
+            }
+
+            /// <summary>NaN everywhere, so unwritten outputs and overwritten guards show.</summary>
+            public void Poison()
+            {
+                var values = new float[Cpu.Rows * Cpu.Columns];
+                Array.Fill(values, float.NaN);
+                owner._cpu.Upload(values, Cpu);
+                owner._device.Upload(values, Device);
+            }
+
+            public void Dispose()
+            {
+                Cpu.Dispose();
+                Device.Dispose();
+            }
+        }
+
+        public static Tensor Activation(OpChecks owner, int rows, int columns, ActivationKind kind) =>
+            new(owner, owner._cpu.Allocate(rows, columns, kind), owner._device.Allocate(rows, columns, kind), kind == ActivationKind.GemmInput);
+
+        /// <summary>A weight on both; its values are the checkpoint's bf16 values on both.</summary>
+        public static Tensor Weight(OpChecks owner, params TensorView[] parts) =>
+            new(owner, owner._cpu.UploadWeight(parts), owner._device.UploadWeight(parts), bf16: true);
+    }
+
+    /// <summary>Step inputs on both backends: the same scenario written into a StepState each, the device's uploaded.</summary>
+    private sealed class StepPair : IDisposable
+    {
+        public StepPair(OpChecks owner, Scenario scenario)
+        {
+            Limits = new RunnerLimits(128, 256, 32, 4, 128, 0, 0);
+            State = new StepState(Limits, owner._config);
+            DeviceState = new StepState(Limits, owner._config);
+            scenario.WriteTo(State);
+            scenario.WriteTo(DeviceState);
+            Cpu = owner._cpu.CreateStepBuffers(State);
+            Device = owner._device.CreateStepBuffers(DeviceState);
+            foreach (var slot in scenario.Slots.Distinct()) Device.BlocksChanged(slot, 0, Limits.MaxBlocksPerSequence);
+            Device.Upload();
+        }
+
+        public RunnerLimits Limits { get; }
+        public StepState State { get; }
+        public StepState DeviceState { get; }
+        public IStepBuffers Cpu { get; }
+        public IStepBuffers Device { get; }
+
+        public void Dispose()
+        {
+            Cpu.Dispose();
+            Device.Dispose();
+        }
+    }
+
+    /// <summary>Sequences in slots with scattered blocks of 4 positions, and the rows of one step over them.</summary>
+    private sealed record Scenario(string Name, int[] Slots, int[] Starts, int[] Lengths, int[] Tokens, int[][] Tables)
+    {
+        public int Rows => Lengths.Sum();
+
+        private static int[][] RandomTables(int sequences, Random rng)
+        {
+            var blocks = Enumerable.Range(0, 128).OrderBy(_ => rng.Next()).ToArray();
+            return Enumerable.Range(0, sequences).Select(s => blocks.Skip(s * 8).Take(8).Concat(Enumerable.Repeat(0, 24)).ToArray()).ToArray();
+        }
+
+        private static int[] RandomTokens(int n, int vocab, Random rng) => Enumerable.Range(0, n).Select(_ => rng.Next(vocab)).ToArray();
+
+        public static Scenario Decode(int rows, int vocab, Random rng) =>
+            new("decode", [.. Enumerable.Range(0, rows).Select(i => i % 16)], [.. Enumerable.Range(0, rows).Select(i => 3 + (i * 5) % 25)],
+                [.. Enumerable.Repeat(1, rows)], RandomTokens(rows, vocab, rng), RandomTables(16, rng));
+
+        public static Scenario Prefill(int[] lengths, int vocab, Random rng) =>
+            new("prefill", [.. Enumerable.Range(0, lengths.Length)], new int[lengths.Length], lengths, RandomTokens(lengths.Sum(), vocab, rng),
+                RandomTables(16, rng));
+
+        public static Scenario Mixed(int vocab, Random rng) =>
+            new("mixed prefill and decode", [0, 1, 2, 3], [10, 0, 25, 4], [1, 9, 1, 6], RandomTokens(17, vocab, rng), RandomTables(16, rng));
+
+        /// <summary>The positions before each sequence's rows, as one prefill step (so the cache holds them).</summary>
+        public Scenario History(Random rng) =>
+            new("history", Slots, new int[Slots.Length], Starts, RandomTokens(Starts.Sum(), 512, rng), Tables);
+
+        public void WriteTo(StepState state)
+        {
+            var row = 0;
+            var sequences = 0;
+            for (var i = 0; i < Slots.Length; i++)
+            {
+                if (Lengths[i] == 0) continue;
+                var slot = Slots[i];
+                Tables[slot].CopyTo(state.BlockTable(slot));
+                state.SeqSlot[sequences] = slot;
+                state.QueryStart[sequences] = row;
+                state.SeqFlags[sequences] = StepState.FlagSample;
+                for (var j = 0; j < Lengths[i]; j++)
+                {
+                    state.TokenIds[row] = Tokens[row];
+                    state.Positions[row] = Starts[i] + j;
+                    state.RowSequence[row] = sequences;
+                    state.KvSlots[row] = state.KvSlotOf(slot, Starts[i] + j);
+                    row++;
+                }
+                state.ContextLength[sequences] = Starts[i] + Lengths[i];
+                sequences++;
+            }
+            state.Rows = row;
+            state.Sequences = sequences;
+            state.QueryStart[sequences] = row;
+        }
+    }
+}
