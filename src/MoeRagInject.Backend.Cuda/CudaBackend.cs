@@ -228,7 +228,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         if (!a.IsBf16 || !w.IsBf16 || y.IsBf16) throw new ArgumentException("linear: bf16 input and weight, fp32 output expected");
         if (Deterministic || rows <= GemvMaxRows)
         {
-            Launch3("linear_rows", ((uint)((w.Rows + 7) / 8), (uint)((rows + GemvMaxRows - 1) / GemvMaxRows), 1), 256, 0,
+            // Rows per pass: as few accumulators as the rows need (more warps resident), at most 8.
+            var perPass = Math.Min(GemvMaxRows, Bound(rows));
+            Launch3($"linear_rows_t{perPass}", ((uint)((w.Rows + 7) / 8), (uint)((rows + perPass - 1) / perPass), 1), 256, 0,
                 a.Pointer, w.Pointer, y.Pointer, rows, w.Rows, w.Columns);
             return;
         }
@@ -260,7 +262,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth);
     }
 
-    private static int Bound(int n) => n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
+    private static int Bound(int n) => n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;  // the instantiated bounds
 
     public void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows)
     {
@@ -286,10 +288,14 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         switch (PathFor(rows, topK))
         {
             case MoePath.Small:
-                Launch3("moe_small_gate_up", ((uint)e, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, slots, topK, h, i);
-                Launch3("moe_small_down", ((uint)e, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, slots, h, i);
+            {
+                // Slots per pass over an expert's weights: enough for every slot routed to it (at most all slots), at most 16.
+                var perPass = Math.Min(16, Bound(slots));
+                Launch3($"moe_small_gate_up_t{perPass}", ((uint)e, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, slots, topK, h, i);
+                Launch3($"moe_small_down_t{perPass}", ((uint)e, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, slots, h, i);
                 Launch("moe_combine_slots", (uint)rows, 256, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;
+            }
             case MoePath.Dense:
                 // Every expert on every row: [E, rows, 2I] = x · gate_upᵀ, silu·mul, [E, rows, H] = act · downᵀ; each row sums its own.
                 _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e);

@@ -27,9 +27,12 @@ public sealed class OpChecks : IDisposable
     private readonly MixtralWeights _weights;
     private readonly Random _rng;
     private readonly List<CheckResult> _results = [];
+    private readonly Action<CheckResult>? _report;
 
-    public OpChecks(IBackend device, int seed)
+    /// <param name="report">Told of each result as it is measured.</param>
+    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null)
     {
+        _report = report;
         _device = device;
         _rng = new Random(seed);
         _config = new ModelConfig
@@ -65,7 +68,7 @@ public sealed class OpChecks : IDisposable
             }
             catch (Exception e)
             {
-                _results.Add(new CheckResult("op", $"{op} [{variant}]", false, double.NaN, 0, $"{e.GetType().Name}: {e.Message}"));
+                Add(new CheckResult("op", $"{op} [{variant}]", false, double.NaN, 0, $"{e.GetType().Name}: {e.Message}"));
             }
         }
     }
@@ -176,7 +179,7 @@ public sealed class OpChecks : IDisposable
             finite &= float.IsFinite(b);
             worst = Math.Max(worst, Math.Abs(a - b));
         }
-        _results.Add(new CheckResult("op", $"route entropy rows={rows}", finite && worst < 1e-4, worst, 1e-4, "max |Δ| nats"));
+        Add(new CheckResult("op", $"route entropy rows={rows}", finite && worst < 1e-4, worst, 1e-4, "max |Δ| nats"));
     }
 
     /// <summary>The MoE block at row counts that take each device path (few routed slots, dense, grouped).</summary>
@@ -276,7 +279,13 @@ public sealed class OpChecks : IDisposable
             for (var l = 0; l < a.Layers; l++) worst = Math.Max(worst, Math.Abs(a.RouterEntropyOf(i)[l] - b.RouterEntropyOf(i)[l]));
         }
         var expected = variant == 1 ? "NaN row → NonFinite, injected failure → SamplerFailed" : variant == 2 ? "penalties" : variant == 3 ? "top-p keeps one" : "greedy";
-        _results.Add(new CheckResult("op", $"sample ({expected})", mismatches.Count == 0 && worst < 1e-3, worst, 1e-3, string.Join("; ", mismatches)));
+        Add(new CheckResult("op", $"sample ({expected})", mismatches.Count == 0 && worst < 1e-3, worst, 1e-3, string.Join("; ", mismatches)));
+    }
+
+    private void Add(CheckResult result)
+    {
+        _results.Add(result);
+        _report?.Invoke(result);
     }
 
     private void Compare(string name, Pair.Tensor tensor, int rows, double tolerance, int guardRows = Guard)
@@ -299,7 +308,7 @@ public sealed class OpChecks : IDisposable
             if (!float.IsNaN(all[i])) guardsTouched++;
         var nmse = num / Math.Max(den, 1e-30);
         var passed = nonFinite == 0 && guardsTouched == 0 && nmse <= tolerance;
-        _results.Add(new CheckResult("op", name, passed, nmse, tolerance,
+        Add(new CheckResult("op", name, passed, nmse, tolerance,
             nonFinite > 0 ? $"{nonFinite} non-finite outputs" : guardsTouched > 0 ? $"{guardsTouched} guard values overwritten" : "nmse"));
     }
 

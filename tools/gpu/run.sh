@@ -19,7 +19,7 @@ git log --oneline -1 2>/dev/null | tee -a "$out/gpu.txt" || true
 
 if has check; then
   log "check-device (ops against the CPU backend, graphs, reference checkpoints, engine)"
-  timeout 420 "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | tee "$out/check.log" | grep -v "^  layer"
+  timeout ${CHECK_TIMEOUT:-300} "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | tee "$out/check.log" | grep -v "^  layer"
 fi
 if has parity; then
   log "Mixtral-8x7B-dimension checkpoint (2 layers) against transformers"
@@ -28,8 +28,8 @@ if has parity; then
 fi
 if has bench; then
   log "bench: Mixtral-8x7B shape, dummy weights"
-  timeout 540 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
-    --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v "^  layer"
+  timeout ${BENCH_TIMEOUT:-400} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
+    --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v "^  layer"
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"

@@ -1,11 +1,10 @@
 // y[t, n] = Σ_k x[t, k] · W[n, k] for a few rows: one warp per output feature reads its weight row once (16-byte loads,
 // lanes striding over the row) and dots it with every row of x. Memory-bound on the weights, so it reads them at close to
 // the card's bandwidth when few rows share them; each output is one fixed-order reduction, whatever the number of rows,
-// which makes it batch-invariant (--deterministic uses it at every batch size). Grid: (ceil(N / 8), ceil(rows / GEMV_T));
-// block: 256.
-#define GEMV_T 8
-
-extern "C" __global__ void __launch_bounds__(256) linear_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
+// which makes it batch-invariant (--deterministic uses it at every batch size). Instantiated for GEMV_T rows per pass
+// (1, 2, 4, 8: fewer accumulators, more warps resident). Grid: (ceil(N / 8), ceil(rows / GEMV_T)); block: 256.
+template <int GEMV_T>
+__device__ __forceinline__ void linear_rows_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
     float* __restrict__ y, int rows, int n, int k)
 {
     const int lane = threadIdx.x & 31;
@@ -18,6 +17,7 @@ extern "C" __global__ void __launch_bounds__(256) linear_rows(const bf16* __rest
     float acc[GEMV_T];
 #pragma unroll
     for (int t = 0; t < GEMV_T; t++) acc[t] = 0.f;
+#pragma unroll 4
     for (int c = lane; c < chunks; c += 32)
     {
         const u32x4 wv = wRow[c];
@@ -32,3 +32,8 @@ extern "C" __global__ void __launch_bounds__(256) linear_rows(const bf16* __rest
         if (lane == 0 && t < count) y[(long long)(first + t) * n + feature] = total;
     }
 }
+
+#define LINEAR_ROWS(T) \
+    extern "C" __global__ void __launch_bounds__(256) linear_rows_t##T(const bf16* __restrict__ x, const bf16* __restrict__ w, \
+        float* __restrict__ y, int rows, int n, int k) { linear_rows_impl<T>(x, w, y, rows, n, k); }
+LINEAR_ROWS(1) LINEAR_ROWS(2) LINEAR_ROWS(4) LINEAR_ROWS(8)

@@ -6,7 +6,6 @@
 //  - grouped (many rows, prefill): rows sorted by expert on the device, one GEMM per expert over its rows.
 #define ROUTER_MAX_EXPERTS 64
 #define ROUTER_MAX_TOPK 8
-#define MOE_T 16
 #define MOE_MAX_SLOTS 8192
 
 // The (row, k) slots routed to expert e, in slot order, into routed[] (shared); their number into *count. Warp 0 scans
@@ -94,9 +93,11 @@ extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restr
 }
 
 // Small path, gate and up: for expert blockIdx.x and 8 intermediate features (a warp each), act[slot, n] =
-// silu(gate_n · x) · (up_n · x) for every (row, k) slot routed to the expert. Weights [E, 2I, H]: gate rows, then up rows.
-// Grid: (E, ceil(I / 8)); block: 256.
-extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
+// silu(gate_n · x) · (up_n · x) for every (row, k) slot routed to the expert, MOE_T slots per pass over the weights
+// (instantiated for 1, 2, 4, 8, 16: the host picks the smallest that holds every slot). Weights [E, 2I, H]: gate rows,
+// then up rows. Grid: (E, ceil(I / 8)); block: 256.
+template <int MOE_T>
+__device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
     const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate)
 {
     __shared__ int routed[MOE_MAX_SLOTS];
@@ -117,6 +118,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up(const bf16* 
         float g[MOE_T], u[MOE_T];
 #pragma unroll
         for (int t = 0; t < MOE_T; t++) g[t] = u[t] = 0.f;
+#pragma unroll 2
         for (int c = lane; c < chunks; c += 32)
         {
             const u32x4 gv = gate[c], uv = up[c];
@@ -140,7 +142,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up(const bf16* 
 
 // Small path, down: out[slot, h] = w_slot · (down_h · act[slot]) for the slots routed to expert blockIdx.x; 8 output
 // features per block. Weights [E, H, I]. Grid: (E, ceil(H / 8)); block: 256.
-extern "C" __global__ void __launch_bounds__(256) moe_small_down(const bf16* __restrict__ act, const bf16* __restrict__ down,
+template <int MOE_T>
+__device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act, const bf16* __restrict__ down,
     const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate)
 {
     __shared__ int routed[MOE_MAX_SLOTS];
@@ -160,6 +163,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_small_down(const bf16* __r
         float acc[MOE_T];
 #pragma unroll
         for (int t = 0; t < MOE_T; t++) acc[t] = 0.f;
+#pragma unroll 4
         for (int c = lane; c < chunks; c += 32)
         {
             const u32x4 wv = row[c];
@@ -179,6 +183,15 @@ extern "C" __global__ void __launch_bounds__(256) moe_small_down(const bf16* __r
         }
     }
 }
+
+#define MOE_SMALL(T) \
+    extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up_t##T(const bf16* __restrict__ x, const bf16* __restrict__ gateUp, \
+        const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate) \
+    { moe_small_gate_up_impl<T>(x, gateUp, topIds, act, slots, topK, hidden, intermediate); } \
+    extern "C" __global__ void __launch_bounds__(256) moe_small_down_t##T(const bf16* __restrict__ act, const bf16* __restrict__ down, \
+        const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate) \
+    { moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
+MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
 // delta[r] = Σ_k out[r·K + k] in k order (the small path's per-slot outputs, already weighted). Grid: rows; block: 256.
 extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, const int* __restrict__ topIds, float* __restrict__ delta,

@@ -170,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(const float*
             unsigned lo = 0u, hi = 0xffffffffu;  // the largest key with at least topK values at or above it
             while (lo < hi)
             {
-                const unsigned mid = lo + (hi - lo + 1u) / 2u;
+                const unsigned mid = lo + (hi - lo) / 2u + ((hi - lo) & 1u);  // the upper middle, without overflow
                 float n = 0.f;
                 for (int v = t; v < vocab; v += blockDim.x) n += float_key(s[v]) >= mid ? 1.f : 0.f;
                 if (block_sum(n, scratch) >= (float)topK) lo = mid; else hi = mid - 1u;
@@ -182,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(const float*
             unsigned lo = threshold, hi = 0xffffffffu;  // the largest key whose mass at or above it reaches top-p
             while (lo < hi)
             {
-                const unsigned mid = lo + (hi - lo + 1u) / 2u;
+                const unsigned mid = lo + (hi - lo) / 2u + ((hi - lo) & 1u);  // the upper middle, without overflow
                 float mass = 0.f;
                 for (int v = t; v < vocab; v += blockDim.x) mass += float_key(s[v]) >= mid ? expf(s[v] - sMax) : 0.f;
                 if (block_sum(mass, scratch) >= p.topP * total) lo = mid; else hi = mid - 1u;

@@ -53,8 +53,8 @@ public static class CheckDeviceCommand
         if (groups.Contains("ops"))
         {
             using var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2);
-            using var ops = new OpChecks(backend, seed);
-            Report(ops.Run());
+            using var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r));
+            results.AddRange(ops.Run());
         }
         if (groups.Contains("graph") && factory is CudaRunnerFactory) Report([ModelChecks.GraphReplay(factory, demo)]);
         if (groups.Contains("models")) Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));
