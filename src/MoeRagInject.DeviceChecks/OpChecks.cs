@@ -137,7 +137,7 @@ public sealed class OpChecks : IDisposable
         var rows = scenario.Rows;
         // Earlier positions of each sequence first (a prefill of its history), then this step's rows.
         using var history = new StepPair(this, scenario.History(_rng));
-        using var hq = Pair.Activation(this, history.State.Rows, shape.QkvWidth, ActivationKind.Float32);
+        using var hq = Pair.Activation(this, Math.Max(1, history.State.Rows), shape.QkvWidth, ActivationKind.Float32);
         hq.Fill(_rng, 1f);
         foreach (var layer in new[] { 1 })
         {

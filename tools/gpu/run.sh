@@ -31,6 +31,18 @@ if has bench; then
   timeout ${BENCH_TIMEOUT:-400} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
     --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v "^  layer"
 fi
+if has determinism; then
+  log "bench: --deterministic against the default, batch 1 and 64"
+  for mode in "" --deterministic; do
+    timeout ${DET_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 --modes off \
+      --input-len 128 --output-len 32 --max-running-requests 64 $mode --json --out "$out/bench-det${mode:+-on}.json" 2>&1 | grep "batch\|bandwidth"
+  done
+fi
+if has prefill; then
+  log "bench: prefill of one 2048-token prompt"
+  timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
+    --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill.json" 2>&1 | grep "batch\|bandwidth"
+fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
   timeout 540 python3 tools/gpu/baseline_transformers.py ${BASELINE_ARGS:---batch-sizes 1,8,64} --input-len 128 --output-len 32 \
