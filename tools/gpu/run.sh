@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
-# benchmarks in one go. Logs and JSON go to $OUT (or /tmp/gpu-out). Stages: check, parity, bench, baseline (default: all).
-#   tools/gpu/run.sh [stage ...]
+# benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
+# determinism, prefill, baseline (default: all).
+#   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/gpu-out}"
@@ -9,27 +10,27 @@ mkdir -p "$out"
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(check parity bench baseline)
+[ ${#stages[@]} -eq 0 ] && stages=(check parity bench determinism prefill baseline)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "=== $(date +%T) $*"; }
 
 log "machine"
-nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv | tee "$out/gpu.txt"
-git log --oneline -1 2>/dev/null | tee -a "$out/gpu.txt" || true
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
+git log --oneline -1 2>/dev/null || true
 
 if has check; then
   log "check-device (ops against the CPU backend, graphs, reference checkpoints, engine)"
-  timeout ${CHECK_TIMEOUT:-300} "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | tee "$out/check.log" | grep -v "^  layer"
+  timeout ${CHECK_TIMEOUT:-300} "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | grep -v "^  layer"
 fi
 if has parity; then
   log "Mixtral-8x7B-dimension checkpoint (2 layers) against transformers"
-  timeout 400 python3 tools/gpu/mixtral_parity.py --out /tmp/mixtral-2l --layers 2 2>&1 | tee "$out/parity-python.log"
-  timeout 300 "$bin" check-device --device cuda --groups none --case /tmp/mixtral-2l --json "$out/parity.json" 2>&1 | tee "$out/parity.log" | grep -v "^  layer"
+  timeout 400 python3 tools/gpu/mixtral_parity.py --out /tmp/mixtral-2l --layers 2 2>&1
+  timeout 300 "$bin" check-device --device cuda --groups none --case /tmp/mixtral-2l --json "$out/parity.json" 2>&1 | grep -v "^  layer"
 fi
 if has bench; then
   log "bench: Mixtral-8x7B shape, dummy weights"
   timeout ${BENCH_TIMEOUT:-400} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
-    --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | tee "$out/bench.log" | grep -v "^  layer"
+    --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | grep -v "^  layer"
 fi
 if has determinism; then
   log "bench: --deterministic against the default, batch 1 and 64"
@@ -46,6 +47,6 @@ fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
   timeout 540 python3 tools/gpu/baseline_transformers.py ${BASELINE_ARGS:---batch-sizes 1,8,64} --input-len 128 --output-len 32 \
-    --json "$out/baseline.json" 2>&1 | tee "$out/baseline.log"
+    --json "$out/baseline.json" 2>&1
 fi
 log "done"
