@@ -219,11 +219,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     public void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows) =>
         Launch("embed", (uint)rows, 256, T(table).Pointer, S(step).TokenIds, T(hidden).Pointer, T(hidden).Columns, T(table).Rows);
 
+    /// <summary>Blocks of 256 columns across a row: small batches still spread over the multiprocessors.</summary>
+    private static uint ColumnBlocks(int columns) => (uint)((columns + 255) / 256);
+
+    /// <summary>Threads of a norm block: the whole row in one pass for small batches.</summary>
+    private const uint NormThreads = 1024;
+
     public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
-        Launch("rms_norm", (uint)rows, 256, T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
+        Launch("rms_norm", (uint)rows, NormThreads, T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
 
     public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
-        Launch("add_rms_norm", (uint)rows, 256, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
+        Launch("add_rms_norm", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
 
     public void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows)
     {
@@ -243,7 +249,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     public void RotaryAndCacheWrite(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, int rows)
     {
         var kv = (CudaKvCache)cache;
-        Launch("rope_kv_write", (uint)rows, 128, T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
+        Launch3("rope_kv_write", ((uint)rows, (uint)(shape.Heads + shape.KvHeads), 1), (uint)Math.Max(32, (shape.HeadDim / 2 + 31) / 32 * 32), 0, T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
             shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth);
     }
 
@@ -257,13 +263,16 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var laneBound = Bound(perLane);
         if (groupBound > 8 || laneBound > 8) throw new NotSupportedException($"attention: {group} query heads per KV head or head_dim {shape.HeadDim} is beyond this kernel (at most 8 and 256)");
         var name = $"attention_g{groupBound}_d{laneBound}";
-        var shared = (uint)(8 * group * shape.HeadDim * 4);
+        var shared = (uint)(AttentionWarps * group * shape.HeadDim * 4);
         if (shared > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
-        Launch3(name, ((uint)rows, (uint)shape.KvHeads, 1), 256, shared,
+        Launch3(name, ((uint)rows, (uint)shape.KvHeads, 1), 32 * AttentionWarps, shared,
             T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.RowSequence, s.SeqSlot,
             s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, shape.HeadDim,
             shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth);
     }
+
+    /// <summary>Warps of an attention block (ATT_WARPS in attention.cu).</summary>
+    private const int AttentionWarps = 16;
 
     private static int Bound(int n) => n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;  // the instantiated bounds
 
@@ -296,7 +305,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var perPass = Math.Min(16, Bound(slots));
                 Launch3($"moe_small_gate_up_t{perPass}", ((uint)e, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, slots, topK, h, i);
                 Launch3($"moe_small_down_t{perPass}", ((uint)e, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, slots, h, i);
-                Launch("moe_combine_slots", (uint)rows, 256, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
+                Launch3("moe_combine_slots", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;
             }
             case MoePath.Dense:
@@ -304,7 +313,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e);
                 Launch("moe_silu_mul", (uint)(e * rows), 256, s.MoeGateUp, s.MoeAct, i);
                 _cublas.GemmBf16Batched(rows, h, i, s.MoeAct.Pointer, (long)rows * i, stack.Down.Pointer, (long)h * i, s.MoeOut.Pointer, (long)rows * h, e);
-                Launch("moe_combine_dense", (uint)rows, 256, s.MoeOut, s.TopIds, s.TopWeights, delta.Pointer, rows, topK, h);
+                Launch3("moe_combine_dense", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, s.TopWeights, delta.Pointer, rows, topK, h);
                 break;
             default:
                 Grouped(input, stack, topK, s, delta, rows);
@@ -336,7 +345,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
                 stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
         }
-        Launch("moe_combine_grouped", (uint)rows, 256, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+        Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)

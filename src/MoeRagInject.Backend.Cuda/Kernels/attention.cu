@@ -5,7 +5,7 @@
 // whatever else is in the batch. Instantiated for bounds on the group (query heads per KV head) and on the head dimensions
 // per lane (headDim / 32); the host picks the smallest that fit. Grid: (rows, kvHeads); block: ATT_WARPS × 32; dynamic
 // shared memory: ATT_WARPS × group × headDim floats.
-#define ATT_WARPS 8
+#define ATT_WARPS 16
 
 template <int ATT_MAX_GROUP, int ATT_MAX_DPL>
 __device__ __forceinline__ void attention_impl(

@@ -193,12 +193,12 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
     { moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
 MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
-// delta[r] = Σ_k out[r·K + k] in k order (the small path's per-slot outputs, already weighted). Grid: rows; block: 256.
+// delta[r] = Σ_k out[r·K + k] in k order (the small path's per-slot outputs, already weighted). Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, const int* __restrict__ topIds, float* __restrict__ delta,
     int topK, int hidden)
 {
     const int r = blockIdx.x;
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
         float sum = 0.f;
         for (int k = 0; k < topK; k++)
@@ -218,12 +218,12 @@ extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* 
 }
 
 // Dense path: delta[r] = Σ_k w_{r,k} · out[e_{r,k}, r] over [E, rows, H] outputs of every expert on every row, in k order.
-// Grid: rows; block: 256.
+// Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, const int* __restrict__ topIds,
     const float* __restrict__ topWeights, float* __restrict__ delta, int rows, int topK, int hidden)
 {
     const int r = blockIdx.x;
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
         float sum = 0.f;
         for (int k = 0; k < topK; k++)
@@ -299,12 +299,12 @@ extern "C" __global__ void moe_gather(const bf16* __restrict__ x, const int* __r
     for (int c = threadIdx.x; c < hidden / 8; c += blockDim.x) o[c] = in[c];
 }
 
-// Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order. Grid: rows; block: 256.
+// Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order. Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_grouped(const float* __restrict__ out, const int* __restrict__ placeOf,
     const float* __restrict__ topWeights, float* __restrict__ delta, int topK, int hidden)
 {
     const int r = blockIdx.x;
-    for (int c = threadIdx.x; c < hidden; c += blockDim.x)
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
         float sum = 0.f;
         for (int k = 0; k < topK; k++)

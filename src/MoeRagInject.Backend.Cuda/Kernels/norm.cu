@@ -1,5 +1,5 @@
 // RMSNorm as transformers' MixtralRMSNorm: the mean square in fp32, y = w ⊙ x / sqrt(mean(x²) + eps), rounded to bf16 once.
-// Grid: rows; block: 256.
+// Grid: rows; block: up to 1024.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const bf16* __restrict__ weight, bf16* __restrict__ out,
     int hiddenSize, float eps)
 {
