@@ -111,7 +111,7 @@ public sealed class CliTests
     }
 
     [Theory]
-    [InlineData(new[] { "--device", "cuda" }, "the CUDA backend is not built yet")]
+    [InlineData(new[] { "--device", "cuda:x" }, "invalid value for --device")]
     [InlineData(new[] { "--device", "tpu" }, "invalid value for --device")]
     [InlineData(new[] { "--rag-mode", "loud" }, "invalid value for --rag-mode")]
     [InlineData(new[] { "--trigger-layers", "0,x" }, "invalid value for --trigger-layers")]
@@ -156,9 +156,20 @@ public sealed class CliTests
         }
     }
 
+    /// <summary>Without a GPU, --device cuda fails at load with one line that says what is missing (with one, it would run).</summary>
+    [Fact]
+    public async Task Main_CudaWithoutAGpu_SaysWhatIsMissing()
+    {
+        if (MoeRagInject.Backend.Cuda.CudaRunnerFactory.IsAvailable(out _)) return;
+        var (code, _, error) = await RunAsync("generate", "hi", "--device", "cuda", "--max-new-tokens", "1");
+        Assert.Equal(1, code);
+        Assert.Contains("--device cuda:", error, StringComparison.Ordinal);
+        Assert.Contains("CUDA", error, StringComparison.Ordinal);
+    }
+
     [Theory]
     [InlineData(2, new[] { "serve", "--bogus" }, "unknown flag --bogus")]
-    [InlineData(2, new[] { "serve", "--device", "cuda" }, "the CUDA backend is not built yet")]
+    [InlineData(2, new[] { "serve", "--device", "gpu" }, "invalid value for --device")]
     [InlineData(2, new[] { "frobnicate" }, "unknown command 'frobnicate'")]
     [InlineData(2, new[] { "generate" }, "generate needs a prompt")]
     [InlineData(1, new[] { "generate", "hi", "--model-path", "/no/such/model" }, "model folder not found")]

@@ -1,0 +1,96 @@
+using MoeRagInject.Backend.Cuda;
+using MoeRagInject.Backend.Cuda.Interop;
+using MoeRagInject.DeviceChecks;
+
+namespace MoeRagInject.Backend.Cuda.Tests;
+
+/// <summary>A test that needs an NVIDIA GPU: skipped, saying why, on machines without one (CI).</summary>
+public sealed class CudaFactAttribute : FactAttribute
+{
+    public CudaFactAttribute()
+    {
+        if (!CudaRunnerFactory.IsAvailable(out var reason)) Skip = $"no CUDA device here, so the GPU tests did not run: {reason}";
+    }
+}
+
+/// <summary>
+/// The CUDA backend on a GPU: the same checks `moe-rag-inject check-device --device cuda` runs (the GPU machine has no .NET
+/// SDK, so tools/gpu/run.sh runs them through the published CLI; here they run under `dotnet test` where a GPU is present).
+/// </summary>
+public sealed class CudaTests
+{
+    private static string Root
+    {
+        get
+        {
+            for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+                if (File.Exists(Path.Combine(dir.FullName, "MoeRagInject.slnx"))) return dir.FullName;
+            throw new InvalidOperationException("repository root not found");
+        }
+    }
+
+    private static string Demo => Path.Combine(Root, "assets", "models", "moe-wordnet-demo");
+
+    private static void AssertAll(IEnumerable<CheckResult> results)
+    {
+        var list = results.ToList();
+        Assert.NotEmpty(list);
+        Assert.True(list.All(r => r.Passed), string.Join("\n", list.Where(r => !r.Passed)));
+    }
+
+    [CudaFact]
+    public void EveryOpMatchesTheCpuBackend()
+    {
+        using var backend = CudaRunnerFactory.OpenBackend(0, deterministic: false);
+        using var checks = new OpChecks(backend, seed: 7);
+        AssertAll(checks.Run());
+    }
+
+    [CudaFact]
+    public void GraphReplayEqualsOpByOpSteps() => AssertAll([ModelChecks.GraphReplay(new CudaRunnerFactory(), Demo)]);
+
+    [CudaFact]
+    public void ReferenceCheckpointsMatchTransformers() =>
+        AssertAll(ModelChecks.Run(new CudaRunnerFactory(), Path.Combine(Root, "tests", "data", "reference"), Demo));
+
+    [CudaFact]
+    public async Task BatchSafetyWithGraphsAndInjections() =>
+        AssertAll(await EngineChecks.RunAsync(new CudaRunnerFactory(), Demo, Path.Combine(Root, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
+            Directory.CreateTempSubdirectory("moe-rag-cuda-tests-").FullName));
+}
+
+/// <summary>What runs without a GPU: the kernel program assembled from its sources, and a clear answer when CUDA is missing.</summary>
+public sealed class CudaWithoutGpuTests
+{
+    [Fact]
+    public void TheKernelProgramHoldsEveryKernelFile()
+    {
+        var source = CudaKernels.Source();
+        foreach (var file in new[] { "common.cuh", "attention.cu", "embedding.cu", "linear.cu", "misc.cu", "moe.cu", "norm.cu", "rotary.cu", "sample.cu" })
+            Assert.Contains($"// ---- kernels/{file}", source);
+        // common.cuh comes first: every kernel file uses its helpers.
+        Assert.StartsWith("// ---- kernels/common.cuh", source);
+        foreach (var kernel in new[] { "embed", "rms_norm", "add_rms_norm", "rope_kv_write", "attention_impl", "route", "moe_small_gate_up_impl",
+                     "moe_combine_dense", "moe_align", "sample", "add_injection", "linear_rows_impl", "fill_dummy" })
+            Assert.Contains(kernel, source);
+    }
+
+    [Fact]
+    public void MissingCudaIsReportedWithTheReason()
+    {
+        if (CudaLibraries.TryProbe(out var reason))
+        {
+            Assert.Empty(reason);
+            return;
+        }
+        Assert.False(string.IsNullOrWhiteSpace(reason));
+        Assert.Contains("CUDA", reason, StringComparison.OrdinalIgnoreCase);
+        var error = Assert.Throws<InvalidOperationException>(() => new CudaRunnerFactory().Create(
+            new Model.ModelConfig
+            {
+                ModelType = "mixtral", VocabSize = 300, HiddenSize = 64, IntermediateSize = 64, NumLayers = 1, NumHeads = 2, NumKvHeads = 1, HeadDim = 32,
+                NumExperts = 2, NumExpertsPerToken = 1, MaxPositionEmbeddings = 64, RmsNormEps = 1e-5f, RopeTheta = 10000f,
+            }, new DummyWeights(0), new RunnerOptions()));
+        Assert.Contains("--device cuda", error.Message);
+    }
+}
