@@ -141,12 +141,23 @@ public static class Sampler
     }
 
     /// <summary>log softmax(logits)[token], in double precision.</summary>
-    public static float LogProb(ReadOnlySpan<float> logits, int token)
+    public static float LogProb(ReadOnlySpan<float> logits, int token) => (float)(logits[token] - LogSumExp(logits));
+
+    /// <summary>log softmax(logits) over the whole row, in double precision.</summary>
+    public static double[] LogSoftmax(ReadOnlySpan<float> logits)
+    {
+        var logZ = LogSumExp(logits);
+        var result = new double[logits.Length];
+        for (var i = 0; i < logits.Length; i++) result[i] = logits[i] - logZ;
+        return result;
+    }
+
+    private static double LogSumExp(ReadOnlySpan<float> logits)
     {
         var max = float.NegativeInfinity;
         foreach (var l in logits) max = Math.Max(max, l);
         double sum = 0;
         foreach (var l in logits) sum += Math.Exp(l - max);
-        return (float)(logits[token] - max - Math.Log(sum));
+        return max + Math.Log(sum);
     }
 }

@@ -64,8 +64,8 @@ public static class ModelChecks
             var v = config.VocabSize;
             for (var row = 0; row < full.Length; row++)
             {
-                var a = LogSoftmax(ours.LogitRow(row));
-                var b = LogSoftmax(theirs.AsSpan(row * v, v));
+                var a = Sampler.LogSoftmax(ours.LogitRow(row));
+                var b = Sampler.LogSoftmax(theirs.AsSpan(row * v, v));
                 double worst = 0;
                 for (var x = 0; x < v; x++) worst = Math.Max(worst, Math.Abs(a[x] - b[x]));
                 rowErrors.Add(worst);
@@ -96,7 +96,7 @@ public static class ModelChecks
             {
                 var step = runner.ForwardEager([new EagerSequence(0, pending, position)]);
                 position += pending.Count;
-                var next = ArgMax(LogSoftmax(step.LogitRow(0)));
+                var next = ArgMax(Sampler.LogSoftmax(step.LogitRow(0)));
                 generated.Add(next);
                 pending = [next];
             }
@@ -146,7 +146,7 @@ public static class ModelChecks
                 runner.BindSlot(s, SlotSampling.Greedy, []);
                 runner.SetBlocks(s, 0, Enumerable.Range(s * 4, 4).ToArray());
                 var first = runner.ForwardEager([new EagerSequence(s, prompts[s], 0)]);
-                tokens[s] = ArgMax(LogSoftmax(first.LogitRow(0)));
+                tokens[s] = ArgMax(Sampler.LogSoftmax(first.LogitRow(0)));
             }
             for (var step = 0; step < 8; step++)
             {
@@ -183,17 +183,6 @@ public static class ModelChecks
         var value = prompt.GetProperty(name);
         if (value.ValueKind == JsonValueKind.String) value = JsonDocument.Parse(value.GetString()!).RootElement;
         return [.. value.EnumerateArray().Select(x => x.GetInt32())];
-    }
-
-    internal static double[] LogSoftmax(ReadOnlySpan<float> logits)
-    {
-        var max = double.NegativeInfinity;
-        foreach (var l in logits) max = Math.Max(max, l);
-        double sum = 0;
-        foreach (var l in logits) sum += Math.Exp(l - max);
-        var result = new double[logits.Length];
-        for (var i = 0; i < logits.Length; i++) result[i] = logits[i] - max - Math.Log(sum);
-        return result;
     }
 
     internal static int ArgMax(double[] values)

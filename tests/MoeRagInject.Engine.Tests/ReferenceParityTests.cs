@@ -29,17 +29,6 @@ public sealed class ReferenceParityTests
         }
     }
 
-    private static double[] LogSoftmax(ReadOnlySpan<float> logits)
-    {
-        var max = double.NegativeInfinity;
-        foreach (var l in logits) max = Math.Max(max, l);
-        double sum = 0;
-        foreach (var l in logits) sum += Math.Exp(l - max);
-        var result = new double[logits.Length];
-        for (var i = 0; i < logits.Length; i++) result[i] = logits[i] - max - Math.Log(sum);
-        return result;
-    }
-
     /// <summary>One prefill over the whole sequence, logits of every position; compared in log-probabilities and router entropies.</summary>
     private static (double LogprobError, double EntropyError) CompareFullForward(Loaded loaded, ReferenceCase reference, int promptIndex, string suffix)
     {
@@ -54,8 +43,8 @@ public sealed class ReferenceParityTests
         double logprobError = 0, entropyError = 0;
         for (var row = 0; row < t; row++)
         {
-            var ours = LogSoftmax(output.LogitRow(row));
-            var theirs = LogSoftmax(logits.AsSpan(row * config.VocabSize, config.VocabSize));
+            var ours = Sampler.LogSoftmax(output.LogitRow(row));
+            var theirs = Sampler.LogSoftmax(logits.AsSpan(row * config.VocabSize, config.VocabSize));
             for (var v = 0; v < config.VocabSize; v++) logprobError = Math.Max(logprobError, Math.Abs(ours[v] - theirs[v]));
             for (var l = 0; l < config.NumLayers; l++)
             {
@@ -110,8 +99,8 @@ public sealed class ReferenceParityTests
             var logits = reference.Tensor($"logits_native.{p}").ToFloatArray();
             for (var row = 0; row < ids.Length; row++)
             {
-                var ours = LogSoftmax(output.LogitRow(row));
-                var theirs = LogSoftmax(logits.AsSpan(row * config.VocabSize, config.VocabSize));
+                var ours = Sampler.LogSoftmax(output.LogitRow(row));
+                var theirs = Sampler.LogSoftmax(logits.AsSpan(row * config.VocabSize, config.VocabSize));
                 rowErrors.Add(ours.Zip(theirs, (a, b) => Math.Abs(a - b)).Max());
                 total++;
                 if (Array.IndexOf(ours, ours.Max()) == Array.IndexOf(theirs, theirs.Max())) agree++;
