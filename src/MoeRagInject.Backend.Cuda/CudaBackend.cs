@@ -7,8 +7,10 @@ namespace MoeRagInject.Backend.Cuda;
 /// <summary>
 /// The CUDA backend: bf16 weights and GEMM inputs, fp32 residual stream and accumulation, kernels compiled by NVRTC
 /// (Kernels/*.cu) and cuBLAS GEMMs, all enqueued on one stream so that a decode step can be captured as a graph and
-/// replayed. The MoE block takes one of three paths by the step's rows (see Kernels/moe.cu); <c>--deterministic</c> keeps
-/// to the kernels whose every output is one fixed-order reduction, whatever the batch.
+/// replayed. The MoE block takes a path by the step's rows (<see cref="MoePath"/>: warp-per-feature kernels for one row,
+/// the tensor-core grouped GEMMs of Kernels/gemm.cu up to <see cref="TensorMaxRows"/>, cuBLAS per expert above);
+/// <c>--deterministic</c> keeps to kernels whose every output is one fixed-order reduction whatever the batch (the
+/// tensor-core kernels at every row count, k split by the weight's shape alone).
 /// </summary>
 public sealed class CudaBackend : IBackend, IGraphCapable
 {
@@ -16,11 +18,16 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     public const int DenseMaxRows = 64;
     /// <summary>
     /// (row, k) slots up to which the MoE block runs the warp-per-feature kernels that read routed experts once. Measured on
-    /// an H200 (Mixtral-8x7B shape): at 16 slots (batch 8) they reached a third of the bandwidth, the dense GEMMs about 70%.
+    /// an H200 at Mixtral-8x7B's shape (check-device --groups gemm-bench): 0.19 ms a layer at batch 1 against 0.26 for the
+    /// tensor-core kernel; at 4 slots and more the tensor-core kernel is ahead (0.32 against 0.33 ms at 2 rows, 0.47 against
+    /// 0.61 at 4).
     /// </summary>
-    public const int SmallSlots = 8;
-    /// <summary>Rows up to which projections use the warp-per-feature kernel instead of cuBLAS.</summary>
-    public const int GemvMaxRows = 8;
+    public const int SmallSlots = 2;
+    /// <summary>
+    /// Rows up to which projections use the warp-per-feature kernel instead of cuBLAS: measured, only a single row gains
+    /// (0.007 against 0.011 ms for a 4096² projection); at 8 rows it took 0.077 ms where cuBLAS takes 0.016.
+    /// </summary>
+    public const int GemvMaxRows = 1;
 
     [ThreadStatic] private static CudaBackend? t_current;
     private readonly CudaKernels _kernels;
@@ -70,7 +77,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
         var activations = (long)maxRows * (4 * h + 2 * h + 4 * (q + 2 * kv) + 2 * q + 4 * h) + (long)maxSequences * (2 * h + 4L * config.VocabSize);
-        return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (32L << 20);
+        return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (32L << 20)
+            + SplitWorkspaceBytes(config, maxRows);
     }
 
     /// <summary>Weights whose views carry no data are filled on the device with <see cref="Checkpoint.DummyValue"/>.</summary>
@@ -178,6 +186,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         EnsureCurrent();
         _topK = host.ExpertsPerToken;
+        EnsureSplitWorkspace(SplitWorkspaceBytes(host.Config, host.Limits.MaxRows));
         return new CudaStepBuffers(this, host, DenseMaxRows);
     }
 
@@ -235,7 +244,14 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var (a, w, y) = (T(x), T(weight), T(output));
         if (!a.IsBf16 || !w.IsBf16 || y.IsBf16) throw new ArgumentException("linear: bf16 input and weight, fp32 output expected");
-        if (Deterministic || rows <= GemvMaxRows)
+        var path = LinearPathForced ?? (Deterministic ? LinearPath.Tensor : rows <= GemvMaxRows ? LinearPath.Gemv : LinearPath.Cublas);
+        if (path == LinearPath.Tensor)
+        {
+            // The tensor-core kernel at every row count: each row's reduction is the same whatever the batch.
+            GemmGrouped(gateUp: false, a.Pointer, w.Pointer, 0, 0, 1, rows, 1, w.Rows, w.Columns, y.Pointer, rows);
+            return;
+        }
+        if (path == LinearPath.Gemv)
         {
             // Rows per pass: as few accumulators as the rows need (more warps resident), at most 8.
             var perPass = Math.Min(GemvMaxRows, Bound(rows));
@@ -285,10 +301,30 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             s.RowEntropies, layer, s.Host.Layers);
     }
 
-    private enum MoePath { Small, Dense, Grouped }
+    /// <summary>
+    /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c>, rows grouped by
+    /// expert on the device and tensor-core grouped GEMMs that read each touched expert once (graph-capturable);
+    /// <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
+    /// host read of the group sizes (eager only). The last two are kept to be measured against (MOE_RAG_INJECT_MOE_PATH).
+    /// </summary>
+    internal enum MoePath { Small, Tensor, Dense, Cublas }
 
-    private MoePath PathFor(int rows, int topK) =>
-        Deterministic || rows * topK <= SmallSlots ? MoePath.Small : rows <= DenseMaxRows ? MoePath.Dense : MoePath.Grouped;
+    private MoePath? _moePathOverride = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_MOE_PATH") is { Length: > 0 } forced
+        ? Enum.Parse<MoePath>(forced, ignoreCase: true) : null;
+
+    /// <summary>
+    /// Rows above which the MoE block takes cuBLAS per expert (eager) instead of the tensor-core kernel. Measured on an H200 at
+    /// Mixtral-8x7B's shape: at 128 rows the tensor-core kernel takes 0.74 ms a layer against 0.84; at 256 rows 1.22 against
+    /// 0.91, and at 2,048 rows 5.5 against 2.4 (cuBLAS's Hopper kernels compute about twice as fast as ours).
+    /// </summary>
+    public const int TensorMaxRows = 128;
+
+    internal MoePath PathFor(int rows, int topK)
+    {
+        if (Deterministic) return MoePath.Tensor;  // batch-invariant at every row count
+        if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
+        return rows * topK <= SmallSlots ? MoePath.Small : rows <= TensorMaxRows ? MoePath.Tensor : MoePath.Cublas;
+    }
 
     public void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows)
     {
@@ -308,6 +344,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 Launch3("moe_combine_slots", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;
             }
+            case MoePath.Tensor:
+            {
+                // Slots sorted by expert on the device; gate·up with silu·mul gathered through the sort; down; each row sums its own.
+                Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                var touched = Math.Min(e, slots);
+                var perExpert = (slots + touched - 1) / touched;
+                GemmGrouped(gateUp: true, input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, slots, topK, i, h, s.MoeAct.Pointer, perExpert);
+                GemmGrouped(gateUp: false, s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0, e, slots, topK, h, i, s.MoeOut.Pointer, perExpert);
+                Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+                break;
+            }
             case MoePath.Dense:
                 // Every expert on every row: [E, rows, 2I] = x · gate_upᵀ, silu·mul, [E, rows, H] = act · downᵀ; each row sums its own.
                 _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e);
@@ -316,13 +363,103 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 Launch3("moe_combine_dense", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, s.TopWeights, delta.Pointer, rows, topK, h);
                 break;
             default:
-                Grouped(input, stack, topK, s, delta, rows);
+                GroupedCublas(input, stack, topK, s, delta, rows);
                 break;
         }
     }
 
-    /// <summary>The grouped path: slots sorted by expert on the device, their counts read back (a host synchronisation), one GEMM pair per expert.</summary>
-    private void Grouped(CudaTensor input, CudaExpertStack stack, int topK, CudaStepBuffers s, CudaTensor delta, int rows)
+    /// <summary>
+    /// One launch of Kernels/gemm.cu: rows in groups (offsets on the device, or one group of <paramref name="rows"/> when
+    /// <paramref name="offsets"/> is 0), optionally gathered through <paramref name="sorted"/>. The tile fits the rows a
+    /// group is expected to hold; the grid's row tiles are a bound that holds whatever the routing.
+    /// </summary>
+    private void GemmGrouped(bool gateUp, ulong a, ulong w, ulong offsets, ulong sorted, int groups, int rows, int topK, int n, int k,
+        ulong output, int rowsPerGroup)
+    {
+        if (k % 8 != 0) throw new NotSupportedException($"tensor-core GEMM: k = {k} is not a multiple of 8");
+        if ((long)rows * k >= int.MaxValue) throw new NotSupportedException($"tensor-core GEMM: {rows} rows of {k} exceed 32-bit offsets");
+        var tile = GemmTileForced ?? GemmTile.For(rowsPerGroup);
+        var bm = tile.Rows;
+        var bn = tile.Columns > 0 ? tile.Columns : 128;
+        var rowTiles = offsets == 0 ? (rows + bm - 1) / bm : (rows + bm - 1) / bm + Math.Min(groups, rows);
+        var name = $"gemm_{(gateUp ? "gate_up" : "grouped")}_{tile.WarpsM}x{tile.Mi}_bn{bn}";
+        var stages = bm >= 128 ? 3 : 4;  // GemmStages in gemm.cu
+        var shared = (uint)(stages * (bm + bn) * 64 * 2);
+        if (shared > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
+        var splits = gateUp ? 1 : SplitsFor(n);
+        var stride = (long)rows * n;
+        if (splits > 1) EnsureSplitWorkspace(4L * splits * stride);
+        Launch3(name, ((uint)rowTiles, (uint)ColumnTiles(gateUp, n, bn), (uint)splits), (uint)(64 * tile.WarpsM), shared,
+            a, w, offsets, sorted, groups, rows, topK, n, k, stride, splits > 1 ? _splitWorkspace!.Pointer : output);
+        if (splits > 1)
+            Launch("gemm_split_sum", (uint)rows, 256, _splitWorkspace!.Pointer, output, offsets, groups, rows, n, splits, stride);
+    }
+
+    /// <summary>
+    /// How many ways --deterministic splits k for an output of <paramref name="n"/> columns: enough blocks of 64 columns for
+    /// two per multiprocessor, at most 4; a function of the weight's shape alone, so every batch sums in the same order.
+    /// The default mode does not split.
+    /// </summary>
+    private int SplitsFor(int n) => Deterministic ? Math.Clamp(2 * Device.MultiprocessorCount / ((n + 63) / 64), 1, MaxSplits) : 1;
+
+    private const int MaxSplits = 4;
+    private DeviceBuffer? _splitWorkspace;
+    private bool _capturing;
+
+    /// <summary>Grows the split partial sums' buffer; never while a graph is being captured (the step buffers size it first).</summary>
+    private void EnsureSplitWorkspace(long bytes)
+    {
+        if (bytes <= 0 || _splitWorkspace is not null && _splitWorkspace.ByteLength >= bytes) return;
+        if (_capturing) throw new InvalidOperationException($"split-k workspace of {bytes} bytes needed while capturing a graph");
+        Stream.Synchronize();
+        _splitWorkspace?.Dispose();
+        _splitWorkspace = Device.Allocate(bytes);
+    }
+
+    /// <summary>Bytes of split partial sums a deterministic runner of these sizes needs: the widest split output over its rows.</summary>
+    private long SplitWorkspaceBytes(ModelConfig config, int maxRows)
+    {
+        if (!Deterministic) return 0;
+        long worst = 0;
+        foreach (var (rows, n) in new[] { ((long)maxRows, config.NumHeads * config.HeadDim + 2 * config.NumKvHeads * config.HeadDim),
+                     (maxRows, config.HiddenSize), ((long)maxRows * config.NumExpertsPerToken, config.HiddenSize) })
+            worst = Math.Max(worst, 4L * SplitsFor(n) * rows * n);
+        return worst;
+    }
+
+    /// <summary>A tile of Kernels/gemm.cu: WarpsM × 2 warps, each Mi × 16 rows; <see cref="Columns"/> weight rows (64 or 128).</summary>
+    internal readonly record struct GemmTile(int WarpsM, int Mi, int Columns = 0)
+    {
+        public int Rows => WarpsM * Mi * 16;
+
+        /// <summary>The instantiated tiles, for measurement.</summary>
+        public static readonly GemmTile[] All = [new(1, 1), new(1, 2), new(2, 2), new(4, 2), new(1, 4), new(2, 4)];
+
+        /// <summary>
+        /// The tile for groups of about this many rows, from gemm-bench on an H200: a tile of at least twice the mean rows, so
+        /// that few groups spill into a second tile (which reads the expert again), with 64 weight rows for small tiles
+        /// (more blocks in flight) and 128 for large ones.
+        /// </summary>
+        public static GemmTile For(int rowsPerGroup) =>
+            rowsPerGroup <= 8 ? new(1, 1, 64) : rowsPerGroup <= 16 ? new(1, 2, 64) : rowsPerGroup <= 32 ? new(2, 2, 128) : new(2, 4, 128);
+    }
+
+    /// <summary>Forces the tensor-core GEMM tile (Columns 0: the backend's choice of columns); for measurement.</summary>
+    internal GemmTile? GemmTileForced { get; set; }
+
+    /// <summary>Forces the MoE path where it applies (Dense only up to <see cref="DenseMaxRows"/>); for measurement.</summary>
+    internal MoePath? MoePathForced { get => _moePathOverride; set => _moePathOverride = value; }
+
+    /// <summary>How projections run: warp-per-feature kernels, cuBLAS, or the tensor-core kernel. Null: by rows and mode.</summary>
+    internal LinearPath? LinearPathForced { get; set; }
+
+    internal enum LinearPath { Gemv, Cublas, Tensor }
+
+    /// <summary>Column tiles of a GEMM tile of <paramref name="bn"/> weight rows: gate-up tiles hold bn/2 features (their gate and up rows).</summary>
+    private static int ColumnTiles(bool gateUp, int n, int bn) => gateUp ? (n + bn / 2 - 1) / (bn / 2) : (n + bn - 1) / bn;
+
+    /// <summary>The cuBLAS grouped path: slots sorted by expert on the device, their counts read back (a host synchronisation), one GEMM pair per expert.</summary>
+    private void GroupedCublas(CudaTensor input, CudaExpertStack stack, int topK, CudaStepBuffers s, CudaTensor delta, int rows)
     {
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
         Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
@@ -379,12 +516,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     // ---- Graphs.
 
-    public bool CanCapture(int rows) => PathFor(rows, _topK) != MoePath.Grouped;
+    public bool CanCapture(int rows) => PathFor(rows, _topK) != MoePath.Cublas;
 
     public IDisposable Capture(Action enqueue)
     {
         EnsureCurrent();
         Stream.BeginCapture();
+        _capturing = true;
         try
         {
             enqueue();
@@ -393,6 +531,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         {
             using var abandoned = Stream.EndCapture();
             throw;
+        }
+        finally
+        {
+            _capturing = false;
         }
         using var graph = Stream.EndCapture();
         return graph.Instantiate();
@@ -410,6 +552,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         Stream.Synchronize();
         _cublas.Dispose();
         _workspace.Dispose();
+        _splitWorkspace?.Dispose();
         _kernels.Dispose();
         Stream.Dispose();
         Device.Dispose();

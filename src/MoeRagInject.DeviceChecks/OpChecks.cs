@@ -52,9 +52,21 @@ public sealed class OpChecks : IDisposable
         Check("linear", [1, 5, 8, 37, 130], LinearCase);
         Check("attention", [0, 1, 2], AttentionCase);
         Check("route", [1, 40], RouteCase);
-        Check("moe", [1, 8, 16, 40, 100], MoeCase);
+        Check("moe", [1, 8, 16, 40, 100, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
         Check("sample", [0, 1, 2, 3], SampleCase);
+        return _results;
+    }
+
+    /// <summary>
+    /// For a backend that promises batch invariance (--deterministic): the GEMM ops against the CPU backend, and each row's
+    /// outputs bit for bit the same whether it is computed alone, with a few rows, or among hundreds.
+    /// </summary>
+    public IReadOnlyList<CheckResult> RunBatchInvariance()
+    {
+        Check("linear", [1, 37, 130], LinearCase);
+        Check("moe", [1, 16, 100, 1000], MoeCase);
+        Check("invariance", [0], _ => InvarianceCase());
         return _results;
     }
 
@@ -199,6 +211,46 @@ public sealed class OpChecks : IDisposable
         _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
         _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
         Compare($"moe rows={rows}", y, rows, 1e-4);
+    }
+
+    /// <summary>The first rows of a 700-row batch through linear (QKV and down-sized) and MoE, then the same rows as 1 and 5 rows.</summary>
+    private void InvarianceCase()
+    {
+        const int Rows = 700;
+        var layer = _weights.Layers[0];
+        using var x = Pair.Activation(this, Rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 20f);
+        using var qkv = Pair.Weight(this, layer.QProj, layer.KProj, layer.VProj);
+        using var router = Pair.Weight(this, layer.Router);
+        using var experts = _device.UploadExperts(layer.Experts);
+        float[] Outputs(int rows, bool moe)
+        {
+            using var step = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, new Random(7)));
+            using var y = _device.Allocate(rows, moe ? _config.HiddenSize : qkv.Device.Rows);
+            if (moe)
+            {
+                _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, step.Device, rows);
+                _device.MoeExperts(x.Device, experts, _config.NumExpertsPerToken, step.Device, y, rows);
+            }
+            else
+                _device.Linear(x.Device, qkv.Device, y, rows);
+            var values = new float[rows * y.Columns];
+            _device.Download(y, rows, values);
+            return values;
+        }
+        foreach (var moe in new[] { false, true })
+        {
+            var all = Outputs(Rows, moe);
+            var differing = 0;
+            foreach (var few in new[] { 1, 5 })
+            {
+                var part = Outputs(few, moe);
+                for (var i = 0; i < part.Length; i++)
+                    if (BitConverter.SingleToUInt32Bits(part[i]) != BitConverter.SingleToUInt32Bits(all[i])) differing++;
+            }
+            Add(new CheckResult("op", $"{(moe ? "moe" : "linear")} batch invariance (rows of 700 == alone, x5)", differing == 0, differing, 0,
+                "outputs differing in any bit"));
+        }
     }
 
     private void InjectionCase(int rows)
@@ -377,7 +429,7 @@ public sealed class OpChecks : IDisposable
     {
         public StepPair(OpChecks owner, Scenario scenario)
         {
-            Limits = new RunnerLimits(128, 256, 32, 4, 128, 0, 0);
+            Limits = new RunnerLimits(1024, 1024, 32, 4, 128, 0, 0);
             State = new StepState(Limits, owner._config);
             DeviceState = new StepState(Limits, owner._config);
             scenario.WriteTo(State);

@@ -47,6 +47,14 @@ public sealed class CudaTests
     }
 
     [CudaFact]
+    public void DeterministicGemmsMatchTheCpuBackendAndAreBatchInvariant()
+    {
+        using var backend = CudaRunnerFactory.OpenBackend(0, deterministic: true);
+        using var checks = new OpChecks(backend, seed: 8);
+        AssertAll(checks.RunBatchInvariance());
+    }
+
+    [CudaFact]
     public void GraphReplayEqualsOpByOpSteps() => AssertAll([ModelChecks.GraphReplay(new CudaRunnerFactory(), Demo)]);
 
     [CudaFact]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
 # benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
-# determinism, prefill, baseline (default: all).
+# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline (default: all but paths).
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
@@ -43,6 +43,13 @@ if has prefill; then
   log "bench: prefill of one 2048-token prompt"
   timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
     --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill.json" 2>&1 | grep "batch\|bandwidth"
+fi
+if has paths; then
+  log "bench: the MoE paths kept for comparison (MOE_RAG_INJECT_MOE_PATH): dense cuBLAS at batch 8 and 64, cuBLAS per expert for prefill"
+  MOE_RAG_INJECT_MOE_PATH=dense timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 8,64 --modes off \
+    --input-len 128 --output-len 64 --max-running-requests 64 --json --out "$out/bench-dense.json" 2>&1 | grep "batch\|bandwidth"
+  MOE_RAG_INJECT_MOE_PATH=cublas timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
+    --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill-cublas.json" 2>&1 | grep "batch\|bandwidth"
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"

@@ -20,7 +20,7 @@ public static class CheckDeviceCommand
             + "from graphs against op-by-op steps, the model against transformers' reference outputs (tests/data/reference), and\n"
             + "the engine's batch safety. Prints one line per check; exits 1 when any fails.")
         .Add(new("device", FlagKind.String, "the device to check", "cuda", "cuda|cuda:N|cpu"))
-        .Add(new("groups", FlagKind.List, "which checks", "ops,graph,models,engine", "ops,graph,models,engine"))
+        .Add(new("groups", FlagKind.List, "which checks (gemm-bench: times the GEMM paths and tiles at Mixtral-8x7B's shape; not a check)", "ops,graph,models,engine", "ops,graph,models,engine,gemm-bench"))
         .Add(new("seed", FlagKind.Int, "seed of the random inputs", "1", "N"))
         .Add(new("case", FlagKind.String, "also check this checkpoint folder against its reference/ folder (as tools/gpu writes them)", null, "DIR"))
         .Add(new("json", FlagKind.String, "also write the results as JSON to this file", null, "FILE"));
@@ -52,9 +52,22 @@ public static class CheckDeviceCommand
         var demo = Path.Combine(home, "assets", "models", "moe-wordnet-demo");
         if (groups.Contains("ops"))
         {
-            using var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2);
-            using var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r));
-            results.AddRange(ops.Run());
+            using (var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2))
+            using (var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r)))
+                results.AddRange(ops.Run());
+            if (factory is CudaRunnerFactory deterministic)
+            {
+                Console.Out.WriteLine("-- the deterministic backend (--deterministic)");
+                using var backend = CudaRunnerFactory.OpenBackend(deterministic.Ordinal, true, Progress);
+                using var ops = new OpChecks(backend, seed + 1, r => Console.Out.WriteLine(r));
+                results.AddRange(ops.RunBatchInvariance());
+            }
+        }
+        if (groups.Contains("gemm-bench") && factory is CudaRunnerFactory bench)
+        {
+            var mixtral = Model.ModelConfig.Load(Path.Combine(home, "assets", "configs", "mixtral-8x7b"));
+            CudaGemmBench.Run(bench.Ordinal, mixtral, [1, 2, 4, 8, 16, 64, 128, 256, 512, 2048], false, line => Console.Out.WriteLine(line));
+            CudaGemmBench.Run(bench.Ordinal, mixtral, [1, 8, 64, 256], true, line => Console.Out.WriteLine(line));
         }
         if (groups.Contains("graph") && factory is CudaRunnerFactory) Report([ModelChecks.GraphReplay(factory, demo)]);
         if (groups.Contains("models")) Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));

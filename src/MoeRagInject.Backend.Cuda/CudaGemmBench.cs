@@ -1,0 +1,108 @@
+using System.Globalization;
+using MoeRagInject.Backend.Cuda.Interop;
+using MoeRagInject.Model;
+
+namespace MoeRagInject.Backend.Cuda;
+
+/// <summary>
+/// Times the GEMM-heavy ops of one layer at a model's shape, on dummy weights generated on the GPU: the MoE block by path
+/// and tensor-core tile, and the projections (fused QKV, output, LM head) by path, per row count, with the rows routed
+/// by the layer's router. Each figure is the mean of 20 timed repetitions after 3 warm-ups, timed with events. It is how
+/// the backend's paths and tiles are chosen (check-device --groups gemm-bench), not a check.
+/// </summary>
+public static class CudaGemmBench
+{
+    /// <param name="deterministic">Time the --deterministic backend's kernels only (split k, tensor cores at every row count).</param>
+    public static void Run(int ordinal, ModelConfig config, IReadOnlyList<int> rowCounts, bool deterministic, Action<string> report)
+    {
+        using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic);
+        using var shapes = Checkpoint.CreateShapes(config);
+        backend.UseDummyWeights(config, seed: 1);
+        var weights = MixtralWeights.Resolve(shapes, config);
+        var layer = weights.Layers[0];
+        var maxRows = rowCounts.Max();
+        using var experts = backend.UploadExperts(layer.Experts);
+        using var router = backend.UploadWeight(layer.Router);
+        using var qkv = backend.UploadWeight(layer.QProj, layer.KProj, layer.VProj);
+        using var oProj = backend.UploadWeight(layer.OProj);
+        using var lmHead = backend.UploadWeight(weights.LmHead);
+        using var x = backend.Allocate(maxRows, config.HiddenSize, ActivationKind.GemmInput);
+        var rng = new Random(1);
+        backend.Upload([.. Enumerable.Range(0, maxRows * config.HiddenSize).Select(_ => (float)(rng.NextDouble() * 2 - 1))], x);
+        using var y = backend.Allocate(maxRows, Math.Max(config.VocabSize, 3 * config.HiddenSize));
+
+        var state = new StepState(new RunnerLimits(4, maxRows, 1, 16, 1, 0, 0), config);
+        state.SeqSlot[0] = 0;  // every row belongs to one live sequence: routed, never padding
+        state.Sequences = 1;
+        using var step = backend.CreateStepBuffers(state);
+        step.Upload();
+        using var start = backend.Device.CreateEvent(timing: true);
+        using var end = backend.Device.CreateEvent(timing: true);
+        double Time(Action op)
+        {
+            for (var i = 0; i < 3; i++) op();
+            start.Record(backend.Stream);
+            for (var i = 0; i < 20; i++) op();
+            end.Record(backend.Stream);
+            end.Synchronize();
+            return CudaEvent.ElapsedMilliseconds(start, end) / 20;
+        }
+        string Line(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
+
+        long h = config.HiddenSize, inter = config.IntermediateSize, k = config.NumExpertsPerToken;
+        foreach (var rows in rowCounts)
+        {
+            backend.Route(x, router, 0, (int)k, step, rows);
+            var ids = new int[rows * k];
+            ((CudaStepBuffers)step).TopIds.Download<int>(ids, backend.Stream);
+            var touched = ids.Distinct().Count();
+            double bytes = touched * 3.0 * h * inter * 2, flops = rows * k * 3.0 * h * inter * 2;
+            void Moe(string label)
+            {
+                var ms = Time(() => backend.MoeExperts(x, experts, (int)k, step, y, rows));
+                report(Line($"moe    rows {rows,5} ({touched} experts)  {label,-22} {ms,8:F3} ms  {bytes / ms / 1e9,6:F2} TB/s  {flops / ms / 1e9,6:F0} TFLOP/s"));
+            }
+            if (deterministic)
+            {
+                Moe("deterministic");
+                foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })
+                {
+                    var ms = Time(() => backend.Linear(x, weight, y, rows));
+                    report(Line($"linear rows {rows,5} {name,-8} {"deterministic",-22} {ms,8:F3} ms  {(double)weight.Rows * weight.Columns * 2 / ms / 1e9,6:F2} TB/s"));
+                }
+                continue;
+            }
+            if (rows * k <= 16) { backend.MoePathForced = CudaBackend.MoePath.Small; Moe("small"); }
+            if (rows <= CudaBackend.DenseMaxRows) { backend.MoePathForced = CudaBackend.MoePath.Dense; Moe("dense cuBLAS"); }
+            backend.MoePathForced = CudaBackend.MoePath.Cublas;
+            Moe("cuBLAS per expert");
+            backend.MoePathForced = CudaBackend.MoePath.Tensor;
+            Moe("tensor (chosen tile)");
+            foreach (var tile in CudaBackend.GemmTile.All)
+                foreach (var columns in new[] { 64, 128 })
+                {
+                    if (tile.Rows > 2 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // all padding
+                    backend.GemmTileForced = tile with { Columns = columns };
+                    Moe($"tensor {tile.WarpsM}x{tile.Mi} bn{columns}");
+                }
+            backend.GemmTileForced = null;
+            backend.MoePathForced = null;
+
+            foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })
+            {
+                double wBytes = (double)weight.Rows * weight.Columns * 2, wFlops = 2.0 * rows * weight.Rows * weight.Columns;
+                void Linear(string label)
+                {
+                    var ms = Time(() => backend.Linear(x, weight, y, rows));
+                    report(Line($"linear rows {rows,5} {name,-8} {label,-22} {ms,8:F3} ms  {wBytes / ms / 1e9,6:F2} TB/s  {wFlops / ms / 1e9,6:F0} TFLOP/s"));
+                }
+                if (rows <= 16) { backend.LinearPathForced = CudaBackend.LinearPath.Gemv; Linear("gemv"); }
+                backend.LinearPathForced = CudaBackend.LinearPath.Cublas;
+                Linear("cuBLAS");
+                backend.LinearPathForced = CudaBackend.LinearPath.Tensor;
+                Linear("tensor (chosen tile)");
+                backend.LinearPathForced = null;
+            }
+        }
+    }
+}
