@@ -7,10 +7,12 @@ using MoeRagInject.Server.Contracts;
 namespace MoeRagInject.Server.Generation;
 
 /// <summary>What one request has produced so far, folded from its <see cref="GenerationUpdate"/>s.</summary>
-public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool returnRouterEntropy)
+/// <param name="returnTextInLogprobs">sglang's return_text_in_logprobs: logprob triples carry the token's text, else null.</param>
+public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool returnRouterEntropy, int topLogprobs = 0, bool returnTextInLogprobs = true)
 {
     private readonly List<int> _outputIds = [];
     private readonly List<float> _logprobs = [];
+    private readonly List<TokenLogprob[]> _topLogprobs = [];
     private readonly List<string> _tokenTexts = [];
     private readonly List<float[]> _routerEntropy = [];
     private readonly List<float> _outputEntropy = [];
@@ -21,10 +23,15 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     public string Text => _text.ToString();
     public int TextLength => _text.Length;
     public int PromptTokens { get; private set; }
+    public int CachedTokens { get; private set; }
     public int CompletionTokens { get; private set; }
     public FinishReason? Finish { get; private set; }
     public bool ReturnLogprob => returnLogprob;
     public bool ReturnRouterEntropy => returnRouterEntropy;
+    /// <summary>How many alternatives each token reports (0: none).</summary>
+    public int TopLogprobCount => returnLogprob ? topLogprobs : 0;
+    /// <summary>For each output token, its most likely alternatives; filled when asked for.</summary>
+    public IReadOnlyList<TokenLogprob[]> TopLogprobs => _topLogprobs;
 
     public IReadOnlyList<int> OutputIds => _outputIds;
     public IReadOnlyList<float> Logprobs => _logprobs;
@@ -40,12 +47,14 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
         Rid = update.Rid;
         _text.Append(update.NewText);
         PromptTokens = update.PromptTokens;
+        CachedTokens = update.CachedTokens;
         CompletionTokens = update.CompletionTokens;
         Finish = update.Finish ?? Finish;
         _outputIds.AddRange(update.NewTokenIds);
         if (returnLogprob)
         {
             _logprobs.AddRange(update.NewLogprobs);
+            if (TopLogprobCount > 0) _topLogprobs.AddRange(update.NewTopLogprobs);
             foreach (var id in update.NewTokenIds)
                 _tokenTexts.Add(tokenizer.Decode([id], skipSpecialTokens: false));
         }
@@ -61,15 +70,35 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     /// <summary>Where an update's tokens, events and text start in the accumulated output.</summary>
     public readonly record struct Marks(int Token, int Event, int Text);
 
-    /// <summary>sglang's <c>[[logprob, token_id, token_text], ...]</c> for tokens [start, end).</summary>
+    /// <summary>A token's text on its own (special tokens kept), as logprob lists show it.</summary>
+    public string TokenText(int id) => tokenizer.Decode([id], skipSpecialTokens: false);
+
+    /// <summary>sglang's <c>[[logprob, token_id, token_text or null], ...]</c> for tokens [start, end).</summary>
     public JsonArray LogprobTriples(int start, int end)
     {
         var triples = new JsonArray();
         end = Math.Min(end, Math.Min(_logprobs.Count, _outputIds.Count));
         for (var i = start; i < end; i++)
-            triples.Add((JsonNode)new JsonArray(JsonValue.Create(_logprobs[i]), JsonValue.Create(_outputIds[i]), JsonValue.Create(_tokenTexts[i])));
+            triples.Add(Triple(_logprobs[i], _outputIds[i], returnTextInLogprobs ? _tokenTexts[i] : null));
         return triples;
     }
+
+    /// <summary>sglang's output_top_logprobs for tokens [start, end): per token, a list of triples, most likely first.</summary>
+    public JsonArray TopLogprobTriples(int start, int end)
+    {
+        var rows = new JsonArray();
+        end = Math.Min(end, _topLogprobs.Count);
+        for (var i = start; i < end; i++)
+        {
+            var row = new JsonArray();
+            foreach (var (id, logprob) in _topLogprobs[i]) row.Add(Triple(logprob, id, returnTextInLogprobs ? TokenText(id) : null));
+            rows.Add((JsonNode)row);
+        }
+        return rows;
+    }
+
+    private static JsonArray Triple(float logprob, int id, string? text)
+        => new(JsonValue.Create(logprob), JsonValue.Create(id), text is null ? null : JsonValue.Create(text));
 
     /// <summary>The whole result.</summary>
     public GenerateResponse ToGenerateResponse(double e2eLatencySeconds) => Response(Text, new Marks(0, 0, 0), e2eLatencySeconds, null);
@@ -90,10 +119,11 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
                 Finish is null ? null : ToJson(Finish),
                 PromptTokens,
                 CompletionTokens,
-                CachedTokens: 0,
+                CachedTokens,
                 e2eLatencySeconds,
                 _ragEvents.GetRange(from.Event, _ragEvents.Count - from.Event),
                 returnLogprob ? LogprobTriples(from.Token, _outputIds.Count) : null,
+                TopLogprobCount > 0 ? TopLogprobTriples(from.Token, _outputIds.Count) : null,
                 returnRouterEntropy ? _routerEntropy.GetRange(from.Token, Math.Max(0, _routerEntropy.Count - from.Token)) : null,
                 returnRouterEntropy ? _outputEntropy.GetRange(from.Token, Math.Max(0, _outputEntropy.Count - from.Token)) : null),
             index);
