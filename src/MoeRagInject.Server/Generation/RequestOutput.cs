@@ -8,8 +8,13 @@ namespace MoeRagInject.Server.Generation;
 
 /// <summary>What one request has produced so far, folded from its <see cref="GenerationUpdate"/>s.</summary>
 /// <param name="returnTextInLogprobs">sglang's return_text_in_logprobs: logprob triples carry the token's text, else null.</param>
-public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool returnRouterEntropy, int topLogprobs = 0, bool returnTextInLogprobs = true)
+/// <param name="promptIds">The prompt, whose last tokens are the context the first output tokens' texts are decoded in (OpenAI's logprobs).</param>
+public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool returnRouterEntropy, int topLogprobs = 0, bool returnTextInLogprobs = true,
+    IReadOnlyList<int>? promptIds = null, bool skipSpecialTokens = true)
 {
+    /// <summary>Tokens before a position that its text is decoded after: enough for a sentencepiece space or a merge to show.</summary>
+    private const int ContextTokens = 4;
+
     private readonly List<int> _outputIds = [];
     private readonly List<float> _logprobs = [];
     private readonly List<TokenLogprob[]> _topLogprobs = [];
@@ -70,8 +75,34 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     /// <summary>Where an update's tokens, events and text start in the accumulated output.</summary>
     public readonly record struct Marks(int Token, int Event, int Text);
 
-    /// <summary>A token's text on its own (special tokens kept), as logprob lists show it.</summary>
+    /// <summary>A token's text on its own (special tokens kept), as sglang's logprob triples show it.</summary>
     public string TokenText(int id) => tokenizer.Decode([id], skipSpecialTokens: false);
+
+    /// <summary>
+    /// The text token <paramref name="id"/> adds at output position <paramref name="position"/>, decoded after the tokens
+    /// before it (so a sentencepiece word keeps its leading space, and the chosen tokens' texts join into the output text),
+    /// as OpenAI's logprobs show tokens. A byte-fallback token, or one whose context decodes differently once it is added,
+    /// gets its text alone.
+    /// </summary>
+    public string ContextText(int position, int id)
+    {
+        Span<int> ids = stackalloc int[ContextTokens + 1];
+        var count = 0;
+        for (var back = Math.Min(ContextTokens, position + (promptIds?.Count ?? 0)); back > 0; back--)
+        {
+            var p = position - back;
+            ids[count++] = p >= 0 ? _outputIds[p] : promptIds![promptIds.Count + p];
+        }
+        ids[count] = id;
+        var before = tokenizer.Decode(ids[..count], skipSpecialTokens);
+        var with = tokenizer.Decode(ids[..(count + 1)], skipSpecialTokens);
+        return with.StartsWith(before, StringComparison.Ordinal) ? with[before.Length..] : tokenizer.Decode([id], skipSpecialTokens);
+    }
+
+    /// <summary>OpenAI's bytes of a token: the raw byte of a byte-fallback token (whose text alone is U+FFFD), else its text's UTF-8.</summary>
+    public int[] ContextBytes(int position, int id) => tokenizer.TryGetFallbackByte(id, out var b)
+        ? [b]
+        : System.Text.Encoding.UTF8.GetBytes(ContextText(position, id)).Select(x => (int)x).ToArray();
 
     /// <summary>sglang's <c>[[logprob, token_id, token_text or null], ...]</c> for tokens [start, end).</summary>
     public JsonArray LogprobTriples(int start, int end)

@@ -50,7 +50,8 @@ public static class OpenAiRoutes
         for (var i = 0; i < outputs.Length; i++)
         {
             var r = parsed.Requests[i / parsed.N];
-            outputs[i] = new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy, r.TopLogprobs);
+            outputs[i] = new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy, r.TopLogprobs,
+                promptIds: r.PromptIds, skipSpecialTokens: r.Sampling.SkipSpecialTokens);
         }
         return outputs;
     }
@@ -217,7 +218,7 @@ public static class OpenAiRoutes
         var top = output.TopLogprobCount > 0 ? new JsonObject?[count] : null;
         for (var i = 0; i < count; i++)
         {
-            tokens[i] = output.TokenTexts[start + i];
+            tokens[i] = output.ContextText(start + i, output.OutputIds[start + i]);
             logprobs[i] = LogprobAt(output, start + i);
             offsets[i] = textOffset;
             textOffset += tokens[i].Length;
@@ -225,7 +226,7 @@ public static class OpenAiRoutes
             var map = new JsonObject();
             if (start + i < output.TopLogprobs.Count)
                 foreach (var (id, logprob) in output.TopLogprobs[start + i])
-                    map.TryAdd(output.TokenText(id), logprob); // ids that decode alike keep the likelier one
+                    map.TryAdd(output.ContextText(start + i, id), logprob); // ids that decode alike keep the likelier one
             map.TryAdd(tokens[i], logprobs[i]);
             top[i] = map;
         }
@@ -237,23 +238,22 @@ public static class OpenAiRoutes
         var content = new ChatTokenLogprob[count];
         for (var i = 0; i < count; i++)
         {
-            var token = output.TokenTexts[start + i];
-            var alternatives = start + i < output.TopLogprobs.Count ? output.TopLogprobs[start + i] : [];
+            var position = start + i;
+            var id = output.OutputIds[position];
+            var alternatives = position < output.TopLogprobs.Count ? output.TopLogprobs[position] : [];
             var top = new ChatTopLogprob[alternatives.Length];
             for (var j = 0; j < top.Length; j++)
             {
-                var text = output.TokenText(alternatives[j].TokenId);
-                top[j] = new ChatTopLogprob(text, alternatives[j].Logprob, Utf8(text));
+                var other = alternatives[j].TokenId;
+                top[j] = new ChatTopLogprob(output.ContextText(position, other), alternatives[j].Logprob, output.ContextBytes(position, other));
             }
-            content[i] = new ChatTokenLogprob(token, LogprobAt(output, start + i), Utf8(token), top);
+            content[i] = new ChatTokenLogprob(output.ContextText(position, id), LogprobAt(output, position), output.ContextBytes(position, id), top);
         }
         return new ChatLogprobs(content);
     }
 
     // OpenAI's stand-in for "no logprob" is -9999 (JSON has no NaN).
     private static float LogprobAt(RequestOutput output, int i) => i < output.Logprobs.Count ? output.Logprobs[i] : -9999f;
-
-    private static int[] Utf8(string text) => Encoding.UTF8.GetBytes(text).Select(b => (int)b).ToArray();
 
     private static async Task TokenizeAsync(HttpContext context, EngineHolder holder)
     {
