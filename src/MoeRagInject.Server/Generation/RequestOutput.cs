@@ -128,8 +128,9 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
         return rows;
     }
 
-    private static JsonArray Triple(float logprob, int id, string? text)
-        => new(JsonValue.Create(logprob), JsonValue.Create(id), text is null ? null : JsonValue.Create(text));
+    // JsonNode, not JsonArray: JsonArray.Add(JsonNode) is the overload that trimming keeps (the generic Add<T> is not trim-safe).
+    private static JsonNode Triple(float logprob, int id, string? text)
+        => new JsonArray(JsonValue.Create(logprob), JsonValue.Create(id), text is null ? null : JsonValue.Create(text));
 
     /// <summary>The whole result.</summary>
     public GenerateResponse ToGenerateResponse(double e2eLatencySeconds) => Response(Text, new Marks(0, 0, 0), e2eLatencySeconds, null);
