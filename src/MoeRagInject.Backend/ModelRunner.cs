@@ -18,6 +18,8 @@ public sealed class ModelRunner : IModelRunner
     private readonly IGraphCapable? _graphs;
     private readonly int[] _buckets;
     private readonly Dictionary<int, IDisposable> _captured = [];
+    /// <summary>Logits rows of a step on the host, for top logprobs; allocated when a request first asks.</summary>
+    private float[]? _hostLogits;
 
     /// <param name="ownedWeights">What holds the weights' host memory (a dummy checkpoint), disposed with the runner.</param>
     /// <param name="options">Whether and up to which batch decode steps replay captured graphs (backends that can capture).</param>
@@ -183,12 +185,34 @@ public sealed class ModelRunner : IModelRunner
             _graphs.Replay(graph);
             _step.Download();
             s.Rows = s.Sequences = real;
+            TopLogprobsOnHost();
             return;
         }
         PrepareRows();
         _step.Upload();
         _model.Step(_buffers, _cache, _step, s.Rows, s.Sequences);
         _step.Download();
+        TopLogprobsOnHost();
+    }
+
+    /// <summary>
+    /// The most likely tokens of the sequences that asked (<see cref="StepState.FlagTopLogprobs"/>), from their logits rows,
+    /// on the host for every backend: the rows are downloaded only in steps where a sequence asks, so the sampling kernels
+    /// and the captured graphs stay as they are, and CPU and GPU give the same alternatives by construction.
+    /// </summary>
+    private void TopLogprobsOnHost()
+    {
+        var s = State;
+        var last = -1;
+        for (var i = 0; i < s.Sequences; i++)
+            if ((s.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 && s.OutStatus[i] == SampleStatus.Ok) last = i;
+        if (last < 0) return;
+        var vocab = Config.VocabSize;
+        _hostLogits ??= new float[(long)Limits.MaxSequences * vocab];
+        _backend.Download(_buffers.Logits, last + 1, _hostLogits);
+        for (var i = 0; i <= last; i++)
+            if ((s.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 && s.OutStatus[i] == SampleStatus.Ok)
+                Sampler.TopLogprobs(_hostLogits.AsSpan(i * vocab, vocab), s.TopIdsOf(i), s.TopLogprobsOf(i));
     }
 
     private int? FindBucket(int sequences)

@@ -72,6 +72,13 @@ public sealed class NullRunner : IModelRunner
             s.OutTokens[i] = firstOrdinary + (int)(hash % span);
             s.OutLogprobs[i] = -1f;
             s.OutOutputEntropy[i] = 1f;
+            if ((s.SeqFlags[i] & StepState.FlagTopLogprobs) != 0)
+            {
+                // Nothing is computed: the one alternative reported is the token itself.
+                s.TopIdsOf(i).Fill(-1);
+                s.TopIdsOf(i)[0] = s.OutTokens[i];
+                s.TopLogprobsOf(i)[0] = s.OutLogprobs[i];
+            }
             var fires = (hash >> 40) * (1.0 / (1 << 24)) < _triggerRate;
             entropies.Fill(fires ? HighEntropy : 0f);
             s.OutStatus[i] = SampleStatus.Ok;

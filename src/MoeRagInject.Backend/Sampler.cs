@@ -143,6 +143,35 @@ public static class Sampler
     /// <summary>log softmax(logits)[token], in double precision.</summary>
     public static float LogProb(ReadOnlySpan<float> logits, int token) => (float)(logits[token] - LogSumExp(logits));
 
+    /// <summary>
+    /// The <paramref name="ids"/>.Length most likely tokens of softmax(logits), most likely first (ties by lower id), with their
+    /// log-probabilities (double precision, as <see cref="LogProb"/>). Entries past the vocabulary get id −1. One pass keeps a
+    /// small sorted list: k ≤ 20 against a vocabulary of tens of thousands.
+    /// </summary>
+    public static void TopLogprobs(ReadOnlySpan<float> logits, Span<int> ids, Span<float> logprobs)
+    {
+        var k = Math.Min(ids.Length, logits.Length);
+        ids.Fill(-1);
+        logprobs.Fill(float.NegativeInfinity);
+        var count = 0;
+        for (var v = 0; v < logits.Length; v++)
+        {
+            var x = logits[v];
+            if (float.IsNaN(x)) continue;
+            // Strictly greater than the last kept value: an equal logit with a higher id ranks after it.
+            if (count == k && !(x > logits[ids[k - 1]])) continue;
+            var i = count < k ? count++ : k - 1;
+            while (i > 0 && x > logits[ids[i - 1]])
+            {
+                ids[i] = ids[i - 1];
+                i--;
+            }
+            ids[i] = v;
+        }
+        var logZ = LogSumExp(logits);
+        for (var i = 0; i < count; i++) logprobs[i] = (float)(logits[ids[i]] - logZ);
+    }
+
     /// <summary>log softmax(logits) over the whole row, in double precision.</summary>
     public static double[] LogSoftmax(ReadOnlySpan<float> logits)
     {

@@ -81,6 +81,11 @@ public sealed class StepState
     public const byte FlagFailSampling = 8;
     /// <summary>Sequence flag: the step ends at the sequence's last known token, so it samples the next one.</summary>
     public const byte FlagSample = 16;
+    /// <summary>Sequence flag: report the <see cref="MaxTopLogprobs"/> most likely tokens and their log-probabilities.</summary>
+    public const byte FlagTopLogprobs = 32;
+
+    /// <summary>Most alternatives a step reports per token (OpenAI's cap on top_logprobs); a request takes the first k of them.</summary>
+    public const int MaxTopLogprobs = 20;
 
     public StepState(RunnerLimits limits, ModelConfig config)
     {
@@ -116,6 +121,8 @@ public sealed class StepState
         OutOutputEntropy = new float[seqs];
         OutRouterEntropy = new float[seqs * layers];
         OutStatus = new SampleStatus[seqs];
+        OutTopIds = new int[seqs * MaxTopLogprobs];
+        OutTopLogprobs = new float[seqs * MaxTopLogprobs];
     }
 
     public RunnerLimits Limits { get; }
@@ -171,6 +178,13 @@ public sealed class StepState
     /// <summary>[sequence, layer]: router entropies of the sequence's sampling row.</summary>
     public float[] OutRouterEntropy { get; }
     public SampleStatus[] OutStatus { get; }
+    /// <summary>
+    /// [sequence, <see cref="MaxTopLogprobs"/>]: for sequences flagged <see cref="FlagTopLogprobs"/>, the most likely token ids
+    /// by logit (ties by lower id), −1 past the vocabulary, and their log-probabilities under the same distribution as
+    /// <see cref="OutLogprobs"/> (log-softmax of the raw logits).
+    /// </summary>
+    public int[] OutTopIds { get; }
+    public float[] OutTopLogprobs { get; }
 
     public Span<int> BlockTable(int slot) => BlockTables.AsSpan(slot * Limits.MaxBlocksPerSequence, Limits.MaxBlocksPerSequence);
 
@@ -179,6 +193,10 @@ public sealed class StepState
     public Span<float> InjectionScale(int slot) => InjectionScales.AsSpan(slot * Layers, Layers);
 
     public ReadOnlySpan<float> RouterEntropyOf(int sequence) => OutRouterEntropy.AsSpan(sequence * Layers, Layers);
+
+    public Span<int> TopIdsOf(int sequence) => OutTopIds.AsSpan(sequence * MaxTopLogprobs, MaxTopLogprobs);
+
+    public Span<float> TopLogprobsOf(int sequence) => OutTopLogprobs.AsSpan(sequence * MaxTopLogprobs, MaxTopLogprobs);
 
     /// <summary>KV slot of <paramref name="position"/> in <paramref name="slot"/>'s block table.</summary>
     public int KvSlotOf(int slot, int position)

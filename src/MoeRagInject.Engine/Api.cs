@@ -68,14 +68,22 @@ public sealed record RagOverrides
 
 public sealed record GenerationRequest
 {
+    /// <summary>Most alternatives a token may report (<see cref="TopLogprobs"/>).</summary>
+    public const int MaxTopLogprobs = Backend.StepState.MaxTopLogprobs;
+
     /// <summary>Request id; the engine makes one when null.</summary>
     public string? Rid { get; init; }
     public required IReadOnlyList<int> PromptIds { get; init; }
     public SamplingParams Sampling { get; init; } = new();
     public RagOverrides? Rag { get; init; }
     public bool ReturnLogprob { get; init; }
+    /// <summary>How many most likely alternatives each output token reports with its logprob (0..20); needs <see cref="ReturnLogprob"/>.</summary>
+    public int TopLogprobs { get; init; }
     public bool ReturnRouterEntropy { get; init; }
 }
+
+/// <summary>A token and its log-probability under the model's distribution at that step (log-softmax of the raw logits).</summary>
+public readonly record struct TokenLogprob(int TokenId, float Logprob);
 
 public enum FinishKind { Stop, Length, Abort }
 
@@ -93,6 +101,8 @@ public sealed record GenerationUpdate
     public required IReadOnlyList<int> NewTokenIds { get; init; }
     /// <summary>log p of each new token under the model's distribution (log-softmax of raw logits); empty unless requested.</summary>
     public IReadOnlyList<float> NewLogprobs { get; init; } = [];
+    /// <summary>For each new token, the request's <see cref="GenerationRequest.TopLogprobs"/> most likely tokens, most likely first; empty unless requested.</summary>
+    public IReadOnlyList<TokenLogprob[]> NewTopLogprobs { get; init; } = [];
     /// <summary>Router entropy per MoE layer of the forward pass that produced each new token; empty unless requested.</summary>
     public IReadOnlyList<float[]> NewRouterEntropy { get; init; } = [];
     /// <summary>Entropy (nats) of the output distribution softmax(logits) for each new token, the FLARE-style signal; empty unless router entropy is requested.</summary>
@@ -100,6 +110,8 @@ public sealed record GenerationUpdate
     public IReadOnlyList<RagEvent> NewEvents { get; init; } = [];
     public required string NewText { get; init; }
     public required int PromptTokens { get; init; }
+    /// <summary>Prompt tokens whose KV cache came from another sequence rather than being computed (parallel samples share the prompt's full blocks).</summary>
+    public int CachedTokens { get; init; }
     public required int CompletionTokens { get; init; }
     public FinishReason? Finish { get; init; }
 }
@@ -108,8 +120,10 @@ public sealed record GenerationUpdate
 public sealed record ModelInfo(string ModelPath, string TokenizerPath, int VocabSize, int ContextLength, int NumMoeLayers, int NumExperts, string Device);
 
 /// <summary>The engine's load at one moment (what /get_server_info reports).</summary>
+/// <param name="PromptTokensComputed">Prompt positions whose keys and values the engine has computed since it started (recomputes included).</param>
+/// <param name="PromptTokensShared">Prompt positions that parallel samples took from their first sample's KV blocks instead of computing.</param>
 public sealed record EngineStatus(int Running, int Waiting, int Retrieving, int FreeKvBlocks, int TotalKvBlocks, int KvBlockSize,
-    long Preemptions, long Steps);
+    long Preemptions, long Steps, long PromptTokensComputed = 0, long PromptTokensShared = 0);
 
 public interface IGenerationEngine : IAsyncDisposable
 {
@@ -125,6 +139,14 @@ public interface IGenerationEngine : IAsyncDisposable
     /// the request and frees its slot.
     /// </summary>
     GenerationStream Submit(GenerationRequest request);
+
+    /// <summary>
+    /// Parallel sampling (OpenAI's and sglang's <c>n</c>): <paramref name="n"/> samples of one request, validated and queued as
+    /// <see cref="Submit"/> does. The first sample prefills the prompt; the others take its full KV blocks (shared, counted by
+    /// reference) and compute only the prompt's last, partial block themselves. Sample j draws from seed + j when the request
+    /// has a seed, and is named rid-j when it has a rid, so each equals the single request with that seed (greedy: all equal).
+    /// </summary>
+    IReadOnlyList<GenerationStream> SubmitParallel(GenerationRequest request, int n);
 
     /// <summary>Aborts a running or queued request by id (its stream ends with an abort update); false when no such request.</summary>
     bool Abort(string rid);

@@ -73,6 +73,7 @@ public sealed class LlmEngine : IGenerationEngine
     private long _nextRid;
 
     private long _steps, _stepTicks, _runnerTicks, _decodeSteps, _decodeTicks, _decodeRunnerTicks, _decodeTokens, _decodeRows;
+    private long _promptTokensComputed;
     private int _accepted;
     private volatile EngineStatus _status;
 
@@ -122,24 +123,59 @@ public sealed class LlmEngine : IGenerationEngine
         Interlocked.Read(ref _decodeSteps), Interlocked.Read(ref _decodeTicks), Interlocked.Read(ref _decodeRunnerTicks),
         Interlocked.Read(ref _decodeTokens), Interlocked.Read(ref _decodeRows));
 
-    public GenerationStream Submit(GenerationRequest request)
+    public GenerationStream Submit(GenerationRequest request) => SubmitParallel(request, 1)[0];
+
+    public IReadOnlyList<GenerationStream> SubmitParallel(GenerationRequest request, int n)
     {
         ArgumentNullException.ThrowIfNull(request);
         ObjectDisposedException.ThrowIf(_stop.IsCancellationRequested, this);
+        if (n < 1) throw new ArgumentException("n must be >= 1");
         Validate(request);
         var rid = request.Rid ?? $"req-{Interlocked.Increment(ref _nextRid)}-{Guid.NewGuid():N}"[..24];
         var rag = request.Rag;
         var trigger = _options.Trigger with { Threshold = rag?.Threshold ?? _options.Trigger.Threshold };
-        var sequence = new Sequence(rid, Interlocked.Increment(ref _nextArrival), request, rag?.Mode ?? _options.Mode, trigger,
-            rag?.Scale ?? _options.InjectionScale);
-        if (!_byRid.TryAdd(rid, sequence)) throw new ArgumentException($"a request with rid \"{rid}\" is already running");
+        var sequences = new Sequence[n];
+        var blockSize = _scheduler.Blocks.BlockSize;
+        // Whole blocks strictly before the last prompt position: every sample computes that position itself, to sample from it.
+        var sharedPrefix = (request.PromptIds.Count - 1) / blockSize * blockSize;
+        try
+        {
+            for (var j = 0; j < n; j++)
+            {
+                var sample = n == 1 ? request with { Rid = rid } : request with
+                {
+                    Rid = $"{rid}-{j}",
+                    Sampling = request.Sampling.Seed is { } seed ? request.Sampling with { Seed = unchecked(seed + (ulong)j) } : request.Sampling,
+                };
+                var sequence = new Sequence(sample.Rid!, Interlocked.Increment(ref _nextArrival), sample, rag?.Mode ?? _options.Mode, trigger,
+                    rag?.Scale ?? _options.InjectionScale);
+                if (j > 0 && sharedPrefix > 0)
+                {
+                    sequence.PrefixLeader = sequences[0];
+                    sequence.SharedPrefix = sharedPrefix;
+                }
+                if (!_byRid.TryAdd(sequence.Rid, sequence)) throw new ArgumentException($"a request with rid \"{sequence.Rid}\" is already running");
+                sequences[j] = sequence;
+            }
+        }
+        catch
+        {
+            foreach (var added in sequences)
+                if (added is not null) _byRid.TryRemove(new KeyValuePair<string, Sequence>(added.Rid, added));
+            throw;
+        }
         Post(() =>
         {
-            if (sequence.State == SequenceState.Finished) return;
-            if (request.Sampling.MaxNewTokens == 0) Finish(sequence, new FinishReason(FinishKind.Length, Length: 0));
-            else _scheduler.Add(sequence);
+            foreach (var sequence in sequences)
+            {
+                if (sequence.State == SequenceState.Finished) continue;
+                if (request.Sampling.MaxNewTokens == 0) Finish(sequence, new FinishReason(FinishKind.Length, Length: 0));
+                else _scheduler.Add(sequence);
+            }
         });
-        return new GenerationStream(this, sequence, Tokenizer);
+        var streams = new GenerationStream[n];
+        for (var j = 0; j < n; j++) streams[j] = new GenerationStream(this, sequences[j], Tokenizer);
+        return streams;
     }
 
     private void Validate(GenerationRequest request)
@@ -148,6 +184,8 @@ public sealed class LlmEngine : IGenerationEngine
         if (request.Rag?.Validate() is { } ragError) throw new ArgumentException(ragError);
         if (request.Rid is { Length: 0 }) throw new ArgumentException("rid must not be empty");
         if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt is empty");
+        if (request.TopLogprobs is < 0 or > StepState.MaxTopLogprobs)
+            throw new ArgumentException($"top logprobs must be in [0, {StepState.MaxTopLogprobs}]");
         var vocab = Config.VocabSize;
         foreach (var id in request.PromptIds)
             if ((uint)id >= (uint)vocab) throw new ArgumentException($"token id {id} is outside the vocabulary [0, {vocab})");
@@ -231,12 +269,14 @@ public sealed class LlmEngine : IGenerationEngine
     }
 
     private EngineStatus Snapshot() => new(_scheduler.Active - _scheduler.Retrieving, _scheduler.Waiting, _scheduler.Retrieving,
-        _scheduler.Blocks.FreeBlocks, _scheduler.Blocks.NumBlocks, _scheduler.Blocks.BlockSize, _scheduler.Preemptions, Interlocked.Read(ref _steps));
+        _scheduler.Blocks.FreeBlocks, _scheduler.Blocks.NumBlocks, _scheduler.Blocks.BlockSize, _scheduler.Preemptions, Interlocked.Read(ref _steps),
+        Interlocked.Read(ref _promptTokensComputed), _scheduler.SharedTokens);
 
     private void Step(IReadOnlyList<ScheduledChunk> batch, long started)
     {
         var state = _runner.State;
         var rows = 0;
+        var promptRows = 0;
         for (var i = 0; i < batch.Count; i++)
         {
             var (s, tokens, _) = batch[i];
@@ -248,11 +288,13 @@ public sealed class LlmEngine : IGenerationEngine
                 state.TokenIds[rows] = s.TokenAt(p);
                 state.Positions[rows++] = p;
             }
+            promptRows += Math.Max(0, Math.Min(s.Computed + tokens, s.Context.Count) - s.Computed);
             var samples = s.Computed + tokens == s.TotalTokens;
             var request = s.Request;
             byte flags = 0;
             if (samples) flags |= StepState.FlagSample;
             if (request.ReturnLogprob) flags |= StepState.FlagLogprob;
+            if (request.ReturnLogprob && request.TopLogprobs > 0) flags |= StepState.FlagTopLogprobs;
             if (request.ReturnRouterEntropy) flags |= StepState.FlagOutputEntropy;
             if (s.Generated.Count < s.Sampling.MinNewTokens) flags |= StepState.FlagSuppressStops;
             if (_options.Faults?.FailSampling(s.Rid) == true) flags |= StepState.FlagFailSampling;
@@ -277,6 +319,7 @@ public sealed class LlmEngine : IGenerationEngine
         }
         var ticks = Stopwatch.GetTimestamp() - started;
         Interlocked.Increment(ref _steps);
+        Interlocked.Add(ref _promptTokensComputed, promptRows);
         Interlocked.Add(ref _runnerTicks, runner);
         Interlocked.Add(ref _stepTicks, ticks);
         if (rows == batch.Count)
@@ -362,13 +405,26 @@ public sealed class LlmEngine : IGenerationEngine
         s.Generated.Add(token);
         var request = s.Request;
         s.Output.AddToken(new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i],
-            request.ReturnRouterEntropy ? entropies.ToArray() : null));
+            request.ReturnRouterEntropy ? entropies.ToArray() : null,
+            (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null));
 
         var p = s.Sampling;
         if ((!p.IgnoreEos && _eosIds.Contains(token)) || p.StopTokenIds.Contains(token))
             Finish(s, new FinishReason(FinishKind.Stop, Matched: token));
         else if (s.Generated.Count >= p.MaxNewTokens || s.TotalTokens >= _contextLength)
             Finish(s, new FinishReason(FinishKind.Length, Length: s.Generated.Count));
+    }
+
+    /// <summary>The first <paramref name="k"/> alternatives the runner reported for sequence <paramref name="i"/> (fewer past the vocabulary).</summary>
+    private static TokenLogprob[] TopOf(StepState state, int i, int k)
+    {
+        var ids = state.TopIdsOf(i);
+        var logprobs = state.TopLogprobsOf(i);
+        var count = 0;
+        while (count < k && count < ids.Length && ids[count] >= 0) count++;
+        var top = new TokenLogprob[count];
+        for (var j = 0; j < count; j++) top[j] = new TokenLogprob(ids[j], logprobs[j]);
+        return top;
     }
 
     /// <summary>
@@ -419,7 +475,10 @@ public sealed class LlmEngine : IGenerationEngine
         else if (outcome.Context is { } context)
         {
             s.Context = context;
+            s.ContextRebuilt = true;
             s.Computed = 0;
+            // The new context is written from position 0: blocks shared with parallel samples must not be overwritten.
+            _scheduler.DropSharedBlocks(s);
         }
         s.RecomputeTokenIndex = outcome.TokenIndex;
         _scheduler.Resume(s);

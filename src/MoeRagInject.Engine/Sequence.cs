@@ -65,6 +65,18 @@ internal sealed class Sequence
     public int Computed { get; set; }
     public int Preemptions { get; set; }
 
+    /// <summary>
+    /// Parallel sampling: the first sample of this one's group, whose KV blocks for positions below <see cref="SharedPrefix"/>
+    /// this one takes when it is admitted (null once taken, or for a sequence that shares nothing).
+    /// </summary>
+    public Sequence? PrefixLeader { get; set; }
+    /// <summary>Prompt positions covered by full blocks that a follower may share: whole blocks strictly before the last prompt position.</summary>
+    public int SharedPrefix { get; set; }
+    /// <summary>Prompt positions this sequence took from its leader's blocks instead of computing (reported as cached tokens).</summary>
+    public int CachedTokens { get; set; }
+    /// <summary>Prompt-mode RAG replaced <see cref="Context"/>: its KV no longer holds the original prompt, so nobody may share it.</summary>
+    public bool ContextRebuilt { get; set; }
+
     /// <summary>First position that receives the current injection, or −1 when none is set.</summary>
     public int InjectionStart { get; set; } = -1;
     /// <summary>Output-token index being recomputed after a retrieval: the trigger does not fire twice for it.</summary>

@@ -53,6 +53,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                 spareEvents = batch.Events;
                 var ids = new List<int>(batch.Tokens.Count);
                 var logprobs = request.ReturnLogprob ? new List<float>(batch.Tokens.Count) : null;
+                var top = request.ReturnLogprob && request.TopLogprobs > 0 ? new List<TokenLogprob[]>(batch.Tokens.Count) : null;
                 var routerEntropy = request.ReturnRouterEntropy ? new List<float[]>(batch.Tokens.Count) : null;
                 var outputEntropy = request.ReturnRouterEntropy ? new List<float>(batch.Tokens.Count) : null;
                 var text = new StringBuilder();
@@ -61,6 +62,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                 {
                     ids.Add(token.Token);
                     logprobs?.Add(token.Logprob);
+                    top?.Add(token.Top ?? []);
                     if (token.RouterEntropy is { } entropies) routerEntropy?.Add(entropies);
                     outputEntropy?.Add(token.OutputEntropy);
                     text.Append(stops.Push(detokenizer.Push(token.Token)));
@@ -84,11 +86,13 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                     Rid = _sequence.Rid,
                     NewTokenIds = ids,
                     NewLogprobs = (IReadOnlyList<float>?)logprobs ?? [],
+                    NewTopLogprobs = (IReadOnlyList<TokenLogprob[]>?)top ?? [],
                     NewRouterEntropy = (IReadOnlyList<float[]>?)routerEntropy ?? [],
                     NewOutputEntropy = (IReadOnlyList<float>?)outputEntropy ?? [],
                     NewEvents = batch.Events.Count == 0 ? [] : [.. batch.Events],
                     NewText = text.ToString(),
                     PromptTokens = _sequence.OriginalPrompt.Length,
+                    CachedTokens = _sequence.CachedTokens,
                     CompletionTokens = completion,
                     Finish = finish,
                 };

@@ -3,7 +3,7 @@ using MoeRagInject.Rag;
 namespace MoeRagInject.Engine.Output;
 
 /// <summary>One accepted token as the loop reports it.</summary>
-internal readonly record struct TokenOutput(int Token, float Logprob, float OutputEntropy, float[]? RouterEntropy);
+internal readonly record struct TokenOutput(int Token, float Logprob, float OutputEntropy, float[]? RouterEntropy, TokenLogprob[]? Top = null);
 
 /// <summary>
 /// What the engine loop hands one request's stream: tokens, RAG events and the finish, coalesced. The loop appends without

@@ -2,16 +2,21 @@ namespace MoeRagInject.Engine.Scheduling;
 
 /// <summary>
 /// Bookkeeping of the paged KV cache: which blocks are free and which belong to each sequence. Knows nothing of tensors.
+/// A block may be held by several sequences at once (parallel samples share their prompt's full blocks); it counts its
+/// holders and goes back to the free pool when the last one releases it. Shared blocks are only ever read: a sequence
+/// writes keys and values only at positions past the blocks it shares.
 /// </summary>
 public sealed class KvBlockManager
 {
     private readonly Stack<int> _free;
+    private readonly int[] _holders;
 
     public KvBlockManager(int numBlocks, int blockSize)
     {
         NumBlocks = numBlocks;
         BlockSize = blockSize;
         _free = new Stack<int>(Enumerable.Range(0, numBlocks).Reverse());
+        _holders = new int[numBlocks];
     }
 
     public int NumBlocks { get; }
@@ -26,13 +31,34 @@ public sealed class KvBlockManager
         var needed = BlocksFor(tokens) - table.Count;
         if (needed <= 0) return true;
         if (needed > _free.Count) return false;
-        for (var i = 0; i < needed; i++) table.Add(_free.Pop());
+        for (var i = 0; i < needed; i++)
+        {
+            var block = _free.Pop();
+            _holders[block] = 1;
+            table.Add(block);
+        }
         return true;
     }
 
+    /// <summary>Appends the first <paramref name="count"/> blocks of <paramref name="source"/> to <paramref name="table"/>, which now holds them too.</summary>
+    public void Share(List<int> source, int count, List<int> table)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, source.Count);
+        for (var i = 0; i < count; i++)
+        {
+            var block = source[i];
+            _holders[block]++;
+            table.Add(block);
+        }
+    }
+
+    /// <summary>Whether more than one sequence holds <paramref name="block"/>.</summary>
+    public bool IsShared(int block) => _holders[block] > 1;
+
     public void Release(List<int> table)
     {
-        foreach (var block in table) _free.Push(block);
+        foreach (var block in table)
+            if (--_holders[block] == 0) _free.Push(block);
         table.Clear();
     }
 }

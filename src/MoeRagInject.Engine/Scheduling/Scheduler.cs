@@ -35,6 +35,8 @@ internal sealed class Scheduler
     public int MaxSequences { get; }
     public KvBlockManager Blocks => _blocks;
     public long Preemptions { get; private set; }
+    /// <summary>Prompt positions that parallel samples took from their leader's blocks instead of computing.</summary>
+    public long SharedTokens { get; private set; }
     public int Waiting => _waiting.Count;
     /// <summary>Sequences holding a slot and not waiting: running or retrieving.</summary>
     public int Active => _running.Count;
@@ -110,7 +112,24 @@ internal sealed class Scheduler
         {
             var s = node.Value;
             if (s.Slot < 0 && _freeSlots.Count == 0) break;
-            var chunk = Math.Min(s.TotalTokens - s.Computed, Math.Min(_chunkSize, prefill));
+            var shared = 0;
+            if (s.PrefixLeader is { } leader)
+            {
+                shared = SharablePrefix(s, leader);
+                // The leader has not computed the prefix yet: the follower waits at the head of the queue (FIFO, as any request).
+                if (shared < 0) break;
+            }
+            var start = Math.Max(s.Computed, shared);
+            var chunk = Math.Min(s.TotalTokens - start, Math.Min(_chunkSize, prefill));
+            if (shared > 0)
+            {
+                if (_blocks.FreeBlocks < _blocks.BlocksFor(start + chunk) - shared / _blocks.BlockSize) break;
+                _blocks.Share(s.PrefixLeader!.BlockTable, shared / _blocks.BlockSize, s.BlockTable);
+                s.Computed = shared;
+                s.CachedTokens = shared;
+                SharedTokens += shared;
+            }
+            s.PrefixLeader = null;
             if (!_blocks.EnsureCapacity(s.BlockTable, s.Computed + chunk)) break;
             _waiting.RemoveFirst();
             if (s.Slot < 0)
@@ -124,6 +143,28 @@ internal sealed class Scheduler
             prefill -= chunk;
         }
         return _batch;
+    }
+
+    /// <summary>
+    /// What a parallel sample may take from its group's first sample: its shared prefix once the leader holds it with the
+    /// original prompt (positions), 0 when it never will (the leader finished, or prompt-mode RAG rebuilt its context), −1
+    /// while the leader is still computing it (or recomputing it after a preemption).
+    /// </summary>
+    private int SharablePrefix(Sequence s, Sequence leader)
+    {
+        if (s.BlockTable.Count > 0 || s.SharedPrefix == 0 || leader.State == SequenceState.Finished || leader.ContextRebuilt) return 0;
+        return leader.Computed >= s.SharedPrefix && leader.BlockTable.Count * _blocks.BlockSize >= s.SharedPrefix ? s.SharedPrefix : -1;
+    }
+
+    /// <summary>A sequence about to rewrite its cache from position 0 (prompt-mode RAG) gives up blocks it shares: it is requeued to compute its new context in blocks of its own.</summary>
+    public void DropSharedBlocks(Sequence s)
+    {
+        foreach (var block in s.BlockTable)
+        {
+            if (!_blocks.IsShared(block)) continue;
+            ReleaseBlocks(s);
+            return;
+        }
     }
 
     /// <summary>Blocks for positions below <paramref name="upTo"/>, preempting the newest other holders of blocks until they fit.</summary>

@@ -248,6 +248,13 @@ public sealed class Tokenizer
     /// <summary>True for a byte-fallback token (<c>&lt;0xNN&gt;</c>): one byte of a character the vocabulary has no token for.</summary>
     public bool IsByteFallbackToken(int id) => IdToToken(id) is { } token && ByteFallbackDecoder.TryParseByte(token, out _);
 
+    /// <summary>The raw byte a byte-fallback token (<c>&lt;0xNN&gt;</c>) stands for.</summary>
+    public bool TryGetFallbackByte(int id, out byte value)
+    {
+        value = 0;
+        return IdToToken(id) is { } token && ByteFallbackDecoder.TryParseByte(token, out value);
+    }
+
     /// <summary>Ids of <paramref name="text"/>; with <paramref name="addSpecialTokens"/> the post-processor's BOS is added.</summary>
     public int[] Encode(string text, bool addSpecialTokens = true)
     {

@@ -7,9 +7,16 @@ public sealed record ModelCard(string Id, string Object, long Created, string Ow
 
 public sealed record ModelList(string Object, IReadOnlyList<ModelCard> Data);
 
-public sealed record Usage(int PromptTokens, int CompletionTokens, int TotalTokens);
+/// <summary>OpenAI's usage; <c>prompt_tokens_details.cached_tokens</c> counts prompt tokens whose KV cache was shared, not computed.</summary>
+public sealed record Usage(
+    int PromptTokens,
+    int CompletionTokens,
+    int TotalTokens,
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] PromptTokensDetails? PromptTokensDetails = null);
 
-/// <summary>Legacy completions logprobs: parallel lists over output tokens.</summary>
+public sealed record PromptTokensDetails(int CachedTokens);
+
+/// <summary>Legacy completions logprobs: parallel lists over output tokens; top_logprobs maps token text to logprob per position.</summary>
 public sealed record CompletionLogprobs(
     IReadOnlyList<string> Tokens,
     IReadOnlyList<float> TokenLogprobs,
@@ -39,7 +46,9 @@ public sealed record CompletionResponse(
 
 public sealed record ChatMessageBody(string Role, string Content);
 
-public sealed record ChatTokenLogprob(string Token, float Logprob, IReadOnlyList<int> Bytes, IReadOnlyList<JsonObject> TopLogprobs);
+public sealed record ChatTopLogprob(string Token, float Logprob, IReadOnlyList<int> Bytes);
+
+public sealed record ChatTokenLogprob(string Token, float Logprob, IReadOnlyList<int> Bytes, IReadOnlyList<ChatTopLogprob> TopLogprobs);
 
 public sealed record ChatLogprobs(IReadOnlyList<ChatTokenLogprob> Content);
 

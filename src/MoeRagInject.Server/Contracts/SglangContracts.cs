@@ -20,8 +20,10 @@ public sealed record GenerateMetaInfo(
     double E2eLatency,
     // RAG events of the request so far (RagEvent.ToJson()).
     IReadOnlyList<JsonObject> Rag,
-    // [[logprob, token_id, token_text], ...] over output tokens; present when return_logprob.
+    // [[logprob, token_id, token_text or null], ...] over output tokens; present when return_logprob (text with return_text_in_logprobs).
     [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] JsonArray? OutputTokenLogprobs = null,
+    // For each output token, its top_logprobs_num most likely tokens as such triples, most likely first; present when asked.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] JsonArray? OutputTopLogprobs = null,
     // Rows over output tokens, columns over MoE layers (nats); present when return_router_entropy.
     [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float[]>? OutputRouterEntropy = null,
     // Entropy of the output distribution for each output token (nats, the FLARE-style signal); present when return_router_entropy.
@@ -87,10 +89,24 @@ public sealed record ServerInfoResponse(
     bool? LogFsync,
     bool IncrementalStreamingOutput,
     // The engine's load now (null while the model loads).
-    EngineStatusJson? Status);
+    EngineStatusJson? Status,
+    // Fields of sglang's ServerArgs and scheduler info that sglang clients and benchmarks read (null while the model loads).
+    string? TokenizerPath = null,
+    string? ServedModelName = null,
+    int? MaxTotalNumTokens = null,
+    int? MaxReqInputLen = null,
+    int? PageSize = null,
+    int TpSize = 1,
+    int DpSize = 1,
+    bool DisableRadixCache = true,
+    bool SkipTokenizerInit = false,
+    IReadOnlyList<InternalStateJson>? InternalStates = null);
+
+/// <summary>sglang's per-scheduler state in /get_server_info (benchmarks read last_gen_throughput and avg_spec_accept_length).</summary>
+public sealed record InternalStateJson(double LastGenThroughput, double AvgSpecAcceptLength, int MaxTotalNumTokens, int MaxRunningRequests);
 
 public sealed record EngineStatusJson(int NumRunning, int NumWaiting, int NumRetrieving, int FreeKvBlocks, int TotalKvBlocks, int KvBlockSize,
-    long Preemptions, long Steps);
+    long Preemptions, long Steps, long PromptTokensComputed, long PromptTokensShared);
 
 public sealed record AbortResponse(string Rid, bool Success);
 

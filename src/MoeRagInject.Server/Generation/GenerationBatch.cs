@@ -28,13 +28,17 @@ public sealed class GenerationBatch : IAsyncDisposable
 
     public int Count => _pumps.Length;
 
-    /// <summary>Submits every request; an invalid one throws (its <see cref="ArgumentException"/>) after the others are aborted.</summary>
-    public static GenerationBatch Start(IGenerationEngine engine, IReadOnlyList<GenerationRequest> requests, CancellationToken requestAborted)
+    /// <summary>
+    /// Submits every request, each as <paramref name="n"/> parallel samples (request i's sample j gets index i·n + j, the
+    /// order OpenAI's choices and sglang's lists use); an invalid one throws (its <see cref="ArgumentException"/>) after the
+    /// others are aborted.
+    /// </summary>
+    public static GenerationBatch Start(IGenerationEngine engine, IReadOnlyList<GenerationRequest> requests, CancellationToken requestAborted, int n = 1)
     {
-        var streams = new List<GenerationStream>(requests.Count);
+        var streams = new List<GenerationStream>(requests.Count * n);
         try
         {
-            foreach (var request in requests) streams.Add(engine.Submit(request));
+            foreach (var request in requests) streams.AddRange(n == 1 ? [engine.Submit(request)] : engine.SubmitParallel(request, n));
         }
         catch
         {

@@ -3,16 +3,20 @@ using MoeRagInject.Engine;
 
 namespace MoeRagInject.Server.Requests;
 
-/// <summary>A /generate body, validated: one engine request per input (a list input is a batch, answered with a list).</summary>
-public sealed record ParsedGenerate(IReadOnlyList<GenerationRequest> Requests, bool IsBatch, bool Stream);
+/// <summary>
+/// A /generate body, validated: one engine request per input, each sampled <see cref="N"/> times (sampling_params.n). A list
+/// input or n &gt; 1 is a batch, answered with a list (input i's sample j at index i·n + j, as sglang orders them).
+/// </summary>
+public sealed record ParsedGenerate(IReadOnlyList<GenerationRequest> Requests, bool IsBatch, bool Stream, int N = 1, bool ReturnTextInLogprobs = false);
 
 public static class GenerateRequestParser
 {
     private static readonly HashSet<string> Fields =
     [
-        "text", "input_ids", "sampling_params", "stream", "rid", "return_logprob", "return_router_entropy", "rag",
-        // sglang fields accepted and ignored: token text is always returned with logprobs, and logprobs start at the output.
-        "return_text_in_logprobs", "logprob_start_len", "top_logprobs_num", "log_metrics", "model",
+        "text", "input_ids", "sampling_params", "stream", "rid", "return_logprob", "top_logprobs_num", "return_text_in_logprobs",
+        "return_router_entropy", "rag",
+        // sglang fields accepted and ignored: logprobs always start at the output, and metrics are always logged.
+        "logprob_start_len", "log_metrics", "model",
     ];
 
     public static ParsedGenerate Parse(JsonFields root, IGenerationEngine engine)
@@ -22,31 +26,103 @@ public static class GenerateRequestParser
         var info = engine.Info;
         var (prompts, isBatch) = ReadPrompts(root, engine);
 
-        var sampling = RequestParsing.ParseSglangSampling(root.Object("sampling_params"), info.VocabSize);
+        var samplings = ReadSamplingParams(root, prompts.Count, isBatch, info.VocabSize, out var n);
         var rag = RequestParsing.ParseRag(root);
         var stream = root.Bool("stream") ?? false;
-        var returnLogprob = root.Bool("return_logprob") ?? false;
+        var returnLogprob = PerInput(root, "return_logprob", prompts.Count, isBatch, (value, path) => value.ValueKind switch
+        {
+            JsonValueKind.True => true,
+            JsonValueKind.False => false,
+            _ => throw ApiException.BadRequest($"{path} must be a boolean, not {JsonFields.Describe(value)}"),
+        }, false);
+        var topLogprobsNum = PerInput(root, "top_logprobs_num", prompts.Count, isBatch, (value, path) =>
+        {
+            var k = JsonFields.ToInt(value, path);
+            if (k is < 0 or > GenerationRequest.MaxTopLogprobs)
+                throw ApiException.BadRequest(RequestParsing.Invariant($"{path} must be an integer in [0, {GenerationRequest.MaxTopLogprobs}] (got {k})"));
+            return k;
+        }, 0);
+        var returnText = root.Bool("return_text_in_logprobs") ?? false;
         var returnRouterEntropy = root.Bool("return_router_entropy") ?? false;
-        if (root.Int("top_logprobs_num") is > 0)
-            throw ApiException.BadRequest("top_logprobs_num is not supported by this server (use return_logprob for the chosen tokens' logprobs)");
         var rids = ReadRids(root, prompts.Count, isBatch);
 
         var requests = new GenerationRequest[prompts.Count];
         for (var i = 0; i < prompts.Count; i++)
         {
             var (ids, path) = prompts[i];
-            RequestParsing.CheckFitsContext(ids.Count, sampling.MaxNewTokens, info.ContextLength, "sampling_params.max_new_tokens", path);
+            var maxNewTokensPath = isBatch && root.TryGet("sampling_params", out var sp) && sp.ValueKind == JsonValueKind.Array
+                ? $"sampling_params[{i}].max_new_tokens" : "sampling_params.max_new_tokens";
+            RequestParsing.CheckFitsContext(ids.Count, samplings[i].MaxNewTokens, info.ContextLength, maxNewTokensPath, path);
             requests[i] = new GenerationRequest
             {
                 Rid = rids[i],
                 PromptIds = ids,
-                Sampling = sampling,
+                Sampling = samplings[i],
                 Rag = rag,
-                ReturnLogprob = returnLogprob,
+                // sglang computes top logprobs only with return_logprob; top_logprobs_num alone changes nothing.
+                ReturnLogprob = returnLogprob[i],
+                TopLogprobs = returnLogprob[i] ? topLogprobsNum[i] : 0,
                 ReturnRouterEntropy = returnRouterEntropy,
             };
         }
-        return new ParsedGenerate(requests, isBatch, stream);
+        return new ParsedGenerate(requests, isBatch || n > 1, stream, n, returnText);
+    }
+
+    /// <summary>
+    /// sampling_params: one object for every input, or (a list input) a list of objects, one per input. Every input must ask
+    /// for the same n, as sglang requires.
+    /// </summary>
+    private static SamplingParams[] ReadSamplingParams(JsonFields root, int count, bool isBatch, int vocabSize, out int n)
+    {
+        var result = new SamplingParams[count];
+        if (!root.TryGet("sampling_params", out var value) || value.ValueKind != JsonValueKind.Array)
+        {
+            var fields = root.Object("sampling_params");
+            n = RequestParsing.ParseN(fields);
+            Array.Fill(result, RequestParsing.ParseSglangSampling(fields, vocabSize));
+            return result;
+        }
+        if (!isBatch) throw ApiException.BadRequest("sampling_params must be an object for a single input (a list needs a list of texts or input_ids)");
+        if (value.GetArrayLength() != count)
+            throw ApiException.BadRequest(RequestParsing.Invariant($"sampling_params has {value.GetArrayLength()} objects for {count} inputs"));
+        n = 1;
+        var i = 0;
+        foreach (var item in value.EnumerateArray())
+        {
+            var fields = JsonFields.Element(item, $"sampling_params[{i}]");
+            var itemN = RequestParsing.ParseN(fields);
+            if (i == 0) n = itemN;
+            else if (itemN != n)
+                throw ApiException.BadRequest(RequestParsing.Invariant($"sampling_params[{i}].n is {itemN} but sampling_params[0].n is {n}: every input must ask for the same n"));
+            result[i++] = RequestParsing.ParseSglangSampling(fields, vocabSize);
+        }
+        return result;
+    }
+
+    /// <summary>A field given once for every input, or (a list input) as a list with one value per input, as sglang accepts return_logprob and top_logprobs_num.</summary>
+    private static T[] PerInput<T>(JsonFields root, string name, int count, bool isBatch, Func<JsonElement, string, T> read, T absent)
+    {
+        var result = new T[count];
+        if (!root.TryGet(name, out var value))
+        {
+            Array.Fill(result, absent);
+            return result;
+        }
+        if (value.ValueKind != JsonValueKind.Array)
+        {
+            Array.Fill(result, read(value, name));
+            return result;
+        }
+        if (!isBatch) throw ApiException.BadRequest($"{name} must be a single value for a single input, not a list");
+        if (value.GetArrayLength() != count)
+            throw ApiException.BadRequest(RequestParsing.Invariant($"{name} has {value.GetArrayLength()} values for {count} inputs"));
+        var i = 0;
+        foreach (var item in value.EnumerateArray())
+        {
+            result[i] = read(item, $"{name}[{i}]");
+            i++;
+        }
+        return result;
     }
 
     /// <summary>The prompts as token ids, each with the path that names it in errors.</summary>

@@ -38,6 +38,14 @@ public readonly struct JsonFields
         return new JsonFields(document.RootElement, "");
     }
 
+    /// <summary>An element of a list that must be an object, named by <paramref name="path"/> in errors.</summary>
+    public static JsonFields Element(JsonElement value, string path)
+    {
+        if (value.ValueKind != JsonValueKind.Object)
+            throw ApiException.BadRequest($"{path} must be an object, not {Describe(value)}");
+        return new JsonFields(value, path);
+    }
+
     public string PathOf(string name) => _prefix.Length == 0 ? name : $"{_prefix}.{name}";
 
     public bool Has(string name) => TryGet(name, out _);

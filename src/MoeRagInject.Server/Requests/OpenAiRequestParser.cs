@@ -9,8 +9,10 @@ public sealed record ParsedOpenAi(
     IReadOnlyList<GenerationRequest> Requests,
     bool Stream,
     bool IncludeUsageInStream,
-    // Completions: the number of top logprobs asked for; chat: 0 when "logprobs": true; null when not asked.
-    int? Logprobs);
+    // The number of alternatives per token (completions: logprobs; chat: top_logprobs, 0 with "logprobs": true alone); null when logprobs were not asked for.
+    int? Logprobs,
+    // Parallel samples of each prompt: choice i·n + j is prompt i's sample j.
+    int N = 1);
 
 /// <summary>
 /// OpenAI's request fields mapped onto the engine: the standard ones, sglang's extensions (top_k, min_p, repetition_penalty,
@@ -25,6 +27,7 @@ public static class OpenAiRequestParser
         if (root.Bool("echo") == true) throw ApiException.BadRequest("echo is not supported by this server");
         if (root.String("suffix") is { Length: > 0 }) throw ApiException.BadRequest("suffix is not supported by this server");
         if (root.Int("best_of") is { } bestOf && bestOf != 1) throw ApiException.BadRequest("best_of must be 1");
+        RejectResponseFormat(root);
 
         var prompts = ReadCompletionPrompts(root, engine);
         int? logprobs = null;
@@ -36,7 +39,8 @@ public static class OpenAiRequestParser
                 JsonValueKind.False => null,
                 _ => JsonFields.ToInt(lp, "logprobs"),
             };
-            if (logprobs is < 0 or > 20) throw ApiException.BadRequest("logprobs must be an integer in [0, 20]");
+            if (logprobs is < 0 or > GenerationRequest.MaxTopLogprobs)
+                throw ApiException.BadRequest($"logprobs must be an integer in [0, {GenerationRequest.MaxTopLogprobs}]");
         }
         return Build(root, engine, prompts, defaultMaxTokens: 16, logprobs);
     }
@@ -48,14 +52,27 @@ public static class OpenAiRequestParser
         var ids = EncodeChat(engine.Tokenizer, messages);
         if (root.TryGet("tools", out var tools) && tools.ValueKind == JsonValueKind.Array && tools.GetArrayLength() > 0)
             throw ApiException.BadRequest("tools are not supported by this server");
-        if (root.Object("response_format") is { } format && format.String("type") is { } type && type != "text")
-            throw ApiException.BadRequest($"response_format.type '{type}' is not supported by this server (only 'text')");
+        RejectResponseFormat(root);
         var logprobs = root.Bool("logprobs") == true ? 0 : (int?)null;
-        if (logprobs is not null && root.Int("top_logprobs") is > 0)
-            throw ApiException.BadRequest("top_logprobs is not supported by this server (logprobs: true gives the chosen tokens' logprobs)");
+        if (root.Int("top_logprobs") is { } top)
+        {
+            if (logprobs is null) throw ApiException.BadRequest("top_logprobs needs logprobs to be true");
+            if (top is < 0 or > GenerationRequest.MaxTopLogprobs)
+                throw ApiException.BadRequest($"top_logprobs must be an integer in [0, {GenerationRequest.MaxTopLogprobs}]");
+            logprobs = top;
+        }
         // OpenAI's default is "as many as fit"; sglang caps it at the context left after the prompt.
         var defaultMaxTokens = Math.Max(0, engine.Info.ContextLength - ids.Length);
         return Build(root, engine, [(ids, "messages")], defaultMaxTokens, logprobs);
+    }
+
+    /// <summary>Structured output is not implemented: any response_format but plain text is refused, not silently ignored.</summary>
+    private static void RejectResponseFormat(JsonFields root)
+    {
+        if (root.Object("response_format") is not { } format) return;
+        var type = format.String("type") ?? throw ApiException.BadRequest("response_format.type is required");
+        if (type != "text")
+            throw ApiException.BadRequest($"response_format.type '{type}' is not supported by this server: it does not constrain output (only 'text')");
     }
 
     /// <summary>
@@ -86,7 +103,7 @@ public static class OpenAiRequestParser
     private static ParsedOpenAi Build(JsonFields root, IGenerationEngine engine, List<(int[] Ids, string Path)> prompts, int defaultMaxTokens, int? logprobs)
     {
         var info = engine.Info;
-        if (root.Int("n") is { } n && n != 1) throw ApiException.BadRequest("n must be 1 (parallel sampling is not supported)");
+        var n = RequestParsing.ParseN(root);
         var maxTokensName = root.Has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
         var maxTokens = root.Int("max_completion_tokens") ?? root.Int("max_tokens");
         var defaults = new SamplingParams();
@@ -118,7 +135,9 @@ public static class OpenAiRequestParser
         var rag = RequestParsing.ParseRag(root);
         var returnRouterEntropy = root.Bool("return_router_entropy") ?? false;
         var stream = root.Bool("stream") ?? false;
-        var includeUsage = root.Object("stream_options")?.Bool("include_usage") ?? false;
+        var streamOptions = root.Object("stream_options");
+        if (streamOptions is not null && !stream) throw ApiException.BadRequest("stream_options is only allowed with stream: true");
+        var includeUsage = streamOptions?.Bool("include_usage") ?? false;
 
         var requests = new GenerationRequest[prompts.Count];
         for (var i = 0; i < prompts.Count; i++)
@@ -130,10 +149,11 @@ public static class OpenAiRequestParser
                 Sampling = sampling,
                 Rag = rag,
                 ReturnLogprob = logprobs is not null,
+                TopLogprobs = logprobs ?? 0,
                 ReturnRouterEntropy = returnRouterEntropy,
             };
         }
-        return new ParsedOpenAi(requests, stream, includeUsage, logprobs);
+        return new ParsedOpenAi(requests, stream, includeUsage, logprobs, n);
     }
 
     /// <summary>prompt: a string, a list of strings, a list of token ids, or a list of lists of ids.</summary>
@@ -207,15 +227,29 @@ public static class OpenAiRequestParser
             var roleName = role.GetString()!;
             if (roleName is not ("system" or "user" or "assistant" or "developer" or "tool"))
                 throw ApiException.BadRequest($"{path}.role must be one of system, user, assistant, developer, tool (got '{roleName}')");
-            list.Add(new ChatMessage(roleName == "developer" ? "system" : roleName, ReadContent(message, path)));
+            if (roleName == "tool" && (!message.TryGetProperty("tool_call_id", out var callId) || callId.ValueKind != JsonValueKind.String))
+                throw ApiException.BadRequest($"{path}.tool_call_id is required for a tool message (a string)");
+            if (message.TryGetProperty("name", out var name) && name.ValueKind is not (JsonValueKind.String or JsonValueKind.Null))
+                throw ApiException.BadRequest($"{path}.name must be a string, not {JsonFields.Describe(name)}");
+            list.Add(new ChatMessage(roleName == "developer" ? "system" : roleName, ReadContent(message, roleName, path)));
         }
         return list;
     }
 
-    /// <summary>content: a string, null (an assistant turn with no text), or a list of parts of which only "text" parts are supported.</summary>
-    private static string ReadContent(JsonElement message, string path)
+    /// <summary>
+    /// content: a string or a list of parts of which only "text" parts are supported. As OpenAI, it is required for every role
+    /// except an assistant turn that carries tool_calls (whose content may be null or absent).
+    /// </summary>
+    private static string ReadContent(JsonElement message, string role, string path)
     {
-        if (!message.TryGetProperty("content", out var content) || content.ValueKind == JsonValueKind.Null) return "";
+        if (!message.TryGetProperty("content", out var content) || content.ValueKind == JsonValueKind.Null)
+        {
+            if (role == "assistant" && message.TryGetProperty("tool_calls", out var calls) && calls.ValueKind == JsonValueKind.Array)
+                return "";
+            throw ApiException.BadRequest(role == "assistant"
+                ? $"{path}.content is required for an assistant message without tool_calls"
+                : $"{path}.content is required for a {role} message");
+        }
         if (content.ValueKind == JsonValueKind.String) return content.GetString()!;
         if (content.ValueKind != JsonValueKind.Array)
             throw ApiException.BadRequest($"{path}.content must be a string or a list of content parts, not {JsonFields.Describe(content)}");

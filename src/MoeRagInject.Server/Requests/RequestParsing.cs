@@ -25,8 +25,6 @@ public static class RequestParsing
         foreach (var unsupported in (ReadOnlySpan<string>)["json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params"])
             if (f.Has(unsupported))
                 throw ApiException.BadRequest($"{f.PathOf(unsupported)} is not supported by this server");
-        if (f.Int("n") is { } n && n != 1)
-            throw ApiException.BadRequest($"{f.PathOf("n")} must be 1 (parallel sampling is not supported)");
         if (f.Has("sampling_seed") && f.Has("seed"))
             throw ApiException.BadRequest($"give only one of {f.PathOf("sampling_seed")} and {f.PathOf("seed")}");
 
@@ -51,6 +49,18 @@ public static class RequestParsing
         _ = f.Bool("spaces_between_special_tokens");
         CheckSampling(sampling, vocabSize, f.PathOf("stop_token_ids"));
         return sampling;
+    }
+
+    /// <summary>Most parallel samples one request may ask for (OpenAI's limit on n).</summary>
+    public const int MaxParallelSamples = 128;
+
+    /// <summary>Parallel samples asked for by the field <paramref name="name"/> (sglang's sampling_params.n, OpenAI's n); 1 when absent.</summary>
+    public static int ParseN(JsonFields? fields, string name = "n")
+    {
+        if (fields is not { } f || f.Int(name) is not { } n) return 1;
+        if (n is < 1 or > MaxParallelSamples)
+            throw ApiException.BadRequest(Invariant($"{f.PathOf(name)} must be an integer in [1, {MaxParallelSamples}] (got {n})"));
+        return n;
     }
 
     /// <summary>SamplingParams.Validate() plus the vocabulary check of stop_token_ids.</summary>

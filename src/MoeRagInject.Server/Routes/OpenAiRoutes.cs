@@ -43,6 +43,19 @@ public static class OpenAiRoutes
         return chat ? OpenAiRequestParser.ParseChat(root, engine) : OpenAiRequestParser.ParseCompletion(root, engine);
     }
 
+    /// <summary>One output per choice: prompt i's sample j at index i·n + j.</summary>
+    private static RequestOutput[] OutputsOf(IGenerationEngine engine, ParsedOpenAi parsed)
+    {
+        var outputs = new RequestOutput[parsed.Requests.Count * parsed.N];
+        for (var i = 0; i < outputs.Length; i++)
+        {
+            var r = parsed.Requests[i / parsed.N];
+            outputs[i] = new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy, r.TopLogprobs,
+                promptIds: r.PromptIds, skipSpecialTokens: r.Sampling.SkipSpecialTokens);
+        }
+        return outputs;
+    }
+
     private static async Task CompletionsAsync(HttpContext context, EngineHolder holder, ServerOptions options)
     {
         var engine = holder.Require();
@@ -50,8 +63,8 @@ public static class OpenAiRoutes
         var aborted = context.RequestAborted;
         var model = ModelName(engine, options);
         var created = Now();
-        var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
-        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
+        var outputs = OutputsOf(engine, parsed);
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted, parsed.N);
         var id = "cmpl-" + Guid.NewGuid().ToString("N");
 
         if (!parsed.Stream)
@@ -61,9 +74,9 @@ public static class OpenAiRoutes
             var choices = outputs.Select((o, i) => new CompletionChoice(
                 i, o.Text, o.ReturnLogprob ? CompletionLogprobsOf(o, 0, o.OutputIds.Count, 0) : null,
                 o.Finish is null ? null : RequestOutput.ToOpenAiFinish(o.Finish), MatchedStop(o.Finish),
-                Rag(o, parsed.Requests[i]), o.ReturnRouterEntropy ? o.RouterEntropy.ToArray() : null)).ToArray();
+                Rag(o, parsed.Requests[i / parsed.N]), o.ReturnRouterEntropy ? o.RouterEntropy.ToArray() : null)).ToArray();
             await context.Response.WriteAsJsonAsync(
-                new CompletionResponse(id, "text_completion", created, model, choices, UsageOf(outputs)),
+                new CompletionResponse(id, "text_completion", created, model, choices, UsageOf(outputs, parsed.N)),
                 ApiJsonContext.Wire.CompletionResponse, contentType: null, aborted).ConfigureAwait(false);
             return;
         }
@@ -81,15 +94,16 @@ public static class OpenAiRoutes
                     output.ReturnLogprob ? CompletionLogprobsOf(output, marks.Token, output.OutputIds.Count - marks.Token, marks.Text) : null,
                     final ? RequestOutput.ToOpenAiFinish(update.Finish!) : null,
                     final ? MatchedStop(update.Finish) : null,
-                    final ? Rag(output, parsed.Requests[index]) : null,
+                    final ? Rag(output, parsed.Requests[index / parsed.N]) : null,
                     output.ReturnRouterEntropy && update.NewRouterEntropy.Count > 0 ? update.NewRouterEntropy.ToArray() : null);
                 await ServerSentEvents.WriteAsync(context.Response,
                     new CompletionResponse(id, "text_completion", created, model, [choice], Usage: null),
                     ApiJsonContext.Wire.CompletionResponse, aborted).ConfigureAwait(false);
             }
+            // stream_options.include_usage: one last chunk with empty choices and the usage of the whole request.
             if (parsed.IncludeUsageInStream)
                 await ServerSentEvents.WriteAsync(context.Response,
-                    new CompletionResponse(id, "text_completion", created, model, [], UsageOf(outputs)),
+                    new CompletionResponse(id, "text_completion", created, model, [], UsageOf(outputs, parsed.N)),
                     ApiJsonContext.Wire.CompletionResponse, aborted).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)
@@ -108,21 +122,21 @@ public static class OpenAiRoutes
         var model = ModelName(engine, options);
         var created = Now();
         var request = parsed.Requests[0];
-        var output = new RequestOutput(engine.Tokenizer, request.ReturnLogprob, request.ReturnRouterEntropy);
-        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
+        var outputs = OutputsOf(engine, parsed);
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted, parsed.N);
         var id = "chatcmpl-" + Guid.NewGuid().ToString("N");
 
         if (!parsed.Stream)
         {
-            await foreach (var (_, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
-                output.Add(update);
-            var choice = new ChatChoice(
-                0, new ChatMessageBody("assistant", output.Text),
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+                outputs[index].Add(update);
+            var choices = outputs.Select((output, i) => new ChatChoice(
+                i, new ChatMessageBody("assistant", output.Text),
                 output.ReturnLogprob ? ChatLogprobsOf(output, 0, output.OutputIds.Count) : null,
                 output.Finish is null ? null : RequestOutput.ToOpenAiFinish(output.Finish), MatchedStop(output.Finish),
-                Rag(output, request), output.ReturnRouterEntropy ? output.RouterEntropy.ToArray() : null);
+                Rag(output, request), output.ReturnRouterEntropy ? output.RouterEntropy.ToArray() : null)).ToArray();
             await context.Response.WriteAsJsonAsync(
-                new ChatCompletionResponse(id, "chat.completion", created, model, [choice], UsageOf([output])),
+                new ChatCompletionResponse(id, "chat.completion", created, model, choices, UsageOf(outputs, parsed.N)),
                 ApiJsonContext.Wire.ChatCompletionResponse, contentType: null, aborted).ConfigureAwait(false);
             return;
         }
@@ -130,27 +144,30 @@ public static class OpenAiRoutes
         await ServerSentEvents.StartAsync(context.Response, aborted).ConfigureAwait(false);
         try
         {
-            // OpenAI streams open with the role on its own, then content deltas, then a chunk that carries only finish_reason.
-            await WriteChunkAsync(new ChatChunkChoice(0, new ChatDelta(Role: "assistant", Content: ""), null, null)).ConfigureAwait(false);
-            await foreach (var (_, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
+            // OpenAI streams open each choice with the role on its own, then content deltas, then a chunk that carries only finish_reason.
+            for (var i = 0; i < outputs.Length; i++)
+                await WriteChunkAsync(new ChatChunkChoice(i, new ChatDelta(Role: "assistant", Content: ""), null, null)).ConfigureAwait(false);
+            await foreach (var (index, update) in batch.ReadAllAsync(aborted).ConfigureAwait(false))
             {
+                var output = outputs[index];
                 var marks = output.Add(update);
                 var final = update.Finish is not null;
                 var text = update.NewText;
                 if (text.Length > 0 || (output.ReturnLogprob && update.NewTokenIds.Count > 0))
                     await WriteChunkAsync(new ChatChunkChoice(
-                        0, new ChatDelta(Content: text),
+                        index, new ChatDelta(Content: text),
                         output.ReturnLogprob ? ChatLogprobsOf(output, marks.Token, output.OutputIds.Count - marks.Token) : null, null,
                         RouterEntropy: output.ReturnRouterEntropy && update.NewRouterEntropy.Count > 0 ? update.NewRouterEntropy.ToArray() : null))
                         .ConfigureAwait(false);
                 if (final)
                     await WriteChunkAsync(new ChatChunkChoice(
-                        0, new ChatDelta(), null, RequestOutput.ToOpenAiFinish(update.Finish!), MatchedStop(update.Finish), Rag(output, request)))
+                        index, new ChatDelta(), null, RequestOutput.ToOpenAiFinish(update.Finish!), MatchedStop(update.Finish), Rag(output, request)))
                         .ConfigureAwait(false);
             }
+            // stream_options.include_usage: one last chunk with empty choices and the usage of the whole request.
             if (parsed.IncludeUsageInStream)
                 await ServerSentEvents.WriteAsync(context.Response,
-                    new ChatCompletionChunk(id, "chat.completion.chunk", created, model, [], UsageOf([output])),
+                    new ChatCompletionChunk(id, "chat.completion.chunk", created, model, [], UsageOf(outputs, parsed.N)),
                     ApiJsonContext.Wire.ChatCompletionChunk, aborted).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not OperationCanceledException || !aborted.IsCancellationRequested)
@@ -165,15 +182,21 @@ public static class OpenAiRoutes
             ApiJsonContext.Wire.ChatCompletionChunk, aborted);
     }
 
-    private static Usage UsageOf(IReadOnlyList<RequestOutput> outputs)
+    /// <summary>
+    /// OpenAI's usage: a prompt counts once however many samples it has (outputs i·n .. i·n + n − 1 share prompt i), every
+    /// sample's tokens count; cached tokens are the prompt tokens samples took from shared KV blocks.
+    /// </summary>
+    private static Usage UsageOf(IReadOnlyList<RequestOutput> outputs, int n)
     {
-        int prompt = 0, completion = 0;
-        foreach (var o in outputs)
+        int prompt = 0, completion = 0, cached = 0;
+        for (var i = 0; i < outputs.Count; i++)
         {
-            prompt += o.PromptTokens;
+            var o = outputs[i];
+            if (i % n == 0) prompt += o.PromptTokens;
             completion += o.CompletionTokens;
+            cached += o.CachedTokens;
         }
-        return new Usage(prompt, completion, prompt + completion);
+        return new Usage(prompt, completion, prompt + completion, cached > 0 ? new PromptTokensDetails(cached) : null);
     }
 
     private static JsonNode? MatchedStop(FinishReason? finish)
@@ -183,19 +206,31 @@ public static class OpenAiRoutes
     private static IReadOnlyList<JsonObject>? Rag(RequestOutput output, GenerationRequest request)
         => output.RagEvents.Count > 0 || request.Rag is not null ? output.RagEvents.ToArray() : null;
 
+    /// <summary>
+    /// The legacy shape: per token its text, logprob and text offset, and (logprobs: k > 0) a map from token text to logprob
+    /// of the k most likely tokens plus the chosen one, as OpenAI's "up to logprobs + 1" entries.
+    /// </summary>
     private static CompletionLogprobs CompletionLogprobsOf(RequestOutput output, int start, int count, int textOffset)
     {
         var tokens = new string[count];
         var logprobs = new float[count];
         var offsets = new int[count];
+        var top = output.TopLogprobCount > 0 ? new JsonObject?[count] : null;
         for (var i = 0; i < count; i++)
         {
-            tokens[i] = output.TokenTexts[start + i];
-            logprobs[i] = start + i < output.Logprobs.Count ? output.Logprobs[start + i] : -9999f; // OpenAI's stand-in for "no logprob"; JSON has no NaN
+            tokens[i] = output.ContextText(start + i, output.OutputIds[start + i]);
+            logprobs[i] = LogprobAt(output, start + i);
             offsets[i] = textOffset;
             textOffset += tokens[i].Length;
+            if (top is null) continue;
+            var map = new JsonObject();
+            if (start + i < output.TopLogprobs.Count)
+                foreach (var (id, logprob) in output.TopLogprobs[start + i])
+                    map.TryAdd(output.ContextText(start + i, id), logprob); // ids that decode alike keep the likelier one
+            map.TryAdd(tokens[i], logprobs[i]);
+            top[i] = map;
         }
-        return new CompletionLogprobs(tokens, logprobs, offsets, TopLogprobs: null);
+        return new CompletionLogprobs(tokens, logprobs, offsets, top);
     }
 
     private static ChatLogprobs ChatLogprobsOf(RequestOutput output, int start, int count)
@@ -203,12 +238,22 @@ public static class OpenAiRoutes
         var content = new ChatTokenLogprob[count];
         for (var i = 0; i < count; i++)
         {
-            var token = output.TokenTexts[start + i];
-            var logprob = start + i < output.Logprobs.Count ? output.Logprobs[start + i] : -9999f; // OpenAI's stand-in for "no logprob"; JSON has no NaN
-            content[i] = new ChatTokenLogprob(token, logprob, Encoding.UTF8.GetBytes(token).Select(b => (int)b).ToArray(), []);
+            var position = start + i;
+            var id = output.OutputIds[position];
+            var alternatives = position < output.TopLogprobs.Count ? output.TopLogprobs[position] : [];
+            var top = new ChatTopLogprob[alternatives.Length];
+            for (var j = 0; j < top.Length; j++)
+            {
+                var other = alternatives[j].TokenId;
+                top[j] = new ChatTopLogprob(output.ContextText(position, other), alternatives[j].Logprob, output.ContextBytes(position, other));
+            }
+            content[i] = new ChatTokenLogprob(output.ContextText(position, id), LogprobAt(output, position), output.ContextBytes(position, id), top);
         }
         return new ChatLogprobs(content);
     }
+
+    // OpenAI's stand-in for "no logprob" is -9999 (JSON has no NaN).
+    private static float LogprobAt(RequestOutput output, int i) => i < output.Logprobs.Count ? output.Logprobs[i] : -9999f;
 
     private static async Task TokenizeAsync(HttpContext context, EngineHolder holder)
     {

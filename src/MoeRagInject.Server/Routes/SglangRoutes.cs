@@ -22,8 +22,26 @@ public static class SglangRoutes
         sglang.MapGet("/get_server_info", (ServerOptions options, EngineHolder engine, HttpContext context) => ServerInfo(options, engine, context));
         sglang.MapPost("/generate", (HttpContext context, EngineHolder engine, ServerOptions options) => GenerateAsync(context, engine, options));
         sglang.MapPost("/abort_request", (HttpContext context, EngineHolder engine) => AbortAsync(context, engine));
-        sglang.MapPost("/flush_cache", () => Results.Json(
-            new FlushCacheResponse(true, "no prefix cache to flush"), ApiJsonContext.Wire.FlushCacheResponse));
+        sglang.MapPost("/flush_cache", (EngineHolder engine) => FlushCache(engine));
+        sglang.MapGet("/flush_cache", (EngineHolder engine) => FlushCache(engine));
+    }
+
+    /// <summary>
+    /// sglang flushes its radix (prefix) cache, and only when no request is running or waiting (400 otherwise). This engine
+    /// keeps no prefix cache between requests (parallel samples share a prompt's blocks only while they run), so there is
+    /// nothing to flush; it answers as sglang would, success when idle, and says so.
+    /// </summary>
+    private static IResult FlushCache(EngineHolder holder)
+    {
+        var status = holder.Require().GetStatus();
+        var busy = status.Running + status.Waiting + status.Retrieving;
+        return busy > 0
+            ? Results.Json(new FlushCacheResponse(false, RequestParsing.Invariant(
+                $"not flushed: {busy} requests are running or waiting (as sglang, the cache is flushed only when idle)")),
+                ApiJsonContext.Wire.FlushCacheResponse, statusCode: StatusCodes.Status400BadRequest)
+            : Results.Json(new FlushCacheResponse(true,
+                "nothing to flush: this server keeps no prefix cache between requests (KV blocks are freed when a request ends)"),
+                ApiJsonContext.Wire.FlushCacheResponse);
     }
 
     private static IResult Health(EngineHolder engine)
@@ -79,6 +97,8 @@ public static class SglangRoutes
         var status = engine?.GetStatus();
         var e = options.Engine;
         var port = context.Connection.LocalPort != 0 ? context.Connection.LocalPort : options.Port;
+        // sglang's max_total_num_tokens: the KV pool's size in tokens.
+        int? maxTotalTokens = status is null ? null : status.TotalKvBlocks * status.KvBlockSize;
         var projection = e is null ? null : e.Projection switch
         {
             ProjectionKind.Random => "random",
@@ -98,7 +118,21 @@ public static class SglangRoutes
                 e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir, e?.LogFsync,
                 options.IncrementalStreamingOutput,
                 status is null ? null : new EngineStatusJson(status.Running, status.Waiting, status.Retrieving, status.FreeKvBlocks,
-                    status.TotalKvBlocks, status.KvBlockSize, status.Preemptions, status.Steps)),
+                    status.TotalKvBlocks, status.KvBlockSize, status.Preemptions, status.Steps, status.PromptTokensComputed,
+                    status.PromptTokensShared),
+                TokenizerPath: engine?.Info.TokenizerPath,
+                ServedModelName: engine is null ? null : options.ServedModelName ?? engine.Info.ModelPath,
+                MaxTotalNumTokens: maxTotalTokens,
+                MaxReqInputLen: engine is null ? null : engine.Info.ContextLength - 1,
+                PageSize: status?.KvBlockSize,
+                InternalStates: status is null ? null :
+                [
+                    new InternalStateJson(
+                        // Decode tokens per second of decode-step time since the engine started (0 before any decode step).
+                        engine is LlmEngine llm ? llm.Counters.DecodeTokensPerSecond : 0,
+                        // No speculative decoding: every step accepts exactly one token per request.
+                        AvgSpecAcceptLength: 1.0, maxTotalTokens ?? 0, e?.MaxRunningRequests ?? 0),
+                ]),
             ApiJsonContext.Wire.ServerInfoResponse);
     }
 
@@ -122,8 +156,13 @@ public static class SglangRoutes
             parsed = GenerateRequestParser.Parse(JsonFields.Root(document), engine);
 
         var aborted = context.RequestAborted;
-        var outputs = parsed.Requests.Select(r => new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy)).ToArray();
-        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted);
+        var outputs = new RequestOutput[parsed.Requests.Count * parsed.N];
+        for (var i = 0; i < outputs.Length; i++)
+        {
+            var r = parsed.Requests[i / parsed.N];
+            outputs[i] = new RequestOutput(engine.Tokenizer, r.ReturnLogprob, r.ReturnRouterEntropy, r.TopLogprobs, parsed.ReturnTextInLogprobs);
+        }
+        await using var batch = GenerationBatch.Start(engine, parsed.Requests, aborted, parsed.N);
 
         if (!parsed.Stream)
         {

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# On the GPU machine, with the published CLI (tools/gpu/publish.sh): top logprobs and parallel samples served on CUDA
+# against the same server on the CPU, over HTTP, on the tiny-mixtral reference checkpoint. Greedy: tokens equal
+# transformers' (reference.json) for every one of n = 3 samples, top-5 ids equal the CPU's and logprobs within 1e-3;
+# seeded: n = 4 samples on CUDA equal the four single requests with seed + j on CUDA, and the prompt is prefilled once.
+# Writes check-api.json to $OUT (or /tmp); exits 1 on a mismatch. DEVICE=cpu runs the second server on the CPU too (a
+# smoke test of this script where there is no GPU).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bin=.gpu/bin/moe-rag-inject
+model=tests/data/reference/tiny-mixtral
+out=${OUT:-/tmp}
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+for server in cpu:30101 "${DEVICE:-cuda}:30102"; do
+  device=${server%%:*} port=${server##*:}
+  "$bin" serve --model-path "$model" --device "$device" --port "$port" --rag-mode off --log-dir "$out/logs-$port" \
+    > "$out/serve-$port.log" 2>&1 &
+  pids+=($!)
+done
+python3 - "$model" "$out" <<'PY'
+import json, math, sys, time, urllib.request
+model, out = sys.argv[1], sys.argv[2]
+servers = {"cpu": "http://127.0.0.1:30101", "cuda": "http://127.0.0.1:30102"}
+
+def call(base, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+for base in servers.values():
+    for _ in range(600):
+        try:
+            call(base, "/health"); break
+        except Exception:
+            time.sleep(0.5)
+    else:
+        sys.exit(f"{base} did not become healthy")
+
+reference = json.load(open(f"{model}/reference/reference.json"))["prompts"]
+failures, report = [], {"device": call(servers["cuda"], "/get_model_info")["device"], "prompts": []}
+for p in reference:
+    ids, greedy = p["input_ids"], p["greedy_ids"]
+    ids = json.loads(ids) if isinstance(ids, str) else ids
+    greedy = json.loads(greedy) if isinstance(greedy, str) else greedy
+    body = {"input_ids": ids, "return_logprob": True, "top_logprobs_num": 5,
+            "sampling_params": {"n": 3, "temperature": 0, "max_new_tokens": len(greedy), "ignore_eos": True}}
+    results = {d: call(b, "/generate", body) for d, b in servers.items()}
+    worst = 0.0
+    for j in range(3):
+        cpu, cuda = results["cpu"][j], results["cuda"][j]
+        if cuda["output_ids"] != greedy: failures.append(f"cuda sample {j} of prompt {len(report['prompts'])}: {cuda['output_ids']} != {greedy}")
+        for a, b in zip(cpu["meta_info"]["output_top_logprobs"], cuda["meta_info"]["output_top_logprobs"]):
+            if [t[1] for t in a] != [t[1] for t in b]: failures.append(f"top ids differ: {a} vs {b}")
+            worst = max(worst, max(abs(x[0] - y[0]) for x, y in zip(a, b)))
+    if worst > 1e-3: failures.append(f"top logprobs differ by {worst}")
+    report["prompts"].append({"prompt_tokens": len(ids), "max_top_logprob_difference": worst})
+
+cuda = servers["cuda"]
+long_prompt = reference[1]["input_ids"]
+long_prompt = json.loads(long_prompt) if isinstance(long_prompt, str) else long_prompt
+before = call(cuda, "/get_server_info")["status"]["prompt_tokens_computed"]
+samples = call(cuda, "/generate", {"input_ids": long_prompt, "sampling_params":
+    {"n": 4, "temperature": 1.0, "max_new_tokens": 10, "ignore_eos": True, "sampling_seed": 77}})
+time.sleep(0.5)
+computed = call(cuda, "/get_server_info")["status"]["prompt_tokens_computed"] - before
+shared = (len(long_prompt) - 1) // 16 * 16
+if computed != shared + 4 * (len(long_prompt) - shared): failures.append(f"n = 4 computed {computed} prompt tokens")
+for j in range(4):
+    alone = call(cuda, "/generate", {"input_ids": long_prompt, "sampling_params":
+        {"temperature": 1.0, "max_new_tokens": 10, "ignore_eos": True, "sampling_seed": 77 + j}})
+    if alone["output_ids"] != samples[j]["output_ids"]: failures.append(f"cuda sample {j} differs from seed {77 + j} alone")
+report.update(parallel_prompt_tokens_computed=computed, unshared_would_be=4 * len(long_prompt), failures=failures)
+json.dump(report, open(f"{out}/check-api.json", "w"), indent=1)
+print(json.dumps(report, indent=1))
+sys.exit(1 if failures else 0)
+PY
