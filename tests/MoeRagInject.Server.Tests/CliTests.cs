@@ -152,6 +152,23 @@ public sealed class CliTests
         Assert.StartsWith("moe-rag-inject: ", error, StringComparison.Ordinal);
     }
 
+    /// <summary>The command lines the repository's own scripts and documents give (tools/gpu/run.sh, docs/, README) still parse.</summary>
+    [Theory]
+    [InlineData("check-device --device cuda --json out/check.json")]
+    [InlineData("check-device --device cuda --groups none --case /tmp/mixtral-2l --json out/parity.json")]
+    [InlineData("bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,8,64,256 --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes off,latent --input-len 128 --output-len 128 --max-running-requests 256 --json --out out/bench.json")]
+    [InlineData("bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 --modes off --input-len 128 --output-len 32 --max-running-requests 64 --deterministic --json --out out/bench-det-on.json")]
+    [InlineData("bench --device null --batch-sizes 1,64,256 --input-len 64 --output-len 128 --max-running-requests 256 --trigger-rate 0.05 --null-step-ms 6")]
+    [InlineData("bench --batch-sizes 1,4,16 --input-len 16 --output-len 32")]
+    [InlineData("eval --modes none,latent_random,latent_identity --limit 500 --no-sweep --latent-scale 300 --out /tmp/eval-scale/eval.json")]
+    [InlineData("generate \"What is Quantum？\" --max-new-tokens 32 --json")]
+    [InlineData("serve --device cuda --model-path /models/mixtral --served-model-name mixtral")]
+    public void CommandLines_OfTheRepositorysScriptsAndDocs_Parse(string line)
+    {
+        var parse = CliRoot.Create().Parse(line);
+        Assert.True(parse.Errors.Count == 0, string.Join("; ", parse.Errors.Select(e => e.Message)));
+    }
+
     [Theory]
     [InlineData(new[] { "generate", "hi", "--model-path", "/no/such/model" }, "model folder not found: /no/such/model")]
     [InlineData(new[] { "index", "/no/such.jsonl", "--output", "/tmp/x.db" }, "input file not found")]
@@ -210,7 +227,7 @@ public sealed class CliTests
     [InlineData("serve --rag-mode ", new[] { "latent", "off", "prompt" })]
     [InlineData("serve --log-l", new[] { "--log-level" })]
     [InlineData("generate hi --device ", new[] { "cpu", "cuda", "cuda:0", "null" })]
-    [InlineData("check-device --groups ", new[] { "engine", "graph", "models", "ops" })]
+    [InlineData("check-device --groups ", new[] { "engine", "graph", "models", "none", "ops" })]
     public async Task Suggest_Directive_CompletesCommandsOptionsAndValues(string line, string[] expected)
     {
         var (code, output, error) = await RunAsync($"[suggest:{line.Length}]", line);

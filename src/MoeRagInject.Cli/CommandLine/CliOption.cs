@@ -133,7 +133,7 @@ public static class CliOption
         return option;
     }
 
-    /// <summary>A comma-separated list of words, null when absent; with <paramref name="choices"/>, each must be one of them.</summary>
+    /// <summary>A comma-separated list of words, null when absent; with <paramref name="choices"/>, each must be one of them (any case).</summary>
     public static Option<IReadOnlyList<string>?> List(string name, string description, string valueName, string? shownDefault,
         IReadOnlyList<string>? choices = null)
     {
@@ -148,6 +148,7 @@ public static class CliOption
                 var items = Split(r.Tokens[^1].Value);
                 if (choices is not null)
                 {
+                    items = [.. items.Select(i => i.ToLowerInvariant())];
                     foreach (var item in items)
                     {
                         if (choices.Contains(item, StringComparer.Ordinal)) continue;

@@ -19,7 +19,9 @@ public static class CheckDeviceCommand
     {
         string[] allGroups = ["ops", "graph", "models", "engine"];
         var device = EngineFlags.DeviceOption("cuda", "the device to check", "cuda|cuda:N|cpu", allowNull: false);
-        var groups = CliOption.List("--groups", "which checks", "ops,graph,models,engine", "ops,graph,models,engine", allGroups);
+        // "none" runs only --case (tools/gpu/run.sh's parity check).
+        var groups = CliOption.List("--groups", "which checks; none with --case checks only that checkpoint", "ops,graph,models,engine",
+            "ops,graph,models,engine", [.. allGroups, "none"]);
         var seed = CliOption.Int("--seed", "seed of the random inputs", "N", 1, min: 0);
         var extraCase = CliOption.OptionalText("--case",
             "also check this checkpoint folder against its reference/ folder (as tools/gpu writes them)", "DIR");
