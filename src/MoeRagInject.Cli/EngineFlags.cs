@@ -1,134 +1,222 @@
+using System.CommandLine;
+using System.CommandLine.Parsing;
+using System.Globalization;
 using MoeRagInject.Backend;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Backend.Cuda;
-using MoeRagInject.Cli.Flags;
+using MoeRagInject.Cli.CommandLine;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.Cli;
 
-/// <summary>The model and RAG flags that <c>serve</c> and <c>generate</c> share, and their one mapping onto <see cref="EngineOptions"/>.</summary>
-public static class EngineFlags
+/// <summary>
+/// The model and RAG options that <c>serve</c>, <c>generate</c> and <c>bench</c> share, and their one mapping onto
+/// <see cref="EngineOptions"/>. Names and defaults are sglang's where sglang has the flag and the original's for the RAG ones;
+/// the defaults come from <see cref="EngineOptions"/> itself, so the engine and the CLI cannot disagree.
+/// </summary>
+public sealed class EngineFlags
 {
-    public static IEnumerable<FlagSpec> Specs()
+    private static readonly EngineOptions Defaults = new() { ModelPath = "", Runner = new NullRunnerFactory(0) };
+
+    public Option<string?> ModelPath { get; } = CliOption.OptionalText("--model-path",
+        "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "PATH", "the embedded assets/models/moe-wordnet-demo");
+    public Option<string> Device { get; } = DeviceOption("cpu",
+        "compute device: cpu, cuda (GPU 0) or cuda:N, or null (a runner that computes nothing, for measuring the engine itself)",
+        "cpu|cuda[:N]|null", allowNull: true);
+    public Option<string?> ModelConfig { get; } = CliOption.OptionalText("--model-config",
+        "a shipped model shape (assets/configs/NAME) or a folder with a config.json, for --load-format dummy", "NAME|DIR");
+    public Option<string> LoadFormat { get; } = CliOption.Choice("--load-format",
+        "auto reads the safetensors; dummy makes random weights of the config's shapes", Defaults.LoadFormat, "auto", "dummy");
+    public Option<int?> ContextLength { get; } = CliOption.OptionalInt("--context-length",
+        "context limit, overriding max_position_embeddings", "N", "from config.json", min: 1);
+    public Option<int> MaxRunningRequests { get; } = CliOption.Int("--max-running-requests",
+        "requests decoded together", "N", Defaults.MaxRunningRequests, min: 1);
+    public Option<int?> KvCacheTokens { get; } = CliOption.OptionalInt("--kv-cache-tokens", "tokens of KV cache in the pool", "N",
+        "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts", min: 1);
+    public Option<double> MemFractionStatic { get; } = CliOption.Double("--mem-fraction-static",
+        "share of the device's memory for weights plus KV pool", "F", Defaults.MemFractionStatic, min: 0, max: 1);
+    public Option<int> ChunkedPrefillSize { get; } = CliOption.Int("--chunked-prefill-size",
+        "most prompt tokens one request prefills in a step (longer prompts are chunked)", "N", Defaults.ChunkedPrefillSize, min: 1);
+    public Option<int> MaxPrefillTokens { get; } = CliOption.Int("--max-prefill-tokens",
+        "most prompt tokens of all requests prefilled in one step", "N", Defaults.MaxPrefillTokens, min: 1);
+    public Option<int?> Threads { get; } = CliOption.OptionalInt("--threads", "CPU threads for the forward pass", "N", "all cores", min: 1);
+    public Option<int> CudaGraphMaxBs { get; } = CliOption.Int("--cuda-graph-max-bs",
+        "largest decode batch replayed from a captured CUDA graph", "N", Defaults.CudaGraphMaxBatchSize, min: 0);
+    public Option<bool> DisableCudaGraph { get; } = CliOption.Switch("--disable-cuda-graph", "run every step op by op");
+    public Option<bool> Deterministic { get; } = CliOption.Switch("--deterministic",
+        "batch-invariant kernels: a request's tokens do not depend on what runs beside it");
+    public Option<double> EntropyThreshold { get; } = CliOption.Double("--entropy-threshold",
+        "router entropy (nats; at most ln E) above which retrieval fires", "NATS", Defaults.Trigger.Threshold, min: 0);
+    public Option<string> LogDir { get; } = CliOption.Text("--log-dir", "where rag-events.jsonl is written", "DIR", Defaults.LogDir);
+    public Option<bool> LogFsync { get; } = CliOption.Switch("--log-fsync", "force each RAG event line to disk before its request goes on");
+    public Option<string> RagMode { get; } = CliOption.Choice("--rag-mode",
+        "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt",
+        Lower(Defaults.Mode), "off", "latent", "prompt");
+    public Option<IReadOnlyList<int>?> TriggerLayers { get; } = CliOption.IntList("--trigger-layers",
+        "MoE layers whose entropy counts", "all|0,2,3", "all", allWord: "all", min: 0);
+    public Option<string> TriggerAggregation { get; } = CliOption.Choice("--trigger-aggregation",
+        "how the counted layers' entropies combine", Lower(Defaults.Trigger.Aggregation), "any", "max", "mean");
+    public Option<int> CooldownTokens { get; } = CliOption.Int("--cooldown-tokens",
+        "tokens after a retrieval before the next may fire", "N", Defaults.Trigger.CooldownTokens, min: 0);
+    public Option<int> MaxRetrievals { get; } = CliOption.Int("--max-retrievals",
+        "retrievals per request at most", "N", Defaults.Trigger.MaxRetrievalsPerRequest, min: 0);
+    public Option<double> InjectionScale { get; } = CliOption.Double("--injection-scale", "α in α·P·c", "α", Defaults.InjectionScale);
+    public Option<IReadOnlyList<int>?> InjectionLayers { get; } = CliOption.IntList("--injection-layers",
+        "MoE layers to inject at", "fired|0,2,3", "the layers that fired", allWord: "fired", min: 0);
+    public Option<int> InjectionTokens { get; } = InjectionTokensOption();
+    public Option<string> InjectorProj { get; } = InjectorProjOption();
+    public Option<int> ProjectionSeed { get; } = CliOption.Int("--projection-seed", "seed of the random projection", "N", Defaults.ProjectionSeed);
+    public Option<string?> Retriever { get; } = CliOption.OptionalText("--retriever",
+        "index.db, corpus .jsonl, http(s)://… (JSON contract) or es+http(s)://host:port/index", "SPEC",
+        "the embedded assets/corpus/wordnet/wordnet-demo.jsonl.gz with the embedded model");
+    public Option<double> RetrievalTimeoutMs { get; } = CliOption.Double("--retrieval-timeout-ms",
+        "per-retrieval timeout", "MS", Defaults.RetrievalTimeout.TotalMilliseconds, min: 1);
+    public Option<int> RetrievalTopK { get; } = CliOption.Int("--retrieval-top-k", "passages per retrieval", "K", Defaults.RetrievalTopK, min: 1);
+    public Option<int> QueryWindow { get; } = CliOption.Int("--query-window",
+        "the query is the last N tokens of prompt plus output", "N", Defaults.QueryWindowTokens, min: 1);
+
+    /// <summary>In the order help lists them.</summary>
+    public IReadOnlyList<Option> All =>
+    [
+        ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
+        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, EntropyThreshold, LogDir,
+        LogFsync, RagMode, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
+        InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
+    ];
+
+    /// <summary>Adds the options to <paramref name="command"/>, with the checks that concern more than one of them.</summary>
+    public void AddTo(Command command)
     {
-        var d = Defaults;
-        return
-        [
-            new("model-path", FlagKind.String, "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)", "the embedded assets/models/moe-wordnet-demo", "PATH"),
-            new("device", FlagKind.String, "compute device: cpu, cuda (GPU 0) or cuda:N, or null (a runner that computes nothing, for measuring the engine itself)", "cpu", "cpu|cuda[:N]|null"),
-            new("model-config", FlagKind.String, "a shipped model shape (assets/configs/NAME) or a folder with a config.json, for --load-format dummy", null, "NAME|DIR"),
-            new("load-format", FlagKind.String, "auto reads the safetensors; dummy makes random weights of the config's shapes", d.LoadFormat, "auto|dummy"),
-            new("context-length", FlagKind.Int, "context limit, overriding max_position_embeddings", "from config.json", "N"),
-            new("max-running-requests", FlagKind.Int, "requests decoded together", I(d.MaxRunningRequests), "N"),
-            new("kv-cache-tokens", FlagKind.Int, "tokens of KV cache in the pool", "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts", "N"),
-            new("mem-fraction-static", FlagKind.Double, "share of the device's memory for weights plus KV pool", I(d.MemFractionStatic), "F"),
-            new("chunked-prefill-size", FlagKind.Int, "most prompt tokens one request prefills in a step (longer prompts are chunked)", I(d.ChunkedPrefillSize), "N"),
-            new("max-prefill-tokens", FlagKind.Int, "most prompt tokens of all requests prefilled in one step", I(d.MaxPrefillTokens), "N"),
-            new("threads", FlagKind.Int, "CPU threads for the forward pass", "all cores", "N"),
-            new("cuda-graph-max-bs", FlagKind.Int, "largest decode batch replayed from a captured CUDA graph", I(d.CudaGraphMaxBatchSize), "N"),
-            new("disable-cuda-graph", FlagKind.Bool, "run every step op by op"),
-            new("deterministic", FlagKind.Bool, "batch-invariant kernels: a request's tokens do not depend on what runs beside it"),
-            new("entropy-threshold", FlagKind.Double, "router entropy (nats; at most ln E) above which retrieval fires", I(d.Trigger.Threshold), "NATS"),
-            new("log-dir", FlagKind.String, "where rag-events.jsonl is written", d.LogDir, "DIR"),
-            new("log-fsync", FlagKind.Bool, "force each RAG event line to disk before its request goes on"),
-            new("rag-mode", FlagKind.String, "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt", Mode(d.Mode), "off|latent|prompt"),
-            new("trigger-layers", FlagKind.List, "MoE layers whose entropy counts", "all", "all|0,2,3"),
-            new("trigger-aggregation", FlagKind.String, "how the counted layers' entropies combine", d.Trigger.Aggregation.ToString().ToLowerInvariant(), "any|max|mean"),
-            new("cooldown-tokens", FlagKind.Int, "tokens after a retrieval before the next may fire", I(d.Trigger.CooldownTokens), "N"),
-            new("max-retrievals", FlagKind.Int, "retrievals per request at most", I(d.Trigger.MaxRetrievalsPerRequest), "N"),
-            new("injection-scale", FlagKind.Double, "α in α·P·c", I(d.InjectionScale), "α"),
-            new("injection-layers", FlagKind.List, "MoE layers to inject at", "the layers that fired", "fired|0,2,3"),
-            new("injection-tokens", FlagKind.String, "tokens (the triggering one included) that receive the injection", "rest", "N|rest"),
-            new("injector-proj", FlagKind.String, "the projection P: random (seeded), identity, or a safetensors file holding \"proj\"", "random", "random|identity|FILE"),
-            new("projection-seed", FlagKind.Int, "seed of the random projection", I(d.ProjectionSeed), "N"),
-            new("retriever", FlagKind.String, "index.db, corpus .jsonl, http(s)://… (JSON contract) or es+http(s)://host:port/index", "the embedded assets/corpus/wordnet/wordnet-demo.jsonl.gz with the embedded model", "SPEC"),
-            new("retrieval-timeout-ms", FlagKind.Double, "per-retrieval timeout", I(d.RetrievalTimeout.TotalMilliseconds), "MS"),
-            new("retrieval-top-k", FlagKind.Int, "passages per retrieval", I(d.RetrievalTopK), "K"),
-            new("query-window", FlagKind.Int, "the query is the last N tokens of prompt plus output", I(d.QueryWindowTokens), "N"),
-        ];
+        ArgumentNullException.ThrowIfNull(command);
+        foreach (var option in All) command.Options.Add(option);
+        MemFractionStatic.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<double>() <= 0) r.AddError("invalid value for --mem-fraction-static: expected a number in (0, 1]");
+        });
+        command.Validators.Add(result =>
+        {
+            if (result.GetValue(ModelConfig) is null) return;
+            if (result.GetValue(LoadFormat) != "dummy")
+                result.AddError("--model-config gives a shape without weights: use it with --load-format dummy");
+            else if (result.GetValue(ModelPath) is not null)
+                result.AddError("give --model-path or --model-config, not both");
+        });
     }
 
-    private static EngineOptions Defaults => new() { ModelPath = "", Runner = new NullRunnerFactory(0) };
-
-    private static string I(double value) => value.ToString(System.Globalization.CultureInfo.InvariantCulture);
-
-    /// <summary>The one place a device is chosen: --device picks the runner the engine gets.</summary>
-    public static IRunnerFactory Runner(string device, int? threads, float nullTriggerRate = 0, TimeSpan nullStepTime = default) => device switch
+    /// <summary>The --device option: cpu, cuda, cuda:N and (where <paramref name="allowNull"/>) null.</summary>
+    public static Option<string> DeviceOption(string @default, string description, string valueName, bool allowNull)
     {
-        "cpu" => new CpuRunnerFactory(threads ?? Environment.ProcessorCount),
-        "null" => new NullRunnerFactory(nullTriggerRate, nullStepTime),
-        "cuda" => new CudaRunnerFactory(0),
-        _ when device.StartsWith("cuda:", StringComparison.Ordinal) && int.TryParse(device.AsSpan(5), System.Globalization.NumberStyles.None,
-            System.Globalization.CultureInfo.InvariantCulture, out var ordinal) => new CudaRunnerFactory(ordinal),
-        _ => throw new UsageException($"invalid value for --device: '{device}' (expected cpu, cuda, cuda:N or null)"),
-    };
+        var expected = allowNull ? "cpu, cuda, cuda:N or null" : "cpu, cuda or cuda:N";
+        var option = new Option<string>("--device")
+        {
+            Description = description,
+            HelpName = valueName,
+            DefaultValueFactory = _ => @default,
+            CustomParser = r =>
+            {
+                if (r.Tokens.Count == 0) return @default;
+                var value = r.Tokens[^1].Value.ToLowerInvariant();
+                if (value is "cpu" or "cuda" || (allowNull && value == "null") || IsCudaOrdinal(value)) return value;
+                r.AddError($"invalid value for --device: '{r.Tokens[^1].Value}' (expected {expected})");
+                return @default;
+            },
+        };
+        option.CompletionSources.Add(allowNull ? ["cpu", "cuda", "cuda:0", "null"] : ["cpu", "cuda", "cuda:0"]);
+        return option;
+    }
 
-    private static string Mode(InjectionMode mode) => mode.ToString().ToLowerInvariant();
+    private static bool IsCudaOrdinal(string device)
+        => device.StartsWith("cuda:", StringComparison.Ordinal)
+           && int.TryParse(device.AsSpan(5), NumberStyles.None, CultureInfo.InvariantCulture, out _);
 
-    /// <summary>EngineOptions from the flags; without --model-path the embedded model (and its default corpus) are served.</summary>
+    /// <summary>The one place a device is chosen: --device picks the runner the engine gets (the parser has checked the name).</summary>
+    public static IRunnerFactory Runner(string device, int? threads, float nullTriggerRate = 0, TimeSpan nullStepTime = default)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        return device switch
+        {
+            "cpu" => new CpuRunnerFactory(threads ?? Environment.ProcessorCount),
+            "null" => new NullRunnerFactory(nullTriggerRate, nullStepTime),
+            "cuda" => new CudaRunnerFactory(0),
+            _ when IsCudaOrdinal(device) => new CudaRunnerFactory(int.Parse(device.AsSpan(5), NumberStyles.None, CultureInfo.InvariantCulture)),
+            _ => throw new ArgumentException($"not a device: '{device}' (expected cpu, cuda, cuda:N or null)", nameof(device)),
+        };
+    }
+
+    /// <summary>A positive count, or rest: 0, which a user cannot give (System.CommandLine takes a parser's null for a failure).</summary>
+    private static Option<int> InjectionTokensOption()
+    {
+        var option = new Option<int>("--injection-tokens")
+        {
+            Description = "tokens (the triggering one included) that receive the injection [default: rest]",
+            HelpName = "N|rest",
+            CustomParser = r =>
+            {
+                if (r.Tokens.Count == 0) return RestOfRequest;
+                var text = r.Tokens[^1].Value;
+                if (text.Equals("rest", StringComparison.OrdinalIgnoreCase) || text.Equals("all", StringComparison.OrdinalIgnoreCase))
+                    return RestOfRequest;
+                if (int.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out var n) && n >= 1) return n;
+                r.AddError($"invalid value for --injection-tokens: '{text}' (expected a positive integer or rest)");
+                return RestOfRequest;
+            },
+        };
+        option.CompletionSources.Add("rest");
+        return option;
+    }
+
+    /// <summary>--injection-tokens rest: every token from the triggering one on.</summary>
+    public const int RestOfRequest = 0;
+
+    /// <summary>null for the word that means every layer (parsed to the empty list), else the layers given.</summary>
+    private static IReadOnlyList<int>? Layers(IReadOnlyList<int>? layers) => layers is { Count: > 0 } ? layers : null;
+
+    private static Option<string> InjectorProjOption()
+    {
+        var option = new Option<string>("--injector-proj")
+        {
+            Description = "the projection P: random (seeded), identity, or a safetensors file holding \"proj\"",
+            HelpName = "random|identity|FILE",
+            DefaultValueFactory = _ => "random",
+        };
+        option.Validators.Add(r =>
+        {
+            var value = r.GetValueOrDefault<string>();
+            if (value.Equals("random", StringComparison.OrdinalIgnoreCase) || value.Equals("identity", StringComparison.OrdinalIgnoreCase)
+                || File.Exists(value)) return;
+            r.AddError($"invalid value for --injector-proj: '{value}' is not random, identity or an existing .safetensors file");
+        });
+        option.CompletionSources.Add("random", "identity");
+        return option;
+    }
+
+    private static string Lower<T>(T value) where T : struct, Enum => value.ToString().ToLowerInvariant();
+
+    /// <summary>EngineOptions from a parse; without --model-path the embedded model (and its default corpus) are served.</summary>
     /// <param name="nullTriggerRate">For --device null: the share of tokens whose router entropies fire the trigger.</param>
     /// <param name="nullStepTime">For --device null: how long a step lasts.</param>
-    public static EngineOptions ToOptions(ParsedFlags flags, float nullTriggerRate = 0, TimeSpan nullStepTime = default)
+    public EngineOptions ToOptions(ParseResult parse, float nullTriggerRate = 0, TimeSpan nullStepTime = default)
     {
-        ArgumentNullException.ThrowIfNull(flags);
-        var defaults = Defaults;
+        ArgumentNullException.ThrowIfNull(parse);
+        var runner = Runner(parse.GetRequiredValue(Device), parse.GetValue(Threads), nullTriggerRate, nullStepTime);
 
-        var device = (flags.String("device") ?? "cpu").ToLowerInvariant();
-        var runner = Runner(device, flags.IntIn("threads", 1), nullTriggerRate, nullStepTime);
-
-        var trigger = defaults.Trigger with
-        {
-            Threshold = flags.DoubleIn("entropy-threshold", 0) ?? defaults.Trigger.Threshold,
-            Layers = flags.IntList("trigger-layers", all: "all"),
-            Aggregation = flags.Choice("trigger-aggregation", "any", "max", "mean") switch
-            {
-                "max" => LayerAggregation.Max,
-                "mean" => LayerAggregation.Mean,
-                "any" => LayerAggregation.Any,
-                _ => defaults.Trigger.Aggregation,
-            },
-            CooldownTokens = flags.IntIn("cooldown-tokens", 0) ?? defaults.Trigger.CooldownTokens,
-            MaxRetrievalsPerRequest = flags.IntIn("max-retrievals", 0) ?? defaults.Trigger.MaxRetrievalsPerRequest,
-        };
-        if (trigger.Layers?.Any(l => l < 0) == true) throw new UsageException("invalid value for --trigger-layers: layers are numbered from 0");
-
-        var (projection, projectionPath) = (flags.String("injector-proj") ?? "random") switch
+        var (projection, projectionPath) = parse.GetRequiredValue(InjectorProj) switch
         {
             var p when p.Equals("random", StringComparison.OrdinalIgnoreCase) => (ProjectionKind.Random, (string?)null),
             var p when p.Equals("identity", StringComparison.OrdinalIgnoreCase) => (ProjectionKind.Identity, null),
-            var file => File.Exists(file)
-                ? (ProjectionKind.File, Path.GetFullPath(file))
-                : throw new UsageException($"invalid value for --injector-proj: '{file}' is not random, identity or an existing .safetensors file"),
+            var file => (ProjectionKind.File, Path.GetFullPath(file)),
         };
 
-        IReadOnlyList<int>? injectionLayers = flags.String("injection-layers") is { } il && il.Equals("fired", StringComparison.OrdinalIgnoreCase)
-            ? null
-            : flags.IntList("injection-layers");
-        if (injectionLayers?.Any(l => l < 0) == true) throw new UsageException("invalid value for --injection-layers: layers are numbered from 0");
-
-        int? injectionTokens = flags.String("injection-tokens") switch
-        {
-            null => defaults.InjectionTokens,
-            var t when t.Equals("rest", StringComparison.OrdinalIgnoreCase) || t.Equals("all", StringComparison.OrdinalIgnoreCase) => null,
-            var t when int.TryParse(t, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var n) && n >= 1 => n,
-            var t => throw new UsageException($"invalid value for --injection-tokens: '{t}' (expected a positive integer or rest)"),
-        };
-
-        var mode = flags.Choice("rag-mode", "off", "latent", "prompt");
-        var loadFormat = flags.Choice("load-format", "auto", "dummy");
-
-        // The model last, so that every flag value is checked before any file is looked for.
+        // The model last: the parser has checked every value before any file is looked for.
         string modelPath;
-        string? retriever = flags.String("retriever");
-        if (flags.String("model-config") is { } shape)
+        var retriever = parse.GetValue(Retriever);
+        if (parse.GetValue(ModelConfig) is { } shape)
         {
-            if (loadFormat != "dummy") throw new UsageException("--model-config gives a shape without weights: use it with --load-format dummy");
-            if (flags.String("model-path") is not null) throw new UsageException("give --model-path or --model-config, not both");
             var shipped = Path.Combine(Home.Locate(), "assets", "configs", shape);
             modelPath = Directory.Exists(shipped) ? shipped : Path.GetFullPath(shape);
         }
-        else if (flags.String("model-path") is { } given)
+        else if (parse.GetValue(ModelPath) is { } given)
         {
             modelPath = Path.GetFullPath(given);
         }
@@ -145,42 +233,51 @@ public static class EngineFlags
         if (!File.Exists(Path.Combine(modelPath, "config.json")))
             throw new CliException($"{modelPath} is not a model folder: it has no config.json");
 
-        var memFraction = flags.DoubleIn("mem-fraction-static", 0) ?? defaults.MemFractionStatic;
-        if (!(memFraction > 0 && memFraction <= 1)) throw new UsageException("invalid value for --mem-fraction-static: expected a number in (0, 1]");
-        return defaults with
+        return Defaults with
         {
             ModelPath = modelPath,
             Runner = runner,
-            LoadFormat = loadFormat ?? defaults.LoadFormat,
-            ContextLength = flags.IntIn("context-length", 1),
-            MaxRunningRequests = flags.IntIn("max-running-requests", 1) ?? defaults.MaxRunningRequests,
-            KvCacheTokens = flags.IntIn("kv-cache-tokens", 1),
-            MemFractionStatic = memFraction,
-            ChunkedPrefillSize = flags.IntIn("chunked-prefill-size", 1) ?? defaults.ChunkedPrefillSize,
-            MaxPrefillTokens = flags.IntIn("max-prefill-tokens", 1) ?? defaults.MaxPrefillTokens,
-            LogFsync = flags.Bool("log-fsync"),
-            CudaGraphMaxBatchSize = flags.IntIn("cuda-graph-max-bs", 0) ?? defaults.CudaGraphMaxBatchSize,
-            DisableCudaGraph = flags.Bool("disable-cuda-graph"),
-            Deterministic = flags.Bool("deterministic"),
-            Mode = mode switch
+            LoadFormat = parse.GetRequiredValue(LoadFormat),
+            ContextLength = parse.GetValue(ContextLength),
+            MaxRunningRequests = parse.GetValue(MaxRunningRequests),
+            KvCacheTokens = parse.GetValue(KvCacheTokens),
+            MemFractionStatic = parse.GetValue(MemFractionStatic),
+            ChunkedPrefillSize = parse.GetValue(ChunkedPrefillSize),
+            MaxPrefillTokens = parse.GetValue(MaxPrefillTokens),
+            LogFsync = parse.GetValue(LogFsync),
+            CudaGraphMaxBatchSize = parse.GetValue(CudaGraphMaxBs),
+            DisableCudaGraph = parse.GetValue(DisableCudaGraph),
+            Deterministic = parse.GetValue(Deterministic),
+            Mode = parse.GetRequiredValue(RagMode) switch
             {
                 "off" => InjectionMode.Off,
-                "latent" => InjectionMode.Latent,
                 "prompt" => InjectionMode.Prompt,
-                _ => defaults.Mode,
+                _ => InjectionMode.Latent,
             },
-            Trigger = trigger,
-            InjectionScale = (float)(flags.Double("injection-scale") ?? defaults.InjectionScale),
-            InjectionLayers = injectionLayers,
-            InjectionTokens = injectionTokens,
+            Trigger = Defaults.Trigger with
+            {
+                Threshold = parse.GetValue(EntropyThreshold),
+                Layers = Layers(parse.GetValue(TriggerLayers)),
+                Aggregation = parse.GetRequiredValue(TriggerAggregation) switch
+                {
+                    "max" => LayerAggregation.Max,
+                    "mean" => LayerAggregation.Mean,
+                    _ => LayerAggregation.Any,
+                },
+                CooldownTokens = parse.GetValue(CooldownTokens),
+                MaxRetrievalsPerRequest = parse.GetValue(MaxRetrievals),
+            },
+            InjectionScale = (float)parse.GetValue(InjectionScale),
+            InjectionLayers = Layers(parse.GetValue(InjectionLayers)),
+            InjectionTokens = parse.GetValue(InjectionTokens) is var n and > 0 ? n : null,
             Projection = projection,
             ProjectionPath = projectionPath,
-            ProjectionSeed = flags.Int("projection-seed") ?? defaults.ProjectionSeed,
+            ProjectionSeed = parse.GetValue(ProjectionSeed),
             Retriever = retriever,
-            RetrievalTimeout = flags.DoubleIn("retrieval-timeout-ms", 1) is { } ms ? TimeSpan.FromMilliseconds(ms) : defaults.RetrievalTimeout,
-            RetrievalTopK = flags.IntIn("retrieval-top-k", 1) ?? defaults.RetrievalTopK,
-            QueryWindowTokens = flags.IntIn("query-window", 1) ?? defaults.QueryWindowTokens,
-            LogDir = flags.String("log-dir") ?? defaults.LogDir,
+            RetrievalTimeout = TimeSpan.FromMilliseconds(parse.GetValue(RetrievalTimeoutMs)),
+            RetrievalTopK = parse.GetValue(RetrievalTopK),
+            QueryWindowTokens = parse.GetValue(QueryWindow),
+            LogDir = parse.GetRequiredValue(LogDir),
         };
     }
 }

@@ -1,5 +1,6 @@
-using MoeRagInject.Cli.Commands;
-using MoeRagInject.Cli.Flags;
+using System.CommandLine;
+using System.CommandLine.Invocation;
+using MoeRagInject.Cli.CommandLine;
 
 namespace MoeRagInject.Cli;
 
@@ -7,49 +8,31 @@ public static class Program
 {
     public const string Name = "moe-rag-inject";
 
-    private const string Usage = """
-        usage: moe-rag-inject <command> [flags]
-
-        commands:
-          serve      run the HTTP server (sglang's /generate and OpenAI-compatible /v1 routes)
-          generate   generate from one prompt in-process and print the text and the RAG events
-          index      build a SQLite FTS5 retrieval index from .jsonl or text files
-          bench      measure prefill and decode throughput, RAG off and on
-          calibrate  entropy percentiles and threshold; fit the latent-injection projection P
-          eval       answer quality, retrievals, latency and trigger AUROC for every RAG mode
-          check-device  check a GPU: ops against the CPU backend, graphs, the model against transformers
-
-        moe-rag-inject <command> --help shows a command's flags.
-        """;
-
+    /// <summary>Exit codes: 0 done, 1 a failure (a missing folder, a model that does not load), 2 a command-line mistake, 130 cancelled.</summary>
     public static async Task<int> Main(string[] args)
     {
         ArgumentNullException.ThrowIfNull(args);
+        var root = CliRoot.Create();
+        if (args.Length == 0)
+        {
+            // No command: the list of commands, on stderr since nothing was done.
+            await root.Parse(["--help"]).InvokeAsync(new InvocationConfiguration { Output = Console.Error }).ConfigureAwait(false);
+            return 2;
+        }
+        var parse = root.Parse(args);
+        if (parse.Action is ParseErrorAction)
+        {
+            // One line per mistake, each naming the flag; exit 2, as argparse (sglang's parser) does.
+            foreach (var line in ParseErrors.Describe(parse))
+                await Console.Error.WriteLineAsync(line).ConfigureAwait(false);
+            return 2;
+        }
+        // The commands handle Ctrl+C themselves (serve through the host's lifetime, generate by cancelling its request), and
+        // their exceptions are reported below as one line.
+        var invocation = new InvocationConfiguration { EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null };
         try
         {
-            if (args.Length == 0)
-            {
-                await Console.Error.WriteLineAsync(Usage).ConfigureAwait(false);
-                return 2;
-            }
-            var rest = args[1..];
-            return args[0] switch
-            {
-                "serve" => await ServeCommand.RunAsync(rest).ConfigureAwait(false),
-                "generate" => await GenerateCommand.RunAsync(rest).ConfigureAwait(false),
-                "index" => IndexCommand.Run(rest),
-                "bench" => await BenchCommand.RunAsync(rest).ConfigureAwait(false),
-#if WITH_EVALUATION
-                "calibrate" => await CalibrateCommand.RunAsync(rest).ConfigureAwait(false),
-                "eval" => await EvalCommand.RunAsync(rest).ConfigureAwait(false),
-#else
-                "calibrate" or "eval" => throw new UsageException($"{args[0]} is not in this build (it was built without the evaluation, for a GPU machine)"),
-#endif
-                "check-device" => await CheckDeviceCommand.RunAsync(rest).ConfigureAwait(false),
-                "-h" or "--help" or "help" => WriteUsage(),
-                "--version" => WriteVersion(),
-                var other => throw new UsageException($"unknown command '{other}' (expected serve, generate, index, bench, calibrate or eval; see {Name} --help)"),
-            };
+            return await parse.InvokeAsync(invocation).ConfigureAwait(false);
         }
         catch (UsageException e)
         {
@@ -78,17 +61,5 @@ public static class Program
     {
         while (e is AggregateException { InnerExceptions.Count: 1 } aggregate) e = aggregate.InnerExceptions[0];
         return e;
-    }
-
-    private static int WriteUsage()
-    {
-        Console.Out.WriteLine(Usage);
-        return 0;
-    }
-
-    private static int WriteVersion()
-    {
-        Console.Out.WriteLine($"{Name} {typeof(Program).Assembly.GetName().Version}");
-        return 0;
     }
 }

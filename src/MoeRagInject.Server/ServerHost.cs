@@ -19,7 +19,7 @@ public sealed record ServerOptions
     public string Host { get; init; } = "127.0.0.1";
     /// <summary>0 lets the OS choose; <see cref="ServerHost.BaseAddress"/> then tells which port was bound.</summary>
     public int Port { get; init; } = 30000;
-    /// <summary>The model id in OpenAI responses and /v1/models; null uses the engine's model path (sglang's default).</summary>
+    /// <summary>The model id in /v1/models and OpenAI responses (sglang's --served-model-name); null uses the model folder's name.</summary>
     public string? ServedModelName { get; init; }
     /// <summary>The engine's flags, reported by /get_server_info; null reports only host and port.</summary>
     public EngineOptions? Engine { get; init; }
@@ -27,6 +27,16 @@ public sealed record ServerOptions
     public bool IncrementalStreamingOutput { get; init; }
     /// <summary>Least severe log level written to the console; <see cref="LogLevel.None"/> silences the server.</summary>
     public LogLevel LogLevel { get; init; } = LogLevel.Warning;
+
+    /// <summary>
+    /// The id clients name the model by: --served-model-name, else the last folder of the model path ("moe-wordnet-demo",
+    /// "Mixtral-8x7B-v0.1"), as a Hugging Face id names it, rather than a path of the machine that happens to serve it.
+    /// </summary>
+    public string ModelName(string modelPath)
+    {
+        ArgumentNullException.ThrowIfNull(modelPath);
+        return ServedModelName ?? Path.GetFileName(Path.TrimEndingDirectorySeparator(modelPath));
+    }
 }
 
 /// <summary>

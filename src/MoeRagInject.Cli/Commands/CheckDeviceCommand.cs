@@ -1,9 +1,10 @@
+using System.CommandLine;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using MoeRagInject.Backend;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Backend.Cuda;
-using MoeRagInject.Cli.Flags;
+using MoeRagInject.Cli.CommandLine;
 using MoeRagInject.DeviceChecks;
 
 namespace MoeRagInject.Cli.Commands;
@@ -14,23 +15,32 @@ namespace MoeRagInject.Cli.Commands;
 /// </summary>
 public static class CheckDeviceCommand
 {
-    public static FlagSet Flags() => new FlagSet(
-            "check-device", "check-device [flags]",
-            "Checks a compute device: ops against the CPU backend (normalised error, NaN/inf, guard rows), decode steps replayed\n"
-            + "from graphs against op-by-op steps, the model against transformers' reference outputs (tests/data/reference), and\n"
-            + "the engine's batch safety. Prints one line per check; exits 1 when any fails.")
-        .Add(new("device", FlagKind.String, "the device to check", "cuda", "cuda|cuda:N|cpu"))
-        .Add(new("groups", FlagKind.List, "which checks (gemm-bench: times the GEMM paths and tiles at Mixtral-8x7B's shape; not a check)", "ops,graph,models,engine", "ops,graph,models,engine,gemm-bench"))
-        .Add(new("seed", FlagKind.Int, "seed of the random inputs", "1", "N"))
-        .Add(new("case", FlagKind.String, "also check this checkpoint folder against its reference/ folder (as tools/gpu writes them)", null, "DIR"))
-        .Add(new("json", FlagKind.String, "also write the results as JSON to this file", null, "FILE"));
-
-    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    public static Command Create()
     {
-        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
-        var device = (flags.String("device") ?? "cuda").ToLowerInvariant();
-        var groups = flags.List("groups") ?? ["ops", "graph", "models", "engine"];
-        var seed = flags.IntIn("seed", 0) ?? 1;
+        string[] allGroups = ["ops", "graph", "models", "engine"];
+        var device = EngineFlags.DeviceOption("cuda", "the device to check", "cuda|cuda:N|cpu", allowNull: false);
+        // "none" runs only --case (tools/gpu/run.sh's parity check).
+        var groups = CliOption.List("--groups",
+            "which checks; none with --case checks only that checkpoint; gemm-bench times the GEMM paths and tiles at Mixtral-8x7B's shape (not a check)",
+            "ops,graph,models,engine", "ops,graph,models,engine", [.. allGroups, "none", "gemm-bench"]);
+        var seed = CliOption.Int("--seed", "seed of the random inputs", "N", 1, min: 0);
+        var extraCase = CliOption.OptionalText("--case",
+            "also check this checkpoint folder against its reference/ folder (as tools/gpu writes them)", "DIR");
+        var json = CliOption.OptionalText("--json", "also write the results as JSON to this file", "FILE");
+        var command = new Command("check-device",
+            "Checks a compute device: ops against the CPU backend (normalised error, NaN/inf, guard rows), decode steps replayed "
+            + "from graphs against op-by-op steps, the model against transformers' reference outputs (tests/data/reference), and "
+            + "the engine's batch safety. Prints one line per check; exits 1 when any fails.")
+        {
+            device, groups, seed, extraCase, json,
+        };
+        command.SetAction((parse, _) => RunAsync(parse.GetRequiredValue(device), parse.GetValue(groups) ?? allGroups, parse.GetValue(seed),
+            parse.GetValue(extraCase), parse.GetValue(json)));
+        return command;
+    }
+
+    private static async Task<int> RunAsync(string device, IReadOnlyList<string> groups, int seed, string? extraCase, string? jsonPath)
+    {
         var home = Home.Locate();
         var factory = EngineFlags.Runner(device, null);
         void Progress(string line) => Console.Error.WriteLine($"  {line}");
@@ -71,7 +81,7 @@ public static class CheckDeviceCommand
         }
         if (groups.Contains("graph") && factory is CudaRunnerFactory) Report([ModelChecks.GraphReplay(factory, demo)]);
         if (groups.Contains("models")) Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));
-        if (flags.String("case") is { } extra)
+        if (extraCase is { } extra)
             Report(ModelChecks.RunCase(factory, Path.GetFileName(Path.GetFullPath(extra)), extra, Path.Combine(extra, "reference"), Progress));
         if (groups.Contains("engine"))
             Report(await EngineChecks.RunAsync(factory, demo, Path.Combine(home, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
@@ -79,7 +89,7 @@ public static class CheckDeviceCommand
 
         var failed = results.Count(r => !r.Passed);
         Console.Out.WriteLine($"check-device {device}: {results.Count - failed} passed, {failed} failed");
-        if (flags.String("json") is { } path)
+        if (jsonPath is { } path)
         {
             var json = new JsonArray([.. results.Select(r => (JsonNode)new JsonObject
             {

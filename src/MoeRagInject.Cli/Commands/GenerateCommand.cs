@@ -1,7 +1,8 @@
+using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
-using MoeRagInject.Cli.Flags;
+using MoeRagInject.Cli.CommandLine;
 using MoeRagInject.Engine;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Server.Contracts;
@@ -10,56 +11,76 @@ using MoeRagInject.Server.Requests;
 
 namespace MoeRagInject.Cli.Commands;
 
+/// <summary>
+/// <c>generate</c>: one generation in-process. stdout carries the generated text alone, so that it can be piped; the
+/// <c>[MoE-RAG]</c> notices, the RAG events (one JSON line each) and a summary go to stderr. With --json, stdout carries the
+/// text and then, on its last line, one JSON object: the response sglang's /generate gives, events in meta_info.rag.
+/// </summary>
 public static class GenerateCommand
 {
-    public static FlagSet Flags() => new FlagSet(
-            "generate", "generate \"<prompt>\" [flags]",
-            "Generates from one prompt in-process (no HTTP): prints the text as it comes, then one JSON line per RAG event.\n"
-            + "The '[MoE-RAG] ... triggering RAG' notices go to stderr.")
-        .Add(new("temperature", FlagKind.Double, "sampling temperature; 0 is greedy", "0", "T"))
-        .Add(new("max-new-tokens", FlagKind.Int, "tokens to generate at most", "128", "N"))
-        .Add(new("min-new-tokens", FlagKind.Int, "tokens to generate at least", "0", "N"))
-        .Add(new("top-p", FlagKind.Double, "nucleus sampling mass", "1", "P"))
-        .Add(new("top-k", FlagKind.Int, "sample from the K most likely tokens; -1 is all", "-1", "K"))
-        .Add(new("min-p", FlagKind.Double, "drop tokens below min-p × the top probability", "0", "P"))
-        .Add(new("repetition-penalty", FlagKind.Double, "penalty on tokens already present", "1", "R"))
-        .Add(new("seed", FlagKind.Int, "sampling seed", null, "N"))
-        .Add(new("stop", FlagKind.List, "stop strings, comma-separated", null, "S1,S2"))
-        .Add(new("ignore-eos", FlagKind.Bool, "keep generating past the EOS token"))
-        .Add(new("chat", FlagKind.Bool, "wrap the prompt as a user message in the model's chat template"))
-        .Add(new("json", FlagKind.Bool, "print the whole result as one JSON object (the shape /generate returns) instead"))
-        .AddRange(EngineFlags.Specs());
-
-    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    public static Command Create()
     {
-        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
-        if (flags.Positionals.Count != 1)
-            throw new UsageException(flags.Positionals.Count == 0
-                ? $"generate needs a prompt: {Program.Name} generate \"What is Quantum?\""
-                : $"generate takes one prompt (got {flags.Positionals.Count} arguments; quote the prompt)");
-        var prompt = flags.Positionals[0];
-        if (prompt.Length == 0) throw new UsageException("the prompt is empty");
-
-        var sampling = new SamplingParams
+        var prompt = new Argument<string?>("prompt")
         {
-            Temperature = (float)(flags.DoubleIn("temperature", 0) ?? 0),
-            MaxNewTokens = flags.IntIn("max-new-tokens", 0) ?? 128,
-            MinNewTokens = flags.IntIn("min-new-tokens", 0) ?? 0,
-            TopP = (float)(flags.Double("top-p") ?? 1),
-            TopK = flags.Int("top-k") ?? -1,
-            MinP = (float)(flags.Double("min-p") ?? 0),
-            RepetitionPenalty = (float)(flags.Double("repetition-penalty") ?? 1),
-            Seed = flags.IntIn("seed", 0) is { } seed ? (ulong)seed : null,
-            Stop = flags.List("stop") ?? [],
-            IgnoreEos = flags.Bool("ignore-eos"),
+            Description = "the prompt (quote it)",
+            Arity = ArgumentArity.ZeroOrOne,
         };
-        if (sampling.Validate() is { } invalid)
-            throw new UsageException(invalid.Replace("sampling_params.", "--", StringComparison.Ordinal).Replace('_', '-'));
-        var json = flags.Bool("json");
-        var chat = flags.Bool("chat");
-        // stdout carries only the text and the events; the engine's notices go to stderr.
-        var options = EngineFlags.ToOptions(flags) with { Notices = Console.Error };
+        var temperature = CliOption.Double("--temperature", "sampling temperature; 0 is greedy", "T", 0, min: 0);
+        var maxNewTokens = CliOption.Int("--max-new-tokens", "tokens to generate at most", "N", 128, min: 0);
+        var minNewTokens = CliOption.Int("--min-new-tokens", "tokens to generate at least", "N", 0, min: 0);
+        var topP = CliOption.Double("--top-p", "nucleus sampling mass", "P", 1);
+        var topK = CliOption.Int("--top-k", "sample from the K most likely tokens; -1 is all", "K", -1);
+        var minP = CliOption.Double("--min-p", "drop tokens below min-p × the top probability", "P", 0);
+        var repetitionPenalty = CliOption.Double("--repetition-penalty", "penalty on tokens already present", "R", 1);
+        var seed = CliOption.OptionalInt("--seed", "sampling seed", "N", min: 0);
+        var stop = CliOption.List("--stop", "stop strings, comma-separated", "S1,S2", shownDefault: null);
+        var ignoreEos = CliOption.Switch("--ignore-eos", "keep generating past the EOS token");
+        var chat = CliOption.Switch("--chat", "wrap the prompt as a user message in the model's chat template");
+        var json = CliOption.Switch("--json",
+            "after the text, print one line of JSON: the whole result in the shape /generate returns (RAG events in meta_info.rag)");
+        var engine = new EngineFlags();
 
+        var command = new Command("generate",
+            "Generates from one prompt in-process (no HTTP). stdout: the text as it comes (with --json, then one JSON line). "
+            + "stderr: the '[MoE-RAG] ... triggering RAG' notices, one JSON line per RAG event, and a summary.")
+        {
+            prompt, temperature, maxNewTokens, minNewTokens, topP, topK, minP, repetitionPenalty, seed, stop, ignoreEos, chat, json,
+        };
+        engine.AddTo(command);
+        command.Validators.Add(result =>
+        {
+            if (result.GetValue(prompt) is not { } text)
+                result.AddError($"generate needs a prompt: {Program.Name} generate \"What is Quantum?\"");
+            else if (text.Length == 0)
+                result.AddError("the prompt is empty");
+        });
+        command.SetAction((parse, _) =>
+        {
+            var sampling = new SamplingParams
+            {
+                Temperature = (float)parse.GetValue(temperature),
+                MaxNewTokens = parse.GetValue(maxNewTokens),
+                MinNewTokens = parse.GetValue(minNewTokens),
+                TopP = (float)parse.GetValue(topP),
+                TopK = parse.GetValue(topK),
+                MinP = (float)parse.GetValue(minP),
+                RepetitionPenalty = (float)parse.GetValue(repetitionPenalty),
+                Seed = parse.GetValue(seed) is { } s ? (ulong)s : null,
+                Stop = parse.GetValue(stop) ?? [],
+                IgnoreEos = parse.GetValue(ignoreEos),
+            };
+            // The request's own checks (top_p in (0, 1], ...), said in the flags' names.
+            if (sampling.Validate() is { } invalid)
+                throw new UsageException(invalid.Replace("sampling_params.", "--", StringComparison.Ordinal).Replace('_', '-'));
+            // stdout carries only the text; the engine's notices go to stderr.
+            var options = engine.ToOptions(parse) with { Notices = Console.Error };
+            return RunAsync(options, parse.GetRequiredValue(prompt)!, parse.GetValue(chat), sampling, parse.GetValue(json));
+        });
+        return command;
+    }
+
+    private static async Task<int> RunAsync(EngineOptions options, string prompt, bool chat, SamplingParams sampling, bool json)
+    {
         using var cancel = new CancellationTokenSource();
         ConsoleCancelEventHandler onCancel = (_, e) =>
         {
@@ -96,8 +117,8 @@ public static class GenerateCommand
         var request = new GenerationRequest { PromptIds = ids, Sampling = sampling };
         var output = new RequestOutput(engine.Tokenizer, returnLogprob: false, returnRouterEntropy: false);
         var started = Stopwatch.GetTimestamp();
-        var stdout = Console.Out;
-        var events = new List<MoeRagInject.Rag.RagEvent>();
+        var (stdout, stderr) = (Console.Out, Console.Error);
+        var events = 0;
 
         IAsyncEnumerable<GenerationUpdate> updates;
         try
@@ -113,9 +134,14 @@ public static class GenerateCommand
             await foreach (var update in updates.ConfigureAwait(false))
             {
                 output.Add(update);
-                events.AddRange(update.NewEvents);
-                if (!json) await stdout.WriteAsync(update.NewText).ConfigureAwait(false);
-                if (!json) await stdout.FlushAsync(cancellationToken).ConfigureAwait(false);
+                await stdout.WriteAsync(update.NewText).ConfigureAwait(false);
+                await stdout.FlushAsync(cancellationToken).ConfigureAwait(false);
+                // Each event as it happens, on stderr beside the [MoE-RAG] notice that announced it.
+                foreach (var ragEvent in update.NewEvents)
+                {
+                    events++;
+                    await stderr.WriteLineAsync(ragEvent.ToJson().ToJsonString(ApiJsonContext.Wire.Options)).ConfigureAwait(false);
+                }
             }
         }
         catch (ArgumentException e)
@@ -124,21 +150,14 @@ public static class GenerateCommand
         }
         var seconds = Stopwatch.GetElapsedTime(started).TotalSeconds;
 
+        await stdout.WriteLineAsync().ConfigureAwait(false);
         if (json)
-        {
             await stdout.WriteLineAsync(JsonSerializer.Serialize(output.ToGenerateResponse(seconds), ApiJsonContext.Wire.GenerateResponse))
                 .ConfigureAwait(false);
-        }
-        else
-        {
-            await stdout.WriteLineAsync().ConfigureAwait(false);
-            foreach (var ragEvent in events)
-                await stdout.WriteLineAsync(ragEvent.ToJson().ToJsonString(ApiJsonContext.Wire.Options)).ConfigureAwait(false);
-            var finish = output.Finish is null ? "none" : JsonSerializer.Serialize(RequestOutput.ToJson(output.Finish), ApiJsonContext.Wire.FinishReasonJson);
-            await Console.Error.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
-                $"[{output.PromptTokens} prompt + {output.CompletionTokens} completion tokens in {seconds:F2} s, finish {finish}, {events.Count} RAG events]"))
-                .ConfigureAwait(false);
-        }
+        var finish = output.Finish is null ? "none" : JsonSerializer.Serialize(RequestOutput.ToJson(output.Finish), ApiJsonContext.Wire.FinishReasonJson);
+        await stderr.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
+            $"[{output.PromptTokens} prompt + {output.CompletionTokens} completion tokens in {seconds:F2} s, finish {finish}, {events} RAG events]"))
+            .ConfigureAwait(false);
         return output.Finish is { Kind: FinishKind.Abort } ? 1 : 0;
     }
 }

@@ -1,47 +1,58 @@
+using System.CommandLine;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
-using MoeRagInject.Cli.Flags;
+using MoeRagInject.Cli.CommandLine;
 using MoeRagInject.Engine;
 using MoeRagInject.Server;
 
 namespace MoeRagInject.Cli.Commands;
 
+/// <summary><c>serve</c>: the HTTP server, listening while the model loads.</summary>
 public static class ServeCommand
 {
-    public static FlagSet Flags() => new FlagSet(
-            "serve", "serve [flags]",
-            "Runs the HTTP server: sglang's /generate, /health, /get_model_info, ... and the OpenAI-compatible /v1 routes.\n"
-            + "Without --model-path it serves the embedded tiny model and corpus.")
-        .Add(new("host", FlagKind.String, "address to listen on", "127.0.0.1", "HOST"))
-        .Add(new("port", FlagKind.Int, "port to listen on (0 picks a free one)", "30000", "PORT"))
-        .Add(new("served-model-name", FlagKind.String, "model id in OpenAI responses", "the model path", "NAME"))
-        .Add(new("log-level", FlagKind.String, "server log level", "warning", "debug|info|warning|error"))
-        .Add(new("incremental-streaming-output", FlagKind.Bool, "/generate stream events carry only the new text, not the text so far"))
-        .AddRange(EngineFlags.Specs());
-
-    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    public static Command Create()
     {
-        if (Flags().ParseOrPrintHelp(args) is not { } flags) return 0;
-        if (flags.Positionals.Count > 0)
-            throw new UsageException($"serve takes no arguments (got '{flags.Positionals[0]}'); see {Program.Name} serve --help");
+        var host = CliOption.Text("--host", "address to listen on", "HOST", "127.0.0.1");
+        var port = CliOption.Int("--port", "port to listen on (0 picks a free one)", "PORT", 30000, min: 0, max: 65535);
+        var servedModelName = CliOption.OptionalText("--served-model-name",
+            "the model's id in /v1/models and in OpenAI responses (sglang's flag)", "NAME", "the model folder's name");
+        var logLevel = CliOption.Choice("--log-level", "server log level", "warning", "debug", "info", "warning", "error");
+        var incremental = CliOption.Switch("--incremental-streaming-output", "/generate stream events carry only the new text, not the text so far");
+        var engine = new EngineFlags();
 
-        var engineOptions = EngineFlags.ToOptions(flags);
-        var serverOptions = new ServerOptions
+        var command = new Command("serve",
+            "Runs the HTTP server: sglang's /generate, /health, /get_model_info, ... and the OpenAI-compatible /v1 routes. "
+            + "Without --model-path it serves the embedded tiny model and corpus.")
         {
-            Host = flags.String("host") ?? "127.0.0.1",
-            Port = flags.IntIn("port", 0, 65535) ?? 30000,
-            ServedModelName = flags.String("served-model-name"),
-            Engine = engineOptions,
-            IncrementalStreamingOutput = flags.Bool("incremental-streaming-output"),
-            LogLevel = flags.Choice("log-level", "debug", "info", "warning", "error") switch
-            {
-                "debug" => LogLevel.Debug,
-                "info" => LogLevel.Information,
-                "error" => LogLevel.Error,
-                _ => LogLevel.Warning,
-            },
+            host, port, servedModelName, logLevel, incremental,
         };
+        engine.AddTo(command);
+        command.SetAction((parse, _) =>
+        {
+            var engineOptions = engine.ToOptions(parse);
+            return RunAsync(new ServerOptions
+            {
+                Host = parse.GetRequiredValue(host),
+                Port = parse.GetValue(port),
+                ServedModelName = parse.GetValue(servedModelName),
+                Engine = engineOptions,
+                IncrementalStreamingOutput = parse.GetValue(incremental),
+                LogLevel = parse.GetRequiredValue(logLevel) switch
+                {
+                    "debug" => LogLevel.Debug,
+                    "info" => LogLevel.Information,
+                    "error" => LogLevel.Error,
+                    _ => LogLevel.Warning,
+                },
+            });
+        });
+        return command;
+    }
 
+    /// <summary>Listens, loads the model, serves until Ctrl+C or SIGTERM (the host's own lifetime handles both).</summary>
+    private static async Task<int> RunAsync(ServerOptions serverOptions)
+    {
+        var engineOptions = serverOptions.Engine!;
         using var loadingCancel = new CancellationTokenSource();
         await Console.Error.WriteLineAsync($"loading {engineOptions.ModelPath} on {engineOptions.Runner.Device} (rag mode {engineOptions.Mode.ToString().ToLowerInvariant()}, retriever {engineOptions.Retriever ?? "none"}) ...")
             .ConfigureAwait(false);

@@ -23,7 +23,7 @@ public static class OpenAiRoutes
         v1.MapPost("/detokenize", (HttpContext context, EngineHolder engine) => DetokenizeAsync(context, engine));
     }
 
-    private static string ModelName(IGenerationEngine engine, ServerOptions options) => options.ServedModelName ?? engine.Info.ModelPath;
+    private static string ModelName(IGenerationEngine engine, ServerOptions options) => options.ModelName(engine.Info.ModelPath);
 
     private static long Now() => DateTimeOffset.UtcNow.ToUnixTimeSeconds();
 

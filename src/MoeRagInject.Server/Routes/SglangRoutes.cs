@@ -85,7 +85,7 @@ public static class SglangRoutes
         var info = engine.Info;
         return Results.Json(
             new ModelInfoResponse(
-                info.ModelPath, info.TokenizerPath, IsGeneration: true, options.ServedModelName ?? info.ModelPath,
+                info.ModelPath, info.TokenizerPath, IsGeneration: true, options.ModelName(info.ModelPath),
                 info.VocabSize, info.ContextLength, info.NumMoeLayers, info.NumExperts, info.Device,
                 RequestParsing.ModeName(engine.DefaultMode)),
             ApiJsonContext.Wire.ModelInfoResponse);
