@@ -335,6 +335,15 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
         switch (PathFor(rows, topK))
         {
+            case MoePath.Small when rows == 1:
+            {
+                // Blocks for the routed experts only; with top-2 the two experts add straight into delta (no combine).
+                var fused = topK <= 2 && i >= h ? 1 : 0;
+                Launch3("moe_row_gate_up", ((uint)topK, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, delta.Pointer, fused, h, i);
+                Launch3("moe_row_down", ((uint)topK, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, delta.Pointer, fused, h, i);
+                if (fused == 0) Launch3("moe_combine_slots", (1, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
+                break;
+            }
             case MoePath.Small:
             {
                 // Slots per pass over an expert's weights: enough for every slot routed to it (at most all slots), at most 16.
@@ -397,12 +406,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>
     /// How many ways --deterministic splits k for an output of <paramref name="n"/> columns: enough blocks of 64 columns for
-    /// two per multiprocessor, at most 4; a function of the weight's shape alone, so every batch sums in the same order.
-    /// The default mode does not split.
+    /// four per multiprocessor (one row's GEMM then streams its weight from the whole GPU), at most 8; a function of the
+    /// weight's shape alone, so every batch sums in the same order. The default mode does not split.
     /// </summary>
-    private int SplitsFor(int n) => Deterministic ? Math.Clamp(2 * Device.MultiprocessorCount / ((n + 63) / 64), 1, MaxSplits) : 1;
+    private int SplitsFor(int n) => Deterministic ? Math.Clamp(4 * Device.MultiprocessorCount / ((n + 63) / 64), 1, MaxSplits) : 1;
 
-    private const int MaxSplits = 4;
+    private const int MaxSplits = 8;
     private DeviceBuffer? _splitWorkspace;
     private bool _capturing;
 

@@ -50,7 +50,7 @@ public sealed class OpChecks : IDisposable
         Check("rms_norm", [1, 33], RmsNormCase);
         Check("add_rms_norm", [1, 33], AddRmsNormCase);
         Check("linear", [1, 5, 8, 37, 130], LinearCase);
-        Check("attention", [0, 1, 2], AttentionCase);
+        Check("attention", [0, 1, 2, 3], AttentionCase);
         Check("route", [1, 40], RouteCase);
         Check("moe", [1, 8, 16, 40, 100, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
@@ -141,11 +141,13 @@ public sealed class OpChecks : IDisposable
     /// <summary>Rope and KV write, then attention, over scattered paged blocks: a prefill, decodes, and both mixed; GQA 4:1; variant 2 with a sliding window.</summary>
     private void AttentionCase(int variant)
     {
-        var shape = MixtralModel.ShapeOf(_config) with { SlidingWindow = variant == 2 ? 7 : null };
+        var shape = variant == 3
+            ? new AttentionShape(32, 8, 128, 1e6f, null)  // Mixtral-8x7B's heads: the kernel variant for head_dim 128
+            : MixtralModel.ShapeOf(_config) with { SlidingWindow = variant == 2 ? 7 : null };
         var scenario = variant == 0 ? Scenario.Prefill([19, 5, 33], _config.VocabSize, _rng) : Scenario.Mixed(_config.VocabSize, _rng);
         using var pair = new StepPair(this, scenario);
-        using var cpuCache = _cpu.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, _config.NumKvHeads, _config.HeadDim);
-        using var deviceCache = _device.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, _config.NumKvHeads, _config.HeadDim);
+        using var cpuCache = _cpu.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, shape.KvHeads, shape.HeadDim);
+        using var deviceCache = _device.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, shape.KvHeads, shape.HeadDim);
         var rows = scenario.Rows;
         // Earlier positions of each sequence first (a prefill of its history), then this step's rows.
         using var history = new StepPair(this, scenario.History(_rng));
@@ -162,12 +164,12 @@ public sealed class OpChecks : IDisposable
             qkv.Fill(_rng, 1f);
             _cpu.RotaryAndCacheWrite(qkv.Cpu, cpuCache, layer, shape, pair.Cpu, rows);
             _device.RotaryAndCacheWrite(qkv.Device, deviceCache, layer, shape, pair.Device, rows);
-            Compare($"rope qkv ({scenario.Name})", qkv, rows, 1e-10, guardRows: 0);
+            Compare($"rope qkv ({scenario.Name}, head_dim {shape.HeadDim})", qkv, rows, 1e-10, guardRows: 0);
             using var output = Pair.Activation(this, rows + Guard, shape.QWidth, ActivationKind.GemmInput);
             output.Poison();
             _cpu.Attention(qkv.Cpu, cpuCache, layer, shape, pair.Cpu, output.Cpu, rows);
             _device.Attention(qkv.Device, deviceCache, layer, shape, pair.Device, output.Device, rows);
-            Compare($"attention ({scenario.Name}{(shape.SlidingWindow is { } w ? $", window {w}" : "")})", output, rows, 1e-4);
+            Compare($"attention ({scenario.Name}{(shape.SlidingWindow is { } w ? $", window {w}" : "")}, {shape.Heads}/{shape.KvHeads} heads of {shape.HeadDim})", output, rows, 1e-4);
         }
     }
 

@@ -227,7 +227,7 @@ public sealed class CliTests
     [InlineData("serve --rag-mode ", new[] { "latent", "off", "prompt" })]
     [InlineData("serve --log-l", new[] { "--log-level" })]
     [InlineData("generate hi --device ", new[] { "cpu", "cuda", "cuda:0", "null" })]
-    [InlineData("check-device --groups ", new[] { "engine", "graph", "models", "none", "ops" })]
+    [InlineData("check-device --groups ", new[] { "engine", "gemm-bench", "graph", "models", "none", "ops" })]
     public async Task Suggest_Directive_CompletesCommandsOptionsAndValues(string line, string[] expected)
     {
         var (code, output, error) = await RunAsync($"[suggest:{line.Length}]", line);

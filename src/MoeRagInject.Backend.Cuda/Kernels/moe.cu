@@ -194,6 +194,53 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
     { moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
 MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
+// One row (decode at batch 1), gate and up: block (k, 8 features) for the row's k-th expert, a warp a feature; blocks are
+// launched only for the k routed experts (not for every expert, most of which would have nothing to do). With
+// zeroDelta, the blocks of k = 0 also zero delta[0, 0 .. hidden) for moe_row_down to add into. Grid: (K, ceil(I / 8)); block: 256.
+extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
+    const int* __restrict__ topIds, bf16* __restrict__ act, float* __restrict__ delta, int zeroDelta, int hidden, int intermediate)
+{
+    const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
+    const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (zeroDelta && slot == 0 && threadIdx.x < 8 && blockIdx.y * 8 + threadIdx.x < hidden) delta[blockIdx.y * 8 + threadIdx.x] = 0.f;
+    if (e < 0 || feature >= intermediate) return;
+    const u32x4* gate = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + feature) * hidden);
+    const u32x4* up = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + intermediate + feature) * hidden);
+    const u32x4* row = (const u32x4*)x;
+    float g = 0.f, u = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < hidden / 8; c += 32)
+    {
+        const u32x4 xv = row[c];
+        g += dot8(gate[c], xv);
+        u += dot8(up[c], xv);
+    }
+    g = warp_sum(g);
+    u = warp_sum(u);
+    if (lane == 0) act[(long long)slot * intermediate + feature] = float_to_bf16(silu(g) * u);
+}
+
+// One row, down: w_k · (down_h · act[k]) for the row's k-th expert, a warp a feature. addToDelta (top-2 at most, where
+// the two additions onto zero give the same bits in either order; delta zeroed by moe_row_gate_up, which needs I ≥ H):
+// added into delta[0, h]; otherwise written to out[k, h] for moe_combine_slots. Grid: (K, ceil(H / 8)); block: 256.
+extern "C" __global__ void __launch_bounds__(256) moe_row_down(const bf16* __restrict__ act, const bf16* __restrict__ down,
+    const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, float* __restrict__ delta,
+    int addToDelta, int hidden, int intermediate)
+{
+    const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
+    const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
+    if (e < 0 || feature >= hidden) return;
+    const u32x4* w = (const u32x4*)(down + ((long long)e * hidden + feature) * intermediate);
+    const u32x4* in = (const u32x4*)(act + (long long)slot * intermediate);
+    float acc = 0.f;
+#pragma unroll 8
+    for (int c = lane; c < intermediate / 8; c += 32) acc += dot8(w[c], in[c]);
+    acc = warp_sum(acc);
+    if (lane != 0) return;
+    if (addToDelta) atomicAdd(delta + feature, acc * topWeights[slot]);
+    else out[(long long)slot * hidden + feature] = acc * topWeights[slot];
+}
+
 // delta[r] = Σ_k out[r·K + k] in k order (the small path's per-slot outputs, already weighted). Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, const int* __restrict__ topIds, float* __restrict__ delta,
     int topK, int hidden)
