@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, with the published CLI (tools/gpu/publish.sh): top logprobs and parallel samples served on CUDA
 # against the same server on the CPU, over HTTP, on the tiny-mixtral reference checkpoint. Greedy: tokens equal
-# transformers' (reference.json) for every one of n = 3 samples, top-5 ids equal the CPU's and logprobs within 1e-3;
-# seeded: n = 4 samples on CUDA equal the four single requests with seed + j on CUDA, and the prompt is prefilled once.
+# transformers' (reference.json) for every one of n = 3 samples, top-5 ids the CPU's up to near-ties and logprobs within
+# 0.05; seeded (--deterministic): n = 4 samples on CUDA equal the four single requests with seed + j on CUDA, and the
+# prompt is prefilled once.
 # Writes check-api.json to $OUT (or /tmp); exits 1 on a mismatch. DEVICE=cpu runs the second server on the CPU too (a
 # smoke test of this script where there is no GPU).
 set -euo pipefail
@@ -12,10 +13,11 @@ model=tests/data/reference/tiny-mixtral
 out=${OUT:-/tmp}
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+# The device server runs --deterministic: a seeded sample must not depend on what decodes beside it.
 for server in cpu:30101 "${DEVICE:-cuda}:30102"; do
   device=${server%%:*} port=${server##*:}
   "$bin" serve --model-path "$model" --device "$device" --port "$port" --rag-mode off --log-dir "$out/logs-$port" \
-    > "$out/serve-$port.log" 2>&1 &
+    $([ "$port" = 30102 ] && echo --deterministic) > "$out/serve-$port.log" 2>&1 &
   pids+=($!)
 done
 python3 - "$model" "$out" <<'PY'
@@ -38,6 +40,8 @@ for base in servers.values():
     else:
         sys.exit(f"{base} did not become healthy")
 
+# The CPU keeps activations in fp32, the GPU rounds GEMM inputs to bf16: logprobs differ by a few hundredths on this model.
+TOL = 0.05
 reference = json.load(open(f"{model}/reference/reference.json"))["prompts"]
 failures, report = [], {"device": call(servers["cuda"], "/get_model_info")["device"], "prompts": []}
 for p in reference:
@@ -52,9 +56,17 @@ for p in reference:
         cpu, cuda = results["cpu"][j], results["cuda"][j]
         if cuda["output_ids"] != greedy: failures.append(f"cuda sample {j} of prompt {len(report['prompts'])}: {cuda['output_ids']} != {greedy}")
         for a, b in zip(cpu["meta_info"]["output_top_logprobs"], cuda["meta_info"]["output_top_logprobs"]):
-            if [t[1] for t in a] != [t[1] for t in b]: failures.append(f"top ids differ: {a} vs {b}")
-            worst = max(worst, max(abs(x[0] - y[0]) for x, y in zip(a, b)))
-    if worst > 1e-3: failures.append(f"top logprobs differ by {worst}")
+            # The same ranking up to near-ties: a token only one side lists, or two listed in another order, must be
+            # within TOL of its neighbour on the CPU side; every token both list within TOL.
+            mine = {t[1]: t[0] for t in a}
+            for lp, token, _ in b:
+                if token in mine: worst = max(worst, abs(mine[token] - lp))
+                elif lp < a[-1][0] - TOL: failures.append(f"cuda lists {token} ({lp}) beyond the CPU's top: {a} vs {b}")
+            order = [t[1] for t in b if t[1] in mine]
+            ranks = [t[1] for t in a if t[1] in order]
+            for x, y in zip(order, ranks):
+                if x != y and abs(mine[x] - mine[y]) > TOL: failures.append(f"top ids in another order beyond near-ties: {a} vs {b}")
+    if worst > TOL: failures.append(f"top logprobs differ by {worst}")
     report["prompts"].append({"prompt_tokens": len(ids), "max_top_logprob_difference": worst})
 
 cuda = servers["cuda"]
