@@ -78,7 +78,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
         var activations = (long)maxRows * (4 * h + 2 * h + 4 * (q + 2 * kv) + 2 * q + 4 * h) + (long)maxSequences * (2 * h + 4L * config.VocabSize);
         return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (32L << 20)
-            + SplitWorkspaceBytes(config, maxRows);
+            + SplitWorkspaceBytes(config, maxRows, maxSequences);
     }
 
     /// <summary>Weights whose views carry no data are filled on the device with <see cref="Checkpoint.DummyValue"/>.</summary>
@@ -186,7 +186,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         EnsureCurrent();
         _topK = host.ExpertsPerToken;
-        EnsureSplitWorkspace(SplitWorkspaceBytes(host.Config, host.Limits.MaxRows));
+        EnsureSplitWorkspace(SplitWorkspaceBytes(host.Config, host.Limits.MaxRows, host.Limits.MaxSequences));
         return new CudaStepBuffers(this, host, DenseMaxRows);
     }
 
@@ -414,24 +414,27 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private const int MaxSplits = 8;
     private DeviceBuffer? _splitWorkspace;
     private bool _capturing;
+    private int _captures;
 
     /// <summary>Grows the split partial sums' buffer; never while a graph is being captured (the step buffers size it first).</summary>
     private void EnsureSplitWorkspace(long bytes)
     {
         if (bytes <= 0 || _splitWorkspace is not null && _splitWorkspace.ByteLength >= bytes) return;
-        if (_capturing) throw new InvalidOperationException($"split-k workspace of {bytes} bytes needed while capturing a graph");
+        // A captured graph holds the buffer's address: growing it then would leave the graph writing to freed memory.
+        if (_capturing || _captures > 0)
+            throw new InvalidOperationException($"split-k workspace of {bytes} bytes needed after graphs were captured (sized {_splitWorkspace?.ByteLength ?? 0})");
         Stream.Synchronize();
         _splitWorkspace?.Dispose();
         _splitWorkspace = Device.Allocate(bytes);
     }
 
-    /// <summary>Bytes of split partial sums a deterministic runner of these sizes needs: the widest split output over its rows.</summary>
-    private long SplitWorkspaceBytes(ModelConfig config, int maxRows)
+    /// <summary>Bytes of split partial sums a deterministic runner of these sizes needs: the widest split output over its rows (the LM head over its sequences).</summary>
+    private long SplitWorkspaceBytes(ModelConfig config, int maxRows, int maxSequences)
     {
         if (!Deterministic) return 0;
         long worst = 0;
         foreach (var (rows, n) in new[] { ((long)maxRows, config.NumHeads * config.HeadDim + 2 * config.NumKvHeads * config.HeadDim),
-                     (maxRows, config.HiddenSize), ((long)maxRows * config.NumExpertsPerToken, config.HiddenSize) })
+                     (maxRows, config.HiddenSize), ((long)maxRows * config.NumExpertsPerToken, config.HiddenSize), (maxSequences, config.VocabSize) })
             worst = Math.Max(worst, 4L * SplitsFor(n) * rows * n);
         return worst;
     }
@@ -546,6 +549,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             _capturing = false;
         }
         using var graph = Stream.EndCapture();
+        _captures++;
         return graph.Instantiate();
     }
 

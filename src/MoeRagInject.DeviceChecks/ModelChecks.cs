@@ -14,7 +14,9 @@ public static class ModelChecks
     /// <summary>The bf16 checkpoints (the device keeps bf16 weights, so these are compared exactly as stored).</summary>
     public static readonly string[] Cases = ["c-bf16", "tiny-mixtral", "demo"];
 
-    public static List<CheckResult> Run(IRunnerFactory device, string referenceRoot, string demoModel, Action<string>? progress = null)
+    /// <param name="deterministic">Run the checkpoints on the batch-invariant kernels (--deterministic); their names say so.</param>
+    public static List<CheckResult> Run(IRunnerFactory device, string referenceRoot, string demoModel, Action<string>? progress = null,
+        bool deterministic = false)
     {
         var results = new List<CheckResult>();
         foreach (var name in Cases)
@@ -23,7 +25,8 @@ public static class ModelChecks
             var checkpointDir = name == "demo" ? demoModel : referenceDir;
             try
             {
-                results.AddRange(RunCase(device, name, checkpointDir, Path.Combine(referenceDir, "reference"), progress));
+                results.AddRange(RunCase(device, deterministic ? $"{name} (deterministic)" : name, checkpointDir, Path.Combine(referenceDir, "reference"),
+                    progress, deterministic));
             }
             catch (Exception e)
             {
@@ -34,7 +37,8 @@ public static class ModelChecks
     }
 
     /// <summary>One checkpoint folder with a reference/ folder beside or inside it (as tools/reference and tools/gpu write them).</summary>
-    public static List<CheckResult> RunCase(IRunnerFactory device, string name, string checkpointDir, string referenceDir, Action<string>? progress = null)
+    public static List<CheckResult> RunCase(IRunnerFactory device, string name, string checkpointDir, string referenceDir, Action<string>? progress = null,
+        bool deterministic = false)
     {
         var config = ModelConfig.Load(checkpointDir);
         using var checkpoint = Checkpoint.Open(checkpointDir);
@@ -44,7 +48,11 @@ public static class ModelChecks
         var weights = MixtralWeights.Resolve(checkpoint, config);
         var longest = prompts.Max(p => p.GetProperty("full_ids").GetArrayLength());
         using var runner = device.Create(config, new CheckpointWeights(weights, checkpoint.Tensors.Values.Sum(t => t.ByteLength), weights.Embedding.DType),
-            new RunnerOptions { MaxSequences = 2, MaxRows = Math.Max(64, longest), ContextLength = Math.Max(64, longest + 16), KvCacheTokens = 2 * (longest + 16) },
+            new RunnerOptions
+            {
+                MaxSequences = 2, MaxRows = Math.Max(64, longest), ContextLength = Math.Max(64, longest + 16), KvCacheTokens = 2 * (longest + 16),
+                Deterministic = deterministic,
+            },
             progress);
         runner.BindSlot(0, SlotSampling.Greedy, []);
         runner.SetBlocks(0, 0, Enumerable.Range(0, runner.Limits.MaxBlocksPerSequence).ToArray());

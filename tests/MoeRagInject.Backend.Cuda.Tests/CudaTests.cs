@@ -62,6 +62,10 @@ public sealed class CudaTests
         AssertAll(ModelChecks.Run(new CudaRunnerFactory(), Path.Combine(Root, "tests", "data", "reference"), Demo));
 
     [CudaFact]
+    public void ReferenceCheckpointsMatchTransformersWithDeterministicKernels() =>
+        AssertAll(ModelChecks.Run(new CudaRunnerFactory(), Path.Combine(Root, "tests", "data", "reference"), Demo, deterministic: true));
+
+    [CudaFact]
     public async Task BatchSafetyWithGraphsAndInjections() =>
         AssertAll(await EngineChecks.RunAsync(new CudaRunnerFactory(), Demo, Path.Combine(Root, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
             Directory.CreateTempSubdirectory("moe-rag-cuda-tests-").FullName));

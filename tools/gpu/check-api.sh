@@ -13,11 +13,11 @@ model=tests/data/reference/tiny-mixtral
 out=${OUT:-/tmp}
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-# The device server runs --deterministic: a seeded sample must not depend on what decodes beside it.
+# The device server runs --deterministic (DETERMINISTIC=0: not): a seeded sample must not depend on what decodes beside it.
 for server in cpu:30101 "${DEVICE:-cuda}:30102"; do
   device=${server%%:*} port=${server##*:}
   "$bin" serve --model-path "$model" --device "$device" --port "$port" --rag-mode off --log-dir "$out/logs-$port" \
-    $([ "$port" = 30102 ] && echo --deterministic) > "$out/serve-$port.log" 2>&1 &
+    $([ "$port" = 30102 ] && [ "${DETERMINISTIC:-1}" = 1 ] && echo --deterministic) > "$out/serve-$port.log" 2>&1 &
   pids+=($!)
 done
 python3 - "$model" "$out" <<'PY'

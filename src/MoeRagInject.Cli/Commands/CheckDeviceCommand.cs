@@ -80,7 +80,12 @@ public static class CheckDeviceCommand
             CudaGemmBench.Run(bench.Ordinal, mixtral, [1, 8, 64, 256], true, line => Console.Out.WriteLine(line));
         }
         if (groups.Contains("graph") && factory is CudaRunnerFactory) Report([ModelChecks.GraphReplay(factory, demo)]);
-        if (groups.Contains("models")) Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));
+        if (groups.Contains("models"))
+        {
+            Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress));
+            if (factory is CudaRunnerFactory)
+                Report(ModelChecks.Run(factory, Path.Combine(home, "tests", "data", "reference"), demo, Progress, deterministic: true));
+        }
         if (extraCase is { } extra)
             Report(ModelChecks.RunCase(factory, Path.GetFileName(Path.GetFullPath(extra)), extra, Path.Combine(extra, "reference"), Progress));
         if (groups.Contains("engine"))
