@@ -17,6 +17,7 @@ public static class ServeCommand
         .Add(new("served-model-name", FlagKind.String, "model id in OpenAI responses", "the model path", "NAME"))
         .Add(new("log-level", FlagKind.String, "server log level", "warning", "debug|info|warning|error"))
         .Add(new("incremental-streaming-output", FlagKind.Bool, "/generate stream events carry only the new text, not the text so far"))
+        .Add(new("enable-metrics", FlagKind.Bool, "serve Prometheus metrics at /metrics (--enable-metrics=false turns them off)", "on"))
         .AddRange(EngineFlags.Specs());
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
@@ -33,6 +34,7 @@ public static class ServeCommand
             ServedModelName = flags.String("served-model-name"),
             Engine = engineOptions,
             IncrementalStreamingOutput = flags.Bool("incremental-streaming-output"),
+            EnableMetrics = !flags.Has("enable-metrics") || flags.Bool("enable-metrics"),
             LogLevel = flags.Choice("log-level", "debug", "info", "warning", "error") switch
             {
                 "debug" => LogLevel.Debug,
