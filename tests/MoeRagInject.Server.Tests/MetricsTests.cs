@@ -23,9 +23,10 @@ public sealed class Scrape
 {
     private readonly Dictionary<string, (string Type, List<Series> Series)> _families = new(StringComparer.Ordinal);
 
-    public Scrape(string json)
+    /// <param name="families">One scrape as parse_metrics.py writes it.</param>
+    public Scrape(JsonArray families)
     {
-        foreach (var family in JsonNode.Parse(json)!.AsArray())
+        foreach (var family in families)
         {
             var name = family!["name"]!.GetValue<string>();
             var type = family["type"]!.GetValue<string>();
@@ -99,12 +100,13 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
         var layers = (await server.Client.GetOkAsync("/get_model_info"))["num_moe_layers"]!.GetValue<int>();
         // Before any request: the counters at zero under every label value, the gauges; histograms appear with their first
         // observation (OpenTelemetry writes no empty histogram).
-        var before = await ScrapeAsync();
+        var before = (await ParseAsync([await server.Client.GetStringAsync("/metrics")]))[0];
         AssertShape(before, layers, complete: false);
         Assert.Equal(0, before.Total("moe_rag_requests_total"));
         Assert.Equal(0, before.Total("moe_rag_generation_tokens_total"));
 
-        // 24 clients, 4 requests each; a scraper reads /metrics every 200 ms meanwhile.
+        // 24 clients, 4 requests each; a scraper reads /metrics meanwhile, every 25 ms for the first 40 scrapes (the load
+        // lasts a second or two on an idle machine), then every 200 ms.
         using var stop = new CancellationTokenSource();
         var texts = new List<string>();
         var scraper = Task.Run(async () =>
@@ -112,7 +114,7 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
             while (!stop.IsCancellationRequested)
             {
                 texts.Add(await server.Client.GetStringAsync("/metrics"));
-                await Task.Delay(200);
+                await Task.Delay(texts.Count < 40 ? 25 : 200);
             }
         });
         await Task.WhenAll(Enumerable.Range(0, 24).Select(c => Task.Run(() => ClientAsync(c))));
@@ -122,7 +124,7 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
         texts.Add(await server.Client.GetStringAsync("/metrics"));
 
         var scrapes = new List<Scrape> { before };
-        foreach (var text in texts) scrapes.Add(await ParseAsync(text));
+        scrapes.AddRange(await ParseAsync(texts));
         var last = scrapes[^1];
         output.WriteLine($"{_served.Count} requests, {scrapes.Count} scrapes; finishes: " +
             string.Join(", ", _served.GroupBy(s => s.Finish).Select(g => $"{g.Key} {g.Count()}")));
@@ -167,10 +169,8 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
         Assert.Equal(retrieved.Count(e => e["error"] is not null), last.Total("moe_rag_retrieval_errors_total"));
     }
 
-    private async Task<Scrape> ScrapeAsync() => await ParseAsync(await server.Client.GetStringAsync("/metrics"));
-
-    private static async Task<Scrape> ParseAsync(string text) =>
-        new(await ObservabilityTools.ParseMetricsAsync(text));
+    private static async Task<List<Scrape>> ParseAsync(IReadOnlyList<string> texts) =>
+        [.. JsonNode.Parse(await ObservabilityTools.ParseMetricsAsync(texts))!.AsArray().Select(s => new Scrape(s!.AsArray()))];
 
     /// <summary>Every metric (histograms once observed, or all when <paramref name="complete"/>), with its type and labels; histograms well formed; gauges in range.</summary>
     private static void AssertShape(Scrape scrape, int layers, bool complete)
@@ -223,7 +223,7 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
         for (var n = 0; n < 4; n++)
         {
             var rid = $"metrics-{client}-{n}";
-            var maxTokens = 3 + (client * 7 + n * 5) % 22;
+            var maxTokens = 8 + (client * 7 + n * 5) % 40;
             JsonObject Rag() => (client + n) % 2 == 0 ? new() { ["mode"] = "latent", ["threshold"] = 1.2 } : new() { ["mode"] = "off" };
             var sampling = new JsonObject { ["max_new_tokens"] = maxTokens, ["temperature"] = 0 };
             if (client % 3 == 0) sampling["stop"] = new JsonArray("e ", "a");

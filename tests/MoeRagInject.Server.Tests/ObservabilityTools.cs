@@ -32,12 +32,29 @@ public static class ObservabilityTools
         }
     }
 
-    /// <summary>The scrape as the official Python client parses it (JSON: families with their samples); fails the test when it does not parse.</summary>
-    public static async Task<string> ParseMetricsAsync(string scrape)
+    /// <summary>
+    /// The scrapes as the official Python client parses them, in one process (JSON: a list with, per scrape, its families
+    /// and their samples); fails the test when one does not parse.
+    /// </summary>
+    public static async Task<string> ParseMetricsAsync(IReadOnlyList<string> scrapes)
     {
-        var (code, stdout, stderr) = await RunProcessAsync(Python, ["parse_metrics.py"], scrape, TimeSpan.FromSeconds(60));
-        Assert.True(code == 0, $"parse_metrics.py exited with {code}: {stderr}");
-        return stdout;
+        var folder = Directory.CreateTempSubdirectory("moe-rag-inject-scrapes-").FullName;
+        try
+        {
+            var files = new List<string>();
+            for (var i = 0; i < scrapes.Count; i++)
+            {
+                files.Add(Path.Combine(folder, $"scrape-{i:D3}.txt"));
+                await File.WriteAllTextAsync(files[^1], scrapes[i]);
+            }
+            var (code, stdout, stderr) = await RunProcessAsync(Python, ["parse_metrics.py", .. files], null, TimeSpan.FromSeconds(120));
+            Assert.True(code == 0, $"parse_metrics.py exited with {code}: {stderr}");
+            return stdout;
+        }
+        finally
+        {
+            Directory.Delete(folder, recursive: true);
+        }
     }
 
     /// <summary>Runs <c>node SCRIPT ARGS</c> in tests/observability and returns its stdout; fails the test on a non-zero exit.</summary>

@@ -40,7 +40,6 @@ internal sealed class RagCoordinator(
     {
         var start = DateTimeOffset.UtcNow;
         var cancel = s.Cancellation.Token;
-        metrics.Triggered(t.Decision.FiredLayers, t.Mode);
         try
         {
             await notices.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
@@ -56,7 +55,7 @@ internal sealed class RagCoordinator(
                 Measure(result);
             }
             var outcome = Apply(s, t, query, start, result!, cached);
-            history.Add(outcome.Event);
+            Record(outcome.Event, t);
             try
             {
                 var written = eventLog.AppendAsync(outcome.Event);
@@ -77,9 +76,19 @@ internal sealed class RagCoordinator(
             // Whatever failed, the request goes on without injection, with the failure in its event.
             var failed = Event(s, t, "", start, null, false, $"RAG failed: {e.Message}", [], 0);
             metrics.RetrievalFailed("failed");
-            history.Add(failed);
+            Record(failed, t);
             resume(s, new RagOutcome(failed, t.TokenIndex, t.Position, null, [], 0, null));
         }
+    }
+
+    /// <summary>
+    /// The trigger's event goes to the recent-event history and its layers to the trigger counts, together: a request that
+    /// ends while its retrieval runs has neither, so the counts always match the events.
+    /// </summary>
+    private void Record(RagEvent ragEvent, RagTrigger t)
+    {
+        metrics.Triggered(t.Decision.FiredLayers, t.Mode);
+        history.Add(ragEvent);
     }
 
     /// <summary>Retrieval time, and why nothing came back when nothing did (a per-request cached answer is not measured again).</summary>

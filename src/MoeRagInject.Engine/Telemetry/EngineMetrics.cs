@@ -58,7 +58,7 @@ public sealed class EngineMetrics : IDisposable
         _generationTokens = Meter.CreateCounter<long>("moe_rag_generation_tokens_total", "{token}", "Tokens generated and returned.");
         _requests = Meter.CreateCounter<long>("moe_rag_requests_total", "{request}", "Finished requests by finish reason (stop, length, abort).");
         _triggers = Meter.CreateCounter<long>("moe_rag_triggers_total", "{trigger}",
-            "Entropy triggers that set off a retrieval, once under each layer that fired, by RAG mode.");
+            "Entropy triggers that led to a RAG event, once under each layer that fired, by RAG mode.");
         _retrievalErrors = Meter.CreateCounter<long>("moe_rag_retrieval_errors_total", "{error}",
             "Retrievals that brought nothing to inject, by kind (timeout, failed, bad_response, no_passages, empty_query, no_retriever).");
         Meter.CreateObservableGauge("moe_rag_num_requests_running", () => { var s = status(); return s.Running + s.Retrieving; }, "{request}",
