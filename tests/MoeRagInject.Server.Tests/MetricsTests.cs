@@ -169,6 +169,30 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
         Assert.Equal(retrieved.Count(e => e["error"] is not null), last.Total("moe_rag_retrieval_errors_total"));
     }
 
+    /// <summary>A second host over the same engine with metrics off: /metrics is not found; the dashboard and /rag_events are served.</summary>
+    [Fact]
+    public async Task WithMetricsDisabledOnlyMetricsIsGone()
+    {
+        await using var host = ServerHost.Create(new ServerOptions { Host = "127.0.0.1", Port = 0, EnableMetrics = false }, server.Engine);
+        await host.StartAsync();
+        using var client = new HttpClient { BaseAddress = host.BaseAddress };
+        using (var metrics = await client.GetAsync("/metrics")) Assert.Equal(System.Net.HttpStatusCode.NotFound, metrics.StatusCode);
+        Assert.NotNull((await client.GetOkAsync("/rag_events?limit=5"))["events"]!.AsArray());
+        using (var bad = await client.GetAsync("/rag_events?limit=0"))
+        {
+            Assert.Equal(System.Net.HttpStatusCode.BadRequest, bad.StatusCode);
+            Assert.Contains("limit", (await bad.Content.ReadAsStringAsync()), StringComparison.Ordinal);
+        }
+        foreach (var (path, type) in new[] { ("/dashboard", "text/html"), ("/dashboard/dashboard.js", "text/javascript"), ("/dashboard/vendor/uPlot.min.css", "text/css") })
+        {
+            using var response = await client.GetAsync(path);
+            Assert.True(response.IsSuccessStatusCode, path);
+            Assert.Equal(type, response.Content.Headers.ContentType?.MediaType);
+            Assert.True((await response.Content.ReadAsByteArrayAsync()).Length > 100, path);
+        }
+        using (var missing = await client.GetAsync("/dashboard/nothing.js")) Assert.Equal(System.Net.HttpStatusCode.NotFound, missing.StatusCode);
+    }
+
     private static async Task<List<Scrape>> ParseAsync(IReadOnlyList<string> texts) =>
         [.. JsonNode.Parse(await ObservabilityTools.ParseMetricsAsync(texts))!.AsArray().Select(s => new Scrape(s!.AsArray()))];
 
