@@ -81,7 +81,7 @@ public sealed class ServerHost : IAsyncDisposable
         builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.TypeInfoResolverChain.Insert(0, ApiJsonContext.Wire));
 
         var metrics = options.EnableMetrics ? new PrometheusEndpoint() : null;
-        var holder = new EngineHolder(metrics is null ? engine : metrics.AttachAsync(engine));
+        var holder = new EngineHolder(engine, metrics is null ? null : metrics.Attach);
         builder.Services.AddSingleton(holder);
         builder.Services.AddSingleton(options);
 

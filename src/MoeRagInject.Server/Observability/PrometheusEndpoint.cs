@@ -1,6 +1,7 @@
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Http;
 using MoeRagInject.Engine;
+using MoeRagInject.Server.Generation;
 using OpenTelemetry;
 using OpenTelemetry.Metrics;
 
@@ -8,9 +9,9 @@ namespace MoeRagInject.Server.Observability;
 
 /// <summary>
 /// GET /metrics: OpenTelemetry's Prometheus exporter over the served engine's meter, and no other. The meter provider is
-/// built when the engine has loaded and before any request can reach it (the engine is handed to the routes only after
-/// <see cref="AttachAsync"/>), so every request is counted. Series are written as instrumented (names already carry the
-/// unit and <c>_total</c>), without OpenTelemetry's scope labels or target_info.
+/// built once the engine has loaded, before any route is given the engine (<see cref="Attach"/> runs as the
+/// <see cref="EngineHolder"/>'s ready step), so every request is counted. Series are written as instrumented (names already
+/// carry the unit and <c>_total</c>), without OpenTelemetry's scope labels or target_info.
 /// </summary>
 internal sealed class PrometheusEndpoint : IDisposable
 {
@@ -18,10 +19,9 @@ internal sealed class PrometheusEndpoint : IDisposable
     private MeterProvider? _provider;
     private RequestDelegate? _scrape;
 
-    /// <summary>Waits for the engine, subscribes to its meter, and passes the engine on.</summary>
-    public async Task<IGenerationEngine> AttachAsync(Task<IGenerationEngine> loading)
+    /// <summary>Subscribes to the engine's meter and starts its labelled counters at zero.</summary>
+    public void Attach(IGenerationEngine engine)
     {
-        var engine = await loading.ConfigureAwait(false);
         var meter = engine.Metrics.Meter;
         var provider = Sdk.CreateMeterProviderBuilder()
             .AddMeter(meter.Name)
@@ -36,7 +36,6 @@ internal sealed class PrometheusEndpoint : IDisposable
             .Build();
         engine.Metrics.PublishZeroes();
         lock (_gate) _provider = provider;
-        return engine;
     }
 
     /// <summary>Answers a scrape through the exporter's middleware (its pipeline built on the first scrape).</summary>
