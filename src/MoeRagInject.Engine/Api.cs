@@ -152,6 +152,12 @@ public interface IGenerationEngine : IAsyncDisposable
     bool Abort(string rid);
 
     EngineStatus GetStatus();
+
+    /// <summary>The engine's metrics instruments (its own meter, for an exporter to subscribe to).</summary>
+    Telemetry.EngineMetrics Metrics { get; }
+
+    /// <summary>The last RAG events, for a live view.</summary>
+    Telemetry.RagEventHistory RagEvents { get; }
 }
 
 public static class GenerationEngineExtensions

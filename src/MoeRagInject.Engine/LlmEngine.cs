@@ -5,6 +5,7 @@ using MoeRagInject.Backend;
 using MoeRagInject.Engine.Coordination;
 using MoeRagInject.Engine.Output;
 using MoeRagInject.Engine.Scheduling;
+using MoeRagInject.Engine.Telemetry;
 using MoeRagInject.Model;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
@@ -75,6 +76,8 @@ public sealed class LlmEngine : IGenerationEngine
     private long _steps, _stepTicks, _runnerTicks, _decodeSteps, _decodeTicks, _decodeRunnerTicks, _decodeTokens, _decodeRows;
     private long _promptTokensComputed;
     private int _accepted;
+    /// <summary>When the current step's results were ready: the time stamp its tokens carry.</summary>
+    private long _resultsTicks;
     private volatile EngineStatus _status;
 
     internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector)
@@ -95,8 +98,9 @@ public sealed class LlmEngine : IGenerationEngine
         _retrieval = retriever is null ? null : new RetrievalService(retriever, options.RetrievalTimeout, options.RetrievalTopK);
         _eventLog = new RagEventWriter(options.LogDir, options.LogFsync,
             e => _notices.WriteLine($"[MoE-RAG] could not write the event log: {e.Message}"));
+        Metrics = new EngineMetrics(GetStatus, config.NumLayers, config.NumExperts);
         _rag = new RagCoordinator(options, Tokenizer, injector, _retrieval, _eventLog, _notices, _contextLength, config.HiddenSize,
-            (sequence, outcome) => Post(() => Resume(sequence, outcome)));
+            Metrics, RagEvents, (sequence, outcome) => Post(() => Resume(sequence, outcome)));
         var limits = _runner.Limits;
         _scheduler = new Scheduler(new KvBlockManager(limits.NumKvBlocks, limits.BlockSize), limits.MaxSequences,
             options.ChunkedPrefillSize, options.PrefillBudget);
@@ -109,6 +113,8 @@ public sealed class LlmEngine : IGenerationEngine
 
     public ModelInfo Info { get; }
     public Tokenizer Tokenizer { get; }
+    public EngineMetrics Metrics { get; }
+    public RagEventHistory RagEvents { get; } = new();
     public InjectionMode DefaultMode => _options.Mode;
     public ModelConfig Config => _loaded.Config;
     public RunnerLimits Limits => _runner.Limits;
@@ -307,7 +313,8 @@ public sealed class LlmEngine : IGenerationEngine
 
         var before = Stopwatch.GetTimestamp();
         _runner.Execute();
-        var runner = Stopwatch.GetTimestamp() - before;
+        _resultsTicks = Stopwatch.GetTimestamp();
+        var runner = _resultsTicks - before;
 
         _accepted = 0;
         for (var i = 0; i < batch.Count; i++)
@@ -404,9 +411,8 @@ public sealed class LlmEngine : IGenerationEngine
         if (state.Sampling[s.Slot].HasPenalties) _runner.AcceptToken(s.Slot, token);
         s.Generated.Add(token);
         var request = s.Request;
-        s.Output.AddToken(new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i],
-            request.ReturnRouterEntropy ? entropies.ToArray() : null,
-            (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null));
+        s.Output.AddToken(new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i], _resultsTicks,
+            (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null), entropies);
 
         var p = s.Sampling;
         if ((!p.IgnoreEos && _eosIds.Contains(token)) || p.StopTokenIds.Contains(token))
@@ -503,6 +509,7 @@ public sealed class LlmEngine : IGenerationEngine
         });
         _loop.Join();
         await _eventLog.DisposeAsync().ConfigureAwait(false);
+        Metrics.Dispose();
         _retrieval?.Retriever.Dispose();
         _loaded.Dispose();
         _stop.Dispose();

@@ -22,6 +22,7 @@ internal sealed class Sequence
     {
         Rid = rid;
         Arrival = arrival;
+        ArrivalTicks = System.Diagnostics.Stopwatch.GetTimestamp();
         Request = request;
         OriginalPrompt = [.. request.PromptIds];
         Context = [.. request.PromptIds];
@@ -34,6 +35,8 @@ internal sealed class Sequence
     public string Rid { get; }
     /// <summary>Admission order: the newest running request is preempted first.</summary>
     public long Arrival { get; }
+    /// <summary>Stopwatch timestamp of its submission (first-token and end-to-end times count from it).</summary>
+    public long ArrivalTicks { get; }
     public GenerationRequest Request { get; }
     public SamplingParams Sampling => Request.Sampling;
     public InjectionMode Mode { get; set; }

@@ -14,10 +14,26 @@ public interface IRetriever : IDisposable
     Task<IReadOnlyList<RetrievedPassage>> RetrieveAsync(string query, int topK, CancellationToken cancellationToken);
 }
 
-/// <summary>Outcome of one retrieval: never throws; a failure is an <see cref="Error"/> and no passages.</summary>
+/// <summary>Why a retrieval brought no passages back (what the retrieval-errors metric counts by).</summary>
+public enum RetrievalFailure
+{
+    /// <summary>The retriever did not answer within the retrieval timeout.</summary>
+    Timeout,
+    /// <summary>The retriever threw (unreachable, HTTP error, corrupt index).</summary>
+    Failed,
+    /// <summary>It answered, but with no list or only empty passages.</summary>
+    BadResponse,
+    /// <summary>The query was blank: nothing was asked.</summary>
+    EmptyQuery,
+}
+
+/// <summary>Outcome of one retrieval: never throws; a failure is an <see cref="Error"/>, its <see cref="Failure"/> kind and no passages.</summary>
 public sealed record RetrievalResult(IReadOnlyList<RetrievedPassage> Passages, string? Error, TimeSpan Latency)
 {
     public bool Succeeded => Error is null;
+
+    /// <summary>The kind of failure; null when the retrieval succeeded.</summary>
+    public RetrievalFailure? Failure { get; init; }
 }
 
 /// <summary>Wraps a retriever with a per-call timeout and turns every failure (down, slow, garbage) into a result.</summary>
@@ -38,7 +54,7 @@ public sealed class RetrievalService(IRetriever retriever, TimeSpan timeout, int
         var clock = Stopwatch.StartNew();
         if (string.IsNullOrWhiteSpace(query))
         {
-            return new RetrievalResult([], "empty query", clock.Elapsed);
+            return new RetrievalResult([], "empty query", clock.Elapsed) { Failure = RetrievalFailure.EmptyQuery };
         }
 
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
@@ -54,7 +70,7 @@ public sealed class RetrievalService(IRetriever retriever, TimeSpan timeout, int
             var passages = await Retriever.RetrieveAsync(query, TopK, linked.Token).WaitAsync(linked.Token).ConfigureAwait(false);
             if (passages is null)
             {
-                return Fail("the retriever returned no result list", clock);
+                return Fail("the retriever returned no result list", clock, RetrievalFailure.BadResponse);
             }
 
             var kept = new List<RetrievedPassage>(Math.Min(passages.Count, TopK));
@@ -72,7 +88,7 @@ public sealed class RetrievalService(IRetriever retriever, TimeSpan timeout, int
 
             if (passages.Count > 0 && kept.Count == 0)
             {
-                return Fail($"all {passages.Count} passages returned were empty", clock);
+                return Fail($"all {passages.Count} passages returned were empty", clock, RetrievalFailure.BadResponse);
             }
 
             return new RetrievalResult(kept, null, clock.Elapsed);
@@ -83,19 +99,20 @@ public sealed class RetrievalService(IRetriever retriever, TimeSpan timeout, int
         }
         catch (OperationCanceledException) when (linked.IsCancellationRequested)
         {
-            return Fail($"timed out after {Timeout.TotalMilliseconds.ToString("0.###", CultureInfo.InvariantCulture)} ms (retrieval timeout)", clock);
+            return Fail($"timed out after {Timeout.TotalMilliseconds.ToString("0.###", CultureInfo.InvariantCulture)} ms (retrieval timeout)", clock, RetrievalFailure.Timeout);
         }
         catch (Exception ex) when (hasTimeout && linked.IsCancellationRequested)
         {
-            return Fail($"timed out after {Timeout.TotalMilliseconds.ToString("0.###", CultureInfo.InvariantCulture)} ms (retrieval timeout; {Describe(ex)})", clock);
+            return Fail($"timed out after {Timeout.TotalMilliseconds.ToString("0.###", CultureInfo.InvariantCulture)} ms (retrieval timeout; {Describe(ex)})", clock, RetrievalFailure.Timeout);
         }
         catch (Exception ex)
         {
-            return Fail(Describe(ex), clock);
+            return Fail(Describe(ex), clock, RetrievalFailure.Failed);
         }
     }
 
-    private RetrievalResult Fail(string message, Stopwatch clock) => new([], $"{Retriever.Name}: {message}", clock.Elapsed);
+    private RetrievalResult Fail(string message, Stopwatch clock, RetrievalFailure failure) =>
+        new([], $"{Retriever.Name}: {message}", clock.Elapsed) { Failure = failure };
 
     /// <summary>The exception's type and message plus its inner exceptions' messages, on one line.</summary>
     internal static string Describe(Exception ex)

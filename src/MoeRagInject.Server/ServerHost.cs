@@ -10,6 +10,7 @@ using Microsoft.Extensions.Logging;
 using MoeRagInject.Engine;
 using MoeRagInject.Server.Contracts;
 using MoeRagInject.Server.Generation;
+using MoeRagInject.Server.Observability;
 using MoeRagInject.Server.Routes;
 
 namespace MoeRagInject.Server;
@@ -27,6 +28,8 @@ public sealed record ServerOptions
     public bool IncrementalStreamingOutput { get; init; }
     /// <summary>Least severe log level written to the console; <see cref="LogLevel.None"/> silences the server.</summary>
     public LogLevel LogLevel { get; init; } = LogLevel.Warning;
+    /// <summary>GET /metrics in the Prometheus text format (sglang's --enable-metrics; on by default here).</summary>
+    public bool EnableMetrics { get; init; } = true;
 
     /// <summary>
     /// The id clients name the model by: --served-model-name, else the last folder of the model path ("moe-wordnet-demo",
@@ -40,17 +43,20 @@ public sealed record ServerOptions
 }
 
 /// <summary>
-/// Kestrel around an <see cref="IGenerationEngine"/>: sglang's native routes and the OpenAI-compatible /v1 routes.
+/// Kestrel around an <see cref="IGenerationEngine"/>: sglang's native routes, the OpenAI-compatible /v1 routes, and
+/// /metrics, /rag_events and /dashboard.
 /// The engine may still be loading when the host starts; until it is ready /health answers 503 and so do the routes that need it.
 /// </summary>
 public sealed class ServerHost : IAsyncDisposable
 {
     private readonly WebApplication _app;
+    private readonly PrometheusEndpoint? _metrics;
     private bool _started;
 
-    private ServerHost(WebApplication app, ServerOptions options, EngineHolder engine)
+    private ServerHost(WebApplication app, ServerOptions options, EngineHolder engine, PrometheusEndpoint? metrics)
     {
         _app = app;
+        _metrics = metrics;
         Options = options;
         Engine = engine;
     }
@@ -84,7 +90,8 @@ public sealed class ServerHost : IAsyncDisposable
         builder.Services.Configure<ConsoleLifetimeOptions>(o => o.SuppressStatusMessages = true);
         builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.TypeInfoResolverChain.Insert(0, ApiJsonContext.Wire));
 
-        var holder = new EngineHolder(engine);
+        var metrics = options.EnableMetrics ? new PrometheusEndpoint() : null;
+        var holder = new EngineHolder(engine, metrics is null ? null : metrics.Attach);
         builder.Services.AddSingleton(holder);
         builder.Services.AddSingleton(options);
 
@@ -92,9 +99,10 @@ public sealed class ServerHost : IAsyncDisposable
         app.Use(ErrorHandling.Middleware);
         SglangRoutes.Map(app);
         OpenAiRoutes.Map(app);
+        ObservabilityRoutes.Map(app, metrics);
         app.MapFallback(static context => ErrorHandling.WriteAsync(
             context, StatusCodes.Status404NotFound, $"no route {context.Request.Method} {context.Request.Path}", "not_found"));
-        return new ServerHost(app, options, holder);
+        return new ServerHost(app, options, holder, metrics);
     }
 
     public async Task StartAsync(CancellationToken cancellationToken = default)
@@ -121,6 +129,7 @@ public sealed class ServerHost : IAsyncDisposable
     {
         await StopAsync().ConfigureAwait(false);
         await _app.DisposeAsync().ConfigureAwait(false);
+        _metrics?.Dispose();
     }
 
     private static string ListenUrl(string host, int port)

@@ -18,13 +18,18 @@ public static class ServeCommand
             "the model's id in /v1/models and in OpenAI responses (sglang's flag)", "NAME", "the model folder's name");
         var logLevel = CliOption.Choice("--log-level", "server log level", "warning", "debug", "info", "warning", "error");
         var incremental = CliOption.Switch("--incremental-streaming-output", "/generate stream events carry only the new text, not the text so far");
+        var metrics = new Option<bool>("--enable-metrics")
+        {
+            Description = "serve Prometheus metrics at /metrics (--enable-metrics=false turns them off) [default: on]",
+            DefaultValueFactory = _ => true,
+        };
         var engine = new EngineFlags();
 
         var command = new Command("serve",
             "Runs the HTTP server: sglang's /generate, /health, /get_model_info, ... and the OpenAI-compatible /v1 routes. "
             + "Without --model-path it serves the embedded tiny model and corpus.")
         {
-            host, port, servedModelName, logLevel, incremental,
+            host, port, servedModelName, logLevel, incremental, metrics,
         };
         engine.AddTo(command);
         command.SetAction((parse, _) =>
@@ -37,6 +42,7 @@ public static class ServeCommand
                 ServedModelName = parse.GetValue(servedModelName),
                 Engine = engineOptions,
                 IncrementalStreamingOutput = parse.GetValue(incremental),
+                EnableMetrics = parse.GetValue(metrics),
                 LogLevel = parse.GetRequiredValue(logLevel) switch
                 {
                     "debug" => LogLevel.Debug,

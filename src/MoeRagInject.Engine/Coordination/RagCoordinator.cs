@@ -1,4 +1,5 @@
 using System.Globalization;
+using MoeRagInject.Engine.Telemetry;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
@@ -14,8 +15,8 @@ internal sealed record RagOutcome(RagEvent Event, int TokenIndex, int Position, 
 
 /// <summary>
 /// Everything a trigger sets off, off the engine loop: the notice line, detokenizing the query, the retrieval (cancelled
-/// with its request), tokenizing the passages, the P·c product or the rebuilt context, and the event-log append. The loop
-/// only parks the request before and resumes it after (through <c>resume</c>).
+/// with its request), tokenizing the passages, the P·c product or the rebuilt context, the event-log append, and the RAG
+/// metrics and recent-event history. The loop only parks the request before and resumes it after (through <c>resume</c>).
 /// </summary>
 internal sealed class RagCoordinator(
     EngineOptions options,
@@ -26,6 +27,8 @@ internal sealed class RagCoordinator(
     TextWriter notices,
     int contextLength,
     int hiddenSize,
+    EngineMetrics metrics,
+    RagEventHistory history,
     Action<Sequence, RagOutcome> resume)
 {
     public string RetrieverName => retrieval?.Retriever.Name ?? "none";
@@ -49,8 +52,10 @@ internal sealed class RagCoordinator(
                     ? new RetrievalResult([], "no retriever is configured (--retriever)", TimeSpan.Zero)
                     : await retrieval.RetrieveAsync(query, cancel).ConfigureAwait(false);
                 s.QueryCache[query] = result;
+                Measure(result);
             }
             var outcome = Apply(s, t, query, start, result!, cached);
+            Record(outcome.Event, t);
             try
             {
                 var written = eventLog.AppendAsync(outcome.Event);
@@ -69,9 +74,36 @@ internal sealed class RagCoordinator(
         catch (Exception e)
         {
             // Whatever failed, the request goes on without injection, with the failure in its event.
-            resume(s, new RagOutcome(Event(s, t, "", start, null, false, $"RAG failed: {e.Message}", [], 0), t.TokenIndex, t.Position,
-                null, [], 0, null));
+            var failed = Event(s, t, "", start, null, false, $"RAG failed: {e.Message}", [], 0);
+            metrics.RetrievalFailed("failed");
+            Record(failed, t);
+            resume(s, new RagOutcome(failed, t.TokenIndex, t.Position, null, [], 0, null));
         }
+    }
+
+    /// <summary>
+    /// The trigger's event goes to the recent-event history and its layers to the trigger counts, together: a request that
+    /// ends while its retrieval runs has neither, so the counts always match the events.
+    /// </summary>
+    private void Record(RagEvent ragEvent, RagTrigger t)
+    {
+        metrics.Triggered(t.Decision.FiredLayers, t.Mode);
+        history.Add(ragEvent);
+    }
+
+    /// <summary>Retrieval time, and why nothing came back when nothing did (a per-request cached answer is not measured again).</summary>
+    private void Measure(RetrievalResult result)
+    {
+        if (retrieval is not null) metrics.Retrieved(result);
+        var kind = retrieval is null ? "no_retriever" : result.Failure switch
+        {
+            RetrievalFailure.Timeout => "timeout",
+            RetrievalFailure.Failed => "failed",
+            RetrievalFailure.BadResponse => "bad_response",
+            RetrievalFailure.EmptyQuery => "empty_query",
+            _ => result.Passages.Count == 0 ? "no_passages" : null,
+        };
+        if (kind is not null) metrics.RetrievalFailed(kind);
     }
 
     private RagOutcome Apply(Sequence s, RagTrigger t, string query, DateTimeOffset start, RetrievalResult result, bool cached)

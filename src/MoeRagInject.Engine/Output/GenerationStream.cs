@@ -1,6 +1,9 @@
+using System.Diagnostics;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Text;
 using MoeRagInject.Engine.Output;
+using MoeRagInject.Engine.Telemetry;
 using MoeRagInject.Model.Tokenization;
 using MoeRagInject.Rag;
 
@@ -8,8 +11,9 @@ namespace MoeRagInject.Engine;
 
 /// <summary>
 /// One request's output as it streams: the request's own output processing (incremental detokenization, stop strings held
-/// back until they can no longer match) runs here, on the reader's side, never on the engine loop. Enumerate it once.
-/// Disposing it, or stopping the enumeration, before the final update aborts the request.
+/// back until they can no longer match) and its metrics (first-token, inter-token and end-to-end times, tokens, router
+/// entropy, finish reason: what the client is given) run here, on the reader's side, never on the engine loop. Enumerate
+/// it once. Disposing it, or stopping the enumeration, before the final update aborts the request.
 /// </summary>
 public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyncDisposable
 {
@@ -17,6 +21,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
     private readonly Sequence _sequence;
     private readonly Tokenizer _tokenizer;
     private int _enumerated;
+    private int _measured;
     private volatile bool _finished;
 
     internal GenerationStream(LlmEngine engine, Sequence sequence, Tokenizer tokenizer)
@@ -42,15 +47,20 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
         var detokenizer = new IncrementalDetokenizer(_tokenizer, sampling.SkipSpecialTokens);
         var stops = new StopMatcher(sampling.Stop, sampling.NoStopTrim);
         List<TokenOutput> spareTokens = [];
+        List<float> spareEntropy = [];
         List<RagEvent> spareEvents = [];
         var completion = 0;
+        var metrics = _engine.Metrics;
+        var lastTokenTicks = _sequence.ArrivalTicks;
         try
         {
             while (!_finished)
             {
-                var batch = await _sequence.Output.TakeAsync(spareTokens, spareEvents, cancellationToken).ConfigureAwait(false);
+                var batch = await _sequence.Output.TakeAsync(spareTokens, spareEntropy, spareEvents, cancellationToken).ConfigureAwait(false);
                 spareTokens = batch.Tokens;
+                spareEntropy = batch.RouterEntropy;
                 spareEvents = batch.Events;
+                var layers = batch.Tokens.Count == 0 ? 0 : batch.RouterEntropy.Count / batch.Tokens.Count;
                 var ids = new List<int>(batch.Tokens.Count);
                 var logprobs = request.ReturnLogprob ? new List<float>(batch.Tokens.Count) : null;
                 var top = request.ReturnLogprob && request.TopLogprobs > 0 ? new List<TokenLogprob[]>(batch.Tokens.Count) : null;
@@ -58,13 +68,19 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                 var outputEntropy = request.ReturnRouterEntropy ? new List<float>(batch.Tokens.Count) : null;
                 var text = new StringBuilder();
                 FinishReason? finish = null;
-                foreach (var token in batch.Tokens)
+                for (var t = 0; t < batch.Tokens.Count; t++)
                 {
+                    var token = batch.Tokens[t];
+                    var tokenEntropy = CollectionsMarshal.AsSpan(batch.RouterEntropy).Slice(t * layers, layers);
                     ids.Add(token.Token);
                     logprobs?.Add(token.Logprob);
                     top?.Add(token.Top ?? []);
-                    if (token.RouterEntropy is { } entropies) routerEntropy?.Add(entropies);
+                    routerEntropy?.Add(tokenEntropy.ToArray());
                     outputEntropy?.Add(token.OutputEntropy);
+                    if (completion + ids.Count == 1) metrics.FirstToken(EngineMetrics.Seconds(_sequence.ArrivalTicks, token.Ticks));
+                    else metrics.InterToken(EngineMetrics.Seconds(lastTokenTicks, token.Ticks));
+                    lastTokenTicks = token.Ticks;
+                    metrics.RouterEntropy(tokenEntropy);
                     text.Append(stops.Push(detokenizer.Push(token.Token)));
                     if (stops.Matched is { } matched)
                     {
@@ -81,6 +97,8 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                 }
                 completion += ids.Count;
                 _finished = finish is not null;
+                // Measured before the client is given the last update, so a scrape after a response always counts it.
+                if (finish is not null) Measure(finish.Kind, completion);
                 yield return new GenerationUpdate
                 {
                     Rid = _sequence.Rid,
@@ -100,13 +118,26 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
         }
         finally
         {
-            if (!_finished) _engine.AbortSequence(_sequence, "the request's stream was closed before it finished");
+            if (!_finished)
+            {
+                _engine.AbortSequence(_sequence, "the request's stream was closed before it finished");
+                Measure(FinishKind.Abort, completion);
+            }
         }
+    }
+
+    /// <summary>The request's end, measured once whichever way it ends (last update, closed stream, or never read).</summary>
+    private void Measure(FinishKind kind, int completionTokens)
+    {
+        if (Interlocked.Exchange(ref _measured, 1) != 0) return;
+        _engine.Metrics.Finished(kind, EngineMetrics.Seconds(_sequence.ArrivalTicks, Stopwatch.GetTimestamp()),
+            _sequence.OriginalPrompt.Length, completionTokens);
     }
 
     public ValueTask DisposeAsync()
     {
         Abort();
+        if (Volatile.Read(ref _enumerated) == 0) Measure(FinishKind.Abort, 0);
         return ValueTask.CompletedTask;
     }
 }

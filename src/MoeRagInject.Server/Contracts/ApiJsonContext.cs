@@ -26,6 +26,8 @@ namespace MoeRagInject.Server.Contracts;
 [JsonSerializable(typeof(BatchTokenizeResponse))]
 [JsonSerializable(typeof(DetokenizeResponse))]
 [JsonSerializable(typeof(BatchDetokenizeResponse))]
+// Observability
+[JsonSerializable(typeof(RagEventsResponse))]
 // OpenAI-compatible surface
 [JsonSerializable(typeof(ModelList))]
 [JsonSerializable(typeof(CompletionResponse))]
