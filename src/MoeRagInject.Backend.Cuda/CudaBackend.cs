@@ -14,13 +14,16 @@ namespace MoeRagInject.Backend.Cuda;
 /// </summary>
 public sealed class CudaBackend : IBackend, IGraphCapable
 {
-    /// <summary>Rows up to which the MoE block runs every expert on every row (dense GEMMs), when routed slots exceed <see cref="SmallSlots"/>.</summary>
+    /// <summary>
+    /// Rows up to which the dense path (every expert on every row, strided-batched cuBLAS) can run: kept only to be measured
+    /// against (gemm-bench, MOE_RAG_INJECT_MOE_PATH=dense); its buffers are sized for this many rows per expert.
+    /// </summary>
     public const int DenseMaxRows = 64;
     /// <summary>
-    /// (row, k) slots up to which the MoE block runs the warp-per-feature kernels that read routed experts once. Measured on
-    /// an H200 at Mixtral-8x7B's shape (check-device --groups gemm-bench): 0.19 ms a layer at batch 1 against 0.26 for the
-    /// tensor-core kernel; at 4 slots and more the tensor-core kernel is ahead (0.32 against 0.33 ms at 2 rows, 0.47 against
-    /// 0.61 at 4).
+    /// (row, k) slots up to which the MoE block runs the warp-per-feature kernels that read routed experts once (one row, with
+    /// top-2). Measured on an H200 at Mixtral-8x7B's shape (check-device --groups gemm-bench): 0.17 ms a layer at batch 1
+    /// against 0.26 for the tensor-core kernel; from 2 rows on the tensor-core kernel is as fast or ahead (0.33 ms at 2 rows
+    /// either way, 0.48 against 0.61 at 4).
     /// </summary>
     public const int SmallSlots = 2;
     /// <summary>
