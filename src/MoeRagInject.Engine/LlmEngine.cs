@@ -201,11 +201,24 @@ public sealed class LlmEngine : IGenerationEngine
             throw new ArgumentException($"prompt ({request.PromptIds.Count} tokens) plus max_new_tokens ({request.Sampling.MaxNewTokens}) exceeds the context length {_contextLength}");
     }
 
+    /// <summary>Aborts the request with this rid, or, when none has it, the samples of a parallel request (rid-0, rid-1, ...).</summary>
     public bool Abort(string rid)
     {
-        if (!_byRid.TryGetValue(rid, out var sequence)) return false;
-        AbortSequence(sequence, "aborted by request");
-        return true;
+        if (_byRid.TryGetValue(rid, out var sequence))
+        {
+            AbortSequence(sequence, "aborted by request");
+            return true;
+        }
+        var found = false;
+        foreach (var (key, sample) in _byRid)
+        {
+            if (key.Length <= rid.Length + 1 || !key.StartsWith(rid, StringComparison.Ordinal) || key[rid.Length] != '-'
+                || !int.TryParse(key.AsSpan(rid.Length + 1), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out _))
+                continue;
+            AbortSequence(sample, "aborted by request");
+            found = true;
+        }
+        return found;
     }
 
     internal void AbortSequence(Sequence sequence, string message) => FinishSequence(sequence, new FinishReason(FinishKind.Abort, Message: message));

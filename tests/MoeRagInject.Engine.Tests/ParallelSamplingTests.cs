@@ -60,6 +60,30 @@ public sealed class ParallelSamplingTests : IDisposable
     };
 
     [Fact]
+    public async Task AbortByTheRequestsRid_EndsEverySample_AndReturnsTheSharedBlocks()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var prompt = reference.Prompts[1].InputIds;
+        await using var engine = CreateEngine();
+        var streams = engine.SubmitParallel(Sampled(prompt, seed: 5, maxNewTokens: 1500) with { Rid = "parallel" }, 3);
+        var finishes = streams.Select(async stream =>
+        {
+            FinishReason? finish = null;
+            await foreach (var update in stream) finish = update.Finish ?? finish;
+            return finish;
+        }).ToList();
+        // Every sample has produced a token (so the shared blocks are held by all three) before the abort.
+        for (var i = 0; i < 500 && engine.GetStatus().Running < 3; i++) await Task.Delay(10);
+        await Task.Delay(50);
+
+        Assert.True(engine.Abort("parallel"));
+        foreach (var finish in await Task.WhenAll(finishes)) Assert.Equal(FinishKind.Abort, finish?.Kind);
+        var idle = await IdleStatusAsync(engine);
+        Assert.Equal(idle.TotalKvBlocks, idle.FreeKvBlocks);
+        Assert.False(engine.Abort("parallel"));
+    }
+
+    [Fact]
     public async Task FourSamples_PrefillTheSharedPromptBlocksOnce_AndEachEqualsItsSeedAlone()
     {
         using var reference = new ReferenceCase("tiny-mixtral");

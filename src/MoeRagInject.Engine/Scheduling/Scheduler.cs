@@ -163,6 +163,7 @@ internal sealed class Scheduler
         {
             if (!_blocks.IsShared(block)) continue;
             ReleaseBlocks(s);
+            s.CachedTokens = 0;  // it computes its whole context itself now
             return;
         }
     }
@@ -198,6 +199,7 @@ internal sealed class Scheduler
             break;
         }
         ReleaseBlocks(victim);
+        victim.CachedTokens = 0;  // recomputed from scratch, in blocks of its own
         victim.Preemptions++;
         Preemptions++;
         if (victim.State == SequenceState.Running)

@@ -184,17 +184,19 @@ public static class OpenAiRoutes
 
     /// <summary>
     /// OpenAI's usage: a prompt counts once however many samples it has (outputs i·n .. i·n + n − 1 share prompt i), every
-    /// sample's tokens count; cached tokens are the prompt tokens samples took from shared KV blocks.
+    /// sample's tokens count; a prompt's cached tokens are the most any of its samples took from shared KV blocks, so that
+    /// they stay a part of the prompt tokens counted.
     /// </summary>
     private static Usage UsageOf(IReadOnlyList<RequestOutput> outputs, int n)
     {
-        int prompt = 0, completion = 0, cached = 0;
+        int prompt = 0, completion = 0, cached = 0, promptCached = 0;
         for (var i = 0; i < outputs.Count; i++)
         {
             var o = outputs[i];
             if (i % n == 0) prompt += o.PromptTokens;
             completion += o.CompletionTokens;
-            cached += o.CachedTokens;
+            promptCached = Math.Max(i % n == 0 ? 0 : promptCached, Math.Min(o.CachedTokens, o.PromptTokens));
+            if (i % n == n - 1) cached += promptCached;
         }
         return new Usage(prompt, completion, prompt + completion, cached > 0 ? new PromptTokensDetails(cached) : null);
     }
