@@ -46,8 +46,11 @@ public sealed class EngineFlags
     public Option<bool> DisableCudaGraph { get; } = CliOption.Switch("--disable-cuda-graph", "run every step op by op");
     public Option<bool> Deterministic { get; } = CliOption.Switch("--deterministic",
         "batch-invariant kernels: a request's tokens do not depend on what runs beside it");
+    public Option<string> TriggerSignal { get; } = CliOption.Choice("--trigger-signal",
+        "what the trigger watches at every generated token: each router's entropy (the original's), or the entropy of the model's next-token distribution",
+        TriggerSignals.Name(Defaults.Trigger.Signal), "router-entropy", "output-entropy");
     public Option<double> EntropyThreshold { get; } = CliOption.Double("--entropy-threshold",
-        "router entropy (nats; at most ln E) above which retrieval fires", "NATS", Defaults.Trigger.Threshold, min: 0);
+        "entropy (nats; router: at most ln E, output: at most ln V) above which retrieval fires", "NATS", Defaults.Trigger.Threshold, min: 0);
     public Option<string> LogDir { get; } = CliOption.Text("--log-dir", "where rag-events.jsonl is written", "DIR", Defaults.LogDir);
     public Option<bool> LogFsync { get; } = CliOption.Switch("--log-fsync", "force each RAG event line to disk before its request goes on");
     public Option<string> RagMode { get; } = CliOption.Choice("--rag-mode",
@@ -80,7 +83,7 @@ public sealed class EngineFlags
     public IReadOnlyList<Option> All =>
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
-        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, EntropyThreshold, LogDir,
+        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, LogDir,
         LogFsync, RagMode, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
@@ -256,6 +259,7 @@ public sealed class EngineFlags
             },
             Trigger = Defaults.Trigger with
             {
+                Signal = TriggerSignals.Parse(parse.GetRequiredValue(TriggerSignal)) ?? Rag.TriggerSignal.RouterEntropy,
                 Threshold = parse.GetValue(EntropyThreshold),
                 Layers = Layers(parse.GetValue(TriggerLayers)),
                 Aggregation = parse.GetRequiredValue(TriggerAggregation) switch

@@ -53,6 +53,7 @@ public sealed record RagOverrides
     public const float MaxScale = 1e4f;
 
     public InjectionMode? Mode { get; init; }
+    public TriggerSignal? Signal { get; init; }
     public double? Threshold { get; init; }
     public float? Scale { get; init; }
 

@@ -139,7 +139,11 @@ public sealed class LlmEngine : IGenerationEngine
         Validate(request);
         var rid = request.Rid ?? $"req-{Interlocked.Increment(ref _nextRid)}-{Guid.NewGuid():N}"[..24];
         var rag = request.Rag;
-        var trigger = _options.Trigger with { Threshold = rag?.Threshold ?? _options.Trigger.Threshold };
+        var trigger = _options.Trigger with
+        {
+            Signal = rag?.Signal ?? _options.Trigger.Signal,
+            Threshold = rag?.Threshold ?? _options.Trigger.Threshold,
+        };
         var sequences = new Sequence[n];
         var blockSize = _scheduler.Blocks.BlockSize;
         // Whole blocks strictly before the last prompt position: every sample computes that position itself, to sample from it.
@@ -314,7 +318,7 @@ public sealed class LlmEngine : IGenerationEngine
             if (samples) flags |= StepState.FlagSample;
             if (request.ReturnLogprob) flags |= StepState.FlagLogprob;
             if (request.ReturnLogprob && request.TopLogprobs > 0) flags |= StepState.FlagTopLogprobs;
-            if (request.ReturnRouterEntropy) flags |= StepState.FlagOutputEntropy;
+            if (request.ReturnRouterEntropy || s.Trigger.Options.Signal == TriggerSignal.OutputEntropy) flags |= StepState.FlagOutputEntropy;
             if (s.Generated.Count < s.Sampling.MinNewTokens) flags |= StepState.FlagSuppressStops;
             if (_options.Faults?.FailSampling(s.Rid) == true) flags |= StepState.FlagFailSampling;
             state.SeqFlags[i] = flags;
@@ -410,7 +414,9 @@ public sealed class LlmEngine : IGenerationEngine
         var entropies = state.RouterEntropyOf(i);
         if (s.Mode != InjectionMode.Off && tokenIndex != s.RecomputeTokenIndex)
         {
-            var decision = s.Trigger.Evaluate(entropies, tokenIndex);
+            var decision = s.Trigger.Options.Signal == TriggerSignal.OutputEntropy
+                ? OutputEntropyDecision(s, state.OutOutputEntropy[i], tokenIndex, entropies.Length)
+                : s.Trigger.Evaluate(entropies, tokenIndex);
             if (decision.Fired)
             {
                 Park(s, decision, tokenIndex, batchSize);
@@ -432,6 +438,16 @@ public sealed class LlmEngine : IGenerationEngine
             Finish(s, new FinishReason(FinishKind.Stop, Matched: token));
         else if (s.Generated.Count >= p.MaxNewTokens || s.TotalTokens >= _contextLength)
             Finish(s, new FinishReason(FinishKind.Length, Length: s.Generated.Count));
+    }
+
+    /// <summary>
+    /// The trigger on the output distribution's entropy: the same threshold, cooldown and cap as the router signal, over one
+    /// value; a fire counts every MoE layer as fired (the signal belongs to no layer).
+    /// </summary>
+    private static TriggerDecision OutputEntropyDecision(Sequence s, float outputEntropy, int tokenIndex, int layers)
+    {
+        var decision = s.Trigger.Evaluate([outputEntropy], tokenIndex);
+        return decision.Fired ? decision with { FiredLayers = [.. Enumerable.Range(0, layers)] } : decision;
     }
 
     /// <summary>The first <paramref name="k"/> alternatives the runner reported for sequence <paramref name="i"/> (fewer past the vocabulary).</summary>

@@ -32,6 +32,8 @@ public sealed record RagEvent
     /// <summary>Sequence position of that token.</summary>
     public required int Position { get; init; }
     public required IReadOnlyList<int> Layers { get; init; }
+    /// <summary>What the trigger watched (<see cref="TriggerSignals.Name"/>); <see cref="Entropy"/> is that signal's value.</summary>
+    public string Signal { get; init; } = "router-entropy";
     public required double Entropy { get; init; }
     public required double Threshold { get; init; }
     public required int BatchSize { get; init; }
@@ -59,6 +61,7 @@ public sealed record RagEvent
         ["token_index"] = TokenIndex,
         ["position"] = Position,
         ["layers"] = new JsonArray([.. Layers.Select(l => (JsonNode?)JsonValue.Create(l))]),
+        ["signal"] = Signal,
         ["entropy"] = Number(Entropy),
         ["threshold"] = Number(Threshold),
         ["batch_size"] = BatchSize,
@@ -91,6 +94,7 @@ public sealed record RagEvent
             TokenIndex = json["token_index"]?.GetValue<int>() ?? 0,
             Position = json["position"]?.GetValue<int>() ?? 0,
             Layers = Ints(json["layers"]),
+            Signal = json["signal"]?.GetValue<string>() ?? "router-entropy",
             Entropy = json["entropy"]?.GetValue<double>() ?? double.NaN,
             Threshold = json["threshold"]?.GetValue<double>() ?? double.NaN,
             BatchSize = json["batch_size"]?.GetValue<int>() ?? 0,

@@ -11,6 +11,18 @@ public enum InjectionMode
     Prompt,
 }
 
+/// <summary>What the trigger watches at every generated token.</summary>
+public enum TriggerSignal
+{
+    /// <summary>The entropy of each MoE layer's router distribution (nats), combined over layers by <see cref="LayerAggregation"/>: the original's signal.</summary>
+    RouterEntropy,
+    /// <summary>
+    /// The entropy of the model's own next-token distribution (nats, at most ln V). It is not a per-layer signal: a fire
+    /// counts every MoE layer as fired, so latent injection (without --injection-layers) goes into every layer.
+    /// </summary>
+    OutputEntropy,
+}
+
 /// <summary>How per-layer entropies of one token combine into the trigger decision.</summary>
 public enum LayerAggregation
 {
@@ -24,6 +36,7 @@ public enum LayerAggregation
 
 public sealed record TriggerOptions
 {
+    public TriggerSignal Signal { get; init; } = TriggerSignal.RouterEntropy;
     public double Threshold { get; init; } = 0.8;
     /// <summary>Counted MoE layers; null means all.</summary>
     public IReadOnlyList<int>? Layers { get; init; }
@@ -32,6 +45,19 @@ public sealed record TriggerOptions
     public int CooldownTokens { get; init; } = 8;
     /// <summary>Most retrievals one request may make.</summary>
     public int MaxRetrievalsPerRequest { get; init; } = 4;
+}
+
+/// <summary>The signals' names on the command line, in requests, events and /get_server_info.</summary>
+public static class TriggerSignals
+{
+    public static string Name(TriggerSignal signal) => signal == TriggerSignal.OutputEntropy ? "output-entropy" : "router-entropy";
+
+    public static TriggerSignal? Parse(string text) => text.ToLowerInvariant() switch
+    {
+        "router-entropy" => TriggerSignal.RouterEntropy,
+        "output-entropy" => TriggerSignal.OutputEntropy,
+        _ => null,
+    };
 }
 
 /// <summary>Why a token whose entropy crossed the threshold did not fire.</summary>

@@ -168,6 +168,54 @@ public sealed class EngineTests : IDisposable
         for (var i = 0; i < 4; i++) Assert.Equal(reference.Prompts[i].GreedyIds, results[i].Tokens);
     }
 
+    /// <summary>
+    /// --trigger-signal output-entropy: the request's own next-token entropies, measured with RAG off, place the threshold
+    /// just under their maximum; the trigger then fires exactly at that token, reports that entropy and every layer, and
+    /// the tokens before it are the RAG-off ones. Just above the maximum it never fires.
+    /// </summary>
+    [Fact]
+    public async Task OutputEntropySignal_FiresAtTheTokenWhoseNextTokenEntropyCrossesTheThreshold()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var prompt = reference.Prompts[1].InputIds;
+        var corpus = WriteCorpus();
+        LlmEngine Engine(double threshold) => InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Runner = new CpuRunnerFactory(2),
+            Retriever = corpus,
+            Trigger = new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, CooldownTokens = 100, MaxRetrievalsPerRequest = 1 },
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+            KvCacheTokens = 4096,
+        });
+        var measured = new List<float>();
+        var offTokens = new List<int>();
+        await using (var off = Engine(0))
+            await foreach (var update in off.GenerateAsync(Greedy(prompt, InjectionMode.Off, 10) with { ReturnRouterEntropy = true }))
+            {
+                measured.AddRange(update.NewOutputEntropy);
+                offTokens.AddRange(update.NewTokenIds);
+            }
+        Assert.Equal(10, measured.Count);
+        var peak = measured.IndexOf(measured.Max());
+        var second = measured.Where((_, j) => j != peak).Max();
+        Assert.True(measured[peak] - second > 2e-3, "the maximum is not distinct enough to place a threshold under it alone");
+
+        await using (var below = Engine(measured[peak] - 1e-3))
+        {
+            var fired = await Collect(below, Greedy(prompt, InjectionMode.Latent, 10));
+            var e = Assert.Single(fired.Events);
+            Assert.Equal("output-entropy", e.Signal);
+            Assert.Equal(peak, e.TokenIndex);
+            Assert.Equal(measured[peak], e.Entropy, 1e-4);
+            Assert.Equal(Enumerable.Range(0, below.Info.NumMoeLayers), e.Layers);
+            Assert.Equal(offTokens.Take(peak), fired.Tokens.Take(peak));
+        }
+        await using (var above = Engine(measured[peak] + 1e-3))
+            Assert.Empty((await Collect(above, Greedy(prompt, InjectionMode.Latent, 10))).Events);
+    }
+
     /// <summary>Within a request an identical query is answered from the request's cache, not sent again.</summary>
     [Fact]
     public async Task IdenticalQueriesWithinARequestAreRetrievedOnce()

@@ -37,7 +37,7 @@ public class RagEventTests
         string[] expected =
         [
             "event_id", "start_time", "end_time", "request_id", "query", "snippets", "snippet_ids", "token_index", "position",
-            "layers", "entropy", "threshold", "batch_size", "retriever", "latency_ms", "mode", "injection_layers", "scale",
+            "layers", "signal", "entropy", "threshold", "batch_size", "retriever", "latency_ms", "mode", "injection_layers", "scale",
             "injection_norm", "cached", "error",
         ];
         Assert.Equal(expected.Order(StringComparer.Ordinal), json.Select(p => p.Key).Order(StringComparer.Ordinal));
@@ -47,6 +47,7 @@ public class RagEventTests
         Assert.Equal(3, (int)json["token_index"]!);
         Assert.Equal(24, (int)json["position"]!);
         Assert.Equal(1.88, (double)json["entropy"]!);
+        Assert.Equal("router-entropy", (string?)json["signal"]);
         Assert.Equal(321.5, (double)json["latency_ms"]!);
         Assert.Equal("latent", (string?)json["mode"]);
         Assert.Equal(new[] { 5, 7 }, json["layers"]!.AsArray().Select(n => (int)n!));

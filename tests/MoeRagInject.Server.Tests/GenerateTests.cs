@@ -42,6 +42,24 @@ public sealed class GenerateTests(ServerFixture server) : IClassFixture<ServerFi
         Assert.Equal(server.Host.BaseAddress.Port, info["port"]!.GetValue<int>());
         Assert.Equal("off", info["rag_mode"]!.GetValue<string>());
         Assert.Equal(0.8, info["entropy_threshold"]!.GetValue<double>(), 6);
+        Assert.Equal("router-entropy", info["trigger_signal"]!.GetValue<string>());
+    }
+
+    /// <summary>rag.trigger_signal per request: output entropy at threshold 0 fires at the first token, over every layer, and the event names the signal.</summary>
+    [Fact]
+    public async Task TriggerSignalPerRequest_IsUsedAndNamedInTheEvent()
+    {
+        var result = await Client.PostOkAsync("/generate", new JsonObject
+        {
+            ["text"] = "What is Quantum?",
+            ["sampling_params"] = new JsonObject { ["temperature"] = 0, ["max_new_tokens"] = 3 },
+            ["rag"] = new JsonObject { ["mode"] = "latent", ["trigger_signal"] = "output-entropy", ["threshold"] = 0 },
+        });
+        var e = result["meta_info"]!["rag"]!.AsArray()[0]!;
+        Assert.Equal("output-entropy", e["signal"]!.GetValue<string>());
+        Assert.Equal(0, e["token_index"]!.GetValue<int>());
+        Assert.Equal([0, 1], e["layers"]!.AsArray().Select(l => l!.GetValue<int>()));
+        Assert.True(e["entropy"]!.GetValue<double>() > 0);
     }
 
     [Theory]

@@ -59,6 +59,7 @@ public sealed class ValidationTests(ServerFixture server) : IClassFixture<Server
         { "/generate", """{"text": "hi", "rag": {"mode": "sideways"}}""", "rag.mode must be one of off, latent, prompt" },
         { "/generate", """{"text": "hi", "rag": {"threshold": "high"}}""", "rag.threshold must be a number" },
         { "/generate", """{"text": "hi", "rag": {"threshold": -1}}""", "rag.threshold must be >= 0" },
+        { "/generate", """{"text": "hi", "rag": {"trigger_signal": "vibes"}}""", "rag.trigger_signal must be one of router-entropy, output-entropy" },
         { "/generate", """{"text": "hi", "rag": "latent"}""", "rag must be an object" },
         { "/generate", """{"text": "hi", "stream": "yes"}""", "stream must be a boolean" },
         { "/generate", """{"text": "hi", "return_logprob": 1}""", "return_logprob must be a boolean" },

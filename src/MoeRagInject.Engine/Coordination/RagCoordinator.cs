@@ -175,6 +175,7 @@ internal sealed class RagCoordinator(
         TokenIndex = t.TokenIndex,
         Position = t.Position,
         Layers = t.Decision.FiredLayers,
+        Signal = TriggerSignals.Name(s.Trigger.Options.Signal),
         Entropy = t.Decision.Entropy,
         Threshold = t.Threshold,
         BatchSize = t.BatchSize,

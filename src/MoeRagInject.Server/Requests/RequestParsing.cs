@@ -14,7 +14,7 @@ public static class RequestParsing
         "n", "spaces_between_special_tokens", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params",
     ];
 
-    private static readonly HashSet<string> RagFields = ["mode", "threshold", "scale"];
+    private static readonly HashSet<string> RagFields = ["mode", "trigger_signal", "threshold", "scale"];
 
     /// <summary>sglang's <c>sampling_params</c> object (snake_case names, sglang's defaults); null means all defaults.</summary>
     public static SamplingParams ParseSglangSampling(JsonFields? fields, int vocabSize)
@@ -72,7 +72,7 @@ public static class RequestParsing
                 throw ApiException.BadRequest(Invariant($"{stopTokenIdsPath}[{i}] = {sampling.StopTokenIds[i]} is outside the vocabulary [0, {vocabSize})"));
     }
 
-    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "threshold": nats, "scale": α}</c>.</summary>
+    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "trigger_signal": "router-entropy"|"output-entropy", "threshold": nats, "scale": α}</c>.</summary>
     public static RagOverrides? ParseRag(JsonFields root)
     {
         if (root.Object("rag") is not { } rag) return null;
@@ -86,7 +86,11 @@ public static class RequestParsing
         // Range-checked as a double first: a value past fp32's range would otherwise arrive as infinity.
         if (rag.Number("scale") is { } scale && !(Math.Abs(scale) <= RagOverrides.MaxScale))
             throw ApiException.BadRequest(Invariant($"{rag.PathOf("scale")} must be a finite number in [-{RagOverrides.MaxScale}, {RagOverrides.MaxScale}] (got {scale})"));
-        var overrides = new RagOverrides { Mode = mode, Threshold = threshold, Scale = (float?)rag.Number("scale") };
+        TriggerSignal? signal = null;
+        if (rag.String("trigger_signal") is { } name)
+            signal = TriggerSignals.Parse(name)
+                ?? throw ApiException.BadRequest($"{rag.PathOf("trigger_signal")} must be one of router-entropy, output-entropy (got '{name}')");
+        var overrides = new RagOverrides { Mode = mode, Signal = signal, Threshold = threshold, Scale = (float?)rag.Number("scale") };
         if (overrides.Validate() is { } message) throw ApiException.BadRequest(message);
         return overrides;
     }

@@ -111,7 +111,7 @@ public static class SglangRoutes
                 options.Host, port,
                 e?.ModelPath, e?.Runner.Device, engine?.Info.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens,
                 e?.ChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
-                e is null ? null : RequestParsing.ModeName(e.Mode),
+                e is null ? null : RequestParsing.ModeName(e.Mode), e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
                 e?.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
                 e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest,
                 e?.InjectionScale, e?.InjectionLayers, e?.InjectionTokens, projection, e?.ProjectionSeed,
