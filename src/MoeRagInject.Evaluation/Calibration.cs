@@ -86,6 +86,14 @@ public sealed record ProjectionFit
     public required double CeilingR2 { get; init; }
 }
 
+/// <summary>
+/// One trigger signal over the calibration runs (RAG off): the threshold at which it fires on <see cref="AchievedRate"/> of
+/// generated tokens (the target rate), and the AUROC of held-out against taught terms of its value at the first answer
+/// token (j = 0) and of its maximum over the first <see cref="Calibrator.Window"/> answer tokens (a trigger watching the answer
+/// as it is written fires within them when that maximum crosses the threshold).
+/// </summary>
+public sealed record SignalCalibration(string Signal, double Threshold, double AchievedRate, double HeldoutAurocJ0, double HeldoutAurocWindow);
+
 public sealed record CalibrationResult
 {
     public required int Layer { get; init; }
@@ -99,6 +107,8 @@ public sealed record CalibrationResult
     public required IReadOnlyList<LayerEntropyStats> Entropy { get; init; }
     /// <summary>AUROC of the j = 0 max-over-layers router entropy for held-out vs taught (NaN when a split is missing).</summary>
     public required double HeldoutAurocJ0 { get; init; }
+    /// <summary>Each trigger signal (--trigger-signal) measured on the same runs: its threshold for the target rate and how well it tells held-out terms.</summary>
+    public required IReadOnlyList<SignalCalibration> Signals { get; init; }
     public ProjectionFit? Projection { get; init; }
     /// <summary>calibration.json.</summary>
     public required string JsonPath { get; init; }
@@ -109,6 +119,8 @@ public sealed record CalibrationResult
 public static class Calibrator
 {
     public const string CalibrationFileName = "calibration.json";
+    /// <summary>Answer tokens over which <see cref="SignalCalibration.HeldoutAurocWindow"/> takes the maximum.</summary>
+    public const int Window = 4;
     public const string ProjectionFileName = "injector-proj.safetensors";
 
     public static async Task<CalibrationResult> RunAsync(CalibrationOptions options, TextWriter progress, CancellationToken cancellationToken)
@@ -178,6 +190,24 @@ public static class Calibrator
         var heldout = j0.Select(r => IsHeldout(r.Item)).ToList();
         var aurocMax = Stats.Auroc(j0Max, heldout);
         var aurocMean = Stats.Auroc(j0Mean, heldout);
+        // Each trigger signal, per generated token: the router's (max over layers, as --trigger-aggregation any fires) and the
+        // output distribution's.
+        var signals = new List<SignalCalibration>();
+        foreach (var (name, perToken) in new (string, Func<QuestionRun, int, double>)[]
+                 {
+                     ("router-entropy", (r, j) => r.RouterEntropy[j].Max()),
+                     ("output-entropy", (r, j) => r.OutputEntropy[j]),
+                 })
+        {
+            var all = runs.SelectMany(r => Enumerable.Range(0, r.RouterEntropy.Count).Select(j => perToken(r, j))).ToList();
+            var signalThreshold = Stats.Quantile(all, 1 - options.TargetRate);
+            var rate = all.Count(v => v > signalThreshold) / (double)all.Count;
+            var atJ0 = Stats.Auroc([.. j0.Select(r => perToken(r, 0))], heldout);
+            var window = Stats.Auroc([.. j0.Select(r => Enumerable.Range(0, Math.Min(Window, r.RouterEntropy.Count)).Max(j => perToken(r, j)))], heldout);
+            signals.Add(new SignalCalibration(name, signalThreshold, rate, atJ0, window));
+            progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"[calibrate] {name}: threshold for rate {options.TargetRate:G3} = {signalThreshold:F4} (achieved {rate:P1}); held-out AUROC at j=0 {JsonOut.F(atJ0)}, max over j<{Window} {JsonOut.F(window)}"));
+        }
         progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"[calibrate] {maxes.Count} tokens; max-over-layers p50={Stats.Quantile(maxes, 0.5):F3} p90={Stats.Quantile(maxes, 0.9):F3}; threshold for rate {options.TargetRate:G3} = {threshold:F4} (achieved {achieved:P1}); j=0 held-out AUROC (max) = {JsonOut.F(aurocMax)}"));
 
@@ -221,6 +251,16 @@ public static class Calibrator
                 ["mean_over_layers"] = JsonOut.Summary(group.Select(r => (double)r.RouterEntropy[0].Average())),
             };
         }
+        var signalsJson = new JsonObject();
+        foreach (var signal in signals)
+            signalsJson[signal.Signal] = new JsonObject
+            {
+                ["threshold"] = JsonOut.Num(signal.Threshold),
+                ["achieved_rate"] = JsonOut.Num(signal.AchievedRate),
+                ["auroc_heldout_j0"] = JsonOut.Num(signal.HeldoutAurocJ0),
+                [$"auroc_heldout_max_j0_{Window - 1}"] = JsonOut.Num(signal.HeldoutAurocWindow),
+            };
+        json["signals"] = signalsJson;
         json["j0"] = new JsonObject
         {
             ["by_split"] = splitJson,
@@ -254,6 +294,7 @@ public static class Calibrator
             Tokens = maxes.Count,
             Entropy = entropyStats,
             HeldoutAurocJ0 = aurocMax,
+            Signals = signals,
             Projection = fit,
             JsonPath = jsonPath,
             Json = json,

@@ -46,6 +46,17 @@ public sealed class DemoModelTests : IDisposable
         }, progress, CancellationToken.None);
         Assert.Equal(3, calibration.Layer);
         Assert.InRange(calibration.Threshold, 0.5, Math.Log(8));
+        // Both trigger signals measured on the same runs, each with its own threshold for the same target rate.
+        Assert.Equal(["router-entropy", "output-entropy"], calibration.Signals.Select(x => x.Signal));
+        var router = calibration.Signals[0];
+        var output = calibration.Signals[1];
+        Assert.Equal(calibration.Threshold, router.Threshold, 9);
+        Assert.InRange(output.Threshold, 0, Math.Log(100_000));  // nats, at most ln V
+        Assert.All(calibration.Signals, x => Assert.InRange(x.AchievedRate, 0.05, 0.15));
+        // The finding, measured here on 48 questions: the output distribution's entropy over the first answer tokens
+        // tells held-out terms from taught ones (0.93 when written), better than the routers' entropy does (0.56).
+        Assert.True(output.HeldoutAurocWindow >= 0.85, $"output-entropy window AUROC {output.HeldoutAurocWindow}");
+        Assert.True(output.HeldoutAurocWindow > router.HeldoutAurocWindow, $"{output} vs {router}");
         Assert.Equal(64, calibration.Projection!.Pairs);
 
         var outPath = Path.Combine(_temp, "eval", "wordnet-small.json");
