@@ -56,6 +56,9 @@ public sealed class EngineFlags
     public Option<string> RagMode { get; } = CliOption.Choice("--rag-mode",
         "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt",
         Lower(Defaults.Mode), "off", "latent", "prompt");
+    public Option<string> PromptRagRestart { get; } = CliOption.Choice("--prompt-rag-restart",
+        $"prompt mode firing within the first {EngineOptions.PromptRestartWindowTokens} answer tokens: answer drops the answer so far and generates it again after the rebuilt context (those tokens are held back until then); continue keeps it (FLARE's)",
+        "answer", "answer", "continue");
     public Option<IReadOnlyList<int>?> TriggerLayers { get; } = CliOption.IntList("--trigger-layers",
         "MoE layers whose entropy counts", "all|0,2,3", "all", allWord: "all", min: 0);
     public Option<string> TriggerAggregation { get; } = CliOption.Choice("--trigger-aggregation",
@@ -84,7 +87,7 @@ public sealed class EngineFlags
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
         ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, LogDir,
-        LogFsync, RagMode, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
+        LogFsync, RagMode, PromptRagRestart, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
 
@@ -257,6 +260,7 @@ public sealed class EngineFlags
                 "prompt" => InjectionMode.Prompt,
                 _ => InjectionMode.Latent,
             },
+            PromptRagRestart = parse.GetRequiredValue(PromptRagRestart) == "continue" ? Engine.PromptRagRestart.Continue : Engine.PromptRagRestart.Answer,
             Trigger = Defaults.Trigger with
             {
                 Signal = TriggerSignals.Parse(parse.GetRequiredValue(TriggerSignal)) ?? Rag.TriggerSignal.RouterEntropy,

@@ -48,6 +48,10 @@ public sealed record EngineOptions
     public int RetrievalTopK { get; init; } = 3;
     /// <summary>The retrieval query is the detokenised last N tokens of prompt plus output.</summary>
     public int QueryWindowTokens { get; init; } = 32;
+    /// <summary>Answer tokens within which a prompt-mode trigger restarts the answer (<see cref="PromptRagRestart.Answer"/>), held back until they pass.</summary>
+    public const int PromptRestartWindowTokens = 8;
+    /// <summary>Prompt-mode RAG that fires early in the answer: restart the answer after the rebuilt context, or keep it.</summary>
+    public PromptRagRestart PromptRagRestart { get; init; } = PromptRagRestart.Answer;
 
     public string LogDir { get; init; } = "./logs";
     /// <summary>Each RAG event line is on disk (fsync) before its request goes on.</summary>
@@ -85,4 +89,17 @@ public interface IFaultInjection
     void CorruptInjection(string rid, Span<float> vector)
     {
     }
+}
+
+/// <summary>What prompt-mode RAG does with the answer generated before its trigger (--prompt-rag-restart).</summary>
+public enum PromptRagRestart
+{
+    /// <summary>
+    /// The answer so far is dropped and generated again after the rebuilt context, when the trigger fires within the first
+    /// <see cref="EngineOptions.PromptRestartWindowTokens"/> tokens; those tokens are held back from the client until then
+    /// (so nothing sent is ever taken back). Later triggers continue.
+    /// </summary>
+    Answer,
+    /// <summary>FLARE's behaviour: the tokens generated so far stay, and generation goes on after them.</summary>
+    Continue,
 }

@@ -430,7 +430,7 @@ public sealed class LlmEngine : IGenerationEngine
         if (state.Sampling[s.Slot].HasPenalties) _runner.AcceptToken(s.Slot, token);
         s.Generated.Add(token);
         var request = s.Request;
-        s.Output.AddToken(new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i], _resultsTicks,
+        Emit(s, new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i], _resultsTicks,
             (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null), entropies);
 
         var p = s.Sampling;
@@ -448,6 +448,29 @@ public sealed class LlmEngine : IGenerationEngine
     {
         var decision = s.Trigger.Evaluate([outputEntropy], tokenIndex);
         return decision.Fired ? decision with { FiredLayers = [.. Enumerable.Range(0, layers)] } : decision;
+    }
+
+    /// <summary>
+    /// Gives an accepted token to the request's output, or holds it back while a prompt-mode trigger may still restart the
+    /// answer (the first <see cref="EngineOptions.PromptRestartWindowTokens"/> tokens), so that no token the client got is
+    /// ever dropped. Held tokens go out, in order, as soon as no restart can come.
+    /// </summary>
+    private void Emit(Sequence s, in TokenOutput token, ReadOnlySpan<float> entropies)
+    {
+        if (s.Mode == InjectionMode.Prompt && _options.PromptRagRestart == PromptRagRestart.Answer
+            && s.Generated.Count < EngineOptions.PromptRestartWindowTokens)
+        {
+            s.Held.Add((token, entropies.ToArray()));
+            return;
+        }
+        ReleaseHeld(s);
+        s.Output.AddToken(token, entropies);
+    }
+
+    private static void ReleaseHeld(Sequence s)
+    {
+        foreach (var (held, entropies) in s.Held) s.Output.AddToken(held, entropies);
+        s.Held.Clear();
     }
 
     /// <summary>The first <paramref name="k"/> alternatives the runner reported for sequence <paramref name="i"/> (fewer past the vocabulary).</summary>
@@ -514,6 +537,17 @@ public sealed class LlmEngine : IGenerationEngine
             s.Computed = 0;
             // The new context is written from position 0: blocks shared with parallel samples must not be overwritten.
             _scheduler.DropSharedBlocks(s);
+            if (outcome.RestartAnswer)
+            {
+                // The answer starts again after the passages: its held tokens were never sent, its penalties start afresh.
+                s.Generated.Clear();
+                s.Held.Clear();
+                s.SlotBound = false;
+                s.Trigger.RestartAnswer();
+                s.RecomputeTokenIndex = -1;
+                _scheduler.Resume(s);
+                return;
+            }
         }
         s.RecomputeTokenIndex = outcome.TokenIndex;
         _scheduler.Resume(s);
@@ -522,6 +556,7 @@ public sealed class LlmEngine : IGenerationEngine
     private void Finish(Sequence s, FinishReason reason)
     {
         if (s.State == SequenceState.Finished) return;
+        ReleaseHeld(s);
         _scheduler.Remove(s);
         s.State = SequenceState.Finished;
         _byRid.TryRemove(new KeyValuePair<string, Sequence>(s.Rid, s));

@@ -52,6 +52,8 @@ internal sealed class Sequence
     /// <summary>The tokens ahead of the output: the prompt, or (prompt-mode RAG) the passages and the prompt.</summary>
     public List<int> Context { get; set; }
     public List<int> Generated { get; } = [];
+    /// <summary>Tokens accepted but not yet given to <see cref="Output"/>: a prompt-mode restart may still drop them.</summary>
+    internal List<(TokenOutput Token, float[] RouterEntropy)> Held { get; } = [];
     public int TotalTokens => Context.Count + Generated.Count;
     public int TokenAt(int position) => position < Context.Count ? Context[position] : Generated[position - Context.Count];
 

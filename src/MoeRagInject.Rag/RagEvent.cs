@@ -40,6 +40,8 @@ public sealed record RagEvent
     public required string Retriever { get; init; }
     public double LatencyMs { get; init; }
     public required string Mode { get; init; }
+    /// <summary>Prompt mode: "answer" when the answer so far was dropped and is generated again after the rebuilt context, "continue" when it was kept; null otherwise.</summary>
+    public string? Restart { get; init; }
     public IReadOnlyList<int> InjectionLayers { get; init; } = [];
     public double Scale { get; init; }
     /// <summary>L2 norm of the vector added to the residual stream (latent mode).</summary>
@@ -68,6 +70,7 @@ public sealed record RagEvent
         ["retriever"] = Retriever,
         ["latency_ms"] = Number(LatencyMs),
         ["mode"] = Mode,
+        ["restart"] = Restart,
         ["injection_layers"] = new JsonArray([.. InjectionLayers.Select(l => (JsonNode?)JsonValue.Create(l))]),
         ["scale"] = Number(Scale),
         ["injection_norm"] = Number(InjectionNorm),
@@ -101,6 +104,7 @@ public sealed record RagEvent
             Retriever = json["retriever"]?.GetValue<string>() ?? "",
             LatencyMs = json["latency_ms"]?.GetValue<double>() ?? 0,
             Mode = json["mode"]?.GetValue<string>() ?? "",
+            Restart = json["restart"]?.GetValue<string>(),
             InjectionLayers = Ints(json["injection_layers"]),
             Scale = json["scale"]?.GetValue<double>() ?? 0,
             InjectionNorm = json["injection_norm"]?.GetValue<double>() ?? 0,

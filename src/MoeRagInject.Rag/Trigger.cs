@@ -234,4 +234,7 @@ public sealed class EntropyTrigger
         _retrievalCount++;
         _lastRetrievalToken = tokenIndex;
     }
+
+    /// <summary>The answer was dropped and starts again (prompt-mode restart): token indices count from 0 again, and the cooldown runs from there.</summary>
+    public void RestartAnswer() => _lastRetrievalToken = 0;
 }

@@ -216,6 +216,77 @@ public sealed class EngineTests : IDisposable
             Assert.Empty((await Collect(above, Greedy(prompt, InjectionMode.Latent, 10))).Events);
     }
 
+    /// <summary>
+    /// Prompt-mode RAG that fires a few tokens into the answer (--prompt-rag-restart answer, the default): the answer is
+    /// generated again after the rebuilt context, and the client gets exactly the tokens a RAG-off request with that
+    /// context as its prompt gets (none of the dropped ones, which were held back); with continue the tokens before the
+    /// trigger stay. The trigger is placed by the request's own output entropies, measured with RAG off.
+    /// </summary>
+    [Theory]
+    [InlineData(PromptRagRestart.Answer)]
+    [InlineData(PromptRagRestart.Continue)]
+    public async Task PromptRagFiringInTheAnswer_RestartsItOrContinues(PromptRagRestart restart)
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var corpus = WriteCorpus();
+        const int Window = EngineOptions.PromptRestartWindowTokens, MaxNew = 12;
+        LlmEngine Engine(double threshold) => InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Runner = new CpuRunnerFactory(2),
+            Retriever = corpus,
+            Mode = InjectionMode.Prompt,
+            PromptRagRestart = restart,
+            Trigger = new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, CooldownTokens = 100, MaxRetrievalsPerRequest = 1 },
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+            KvCacheTokens = 4096,
+        });
+
+        // A prompt whose largest output entropy over the first Window tokens is distinct and not at the first token.
+        int[]? prompt = null;
+        List<int> offTokens = [];
+        var peak = -1;
+        double threshold = 0;
+        await using (var off = Engine(0))
+            foreach (var candidate in reference.Prompts.Select(p => p.InputIds))
+            {
+                var measured = new List<float>();
+                var tokens = new List<int>();
+                await foreach (var update in off.GenerateAsync(Greedy(candidate, InjectionMode.Off, MaxNew)))
+                {
+                    measured.AddRange(update.NewOutputEntropy);
+                    tokens.AddRange(update.NewTokenIds);
+                }
+                var head = measured.Take(Window).ToList();
+                var at = head.IndexOf(head.Max());
+                if (at < 1 || head.Where((_, j) => j != at).Max() > head[at] - 2e-3) continue;
+                (prompt, offTokens, peak, threshold) = (candidate, tokens, at, head[at] - 1e-3);
+                break;
+            }
+        Assert.NotNull(prompt);
+
+        await using var engine = Engine(threshold);
+        var fired = await Collect(engine, Greedy(prompt, InjectionMode.Prompt, MaxNew));
+        var e = Assert.Single(fired.Events);
+        Assert.Equal(peak, e.TokenIndex);
+        Assert.Equal(restart == PromptRagRestart.Answer ? "answer" : "continue", e.Restart);
+        Assert.Equal(MaxNew, fired.Tokens.Count);
+        if (restart == PromptRagRestart.Continue)
+        {
+            Assert.Equal(offTokens.Take(peak), fired.Tokens.Take(peak));
+            return;
+        }
+        // The context the restart built: BOS, the passages, then the prompt; a RAG-off request with it as its prompt.
+        var tokenizer = engine.Tokenizer;
+        var context = new List<int> { tokenizer.BosTokenId!.Value };
+        context.AddRange(tokenizer.Encode("Context:\n" + string.Join("\n", e.Snippets) + "\n\n", addSpecialTokens: false));
+        context.AddRange(prompt.Skip(prompt[0] == tokenizer.BosTokenId ? 1 : 0));
+        var expected = await Collect(engine, Greedy([.. context], InjectionMode.Off, MaxNew));
+        Assert.Equal(expected.Tokens, fired.Tokens);
+        Assert.NotEqual(offTokens.Take(peak), fired.Tokens.Take(peak));
+    }
+
     /// <summary>Within a request an identical query is answered from the request's cache, not sent again.</summary>
     [Fact]
     public async Task IdenticalQueriesWithinARequestAreRetrievedOnce()

@@ -37,7 +37,7 @@ public class RagEventTests
         string[] expected =
         [
             "event_id", "start_time", "end_time", "request_id", "query", "snippets", "snippet_ids", "token_index", "position",
-            "layers", "signal", "entropy", "threshold", "batch_size", "retriever", "latency_ms", "mode", "injection_layers", "scale",
+            "layers", "signal", "entropy", "threshold", "batch_size", "retriever", "latency_ms", "mode", "restart", "injection_layers", "scale",
             "injection_norm", "cached", "error",
         ];
         Assert.Equal(expected.Order(StringComparer.Ordinal), json.Select(p => p.Key).Order(StringComparer.Ordinal));

@@ -43,6 +43,7 @@ public sealed class GenerateTests(ServerFixture server) : IClassFixture<ServerFi
         Assert.Equal("off", info["rag_mode"]!.GetValue<string>());
         Assert.Equal(0.8, info["entropy_threshold"]!.GetValue<double>(), 6);
         Assert.Equal("router-entropy", info["trigger_signal"]!.GetValue<string>());
+        Assert.Equal("answer", info["prompt_rag_restart"]!.GetValue<string>());
     }
 
     /// <summary>rag.trigger_signal per request: output entropy at threshold 0 fires at the first token, over every layer, and the event names the signal.</summary>

@@ -10,8 +10,9 @@ internal sealed record RagTrigger(TriggerDecision Decision, int TokenIndex, int 
     InjectionMode Mode, float Scale, double Threshold, int GeneratedCount);
 
 /// <summary>What a retrieval brings back to the loop: the event, and a vector to inject or a context to rebuild (or neither).</summary>
+/// <param name="RestartAnswer">With <see cref="Context"/>: drop the answer generated so far and generate it again after the context.</param>
 internal sealed record RagOutcome(RagEvent Event, int TokenIndex, int Position, float[]? Vector, IReadOnlyList<int> InjectionLayers,
-    int InjectionEnd, List<int>? Context);
+    int InjectionEnd, List<int>? Context, bool RestartAnswer = false);
 
 /// <summary>
 /// Everything a trigger sets off, off the engine loop: the notice line, detokenizing the query, the retrieval (cancelled
@@ -141,8 +142,11 @@ internal sealed class RagCoordinator(
                 norm = 0;
             }
         }
-        return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets), t.TokenIndex, t.Position,
-            vector, layers, end, context);
+        // Prompt mode restarts the answer when it fires within the tokens the loop holds back (PromptRagRestart.Answer).
+        var restart = t.Mode != InjectionMode.Prompt ? null
+            : options.PromptRagRestart == PromptRagRestart.Answer && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue";
+        return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets) with { Restart = restart },
+            t.TokenIndex, t.Position, vector, layers, end, context, context is not null && restart == "answer");
     }
 
     /// <summary>Prompt-mode RAG: the passages go ahead of the prompt, and the whole context will be prefilled again.</summary>

@@ -71,6 +71,7 @@ public sealed record ServerInfoResponse(
     bool? DisableCudaGraph,
     bool? Deterministic,
     string? RagMode,
+    string? PromptRagRestart,
     string? TriggerSignal,
     double? EntropyThreshold,
     IReadOnlyList<int>? TriggerLayers,
