@@ -20,7 +20,7 @@ public sealed class DashboardTests(DashboardServerFixture server, ITestOutputHel
 {
     private static readonly string[] Charts = ["chart-throughput", "chart-latency", "chart-queue", "chart-rag"];
 
-    [Fact]
+    [ObservabilityFact(browser: true)]
     public async Task TheDashboardDrawsLiveChartsEventsAndAnEntropyHeatmap()
     {
         var layers = (await server.Client.GetOkAsync("/get_model_info"))["num_moe_layers"]!.GetValue<int>();

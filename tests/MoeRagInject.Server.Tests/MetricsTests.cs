@@ -94,7 +94,7 @@ public sealed class MetricsTests(MetricsServerFixture server, ITestOutputHelper 
 
     private readonly ConcurrentBag<Served> _served = [];
 
-    [Fact]
+    [ObservabilityFact(parser: true)]
     public async Task ScrapesDuringALoadParseAndAgreeWithTheResponses()
     {
         var layers = (await server.Client.GetOkAsync("/get_model_info"))["num_moe_layers"]!.GetValue<int>();

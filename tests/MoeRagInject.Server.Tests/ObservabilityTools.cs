@@ -3,15 +3,60 @@ using System.Diagnostics;
 namespace MoeRagInject.Server.Tests;
 
 /// <summary>
+/// A test that drives the observability tests' independent tools: skipped, saying what is missing, on a machine without
+/// them (the README's test command on a fresh machine), unless MOE_RAG_INJECT_REQUIRE_TEST_TOOLS=1, which .ci/run sets
+/// after installing them, so that CI runs it or fails.
+/// </summary>
+public sealed class ObservabilityFactAttribute : FactAttribute
+{
+    /// <param name="browser">Needs Node.js, npm and Chromium (the dashboard test).</param>
+    /// <param name="parser">Needs Debian's python3 with python3-prometheus-client (the metrics test).</param>
+    public ObservabilityFactAttribute(bool browser = false, bool parser = false)
+    {
+        if (ObservabilityTools.Required) return;
+        var missing = ObservabilityTools.Missing(browser, parser);
+        if (missing.Count > 0)
+            Skip = $"{string.Join(", ", missing)} missing, so this test did not run (.ci/run installs them: apt-get install {string.Join(' ', missing)})";
+    }
+}
+
+/// <summary>
 /// The independent tools of the observability tests, under tests/observability, run as child processes with a time limit:
 /// the official Prometheus Python client's text-format parser (Debian's python3-prometheus-client, under Debian's
 /// /usr/bin/python3) and Node helpers (headless Chromium through playwright-core), installed on first use with
-/// <c>npm ci</c> from the committed lock file. .ci/run installs all of them beforehand; a machine without one fails with
-/// a message that says what to install.
+/// <c>npm ci</c> from the committed lock file. .ci/run installs all of them beforehand.
 /// </summary>
 public static class ObservabilityTools
 {
     private const string Python = "/usr/bin/python3";
+
+    /// <summary>Set by .ci/run: the tests run (and fail with what is missing) instead of skipping.</summary>
+    public static bool Required => Environment.GetEnvironmentVariable("MOE_RAG_INJECT_REQUIRE_TEST_TOOLS") == "1";
+
+    /// <summary>The Debian packages whose tools are absent here, of those the asked-for tests need.</summary>
+    public static IReadOnlyList<string> Missing(bool browser, bool parser)
+    {
+        var missing = new List<string>();
+        if (browser)
+        {
+            if (NodeProcess.Find("node") is null || NodeProcess.Find("npm") is null) missing.AddRange(["nodejs", "npm"]);
+            if (!File.Exists(Environment.GetEnvironmentVariable("CHROMIUM") ?? "/usr/bin/chromium")) missing.Add("chromium");
+        }
+        if (parser && !PythonHasPrometheusClient()) missing.Add("python3-prometheus-client");
+        return missing;
+    }
+
+    private static bool PythonHasPrometheusClient()
+    {
+        if (!File.Exists(Python)) return false;
+        using var process = Process.Start(new ProcessStartInfo(Python, ["-c", "import prometheus_client"])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        })!;
+        return process.WaitForExit(30_000) && process.ExitCode == 0;
+    }
     private static readonly SemaphoreSlim InstallGate = new(1, 1);
     private static readonly string[] Packages = ["playwright-core", "pngjs"];
 

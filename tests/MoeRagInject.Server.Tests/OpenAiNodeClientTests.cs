@@ -9,6 +9,7 @@ public sealed class NodeFactAttribute : FactAttribute
 {
     public NodeFactAttribute()
     {
+        if (ObservabilityTools.Required) return;
         foreach (var tool in new[] { "node", "npm" })
             if (NodeProcess.Find(tool) is null)
                 Skip = $"{tool} is not on the PATH, so the official openai npm client was not run (.ci/run installs Node.js where apt-get can)";
