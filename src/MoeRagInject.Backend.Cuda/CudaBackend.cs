@@ -40,6 +40,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private Dictionary<string, (int Index, bool IsNorm)>? _dummyNumbers;
     private ulong _dummySeed;
     private int _topK = 2;
+    private readonly OpProfile? _profile;
+
+    /// <summary>Times an op when profiling (<see cref="OpProfile"/>); otherwise, and while capturing, does nothing.</summary>
+    private OpProfile.Scope Op(string name) => _profile is { } p && !_capturing ? p.Time(name) : default;
 
     internal CudaBackend(CudaDevice device, bool deterministic, Action<string>? progress)
     {
@@ -52,6 +56,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         _workspace = device.Allocate(32L << 20);
         _cublas.SetWorkspace(_workspace);
         _cublas.SetStream(Stream);
+        _profile = OpProfile.FromEnvironment(device, Stream);
         Description = string.Create(CultureInfo.InvariantCulture,
             $"cuda:{device.Ordinal} {device.Name} ({_kernels.Architecture}, {device.TotalMemoryBytes / 1e9:F0} GB, {device.MultiprocessorCount} SMs){(deterministic ? ", deterministic" : "")}");
     }
@@ -190,6 +195,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         EnsureCurrent();
         _topK = host.ExpertsPerToken;
         EnsureSplitWorkspace(SplitWorkspaceBytes(host.Config, host.Limits.MaxRows, host.Limits.MaxSequences));
+        EnsureAttentionPartial(AttentionPartialBound(host.Config, host.Limits.MaxRows, AttentionSplits));
         return new CudaStepBuffers(this, host, DenseMaxRows);
     }
 
@@ -228,8 +234,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     private static CudaStepBuffers S(IStepBuffers s) => (CudaStepBuffers)s;
 
-    public void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows) =>
+    public void Embed(DeviceTensor table, IStepBuffers step, DeviceTensor hidden, int rows)
+    {
+        if (!_capturing) _profile?.Step(rows);
+        using var _ = Op("embed");
         Launch("embed", (uint)rows, 256, T(table).Pointer, S(step).TokenIds, T(hidden).Pointer, T(hidden).Columns, T(table).Rows);
+    }
 
     /// <summary>Blocks of 256 columns across a row: small batches still spread over the multiprocessors.</summary>
     private static uint ColumnBlocks(int columns) => (uint)((columns + 255) / 256);
@@ -237,15 +247,22 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>Threads of a norm block: the whole row in one pass for small batches.</summary>
     private const uint NormThreads = 1024;
 
-    public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
+    public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows)
+    {
+        using var _ = Op("rms_norm");
         Launch("rms_norm", (uint)rows, NormThreads, T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
+    }
 
-    public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows) =>
+    public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows)
+    {
+        using var _ = Op("add_rms_norm");
         Launch("add_rms_norm", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
+    }
 
     public void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows)
     {
         var (a, w, y) = (T(x), T(weight), T(output));
+        using var _ = Op($"linear {w.Rows}x{w.Columns}");
         if (!a.IsBf16 || !w.IsBf16 || y.IsBf16) throw new ArgumentException("linear: bf16 input and weight, fp32 output expected");
         var path = LinearPathForced ?? (Deterministic ? LinearPath.Tensor : rows <= GemvMaxRows ? LinearPath.Gemv : LinearPath.Cublas);
         if (path == LinearPath.Tensor)
@@ -268,6 +285,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     public void RotaryAndCacheWrite(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, int rows)
     {
         var kv = (CudaKvCache)cache;
+        using var _ = Op("rope_kv_write");
         Launch3("rope_kv_write", ((uint)rows, (uint)(shape.Heads + shape.KvHeads), 1), (uint)Math.Max(32, (shape.HeadDim / 2 + 31) / 32 * 32), 0, T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
             shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth);
     }
@@ -276,18 +294,104 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var kv = (CudaKvCache)cache;
         var s = S(step);
+        using var _ = Op("attention");
+        var group = shape.Heads / shape.KvHeads;
+        var window = shape.SlidingWindow ?? 0;
+        var scale = 1f / MathF.Sqrt(shape.HeadDim);
+        var tensorCores = !Deterministic && !_scalarAttentionForced && TensorAttentionFits(shape);
+        if (tensorCores && rows > s.Host.Sequences)
+        {
+            // Prompt rows in the step: the flash-style kernel for every sequence of it.
+            var rowTiles = Math.Max(1, 4 / group);
+            var perBlock = 16 * rowTiles;
+            var name = $"attention_tc_d{shape.HeadDim}";
+            var bytes = (uint)(4 * 64 * shape.HeadDim * 2);
+            if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
+            Launch3(name, ((uint)((rows + perBlock - 1) / perBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(32 * group * rowTiles), bytes,
+                T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
+                s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth);
+            return;
+        }
+        var splits = AttentionSplits(rows, shape.KvHeads);
+        if (splits > 1) EnsureAttentionPartial(AttentionPartialBytes(rows, shape, splits));
+        var partial = splits > 1 ? _attentionPartial!.Pointer : 0UL;
+        if (tensorCores)
+        {
+            // Decode rows only: one warp per (row, KV head, split), the group's query heads as its mma rows.
+            var name = $"attention_decode_tc_d{shape.HeadDim}";
+            var bytes = (uint)(2 * 32 * shape.HeadDim * 2);
+            Launch3(name, ((uint)rows, (uint)shape.KvHeads, (uint)splits), 32, bytes,
+                T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.RowSequence, s.SeqSlot,
+                s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth, partial);
+        }
+        else
+            ScalarAttention(qkv, kv, layer, shape, s, output, rows, splits, partial);
+        if (splits > 1)
+            Launch3("attention_combine", ((uint)rows, (uint)shape.KvHeads, 1), 128, 0, _attentionPartial!.Pointer, T(output).Pointer,
+                shape.Heads, shape.KvHeads, shape.HeadDim, splits);
+    }
+
+    /// <summary>attention_g*_d*: one 16-warp block per (row, KV head, split), fp32 throughout; --deterministic's kernel.</summary>
+    private void ScalarAttention(DeviceTensor qkv, CudaKvCache kv, int layer, AttentionShape shape, CudaStepBuffers s, DeviceTensor output,
+        int rows, int splits, ulong partial)
+    {
         var group = shape.Heads / shape.KvHeads;
         var perLane = (shape.HeadDim + 31) / 32;
         var groupBound = Bound(group);
         var laneBound = Bound(perLane);
         if (groupBound > 8 || laneBound > 8) throw new NotSupportedException($"attention: {group} query heads per KV head or head_dim {shape.HeadDim} is beyond this kernel (at most 8 and 256)");
-        var name = $"attention_g{groupBound}_d{laneBound}";
+        var kernel = $"attention_g{groupBound}_d{laneBound}";
         var shared = (uint)(AttentionWarps * group * shape.HeadDim * 4);
-        if (shared > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
-        Launch3(name, ((uint)rows, (uint)shape.KvHeads, 1), 32 * AttentionWarps, shared,
+        if (shared > 48 * 1024 && _sharedRaised.Add(kernel)) _kernels[kernel].SetMaxDynamicSharedMemory((int)shared);
+        Launch3(kernel, ((uint)rows, (uint)shape.KvHeads, (uint)splits), 32 * AttentionWarps, shared,
             T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.RowSequence, s.SeqSlot,
             s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, shape.HeadDim,
-            shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth);
+            shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth, partial);
+    }
+
+    /// <summary>MOE_RAG_INJECT_ATTENTION=scalar: the fp32 kernel for every row, to measure the tensor-core kernels against.</summary>
+    private readonly bool _scalarAttentionForced = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION") is "scalar";
+
+    /// <summary>The tensor-core kernels' instantiations: head dimensions 16, 32, 64 and 128, at most 8 query heads per KV head.</summary>
+    private static bool TensorAttentionFits(AttentionShape shape) =>
+        shape.HeadDim is 16 or 32 or 64 or 128 && shape.Heads / shape.KvHeads <= 8;
+
+    /// <summary>
+    /// Shares each row's keys are cut into (decode kernels): enough blocks for four per multiprocessor when the rows and KV
+    /// heads alone are too few, at most 16; one under --deterministic, so a row is summed the same way at every batch size.
+    /// </summary>
+    private int AttentionSplits(int rows, int kvHeads) =>
+        Deterministic ? 1 : Math.Clamp((4 * Device.MultiprocessorCount + rows * kvHeads - 1) / (rows * kvHeads), 1, MaxAttentionSplits);
+
+    private const int MaxAttentionSplits = 16;
+    private DeviceBuffer? _attentionPartial;
+
+    private static long AttentionPartialBytes(int rows, AttentionShape shape, int splits) =>
+        4L * rows * shape.KvHeads * splits * (shape.Heads / shape.KvHeads) * (shape.HeadDim + 2);
+
+    /// <summary>The split records' buffer for the largest rows · splits a runner of this model can take (before any capture).</summary>
+    private static long AttentionPartialBound(ModelConfig config, int maxRows, Func<int, int, int> splitsFor)
+    {
+        var shape = MixtralModel.ShapeOf(config);
+        long bytes = 0;
+        for (var rows = 1; rows <= maxRows; rows++)
+        {
+            var splits = splitsFor(rows, shape.KvHeads);
+            if (splits == 1) break;  // fewer splits as rows grow
+            bytes = Math.Max(bytes, AttentionPartialBytes(rows, shape, splits));
+        }
+        return bytes;
+    }
+
+    /// <summary>Grows the split records' buffer; never once a graph holds its address.</summary>
+    private void EnsureAttentionPartial(long bytes)
+    {
+        if (bytes == 0 || _attentionPartial is not null && _attentionPartial.ByteLength >= bytes) return;
+        if (_capturing || _captures > 0)
+            throw new InvalidOperationException($"attention split records of {bytes} bytes needed after graphs were captured (sized {_attentionPartial?.ByteLength ?? 0})");
+        Stream.Synchronize();
+        _attentionPartial?.Dispose();
+        _attentionPartial = Device.Allocate(bytes);
     }
 
     /// <summary>Warps of an attention block (ATT_WARPS in attention.cu).</summary>
@@ -299,6 +403,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var s = S(step);
         var w = T(routerWeight);
+        using var _ = Op("route");
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
         Launch("route", (uint)rows, 256, T(x).Pointer, w.Pointer, w.Columns, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights,
             s.RowEntropies, layer, s.Host.Layers);
@@ -336,7 +441,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var input = T(x);
         var delta = T(output);
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
-        switch (PathFor(rows, topK))
+        var path = PathFor(rows, topK);
+        using var _ = Op($"moe ({path})");
+        switch (path)
         {
             case MoePath.Small when rows == 1:
             {
@@ -359,12 +466,16 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             case MoePath.Tensor:
             {
                 // Slots sorted by expert on the device; gate·up with silu·mul gathered through the sort; down; each row sums its own.
-                Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                using (Op("  moe: sort"))
+                    Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
                 var touched = Math.Min(e, slots);
                 var perExpert = (slots + touched - 1) / touched;
-                GemmGrouped(gateUp: true, input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, slots, topK, i, h, s.MoeAct.Pointer, perExpert);
-                GemmGrouped(gateUp: false, s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0, e, slots, topK, h, i, s.MoeOut.Pointer, perExpert);
-                Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+                using (Op("  moe: gate_up GEMM"))
+                    GemmGrouped(gateUp: true, input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, slots, topK, i, h, s.MoeAct.Pointer, perExpert);
+                using (Op("  moe: down GEMM"))
+                    GemmGrouped(gateUp: false, s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0, e, slots, topK, h, i, s.MoeOut.Pointer, perExpert);
+                using (Op("  moe: combine"))
+                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
                 break;
             }
             case MoePath.Dense:
@@ -477,32 +588,40 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private void GroupedCublas(CudaTensor input, CudaExpertStack stack, int topK, CudaStepBuffers s, CudaTensor delta, int rows)
     {
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
-        Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
-        Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, e, s.MoeInputs, topK, h);
         var offsets = new int[e + 1];
-        s.Offsets.Download<int>(offsets, Stream);
-        for (var x = 0; x < e; x++)
+        using (Op("  moe: sort, gather, read counts"))
         {
-            var n = offsets[x + 1] - offsets[x];
-            if (n == 0) continue;
-            _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
-                stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 4UL * (ulong)offsets[x] * 2 * (ulong)i);
+            Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+            Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, e, s.MoeInputs, topK, h);
+            s.Offsets.Download<int>(offsets, Stream);
         }
+        using (Op("  moe: gate_up GEMMs"))
+            for (var x = 0; x < e; x++)
+            {
+                var n = offsets[x + 1] - offsets[x];
+                if (n == 0) continue;
+                _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
+                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 4UL * (ulong)offsets[x] * 2 * (ulong)i);
+            }
         var total = offsets[e];
-        if (total > 0) Launch("moe_silu_mul", (uint)total, 256, s.MoeGateUp, s.MoeAct, i);
-        for (var x = 0; x < e; x++)
-        {
-            var n = offsets[x + 1] - offsets[x];
-            if (n == 0) continue;
-            _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
-                stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
-        }
-        Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+        using (Op("  moe: silu_mul"))
+            if (total > 0) Launch("moe_silu_mul", (uint)total, 256, s.MoeGateUp, s.MoeAct, i);
+        using (Op("  moe: down GEMMs"))
+            for (var x = 0; x < e; x++)
+            {
+                var n = offsets[x + 1] - offsets[x];
+                if (n == 0) continue;
+                _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
+                    stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
+            }
+        using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
+            Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)
     {
         var s = S(step);
+        using var _ = Op("add_injection");
         Launch("add_injection", (uint)rows, 256, T(x).Pointer, s.InjectionVectors, s.InjectionScales, s.InjectionStarts, s.InjectionEnds,
             s.Positions, s.RowSequence, s.SeqSlot, layer, s.Host.Layers, T(x).Columns);
     }
@@ -511,6 +630,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var (a, o) = (T(x), T(output));
         if (!a.IsBf16 || !o.IsBf16) throw new ArgumentException("gather: bf16 rows expected");
+        using var _ = Op("gather_last_rows");
         Launch("gather_last_rows", (uint)count, 128, a.Pointer, o.Pointer, S(step).QueryStart, a.Columns);
     }
 
@@ -524,6 +644,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var s = S(step);
         var l = T(logits);
+        using var _ = Op("sample");
         Launch("sample", (uint)count, 1024, l.Pointer, s.SampleWork, l.Columns, s.QueryStart, s.SeqSlot, s.SeqFlags, s.Uniforms,
             s.SlotParams, s.Suppressed, s.Counts, s.PromptMask, s.RowEntropies, s.Host.Layers,
             s.OutTokens, s.OutLogprobs, s.OutEntropy, s.OutRouter, s.OutStatus);
@@ -531,7 +652,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     // ---- Graphs.
 
-    public bool CanCapture(int rows) => PathFor(rows, _topK) != MoePath.Cublas;
+    public bool CanCapture(int rows) => _profile is null && PathFor(rows, _topK) != MoePath.Cublas;
 
     public IDisposable Capture(Action enqueue)
     {
@@ -566,9 +687,15 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         _disposed = true;
         EnsureCurrent();
         Stream.Synchronize();
+        if (_profile is not null)
+        {
+            Console.Error.Write(_profile.Report());
+            _profile.Dispose();
+        }
         _cublas.Dispose();
         _workspace.Dispose();
         _splitWorkspace?.Dispose();
+        _attentionPartial?.Dispose();
         _kernels.Dispose();
         Stream.Dispose();
         Device.Dispose();

@@ -50,7 +50,7 @@ public sealed class OpChecks : IDisposable
         Check("rms_norm", [1, 33], RmsNormCase);
         Check("add_rms_norm", [1, 33], AddRmsNormCase);
         Check("linear", [1, 5, 8, 37, 130], LinearCase);
-        Check("attention", [0, 1, 2, 3], AttentionCase);
+        Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
         Check("route", [1, 40], RouteCase);
         Check("moe", [1, 8, 16, 40, 100, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
@@ -138,13 +138,31 @@ public sealed class OpChecks : IDisposable
         Compare($"linear (fused qkv) rows={rows}", y, rows, 1e-5);
     }
 
-    /// <summary>Rope and KV write, then attention, over scattered paged blocks: a prefill, decodes, and both mixed; GQA 4:1; variant 2 with a sliding window.</summary>
+    /// <summary>
+    /// Rope and KV write, then attention, over scattered paged blocks: a prefill, decodes, and both mixed; GQA 4:1; sliding
+    /// windows (variants 2, 6, 7); Mixtral-8x7B's heads (3, 4, 5); long prompts over many key tiles (4, 6: the flash-style
+    /// kernel) and decodes at long contexts (5, 7: keys split over blocks); one and two query heads per KV head (8-11).
+    /// </summary>
     private void AttentionCase(int variant)
     {
-        var shape = variant == 3
-            ? new AttentionShape(32, 8, 128, 1e6f, null)  // Mixtral-8x7B's heads: the kernel variant for head_dim 128
-            : MixtralModel.ShapeOf(_config) with { SlidingWindow = variant == 2 ? 7 : null };
-        var scenario = variant == 0 ? Scenario.Prefill([19, 5, 33], _config.VocabSize, _rng) : Scenario.Mixed(_config.VocabSize, _rng);
+        var mixtralHeads = new AttentionShape(32, 8, 128, 1e6f, null);  // the kernel variants for head_dim 128
+        var shape = variant switch
+        {
+            3 or 4 or 5 => mixtralHeads,
+            8 or 10 => new AttentionShape(4, 4, 32, 1e4f, null),
+            9 or 11 => new AttentionShape(8, 4, 32, 1e4f, null),
+            2 => MixtralModel.ShapeOf(_config) with { SlidingWindow = 7 },
+            6 => MixtralModel.ShapeOf(_config) with { SlidingWindow = 37 },
+            7 => MixtralModel.ShapeOf(_config) with { SlidingWindow = 100 },
+            _ => MixtralModel.ShapeOf(_config) with { SlidingWindow = null },
+        };
+        var scenario = variant switch
+        {
+            0 => Scenario.Prefill([19, 5, 33], _config.VocabSize, _rng),
+            4 or 6 or 8 or 9 => Scenario.LongPrefill(_config.VocabSize, _rng),
+            5 or 7 or 10 or 11 => Scenario.LongDecode(_config.VocabSize, _rng),
+            _ => Scenario.Mixed(_config.VocabSize, _rng),
+        };
         using var pair = new StepPair(this, scenario);
         using var cpuCache = _cpu.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, shape.KvHeads, shape.HeadDim);
         using var deviceCache = _device.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, shape.KvHeads, shape.HeadDim);
@@ -431,7 +449,7 @@ public sealed class OpChecks : IDisposable
     {
         public StepPair(OpChecks owner, Scenario scenario)
         {
-            Limits = new RunnerLimits(1024, 1024, 32, 4, 128, 0, 0);
+            Limits = new RunnerLimits(1024, 2048, Scenario.MaxBlocksPerSequence, 4, Scenario.KvBlocks, 0, 0);
             State = new StepState(Limits, owner._config);
             DeviceState = new StepState(Limits, owner._config);
             scenario.WriteTo(State);
@@ -458,12 +476,16 @@ public sealed class OpChecks : IDisposable
     /// <summary>Sequences in slots with scattered blocks of 4 positions, and the rows of one step over them.</summary>
     private sealed record Scenario(string Name, int[] Slots, int[] Starts, int[] Lengths, int[] Tokens, int[][] Tables)
     {
+        public const int MaxBlocksPerSequence = 256, KvBlocks = 2048;
+
         public int Rows => Lengths.Sum();
 
-        private static int[][] RandomTables(int sequences, Random rng)
+        /// <summary>Each sequence's table: its own blocks of the pool in random order, then zeros.</summary>
+        private static int[][] RandomTables(int sequences, Random rng, int blocksEach = 8)
         {
-            var blocks = Enumerable.Range(0, 128).OrderBy(_ => rng.Next()).ToArray();
-            return Enumerable.Range(0, sequences).Select(s => blocks.Skip(s * 8).Take(8).Concat(Enumerable.Repeat(0, 24)).ToArray()).ToArray();
+            var blocks = Enumerable.Range(0, KvBlocks).OrderBy(_ => rng.Next()).ToArray();
+            return Enumerable.Range(0, sequences)
+                .Select(s => blocks.Skip(s * blocksEach).Take(blocksEach).Concat(Enumerable.Repeat(0, MaxBlocksPerSequence - blocksEach)).ToArray()).ToArray();
         }
 
         private static int[] RandomTokens(int n, int vocab, Random rng) => Enumerable.Range(0, n).Select(_ => rng.Next(vocab)).ToArray();
@@ -478,6 +500,14 @@ public sealed class OpChecks : IDisposable
 
         public static Scenario Mixed(int vocab, Random rng) =>
             new("mixed prefill and decode", [0, 1, 2, 3], [10, 0, 25, 4], [1, 9, 1, 6], RandomTokens(17, vocab, rng), RandomTables(16, rng));
+
+        /// <summary>Prompts of hundreds of rows, one continuing after 150 earlier positions (a later chunk).</summary>
+        public static Scenario LongPrefill(int vocab, Random rng) =>
+            new("long prefill", [0, 1, 2], [0, 150, 0], [300, 200, 77], RandomTokens(577, vocab, rng), RandomTables(8, rng, 128));
+
+        /// <summary>One new row for each of six sequences at contexts from 2 to 1,001.</summary>
+        public static Scenario LongDecode(int vocab, Random rng) =>
+            new("long decode", [0, 1, 2, 3, 4, 5], [1000, 517, 3, 64, 200, 1], [1, 1, 1, 1, 1, 1], RandomTokens(6, vocab, rng), RandomTables(8, rng, 256));
 
         /// <summary>The positions before each sequence's rows, as one prefill step (so the cache holds them).</summary>
         public Scenario History(Random rng) =>

@@ -1,10 +1,16 @@
-// Causal grouped-query attention of each row over its sequence's paged bf16 KV cache (written for this step's rows by
-// rope_kv_write before). One block per (row, KV head) handles that head's group of query heads, so each key and value is
-// read once for the group. Each warp takes every ATT_WARPS-th key with a running (online) softmax; lanes split the head
-// dimensions; the warps' partial results are merged at the end in a fixed order. Every row is computed the same way
-// whatever else is in the batch. Instantiated for bounds on the group (query heads per KV head) and on the head dimensions
-// per lane (headDim / 32); the host picks the smallest that fit. Grid: (rows, kvHeads); block: ATT_WARPS × 32; dynamic
-// shared memory: ATT_WARPS × group × headDim floats.
+// Causal grouped-query attention over each sequence's paged bf16 KV cache (written for this step's rows by rope_kv_write
+// before). Two kernels:
+//  - attention_g*_d* (decode steps, and every step under --deterministic): one block per (row, KV head, split) handles
+//    that head's group of query heads, so each key and value is read once for the group. Each warp takes every
+//    ATT_WARPS-th key of the block's share with a running (online) softmax; lanes split the head dimensions; the warps'
+//    partial results are merged at the end in a fixed order. With one split (grid z = 1) the block writes the output; with
+//    more, the row's keys are cut into that many contiguous shares (so a short batch still fills the GPU) and each block
+//    writes its unnormalised sums with their maximum and total into `partial`, which attention_combine merges in split
+//    order. A row's result depends only on its own keys and the split count, which the host derives from the step's rows.
+//  - attention_tc_d* (steps with prompt rows, default mode): flash-style, on the tensor cores; see below.
+// Instantiated for bounds on the group (query heads per KV head) and on the head dimensions per lane (headDim / 32); the
+// host picks the smallest that fit. Grid: (rows, kvHeads, splits); block: ATT_WARPS × 32; dynamic shared memory:
+// ATT_WARPS × group × headDim floats.
 #define ATT_WARPS 16
 
 template <int ATT_MAX_GROUP, int ATT_MAX_DPL>
@@ -12,7 +18,7 @@ __device__ __forceinline__ void attention_impl(
     const float* __restrict__ qkv, const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, bf16* __restrict__ out,
     const int* __restrict__ positions, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot,
     const int* __restrict__ blockTables, int maxBlocks, int blockSize,
-    int heads, int kvHeads, int headDim, int window, float scale, int qkvWidth)
+    int heads, int kvHeads, int headDim, int window, float scale, int qkvWidth, float* __restrict__ partial)
 {
     __shared__ float partialM[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float partialL[ATT_WARPS][ATT_MAX_GROUP];
@@ -24,10 +30,15 @@ __device__ __forceinline__ void attention_impl(
     const int dpl = (headDim + 31) / 32;
     const int qWidth = heads * headDim, kvWidth = kvHeads * headDim;
     bf16* o = out + (long long)r * qWidth + kvHead * group * headDim;
+    // This block's split record: the group's unnormalised sums, then their maxima, then their totals.
+    float* record = partial + (((long long)r * gridDim.y + kvHead) * gridDim.z + blockIdx.z) * (group * (headDim + 2));
     const int slot = seqSlot[rowSequence[r]];
     if (slot < 0)
     {
-        for (int c = threadIdx.x; c < group * headDim; c += blockDim.x) o[c] = 0;
+        if (gridDim.z == 1)
+            for (int c = threadIdx.x; c < group * headDim; c += blockDim.x) o[c] = 0;
+        else
+            for (int c = threadIdx.x; c < group * (headDim + 2); c += blockDim.x) record[c] = c < group * (headDim + 1) ? (c < group * headDim ? 0.f : NEG_INF) : 0.f;
         return;
     }
 
@@ -52,7 +63,9 @@ __device__ __forceinline__ void attention_impl(
     const int position = positions[r];
     const int lo = window > 0 ? max(0, position - window + 1) : 0;
     const int* table = blockTables + (long long)slot * maxBlocks;
-    for (int j = lo + warp; j <= position; j += ATT_WARPS)
+    const int share = (position - lo + 1 + gridDim.z - 1) / gridDim.z;
+    const int begin = lo + (int)blockIdx.z * share, end = min(position + 1, begin + share);
+    for (int j = begin + warp; j < end; j += ATT_WARPS)
     {
         const long long cacheRow = ((long long)table[j / blockSize] * blockSize + j % blockSize) * kvWidth + kvHead * headDim;
         float k[ATT_MAX_DPL], v[ATT_MAX_DPL];
@@ -112,6 +125,47 @@ __device__ __forceinline__ void attention_impl(
             lAll = fmaf(partialL[w][g], f, lAll);
             value = fmaf(partialAcc[(w * group + g) * headDim + d], f, value);
         }
+        if (gridDim.z == 1)
+            o[c] = float_to_bf16(value / lAll);
+        else
+        {
+            record[c] = value;
+            if (d == 0)
+            {
+                record[group * headDim + g] = mAll;
+                record[group * (headDim + 1) + g] = lAll;
+            }
+        }
+    }
+}
+
+// Merges a row's split records (attention_impl with grid z > 1) in split order into its output. Grid: (rows, kvHeads);
+// block: 128.
+extern "C" __global__ void attention_combine(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
+    int headDim, int splits)
+{
+    const int r = blockIdx.x, kvHead = blockIdx.y, group = heads / kvHeads, width = group * (headDim + 2);
+    const float* records = partial + ((long long)r * kvHeads + kvHead) * splits * width;
+    bf16* o = out + (long long)r * heads * headDim + kvHead * group * headDim;
+    for (int c = threadIdx.x; c < group * headDim; c += blockDim.x)
+    {
+        const int g = c / headDim;
+        float mAll = NEG_INF;
+        for (int z = 0; z < splits; z++) mAll = fmaxf(mAll, records[z * width + group * headDim + g]);
+        if (mAll == NEG_INF)
+        {
+            o[c] = 0;  // a padding row
+            continue;
+        }
+        float lAll = 0.f, value = 0.f;
+        for (int z = 0; z < splits; z++)
+        {
+            const float m = records[z * width + group * headDim + g];
+            if (m == NEG_INF) continue;  // a split with no keys
+            const float f = expf(m - mAll);
+            lAll = fmaf(records[z * width + group * (headDim + 1) + g], f, lAll);
+            value = fmaf(records[z * width + c], f, value);
+        }
         o[c] = float_to_bf16(value / lAll);
     }
 }
@@ -121,13 +175,351 @@ __device__ __forceinline__ void attention_impl(
         const float* __restrict__ qkv, const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, bf16* __restrict__ out, \
         const int* __restrict__ positions, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, \
         const int* __restrict__ blockTables, int maxBlocks, int blockSize, \
-        int heads, int kvHeads, int headDim, int window, float scale, int qkvWidth) \
+        int heads, int kvHeads, int headDim, int window, float scale, int qkvWidth, float* __restrict__ partial) \
     { \
         attention_impl<G, D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
-            heads, kvHeads, headDim, window, scale, qkvWidth); \
+            heads, kvHeads, headDim, window, scale, qkvWidth, partial); \
     }
 
 ATTENTION_KERNEL(1, 1) ATTENTION_KERNEL(1, 2) ATTENTION_KERNEL(1, 4) ATTENTION_KERNEL(1, 8)
 ATTENTION_KERNEL(2, 1) ATTENTION_KERNEL(2, 2) ATTENTION_KERNEL(2, 4) ATTENTION_KERNEL(2, 8)
 ATTENTION_KERNEL(4, 1) ATTENTION_KERNEL(4, 2) ATTENTION_KERNEL(4, 4) ATTENTION_KERNEL(4, 8)
 ATTENTION_KERNEL(8, 1) ATTENTION_KERNEL(8, 2) ATTENTION_KERNEL(8, 4) ATTENTION_KERNEL(8, 8)
+
+// Flash-style attention on the tensor cores, for steps that hold prompt rows (prefill chunks, and the decode rows beside
+// them). A block takes up to P consecutive rows of one sequence and one KV head; its warps are (row tile, query head of
+// the group) pairs, each 16 rows of one query head, so every key and value tile loaded into shared memory serves the
+// whole group. Keys go by in tiles of 64 at absolute positions 0, 64, 128, ... (cp.async, double-buffered, 16-byte
+// chunks XOR-swizzled): S = Q·Kᵀ (mma m16n8k16, bf16 in, fp32 out), masked (causal, window), a running softmax in base 2,
+// then O += P·V. q (fp32, scaled by scale · log2 e) and p each enter as two bf16 parts, x ≈ hi + lo, and each product as
+// the sum of both: they then carry about 16 bits. With p rounded once to bf16 (as most flash kernels do), the reference
+// checkpoints' router entropies moved by up to 0.08 nats from the fp32 reference (0.016 with this split, as with the
+// fp32 kernel); the extra products cost less than the prefill bench's run-to-run spread. A row's result depends only
+// on its own keys (tiles are cut at absolute positions, and a fully masked tile leaves the sums unchanged), not on which
+// block or step it lands in. Rows of a sequence are consecutive and in position order within a step (the runner's
+// layout). Grid: (row tiles, bound included: ⌈rows / P⌉ + sequences, kvHeads); block: (P / 16) · group warps, at most 8;
+// dynamic shared memory: 4 · 64 · D bf16 (K and V, two stages).
+#define FA_BN 64
+
+// Element offset of 16-byte chunk c of key row r in a [64][D] tile (D / 8 chunks a row), XOR-swizzled over at most 8 chunks.
+template <int D>
+__device__ __forceinline__ int fa_swizzled(int r, int c)
+{
+    constexpr int CH = D / 8, MASK = CH < 8 ? CH - 1 : 7;
+    return r * D + ((c ^ (r & MASK)) << 3);
+}
+
+template <int D, int BN>
+__device__ __forceinline__ void fa_load_tile(bf16* sK, bf16* sV, const bf16* __restrict__ kCache, const bf16* __restrict__ vCache,
+    const int* table, int blockSize, int kvWidth, int kvHead, int tileStart, int hi)
+{
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < BN * CH; i += blockDim.x)
+    {
+        const int key = i / CH, c = i % CH, j = tileStart + key;
+        const bool valid = j <= hi;
+        const long long offset = valid ? ((long long)table[j / blockSize] * blockSize + j % blockSize) * kvWidth + kvHead * D + c * 8 : 0;
+        copy_async16(shared_address(sK + fa_swizzled<D>(key, c)), kCache + offset, valid);
+        copy_async16(shared_address(sV + fa_swizzled<D>(key, c)), vCache + offset, valid);
+    }
+}
+
+// q of the thread's two rows (g and g + 8 of a warp's 16; null: a padding row) as mma A fragments, scaled so that scores
+// come out in base 2, each as two bf16 parts (hi, lo).
+template <int D>
+__device__ __forceinline__ void fa_load_q(unsigned (&qf)[D / 16][4], unsigned (&ql)[D / 16][4], const float* q0, const float* q1,
+    float qScale, int t)
+{
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+        {
+            const float* q = (i & 1) ? q1 : q0;
+            const int d = kk * 16 + 2 * t + 8 * (i >> 1);
+            const float x = q != nullptr ? q[d] * qScale : 0.f, y = q != nullptr ? q[d + 1] * qScale : 0.f;
+            qf[kk][i] = pack_bf16x2(x, y);
+            ql[kk][i] = pack_bf16x2(x - lo_bf16(qf[kk][i]), y - hi_bf16(qf[kk][i]));
+        }
+}
+
+// One tile of BN keys (at tileStart, staged in k and v) for a warp's 16 rows: scores, mask (key j counts for the thread's
+// row i when low[i] ≤ j ≤ pos[i]), the running maximum m and sums l (this thread's columns; summed over the quad at the
+// end), and O += P·V.
+template <int D, int BN>
+__device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const unsigned (&ql)[D / 16][4], float (&o)[D / 8][4],
+    float (&m)[2], float (&l)[2], const bf16* k, const bf16* v, int tileStart, const int (&pos)[2], const int (&low)[2], int lane)
+{
+    const int t = lane & 3, mat = lane >> 3;
+    float s[BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int np = 0; np < BN / 16; np++)
+        {
+            unsigned b[4];
+            load_matrix_x4(shared_address(k + fa_swizzled<D>(np * 16 + (mat >> 1) * 8 + (lane & 7), kk * 2 + (mat & 1))), b);
+            mma_16x8x16(s[2 * np], ql[kk], b[0], b[1]);
+            mma_16x8x16(s[2 * np + 1], ql[kk], b[2], b[3]);
+            mma_16x8x16(s[2 * np], qf[kk], b[0], b[1]);
+            mma_16x8x16(s[2 * np + 1], qf[kk], b[2], b[3]);
+        }
+    float tileMax[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+        {
+            const int i = e >> 1, j = tileStart + n * 8 + 2 * t + (e & 1);
+            if (j > pos[i] || j < low[i]) s[n][e] = NEG_INF;
+            tileMax[i] = fmaxf(tileMax[i], s[n][e]);
+        }
+    float correction[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        tileMax[i] = fmaxf(tileMax[i], __shfl_xor_sync(0xffffffffu, tileMax[i], 1));
+        tileMax[i] = fmaxf(tileMax[i], __shfl_xor_sync(0xffffffffu, tileMax[i], 2));
+        const float mNew = fmaxf(m[i], tileMax[i]);
+        // A row with no key yet keeps m = −inf and sums of zero (its exponentials are taken against 0).
+        const float base = mNew == NEG_INF ? 0.f : mNew;
+        correction[i] = exp2f(m[i] - base);
+        m[i] = mNew;
+        l[i] *= correction[i];
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int e = 2 * i; e < 2 * i + 2; e++)
+            {
+                s[n][e] = exp2f(s[n][e] - base);
+                l[i] += s[n][e];
+            }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] *= correction[e >> 1];
+    // O += P·V: the score accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of keys 16kk .. 16kk + 15.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++)
+    {
+        const unsigned a[4] = {pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                               pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const unsigned r[4] = {pack_bf16x2(s[2 * kk][0] - lo_bf16(a[0]), s[2 * kk][1] - hi_bf16(a[0])),
+                               pack_bf16x2(s[2 * kk][2] - lo_bf16(a[1]), s[2 * kk][3] - hi_bf16(a[1])),
+                               pack_bf16x2(s[2 * kk + 1][0] - lo_bf16(a[2]), s[2 * kk + 1][1] - hi_bf16(a[2])),
+                               pack_bf16x2(s[2 * kk + 1][2] - lo_bf16(a[3]), s[2 * kk + 1][3] - hi_bf16(a[3]))};
+#pragma unroll
+        for (int np = 0; np < D / 16; np++)
+        {
+            unsigned b[4];
+            load_matrix_x4_trans(shared_address(v + fa_swizzled<D>(kk * 16 + (mat & 1) * 8 + (lane & 7), np * 2 + (mat >> 1))), b);
+            mma_16x8x16(o[2 * np], r, b[0], b[1]);
+            mma_16x8x16(o[2 * np + 1], r, b[2], b[3]);
+            mma_16x8x16(o[2 * np], a, b[0], b[1]);
+            mma_16x8x16(o[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Runs the key tiles tileBegin .. tileEnd − 1 (BN keys each from `first`) through fa_tile for every warp of the block,
+// loading each into shared memory once for all warps (STAGES: 2, the next tile loads during this one's products; 1, a
+// quarter of the shared memory, for kernels that rely on other resident blocks instead). A warp whose rows see none of a
+// tile's keys (warpLo .. warpHi) skips its products but meets the barriers.
+template <int D, int BN, int STAGES>
+__device__ __forceinline__ void fa_run(const unsigned (&qf)[D / 16][4], const unsigned (&ql)[D / 16][4], float (&o)[D / 8][4],
+    float (&m)[2], float (&l)[2], bf16* sK, bf16* sV, const bf16* __restrict__ kCache, const bf16* __restrict__ vCache,
+    const int* table, int blockSize, int kvWidth, int kvHead, int first, int tileBegin, int tileEnd, int hi,
+    const int (&pos)[2], const int (&low)[2], int warpLo, int warpHi, int lane)
+{
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    m[0] = m[1] = NEG_INF;
+    l[0] = l[1] = 0.f;
+    if (tileBegin >= tileEnd) return;
+    if (STAGES == 2)
+    {
+        fa_load_tile<D, BN>(sK, sV, kCache, vCache, table, blockSize, kvWidth, kvHead, first + tileBegin * BN, hi);
+        copy_async_commit();
+    }
+    for (int kt = tileBegin; kt < tileEnd; kt++)
+    {
+        const int stage = STAGES == 2 ? (kt - tileBegin) & 1 : 0, tileStart = first + kt * BN;
+        if (STAGES == 1)
+            fa_load_tile<D, BN>(sK, sV, kCache, vCache, table, blockSize, kvWidth, kvHead, tileStart, hi);
+        else if (kt + 1 < tileEnd)
+            fa_load_tile<D, BN>(sK + (stage ^ 1) * BN * D, sV + (stage ^ 1) * BN * D, kCache, vCache, table, blockSize, kvWidth, kvHead,
+                tileStart + BN, hi);
+        copy_async_commit();
+        if (STAGES == 1) copy_async_wait<0>(); else copy_async_wait<1>();
+        __syncthreads();
+        if (tileStart <= warpHi && tileStart + BN - 1 >= warpLo)
+            fa_tile<D, BN>(qf, ql, o, m, l, sK + stage * BN * D, sV + stage * BN * D, tileStart, pos, low, lane);
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+}
+
+// The normalised output of one of the thread's rows (i: g or g + 8) as bf16 into row[0 .. D).
+template <int D>
+__device__ __forceinline__ void fa_write(bf16* row, const float (&o)[D / 8][4], float l, int i, int t)
+{
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) *(unsigned*)(row + n * 8 + 2 * t) = pack_bf16x2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+}
+
+template <int D>
+__device__ __forceinline__ void attention_tc_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
+    const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot,
+    const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize,
+    int heads, int kvHeads, int window, float scale, int qkvWidth)
+{
+    extern __shared__ __align__(128) unsigned char fa_shared[];
+    bf16* sK = (bf16*)fa_shared;       // [2][64][D]
+    bf16* sV = sK + 2 * FA_BN * D;     // [2][64][D]
+
+    const int group = heads / kvHeads, rowTiles = (blockDim.x >> 5) / group, P = rowTiles * 16;
+    int tile = blockIdx.x, seq = -1, rowBegin = 0, rowEnd = 0;
+    for (int s = 0; s < sequences; s++)
+    {
+        const int begin = queryStart[s], end = queryStart[s + 1], tiles = (end - begin + P - 1) / P;
+        if (tile < tiles) { seq = s; rowBegin = begin + tile * P; rowEnd = min(end, rowBegin + P); break; }
+        tile -= tiles;
+    }
+    if (seq < 0) return;
+    const int kvHead = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int head = kvHead * group + warp % group, warpRow = rowBegin + (warp / group) * 16;
+    const int qWidth = heads * D, kvWidth = kvHeads * D;
+    const int slot = seqSlot[seq];
+    if (slot < 0)
+    {
+        for (int i = threadIdx.x; i < (rowEnd - rowBegin) * group * D; i += blockDim.x)
+            out[(long long)(rowBegin + i / (group * D)) * qWidth + kvHead * group * D + i % (group * D)] = 0;
+        return;
+    }
+
+    // This thread's two rows (g and g + 8 of the warp's 16) and their key ranges; −1: past the sequence's rows.
+    int pos[2], low[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        const int r = warpRow + g + 8 * i;
+        pos[i] = r < rowEnd ? positions[r] : -1;
+        low[i] = window > 0 ? pos[i] - window + 1 : 0;
+    }
+    const int hi = positions[rowEnd - 1], lo = window > 0 ? max(0, positions[rowBegin] - window + 1) : 0;
+    const int warpHi = warpRow < rowEnd ? positions[min(warpRow + 15, rowEnd - 1)] : -1;
+    const int warpLo = window > 0 && warpRow < rowEnd ? positions[warpRow] - window + 1 : 0;
+
+    unsigned qf[D / 16][4], ql[D / 16][4];
+    const float* q0 = warpRow + g < rowEnd ? qkv + (long long)(warpRow + g) * qkvWidth + head * D : nullptr;
+    const float* q1 = warpRow + g + 8 < rowEnd ? qkv + (long long)(warpRow + g + 8) * qkvWidth + head * D : nullptr;
+    fa_load_q<D>(qf, ql, q0, q1, scale * 1.44269504088896341f, t);
+
+    float o[D / 8][4], m[2], l[2];
+    const int first = lo / FA_BN * FA_BN;
+    fa_run<D, FA_BN, 2>(qf, ql, o, m, l, sK, sV, kCache, vCache, blockTables + (long long)slot * maxBlocks, blockSize, kvWidth, kvHead,
+        first, 0, (hi - first) / FA_BN + 1, hi, pos, low, warpLo, warpHi, lane);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        const int r = warpRow + g + 8 * i;
+        if (r < rowEnd) fa_write<D>(out + (long long)r * qWidth + head * D, o, l[i], i, t);
+    }
+}
+
+// Decode rows on the tensor cores: one warp per (row, KV head, split), its 16 mma rows the group's query heads at the
+// row's one position (rows past the group are padding). The row's key tiles (32 keys, from its window's first tile) are
+// shared out over grid z in contiguous runs; with one split the warp writes the output, with more it writes a split
+// record (unnormalised sums, maximum in natural-log units, total) that attention_combine merges. One stage of 32 keys
+// (16 KB at D = 128), so that many warps stay resident and keep the KV reads in flight. Grid: (rows, kvHeads, splits);
+// block: 32; dynamic shared memory: 2 · 32 · D bf16.
+#define FA_DECODE_BN 32
+template <int D>
+__device__ __forceinline__ void attention_decode_tc_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
+    const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence,
+    const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, int blockSize, int heads, int kvHeads,
+    int window, float scale, int qkvWidth, float* __restrict__ partial)
+{
+    extern __shared__ __align__(128) unsigned char fa_shared[];
+    bf16* sK = (bf16*)fa_shared;
+    bf16* sV = sK + FA_DECODE_BN * D;
+    const int r = blockIdx.x, kvHead = blockIdx.y, lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    const int group = heads / kvHeads, qWidth = heads * D, kvWidth = kvHeads * D, splits = gridDim.z;
+    const int slot = seqSlot[rowSequence[r]];
+    const int position = slot < 0 ? -1 : positions[r];
+    const int low = window > 0 ? max(0, position - window + 1) : 0;
+    const int first = low / FA_DECODE_BN * FA_DECODE_BN, tiles = position < 0 ? 0 : (position - first) / FA_DECODE_BN + 1;
+    const int share = (tiles + splits - 1) / splits, tileBegin = min(tiles, (int)blockIdx.z * share), tileEnd = min(tiles, tileBegin + share);
+
+    int pos[2], lows[2] = {low, low};
+    pos[0] = g < group ? position : -1;
+    pos[1] = g + 8 < group ? position : -1;
+    unsigned qf[D / 16][4], ql[D / 16][4];
+    const float* qRow = qkv + (long long)r * qkvWidth + kvHead * group * D;
+    fa_load_q<D>(qf, ql, pos[0] >= 0 ? qRow + g * D : nullptr, pos[1] >= 0 ? qRow + (g + 8) * D : nullptr,
+        scale * 1.44269504088896341f, t);
+    float o[D / 8][4], m[2], l[2];
+    fa_run<D, FA_DECODE_BN, 1>(qf, ql, o, m, l, sK, sV, kCache, vCache, blockTables + (long long)max(slot, 0) * maxBlocks, blockSize, kvWidth,
+        kvHead, first, tileBegin, tileEnd, position, pos, lows, low, position, lane);
+
+    float* record = partial + (((long long)r * kvHeads + kvHead) * splits + blockIdx.z) * (group * (D + 2));
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        const int h = g + 8 * i;
+        if (h >= group) continue;
+        if (splits == 1)
+        {
+            bf16* row = out + (long long)r * qWidth + (kvHead * group + h) * D;
+            if (position < 0)
+                for (int d = 2 * t; d < D; d += 8) *(unsigned*)(row + d) = 0u;  // a padding row
+            else
+                fa_write<D>(row, o, l[i], i, t);
+            continue;
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+        {
+            record[h * D + n * 8 + 2 * t] = o[n][2 * i];
+            record[h * D + n * 8 + 2 * t + 1] = o[n][2 * i + 1];
+        }
+        if (t == 0)
+        {
+            record[group * D + h] = m[i] * 0.69314718055994531f;  // base 2 -> natural units, as attention_combine takes them
+            record[group * (D + 1) + h] = l[i];
+        }
+    }
+}
+
+#define ATTENTION_TC_KERNEL(D) \
+    extern "C" __global__ void __launch_bounds__(256) attention_tc_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
+        const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot, \
+        const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize, \
+        int heads, int kvHeads, int window, float scale, int qkvWidth) \
+    { \
+        attention_tc_impl<D>(qkv, kCache, vCache, out, positions, seqSlot, queryStart, sequences, blockTables, maxBlocks, blockSize, \
+            heads, kvHeads, window, scale, qkvWidth); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32) attention_decode_tc_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
+        const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence, \
+        const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, int blockSize, int heads, int kvHeads, \
+        int window, float scale, int qkvWidth, float* __restrict__ partial) \
+    { \
+        attention_decode_tc_impl<D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
+            heads, kvHeads, window, scale, qkvWidth, partial); \
+    }
+
+ATTENTION_TC_KERNEL(16) ATTENTION_TC_KERNEL(32) ATTENTION_TC_KERNEL(64) ATTENTION_TC_KERNEL(128)
