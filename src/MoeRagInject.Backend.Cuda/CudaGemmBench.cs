@@ -86,6 +86,18 @@ public static class CudaGemmBench
                     Moe($"tensor {tile.WarpsM}x{tile.Mi} bn{columns}");
                 }
             backend.GemmTileForced = null;
+            if (backend.Description.Contains("sm_90a", StringComparison.Ordinal))
+            {
+                backend.MoePathForced = CudaBackend.MoePath.Wgmma;
+                Moe("wgmma (chosen N)");
+                foreach (var n in new[] { 16, 32, 64, 128, 256 })
+                {
+                    if (n > 4 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // mostly padding
+                    backend.WgmmaNForced = n;
+                    Moe($"wgmma n{n}");
+                }
+                backend.WgmmaNForced = null;
+            }
             backend.MoePathForced = null;
 
             foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })

@@ -17,7 +17,8 @@ internal sealed class CudaKernels : IDisposable
     public CudaKernels(CudaDevice device, Action<string>? progress)
     {
         var (major, minor) = device.ComputeCapability;
-        var arch = $"sm_{major}{minor}";
+        // Hopper's warpgroup instructions (wgmma, gemm_wgmma.cu) exist only in the architecture-specific target sm_90a.
+        var arch = (major, minor) == (9, 0) ? "sm_90a" : $"sm_{major}{minor}";
         var source = Source();
         string[] options = [$"-arch={arch}", "-std=c++17", "-DNDEBUG", "-lineinfo"];
         var (nvrtcMajor, nvrtcMinor) = Nvrtc.Version;

@@ -1,0 +1,213 @@
+// Grouped GEMM for the MoE experts on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a), for groups of tens to
+// hundreds of rows. The expert's weights are wgmma's A operand (64 weight rows a tile: M) and the group's rows its B
+// operand (N = 16 to 256 rows a tile), so a small group still fills the instruction and the weights stream through once
+// per row tile. Both are staged by cp.async into 128-byte-swizzled shared memory (the layout gemm.cu's `swizzled` writes,
+// which is the one wgmma's descriptors read with swizzle mode 128B), STAGES deep; one warpgroup (128 threads) a block.
+// As in gemm.cu, the groups' row ranges come from device memory (offsets) and the grid is a fixed bound, so a captured
+// graph replays it whatever the routing; rows of a gate-up GEMM are gathered through the expert sort (sorted[p] / topK).
+// Gate-up mode: a tile's 64 weight rows are 32 features' gate and up rows interleaved by eights (rows 16w .. 16w + 7 the
+// gates of features 8w .. 8w + 7, rows 16w + 8 .. 16w + 15 their ups), so that each thread's accumulators hold a
+// feature's gate and up for the same rows and the epilogue writes act = silu(gate) · up as bf16 directly. Down mode
+// writes fp32 y. k must be a multiple of 64. Grid: (row tiles, bound included, feature tiles: ⌈n / 32⌉ gate-up,
+// ⌈n / 64⌉ down); block: 128; dynamic shared memory: STAGES · (64 + N) · 128 bytes, 1024-aligned.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// A shared-memory matrix descriptor for a K-major tile of 64-element (128-byte) rows, 128-byte swizzle, 8-row groups
+// 1024 bytes apart; the tile starts 1024-aligned (plus 32 bytes for each 16 of k already consumed).
+__device__ __forceinline__ unsigned long long wgmma_descriptor(const void* tile)
+{
+    const unsigned long long address = shared_address(tile);
+    return ((address & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory"); }
+// Orders this thread's cp.async writes to shared memory before the async proxy's (wgmma's) reads of it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d (N / 2 fp32 registers a thread) += A[64 × 16] · B[N × 16]ᵀ, both from shared memory through their descriptors.
+__device__ __forceinline__ void wgmma_m64n16k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n32k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n64k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_step(float* d, unsigned long long a, unsigned long long b)
+{
+    if (N == 16) wgmma_m64n16k16(d, a, b, 1);
+    else if (N == 32) wgmma_m64n32k16(d, a, b, 1);
+    else if (N == 64) wgmma_m64n64k16(d, a, b, 1);
+    else if (N == 128) wgmma_m64n128k16(d, a, b, 1);
+    else wgmma_m64n256k16(d, a, b, 1);
+}
+
+template <int N>
+struct WgmmaStages { static constexpr int value = N >= 128 ? 4 : 6; };
+
+template <int N, bool GATE_UP>
+__device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const bf16* __restrict__ w, const int* __restrict__ offsets,
+    const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
+{
+    constexpr int STAGES = WgmmaStages<N>::value, B_LOADS = N / 16;
+    extern __shared__ __align__(1024) unsigned char wgmma_shared[];
+    bf16* tileW = (bf16*)wgmma_shared;                 // [STAGES][64][64]
+    bf16* tileA = tileW + STAGES * 64 * GEMM_BK;       // [STAGES][N][64]
+
+    int group = -1, rowBegin = 0, rowEnd = 0;
+    {
+        int tile = blockIdx.x;
+        for (int g = 0; g < groups; g++)
+        {
+            const int begin = offsets[g], end = offsets[g + 1], tiles = (end - begin + N - 1) / N;
+            if (tile < tiles) { group = g; rowBegin = begin + tile * N; rowEnd = end; break; }
+            tile -= tiles;
+        }
+    }
+    if (group < 0) return;
+
+    const int tid = threadIdx.x, chunk = tid & 7, firstRow = tid >> 3;  // rows firstRow + 16j of each tile
+    // The weight rows this thread copies (tile rows firstRow + 16j): element offsets into w, −1 past the expert's rows.
+    long long wOffset[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+    {
+        int row;
+        if (GATE_UP)
+        {
+            const int feature = blockIdx.y * 32 + j * 8 + (firstRow & 7);
+            row = feature < n ? (firstRow < 8 ? feature : n + feature) : -1;
+        }
+        else
+        {
+            const int feature = blockIdx.y * 64 + j * 16 + firstRow;
+            row = feature < n ? feature : -1;
+        }
+        wOffset[j] = row < 0 ? -1 : ((long long)group * (GATE_UP ? 2 : 1) * n + row) * k + chunk * 8;
+    }
+    int aOffset[B_LOADS];
+#pragma unroll
+    for (int j = 0; j < B_LOADS; j++)
+    {
+        const int p = rowBegin + firstRow + j * 16;
+        aOffset[j] = p >= rowEnd ? -1 : (GATE_UP ? sorted[p] / topK : p) * k + chunk * 8;
+    }
+
+    const int kTiles = k / GEMM_BK;
+    auto load = [&](int stage, int kt) {
+        bf16* sw = tileW + stage * 64 * GEMM_BK;
+        bf16* sa = tileA + stage * N * GEMM_BK;
+        const int kOffset = kt * GEMM_BK;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            copy_async16(shared_address(sw + swizzled(firstRow + j * 16, chunk)), w + (wOffset[j] >= 0 ? wOffset[j] + kOffset : 0), wOffset[j] >= 0);
+#pragma unroll
+        for (int j = 0; j < B_LOADS; j++)
+            copy_async16(shared_address(sa + swizzled(firstRow + j * 16, chunk)), a + (aOffset[j] >= 0 ? aOffset[j] + kOffset : 0), aOffset[j] >= 0);
+    };
+
+    float d[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; i++) d[i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++)
+    {
+        if (s < kTiles) load(s, s);
+        copy_async_commit();
+    }
+    // Tile kt's products run while tile kt − 1's stage is refilled: the wgmma group of kt − 1 is waited for (at most one
+    // group left in flight), then a barrier, and only then is that stage overwritten.
+    for (int kt = 0; kt < kTiles; kt++)
+    {
+        copy_async_wait<STAGES - 2>();
+        fence_proxy_async();
+        __syncthreads();  // tile kt is in shared memory for every thread
+        const unsigned long long dw = wgmma_descriptor(tileW + (kt % STAGES) * 64 * GEMM_BK);
+        const unsigned long long da = wgmma_descriptor(tileA + (kt % STAGES) * N * GEMM_BK);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(d, dw + 2 * kk, da + 2 * kk);  // +32 bytes a step of 16
+        wgmma_commit();
+        wgmma_wait<1>();
+        __syncthreads();  // every warp's products of tile kt − 1 are done: its stage may be refilled
+        const int next = kt + STAGES - 1;
+        if (next < kTiles) load(next % STAGES, next);
+        copy_async_commit();
+    }
+    wgmma_wait<0>();
+    copy_async_wait<0>();
+
+    // Accumulator 4i + e (e < 2): weight row 16·warp + g, group row 8i + 2t + e; 4i + 2 + e: weight row 16·warp + g + 8.
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < N / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++)
+        {
+            const int p = rowBegin + 8 * i + 2 * t + e;
+            if (p >= rowEnd) continue;
+            if (GATE_UP)
+            {
+                const int feature = blockIdx.y * 32 + warp * 8 + g;
+                if (feature < n) act[(long long)p * n + feature] = float_to_bf16(silu(d[4 * i + e]) * d[4 * i + 2 + e]);
+            }
+            else
+            {
+                const int feature = blockIdx.y * 64 + warp * 16 + g;
+                if (feature < n) y[(long long)p * n + feature] = d[4 * i + e];
+                if (feature + 8 < n) y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
+            }
+        }
+}
+
+#define MOE_WGMMA_BODY(N, GATE_UP) moe_wgmma_impl<N, GATE_UP>(a, w, offsets, sorted, groups, topK, n, k, act, y);
+#else
+#define MOE_WGMMA_BODY(N, GATE_UP) __trap();
+#endif
+
+#define MOE_WGMMA(N) \
+    extern "C" __global__ void __launch_bounds__(128) moe_wgmma_gate_up_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
+        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y) { MOE_WGMMA_BODY(N, true) } \
+    extern "C" __global__ void __launch_bounds__(128) moe_wgmma_down_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
+        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y) { MOE_WGMMA_BODY(N, false) }
+
+MOE_WGMMA(16) MOE_WGMMA(32) MOE_WGMMA(64) MOE_WGMMA(128) MOE_WGMMA(256)
