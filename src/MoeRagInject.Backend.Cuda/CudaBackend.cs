@@ -431,14 +431,16 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// Rows up to which the MoE block takes the wgmma kernel (gemm_wgmma.cu) on a Hopper card, above which cuBLAS per expert
     /// (prefill chunks). Measured on an H200 at Mixtral-8x7B's shape (gemm-bench, ms a layer, against the mma.sync kernel):
     /// 0.29 against 0.33 at 2 rows, 0.51 against 0.54 at 8 (4.2 TB/s of touched experts), 0.69 against 0.75 at 64 (4.1 TB/s),
-    /// 0.71 against 0.77 at 128; at 256, 0.93 against 0.94 for cuBLAS per expert, which cannot be captured; at 2,048 rows
-    /// cuBLAS computes twice as fast (618 against 294 TFLOP/s).
+    /// 0.71 against 0.77 at 128; at 256, 0.93-1.07 against 0.94 for cuBLAS per expert, and the engine's batch-256 steps took
+    /// 37.2 ms replaying graphs with it against 35.1 eagerly with cuBLAS; at 2,048 rows cuBLAS computes twice as fast (618
+    /// against 294 TFLOP/s).
     /// </summary>
-    public const int WgmmaMaxRows = 256;
+    public const int WgmmaMaxRows = 128;
 
     internal MoePath PathFor(int rows, int topK)
     {
-        if (Deterministic) return MoePath.Tensor;  // batch-invariant at every row count
+        // Batch-invariant at every row count: a row's sums are one fixed order whichever tile it lands in (checked bit for bit).
+        if (Deterministic) return WgmmaAvailable ? MoePath.Wgmma : MoePath.Tensor;
         if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
         if (rows * topK <= SmallSlots) return MoePath.Small;
         if (rows <= WgmmaMaxRows && WgmmaAvailable) return MoePath.Wgmma;
