@@ -8,9 +8,11 @@ namespace MoeRagInject.Backend.Cuda;
 /// The CUDA backend: bf16 weights and GEMM inputs, fp32 residual stream and accumulation, kernels compiled by NVRTC
 /// (Kernels/*.cu) and cuBLAS GEMMs, all enqueued on one stream so that a decode step can be captured as a graph and
 /// replayed. The MoE block takes a path by the step's rows (<see cref="MoePath"/>: warp-per-feature kernels for one row,
-/// the tensor-core grouped GEMMs of Kernels/gemm.cu up to <see cref="TensorMaxRows"/>, cuBLAS per expert above);
-/// <c>--deterministic</c> keeps to kernels whose every output is one fixed-order reduction whatever the batch (the
-/// tensor-core kernels at every row count, k split by the weight's shape alone).
+/// the wgmma grouped GEMMs of Kernels/gemm_wgmma.cu on Hopper up to <see cref="WgmmaMaxRows"/> (elsewhere the mma.sync
+/// ones of Kernels/gemm.cu up to <see cref="TensorMaxRows"/>), cuBLAS per expert above); attention takes tensor-core
+/// kernels (flash-style for prompt rows, one warp per row and KV head for decode rows). <c>--deterministic</c> keeps to
+/// kernels whose every output is one fixed-order reduction whatever the batch (the tile kernels at every row count, k
+/// split by the weight's shape alone, the fp32 attention kernel unsplit).
 /// </summary>
 public sealed class CudaBackend : IBackend, IGraphCapable
 {
@@ -410,8 +412,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     }
 
     /// <summary>
-    /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c>, rows grouped by
-    /// expert on the device and tensor-core grouped GEMMs that read each touched expert once (graph-capturable);
+    /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c> (mma.sync) and
+    /// <c>Wgmma</c> (Hopper), rows grouped by expert on the device and tensor-core grouped GEMMs that read each touched
+    /// expert once (graph-capturable);
     /// <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
     /// host read of the group sizes (eager only). The last two are kept to be measured against (MOE_RAG_INJECT_MOE_PATH).
     /// </summary>

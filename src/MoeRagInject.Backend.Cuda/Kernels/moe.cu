@@ -1,8 +1,9 @@
 // The MoE block: the router, then the experts by a path that the backend picks by the number of rows:
 //  - small (one row): warp-per-feature kernels that read each routed expert's weights once, expert ids read from device
 //    memory (no host involvement, so a captured graph replays them whatever the routing);
-//  - tensor (up to a few hundred rows): rows sorted by expert on the device (moe_align), then the grouped tensor-core
-//    GEMMs of gemm.cu, which read the group sizes from device memory (graph-capturable), and moe_combine_grouped;
+//  - tensor / wgmma (up to 128 rows): rows sorted by expert on the device (moe_align), then the grouped tensor-core
+//    GEMMs of gemm.cu (mma.sync) or gemm_wgmma.cu (Hopper), which read the group sizes from device memory
+//    (graph-capturable), and moe_combine_grouped;
 //  - dense (kept to measure against): all experts on all rows with strided-batched cuBLAS, then each row sums its own;
 //  - cuBLAS per expert (prefill chunks, eager): the same sort, the group sizes read back, one GEMM pair per expert.
 #define ROUTER_MAX_EXPERTS 64
