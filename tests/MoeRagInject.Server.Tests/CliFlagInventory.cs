@@ -171,6 +171,13 @@ public static class CliFlagInventory
         new("eval", "--latent-scale", "α", "1"),
         new("eval", "--top-k", "K", "3"),
         new("eval", "--no-plots", null, null),
+        // Added after the inventory was taken (issue 9): the trigger signal, the router probe, and eval's signal.
+        new("serve", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),
+        new("serve", "--router-probe", "FILE", "<model>/router-probe.json"),
+        new("generate", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),
+        new("generate", "--router-probe", "FILE", "<model>/router-probe.json"),
+        new("bench", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),
+        new("bench", "--router-probe", "FILE", "<model>/router-probe.json"),
         new("check-device", "--device", "cuda|cuda:N|cpu", "cuda"),
         new("check-device", "--groups", "ops,graph,models,engine", "ops,graph,models,engine"),
         new("check-device", "--seed", "N", "1"),
