@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Engine;
+using MoeRagInject.Rag;
 
 namespace MoeRagInject.Evaluation.Tests;
 
@@ -40,24 +42,55 @@ public sealed class DemoModelTests : IDisposable
             Qa = s_qa,
             Corpus = s_corpus,
             Out = projection,
-            Limit = 48,
-            MaxNewTokens = 24,
+            Limit = 200,
             Pairs = 64,
         }, progress, CancellationToken.None);
         Assert.Equal(3, calibration.Layer);
         Assert.InRange(calibration.Threshold, 0.5, Math.Log(8));
-        // Both trigger signals measured on the same runs, each with its own threshold for the same target rate.
-        Assert.Equal(["router-entropy", "output-entropy"], calibration.Signals.Select(x => x.Signal));
+        // Every trigger signal measured on the same runs, each with its own threshold for the same target rate.
+        Assert.Equal(["router-entropy", "output-entropy", "router-probe"], calibration.Signals.Select(x => x.Signal));
         var router = calibration.Signals[0];
         var output = calibration.Signals[1];
+        var probeSignal = calibration.Signals[2];
         Assert.Equal(calibration.Threshold, router.Threshold, 9);
         Assert.InRange(output.Threshold, 0, Math.Log(100_000));  // nats, at most ln V
         Assert.All(calibration.Signals, x => Assert.InRange(x.AchievedRate, 0.05, 0.15));
-        // The finding, measured here on 48 questions: the output distribution's entropy over the first answer tokens
-        // tells held-out terms from taught ones (0.93 when written), better than the routers' entropy does (0.56).
-        Assert.True(output.HeldoutAurocWindow >= 0.85, $"output-entropy window AUROC {output.HeldoutAurocWindow}");
-        Assert.True(output.HeldoutAurocWindow > router.HeldoutAurocWindow, $"{output} vs {router}");
+        // The finding, measured here on the check questions: the output distribution's entropy over the first answer
+        // tokens tells a wrong answer (0.99 when written), better than the routers' entropy does.
+        Assert.Equal(60, calibration.CheckQuestions.Count);
+        Assert.Equal(140, calibration.FitQuestions.Count);
+        Assert.Empty(calibration.CheckQuestions.Intersect(calibration.FitQuestions));
+        Assert.True(output.WrongAurocWindow >= 0.9, $"output-entropy window AUROC {output.WrongAurocWindow}");
+        Assert.True(output.WrongAurocWindow > router.WrongAurocWindow, $"{output} vs {router}");
+        Assert.Equal("output-entropy", calibration.BestSignal);
         Assert.Equal(64, calibration.Projection!.Pairs);
+
+        // The router probe: saved beside calibration.json, it loads back as trained.
+        var probe = calibration.RouterProbe!;
+        Assert.Equal(Path.Combine(_temp, "router-probe.json"), calibration.RouterProbePath);
+        var loaded = RouterProbe.Load(calibration.RouterProbePath!);
+        Assert.Equal(probe.Weights, loaded.Weights);
+        Assert.Equal((4, 8, probe.Window, probe.Bias, probeSignal.Threshold), (loaded.Layers, loaded.Experts, loaded.Window, loaded.Bias, loaded.Threshold));
+        // Served: an engine that loads it scores the check questions as the answers are written; their AUROC for a wrong
+        // answer, recomputed here from the engine's scores and the answers, is the one calibrate reported from its replay.
+        var check = calibration.CheckQuestions.ToHashSet();
+        var checkItems = QaData.Load(s_qa).Where(i => check.Contains(i.Id)).ToList();
+        await using (var engine = InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = s_model,
+            Runner = new CpuRunnerFactory(2),
+            RouterProbePath = calibration.RouterProbePath,
+            Mode = InjectionMode.Off,
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+        }))
+        {
+            var runs = await QuestionRunner.RunAsync(engine, checkItems, 48, 8, stopAtNewline: true, null, TextWriter.Null, "check", CancellationToken.None);
+            Assert.All(runs, r => Assert.Equal(r.Tokens.Count, r.RouterProbe.Count));
+            var served = Stats.Auroc([.. runs.Select(r => (double)r.RouterProbe.Take(Calibrator.Window).Max())],
+                [.. runs.Select(r => AnswerMetrics.TokenF1(r.Answer, r.Item.Answer) < 0.5)]);
+            Assert.Equal(probeSignal.WrongAurocWindow, served, 3);
+        }
 
         var outPath = Path.Combine(_temp, "eval", "wordnet-small.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions

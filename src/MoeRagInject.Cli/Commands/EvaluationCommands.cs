@@ -25,21 +25,25 @@ public static class CalibrateCommand
             "the embedded WordNet corpus");
         var output = CliOption.OptionalText("--out", "projection file; calibration.json goes beside it", "FILE",
             "<model>/injector-proj.safetensors");
-        var limit = CliOption.Int("--limit", "prompts sampled for the entropy distribution", "N", 256, min: 1);
+        var limit = CliOption.Int("--limit", "prompts sampled for the signals' distributions and the router probe", "N", 1000, min: 1);
         var targetRate = CliOption.Double("--target-rate", "fraction of generated tokens that should trigger", "R", 0.1, min: 0, max: 1);
         var pairs = CliOption.Int("--pairs", "(question, passage) pairs for the fit", "N", 512, min: 2);
         var layer = CliOption.OptionalInt("--layer", "MoE layer whose output is fitted (and injected at)", "L", "the last", min: 0);
         var ridge = CliOption.OptionalDouble("--ridge", "ridge λ", "λ", "chosen on a validation split", min: 0);
         var intercept = CliOption.Switch("--intercept", "also fit a bias");
-        var skipProjection = CliOption.Switch("--skip-projection", "only measure the entropy distribution");
+        var skipProjection = CliOption.Switch("--skip-projection", "no projection fit");
+        var skipProbe = CliOption.Switch("--skip-probe", "no router probe");
         var concurrency = CliOption.Int("--concurrency", "requests in flight", "N", 8, min: 1);
         var threads = CliOption.OptionalInt("--threads", "CPU threads", "N", "all cores", min: 1);
         var command = new Command("calibrate",
-            "(a) The router-entropy distribution per layer over a sample of QA prompts and the threshold for a target trigger rate; "
-            + "(b) a projection P for latent injection, fitted by ridge regression from the mean-pooled passage embedding to the "
-            + "change that the passage in the context makes to the residual stream. Writes P (safetensors) and calibration.json.")
+            "(a) Each trigger signal over a sample of QA prompts answered with RAG off: the router-entropy distribution per layer, "
+            + "each signal's threshold for a target trigger rate and its AUROCs for a wrong answer and a held-out term on questions "
+            + "kept back; (b) the router probe, a logistic regression from all routers' probabilities to a wrong answer, trained on "
+            + "the other questions (router-probe.json); (c) a projection P for latent injection, fitted by ridge regression from the "
+            + "mean-pooled passage embedding to the change that the passage in the context makes to the residual stream. Writes P "
+            + "(safetensors), router-probe.json and calibration.json.")
         {
-            modelPath, qa, corpus, output, limit, targetRate, pairs, layer, ridge, intercept, skipProjection, concurrency, threads,
+            modelPath, qa, corpus, output, limit, targetRate, pairs, layer, ridge, intercept, skipProjection, skipProbe, concurrency, threads,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -56,6 +60,7 @@ public static class CalibrateCommand
                 Ridge = parse.GetValue(ridge),
                 Intercept = parse.GetValue(intercept),
                 SkipProjection = parse.GetValue(skipProjection),
+                SkipProbe = parse.GetValue(skipProbe),
                 Concurrency = parse.GetValue(concurrency),
                 Threads = parse.GetValue(threads),
                 Runner = EngineFlags.Runner("cpu", parse.GetValue(threads)),
