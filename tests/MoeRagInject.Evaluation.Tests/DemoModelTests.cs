@@ -118,9 +118,71 @@ public sealed class DemoModelTests : IDisposable
         Assert.Equal(2, result.Sweep.Count); // prompt_trigger and latent_calibrated at p90
 
         var json = JsonNode.Parse(File.ReadAllText(outPath))!;
-        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio" })
+        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio", "trigger_budget" })
             Assert.Contains(json["goals"]![key]!["status"]!.GetValue<string>(), new[] { "MET", "NOT MET", "UNDEFINED" });
-        Assert.Equal(3, result.PlotPaths.Count);
+
+        // The triggered modes watch the signal calibrate found best, and say so.
+        Assert.Equal(TriggerSignal.OutputEntropy, result.Signal);
+        Assert.Equal("output-entropy", json["trigger_signal"]!["signal"]!.GetValue<string>());
+        Assert.Equal(output.Threshold, result.Threshold, 5);
+        Assert.All(result.Modes[EvalModes.PromptTrigger].Runs.SelectMany(r => r.Events), e => Assert.Equal("output-entropy", e.Signal));
+        Assert.Contains("trigger signal of prompt_trigger and the latent modes: `output-entropy`", File.ReadAllText(result.MarkdownPath));
+
+        // Every question: each mode's answer and F1 (recomputed here from the answer and the gold), the none run's signals.
+        var questions = json["questions"]!.AsArray().Select(q => q!.AsObject()).ToList();
+        Assert.Equal(40, questions.Count);
+        foreach (var q in questions)
+        {
+            Assert.Equal(EvalModes.All, q["modes"]!.AsObject().Select(kv => kv.Key));
+            foreach (var (_, m) in q["modes"]!.AsObject())
+                Assert.Equal(AnswerMetrics.TokenF1(m!["answer"]!.GetValue<string>(), q["gold"]!.GetValue<string>()), m["f1"]!.GetValue<double>(), 5);
+            Assert.Equal(8, q["signals"]!.AsObject().Count);
+        }
+        // Each signal's AUROC, recomputed from the questions array by counting pairs, on the questions calibrate did not use.
+        var untouched = questions.Where(q => q["calibration"] is null).ToList();
+        Assert.Equal(untouched.Count, json["signal_auroc"]!["n"]!.GetValue<int>());
+        Assert.Equal(40 - untouched.Count, json["signal_auroc"]!["calibration_questions_left_out"]!.GetValue<int>());
+        foreach (var column in new[] { "router_entropy_max", "router_entropy_mean_w4", "router_probe", "router_probe_w4", "output_entropy", "output_entropy_w4" })
+        {
+            var scored = untouched.Select(q => (Score: q["signals"]![column]!.GetValue<double>(),
+                Wrong: q["modes"]![EvalModes.None]!["f1"]!.GetValue<double>() < 0.5,
+                Heldout: q["split"]!.GetValue<string>() == "heldout")).ToList();
+            foreach (var (label, positive) in new (string, Func<(double Score, bool Wrong, bool Heldout), bool>)[] { ("wrong", x => x.Wrong), ("heldout", x => x.Heldout) })
+            {
+                double wins = 0, pairs = 0;
+                foreach (var a in scored.Where(positive))
+                    foreach (var b in scored.Where(x => !positive(x)))
+                    {
+                        pairs++;
+                        wins += a.Score > b.Score ? 1 : a.Score == b.Score ? 0.5 : 0;
+                    }
+                Assert.Equal(wins / pairs, json["signal_auroc"]!["auroc"]![column]![label]!["auroc"]!.GetValue<double>(), 6);
+            }
+        }
+
+        // Each signal's curve, and the trigger goal recomputed from the points by its rule (the most questions retrieving within
+        // half), against prompt_always's held-out F1 on the same questions recomputed from the questions array.
+        var curves = json["signal_curves"]!;
+        Assert.Equal(untouched.Count, curves["n"]!.GetValue<int>());
+        var points = curves["points"]!.AsArray().Select(p => p!.AsObject()).ToList();
+        Assert.Equal(["router-entropy", "output-entropy", "router-probe"], points.Select(p => p["signal"]!.GetValue<string>()).Distinct());
+        Assert.All(points.GroupBy(p => p["signal"]!.GetValue<string>()), g => Assert.Equal(6, g.Count()));
+        var promptHeldout = untouched.Where(q => q["split"]!.GetValue<string>() == "heldout")
+            .Average(q => q["modes"]![EvalModes.PromptAlways]!["f1"]!.GetValue<double>());
+        Assert.Equal(promptHeldout, curves["prompt_always"]!["heldout_token_f1"]!.GetValue<double>(), 5);
+        var gaps = points.Where(p => p["retrieved_fraction"]!.GetValue<double>() <= 0.5)
+            .GroupBy(p => p["signal"]!.GetValue<string>())
+            .Select(g => g.OrderByDescending(p => p["retrieved_fraction"]!.GetValue<double>()).ThenBy(p => p["threshold"]!.GetValue<double>()).First())
+            .Select(p => promptHeldout - p["heldout_token_f1"]!.GetValue<double>()).ToList();
+        var goal = json["goals"]!["trigger_budget"]!;
+        if (gaps.Count > 0)
+        {
+            Assert.Equal(gaps.Min(), goal["value"]!.GetValue<double>(), 4);
+            Assert.Equal(gaps.Min() <= 0.03 ? "MET" : "NOT MET", goal["status"]!.GetValue<string>());
+            var ci = goal["ci95"]!.AsArray().Select(v => v!.GetValue<double>()).ToList();
+            Assert.True(ci[0] <= gaps.Min() + 1e-9 && gaps.Min() <= ci[1] + 1e-9, $"{gaps.Min()} outside its interval {ci[0]}..{ci[1]}");
+        }
+        Assert.Equal(5, result.PlotPaths.Count);
         Assert.All(result.PlotPaths, p => Assert.True(new FileInfo(p).Length > 1000));
         Assert.True(File.Exists(result.MarkdownPath));
         Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3), $"the smoke run took {clock.Elapsed}");

@@ -178,6 +178,7 @@ public static class CliFlagInventory
         new("generate", "--router-probe", "FILE", "<model>/router-probe.json"),
         new("bench", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),
         new("bench", "--router-probe", "FILE", "<model>/router-probe.json"),
+        new("eval", "--trigger-signal", "SIGNAL", "calibration.json's best by held-out AUROC, else router-entropy"),
         new("check-device", "--device", "cuda|cuda:N|cpu", "cuda"),
         new("check-device", "--groups", "ops,graph,models,engine", "ops,graph,models,engine"),
         new("check-device", "--seed", "N", "1"),

@@ -154,6 +154,7 @@ public sealed class CliTests
     [InlineData(new[] { "serve", "--entropy-threshold", "-1" }, "invalid value for --entropy-threshold: -1 (must be >= 0)")]
     [InlineData(new[] { "serve", "--trigger-signal", "vibes" }, "invalid value for --trigger-signal: 'vibes' (expected router-entropy, output-entropy or router-probe)")]
     [InlineData(new[] { "serve", "--trigger-signal", "router-probe", "--entropy-threshold", "1.5" }, "invalid value for --entropy-threshold: 1.5 (with --trigger-signal router-probe it is a probability in [0, 1])")]
+    [InlineData(new[] { "eval", "--trigger-signal", "vibes" }, "invalid value for --trigger-signal: 'vibes' (expected router-entropy, output-entropy or router-probe)")]
     [InlineData(new[] { "serve", "--entropy-threshold", "1e999" }, "invalid value for --entropy-threshold: '1e999' is not a number")]
     [InlineData(new[] { "serve", "--mem-fraction-static", "0" }, "invalid value for --mem-fraction-static")]
     [InlineData(new[] { "serve", "--model-config", "mixtral-8x7b" }, "--model-config gives a shape without weights")]
