@@ -37,7 +37,7 @@ public sealed class CpuBackend(int threads) : IBackend
         long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
         var slots = (long)maxRows * config.NumExpertsPerToken;
         return 4 * ((long)maxRows * (4 * h + q + 2 * kv + q) + (long)maxSequences * (h + config.VocabSize)
-            + slots * (3 * h + 2 * config.IntermediateSize) + (long)maxRows * config.NumLayers);
+            + slots * (3 * h + 2 * config.IntermediateSize) + (long)maxRows * config.NumLayers * (1 + config.NumExperts) + maxRows);
     }
 
     public IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim) =>
@@ -70,6 +70,10 @@ public sealed class CpuBackend(int threads) : IBackend
 
     public void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows) =>
         Moe.Route(x.Act(), routerWeight.Weight(), layer, topK, (CpuStepBuffers)step, rows);
+
+    /// <summary>From the probabilities <see cref="Route"/> kept for this layer (x and the router weight are not read again).</summary>
+    public void RouterProbe(DeviceTensor x, DeviceTensor routerWeight, DeviceTensor probe, int layer, IStepBuffers step, int rows) =>
+        Moe.Probe(probe.Act(), layer, step.Host, rows);
 
     public void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows) =>
         Moe.Experts(x.Act(), (CpuExpertStack)experts, topK, (CpuStepBuffers)step, output.Act(), rows, _parallel);
@@ -123,11 +127,11 @@ public sealed class CpuRunnerFactory(int threads) : IRunnerFactory
                 _ => throw new ArgumentException($"unknown weight source {weights.GetType().Name}"),
             };
             var limits = ModelRunner.Plan(backend, config, weightBytes, options);
-            if (weights is CheckpointWeights checkpoint) return new ModelRunner(backend, config, checkpoint.Weights, limits, progress);
+            if (weights is CheckpointWeights checkpoint) return new ModelRunner(backend, config, checkpoint.Weights, limits, progress, options: options);
             var dummy = Checkpoint.CreateDummy(config, DType.BF16, ((DummyWeights)weights).Seed, threads, progress);
             try
             {
-                return new ModelRunner(backend, config, MixtralWeights.Resolve(dummy, config), limits, progress, dummy);
+                return new ModelRunner(backend, config, MixtralWeights.Resolve(dummy, config), limits, progress, dummy, options);
             }
             catch
             {

@@ -762,4 +762,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         Stream.Dispose();
         Device.Dispose();
     }
+
+    // ---- The router probe (--trigger-signal router-probe; Kernels/probe.cu).
+
+    public void RouterProbe(DeviceTensor x, DeviceTensor routerWeight, DeviceTensor probe, int layer, IStepBuffers step, int rows)
+    {
+        var s = S(step);
+        var w = T(routerWeight);
+        var weights = T(probe);
+        if (w.Rows > 64) throw new NotSupportedException($"the router probe kernel handles at most 64 experts, not {w.Rows}");
+        if (weights.IsBf16 || weights.Columns != w.Rows) throw new ArgumentException("router probe: fp32 weights [layers, experts] expected");
+        Launch("router_probe", (uint)rows, 256, T(x).Pointer, w.Pointer, w.Columns, w.Rows, weights.Pointer, s.RowSequence, s.SeqSlot,
+            s.QueryStart, s.RouterProbs, s.ProbeSums, s.OutProbe, layer, s.Host.Layers);
+    }
 }

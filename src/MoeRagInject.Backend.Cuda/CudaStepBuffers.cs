@@ -26,7 +26,7 @@ internal sealed class CudaStepBuffers : IStepBuffers
     private readonly HashSet<int> _boundSlots = [];
     private readonly int _offTokens, _offPositions, _offKvSlots, _offRowSequence, _offSeqSlot, _offQueryStart, _offContext, _offFlags,
         _offUniform, _offUpdates, _offAccepted, _inInts;
-    private readonly int _outTokens, _outStatus, _outLogprobs, _outEntropy, _outRouter, _outInts;
+    private readonly int _outTokens, _outStatus, _outLogprobs, _outEntropy, _outRouter, _outProbe, _outInts;
 
     public CudaStepBuffers(CudaBackend backend, StepState host, int denseMaxRows)
     {
@@ -68,6 +68,7 @@ internal sealed class CudaStepBuffers : IStepBuffers
         _outLogprobs = Take(_seqs);
         _outEntropy = Take(_seqs);
         _outRouter = Take(_seqs * _layers);
+        _outProbe = Take(_seqs);
         _outInts = at;
 
         _inPinned = device.AllocatePinned<int>(_inInts);
@@ -95,6 +96,8 @@ internal sealed class CudaStepBuffers : IStepBuffers
         var slots = (long)_rows * k;
         var moeRows = Math.Max(slots, (long)c.NumExperts * denseMaxRows);
         RowEntropies = Own(4L * _rows * _layers);
+        RouterProbs = Own(4L * _rows * _layers * c.NumExperts);
+        ProbeSums = Own(4L * _rows);
         TopIds = Own(4 * slots);
         TopWeights = Own(4 * slots);
         Offsets = Own(4L * (c.NumExperts + 1));
@@ -113,9 +116,9 @@ internal sealed class CudaStepBuffers : IStepBuffers
     {
         long rows = maxRows, seqs = maxSequences, slots = rows * c.NumExpertsPerToken;
         var moeRows = Math.Max(slots, (long)c.NumExperts * denseMaxRows);
-        var io = 4 * (8 * rows + 12 * seqs + seqs * c.NumLayers);
+        var io = 4 * (8 * rows + 13 * seqs + seqs * c.NumLayers);
         var perSlot = seqs * (4L * (Math.Max(1, contextLength) / 16 + 1) + 4L * c.HiddenSize + 4L * c.NumLayers + 8 + 32 + 64 + 5L * c.VocabSize);
-        var scratch = 4 * rows * c.NumLayers + 12 * slots + moeRows * (8L * c.IntermediateSize + 2L * c.IntermediateSize + 4L * c.HiddenSize)
+        var scratch = 4 * rows * c.NumLayers * (1L + c.NumExperts) + 4 * rows + 12 * slots + moeRows * (8L * c.IntermediateSize + 2L * c.IntermediateSize + 4L * c.HiddenSize)
             + 2 * slots * c.HiddenSize + 4 * seqs * c.VocabSize;
         return 2 * io + perSlot + scratch;
     }
@@ -138,6 +141,7 @@ internal sealed class CudaStepBuffers : IStepBuffers
     public ulong OutLogprobs => _out.Pointer + 4UL * (ulong)_outLogprobs;
     public ulong OutEntropy => _out.Pointer + 4UL * (ulong)_outEntropy;
     public ulong OutRouter => _out.Pointer + 4UL * (ulong)_outRouter;
+    public ulong OutProbe => _out.Pointer + 4UL * (ulong)_outProbe;
 
     public DeviceBuffer BlockTables { get; }
     public DeviceBuffer InjectionVectors { get; }
@@ -151,6 +155,9 @@ internal sealed class CudaStepBuffers : IStepBuffers
     private DeviceBuffer PromptIds { get; }
 
     public DeviceBuffer RowEntropies { get; }
+    /// <summary>The router probe's view of every row: softmax probabilities [rows, layers, experts] and the weighted sum [rows].</summary>
+    public DeviceBuffer RouterProbs { get; }
+    public DeviceBuffer ProbeSums { get; }
     public DeviceBuffer TopIds { get; }
     public DeviceBuffer TopWeights { get; }
     public DeviceBuffer Offsets { get; }
@@ -277,9 +284,16 @@ internal sealed class CudaStepBuffers : IStepBuffers
         MemoryMarshal.Cast<int, float>(o.Slice(_outLogprobs, seqs)).CopyTo(s.OutLogprobs);
         MemoryMarshal.Cast<int, float>(o.Slice(_outEntropy, seqs)).CopyTo(s.OutOutputEntropy);
         MemoryMarshal.Cast<int, float>(o.Slice(_outRouter, seqs * _layers)).CopyTo(s.OutRouterEntropy);
+        MemoryMarshal.Cast<int, float>(o.Slice(_outProbe, seqs)).CopyTo(s.OutProbeLogit);
     }
 
-    public void DownloadRowEntropies() => RowEntropies.Download<float>(Host.RowEntropies.AsSpan(0, Host.Rows * _layers), _backend.Stream);
+    public void DownloadRowEntropies()
+    {
+        var s = Host;
+        RowEntropies.Download<float>(s.RowEntropies.AsSpan(0, s.Rows * _layers), _backend.Stream);
+        RouterProbs.Download<float>(s.RowRouterProbs.AsSpan(0, s.Rows * _layers * s.Experts), _backend.Stream);
+        ProbeSums.Download<float>(s.RowProbeLogits.AsSpan(0, s.Rows), _backend.Stream);
+    }
 
     public void Dispose()
     {

@@ -62,7 +62,10 @@ public interface IStepBuffers : IDisposable
     /// <summary>Copies the step's results (tokens, logprobs, entropies, status) back into <see cref="Host"/>.</summary>
     void Download();
 
-    /// <summary>Copies every row's router entropies into <see cref="StepState.RowEntropies"/> (eager diagnostics only).</summary>
+    /// <summary>
+    /// Copies every row's router entropies, router probabilities and probe sums into <see cref="StepState.RowEntropies"/>,
+    /// <see cref="StepState.RowRouterProbs"/> and <see cref="StepState.RowProbeLogits"/> (eager diagnostics only).
+    /// </summary>
     void DownloadRowEntropies();
 
     /// <summary>The slot's injection or sampling state changed on the host; the next <see cref="Upload"/> copies it.</summary>
@@ -157,6 +160,15 @@ public interface IBackend : IDisposable
     /// <c>router_logits-l</c>), the top-k experts and their probabilities renormalised over the k, kept for <see cref="MoeExperts"/>.
     /// </summary>
     void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows);
+
+    /// <summary>
+    /// The router probe, right after <see cref="Route"/> of the same layer and input: row r's softmax over all experts p (as
+    /// Route computes it) is recorded at (row, layer) in <see cref="StepState.RowRouterProbs"/>, and Σ_e probe[layer, e]·p_e is
+    /// added to the row's <see cref="StepState.RowProbeLogits"/> (set at layer 0). At the model's last layer each sequence's
+    /// last row also writes its sum to <see cref="StepState.OutProbeLogit"/>. Padding rows get 0. <paramref name="probe"/> is an
+    /// fp32 activation [layers, experts] holding the weights, at a fixed address (what a captured graph reads).
+    /// </summary>
+    void RouterProbe(DeviceTensor x, DeviceTensor routerWeight, DeviceTensor probe, int layer, IStepBuffers step, int rows);
 
     /// <summary>output[r] = Σ_k w_k · Down_e(silu(Gate_e x[r]) ⊙ Up_e x[r]) over the experts routed by the last <see cref="Route"/>.</summary>
     void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows);

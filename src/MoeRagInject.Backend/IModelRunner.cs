@@ -53,8 +53,16 @@ public sealed record EagerSequence(int Slot, IReadOnlyList<int> TokenIds, int St
 /// <param name="Captured">[logitRow, captured layer, hidden], or null.</param>
 public sealed record EagerResult(float[] Logits, int VocabSize, float[] RowEntropies, int Layers, float[]? Captured)
 {
+    public int Experts { get; init; }
+    /// <summary>[row, layer, expert]: the router's softmax over all experts of every row of the step.</summary>
+    public float[] RouterProbs { get; init; } = [];
+    /// <summary>[row]: the router probe's per-token sum Σ w·p (0 everywhere when the runner has no probe).</summary>
+    public float[] ProbeLogits { get; init; } = [];
+
     public ReadOnlySpan<float> LogitRow(int i) => Logits.AsSpan(i * VocabSize, VocabSize);
     public ReadOnlySpan<float> EntropyRow(int row) => RowEntropies.AsSpan(row * Layers, Layers);
+    /// <summary>Row <paramref name="row"/>'s router probabilities, [layer, expert].</summary>
+    public ReadOnlySpan<float> RouterProbsRow(int row) => RouterProbs.AsSpan(row * Layers * Experts, Layers * Experts);
 }
 
 /// <summary>How a runner is sized; the runner decides its <see cref="RunnerLimits"/> from these and its device.</summary>
@@ -75,6 +83,12 @@ public sealed record RunnerOptions
     public bool DisableCudaGraph { get; init; }
     /// <summary>Batch-invariant kernels: a request's tokens do not depend on what runs beside it.</summary>
     public bool Deterministic { get; init; }
+    /// <summary>
+    /// The router probe's weights [layer, expert] (--trigger-signal router-probe): when set, every step computes each row's
+    /// probe sum right after the routers (<see cref="IBackend.RouterProbe"/>) and reports the sampling rows' in
+    /// <see cref="StepState.OutProbeLogit"/>; null leaves the probe out of the steps (eager diagnostics still record probabilities).
+    /// </summary>
+    public IReadOnlyList<float>? RouterProbe { get; init; }
 }
 
 /// <summary>Where a runner's weights come from.</summary>

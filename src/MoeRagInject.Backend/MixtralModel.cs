@@ -37,7 +37,8 @@ public sealed class ForwardBuffers : IDisposable
 
 /// <summary>
 /// The Mixtral forward pass written against <see cref="IBackend"/>. Per layer l:
-/// h += o_proj(attn(rope(q), rope(k), v)) of rmsnorm(h); the router records entropy (hook point <c>router_logits-l</c>);
+/// h += o_proj(attn(rope(q), rope(k), v)) of rmsnorm(h); the router records entropy (hook point <c>router_logits-l</c>), and
+/// the router probe, when the step runs it, its probabilities and their weighted sum;
 /// h += moe(rmsnorm(h)) + the injection (hook point <c>l_out-l</c>), always present, zero-scaled when off.
 /// q, k and v come from one fused projection, and each residual add is fused with the norm that follows it.
 /// </summary>
@@ -79,8 +80,10 @@ public sealed class MixtralModel : IDisposable
     /// Runs every layer over the step's first <paramref name="rows"/> rows. Afterwards <see cref="ForwardBuffers.Normed"/>
     /// holds the final-normed residual stream and <see cref="ForwardBuffers.Hidden"/> the residual stream itself.
     /// </summary>
+    /// <param name="probe">The router probe's weights [layer, expert] when the step runs the probe after each router.</param>
     /// <param name="afterLayer">Eager-only observer of the residual stream after each layer (<c>l_out-l</c>).</param>
-    public void Layers(ForwardBuffers b, IKvCache cache, IStepBuffers step, int rows, Action<int, DeviceTensor>? afterLayer = null)
+    public void Layers(ForwardBuffers b, IKvCache cache, IStepBuffers step, int rows, DeviceTensor? probe = null,
+        Action<int, DeviceTensor>? afterLayer = null)
     {
         var c = Config;
         var eps = c.RmsNormEps;
@@ -96,6 +99,7 @@ public sealed class MixtralModel : IDisposable
             _backend.AddRmsNorm(b.Hidden, b.Delta, layer.PostNorm, eps, b.Normed, rows);
 
             _backend.Route(b.Normed, layer.Router, l, c.NumExpertsPerToken, step, rows);
+            if (probe is not null) _backend.RouterProbe(b.Normed, layer.Router, probe, l, step, rows);
             _backend.MoeExperts(b.Normed, layer.Experts, c.NumExpertsPerToken, step, b.Delta, rows);
             _backend.AddInjection(b.Delta, l, step, rows);
             var nextNorm = l + 1 < _layers.Length ? _layers[l + 1].InputNorm : _finalNorm;
@@ -105,9 +109,9 @@ public sealed class MixtralModel : IDisposable
     }
 
     /// <summary>The whole step: layers, then logits of each sequence's last row, then one sampled token per sampling sequence.</summary>
-    public void Step(ForwardBuffers b, IKvCache cache, IStepBuffers step, int rows, int sequences)
+    public void Step(ForwardBuffers b, IKvCache cache, IStepBuffers step, int rows, int sequences, DeviceTensor? probe = null)
     {
-        Layers(b, cache, step, rows);
+        Layers(b, cache, step, rows, probe);
         _backend.GatherLastRows(b.Normed, step, b.Gathered, sequences);
         _backend.Linear(b.Gathered, _lmHead, b.Logits, sequences);
         _backend.Sample(b.Logits, step, sequences);

@@ -18,6 +18,10 @@ public sealed class ModelRunner : IModelRunner
     private readonly IGraphCapable? _graphs;
     private readonly int[] _buckets;
     private readonly Dictionary<int, IDisposable> _captured = [];
+    /// <summary>The router probe's weights [layer, expert] on the device (zeros without a probe: eager steps still record probabilities).</summary>
+    private readonly DeviceTensor _probe = null!;
+    /// <summary>Whether steps run the router probe (the runner was given one).</summary>
+    private readonly bool _probeInSteps;
     /// <summary>Logits rows of a step on the host, for top logprobs; allocated when a request first asks.</summary>
     private float[]? _hostLogits;
 
@@ -46,6 +50,16 @@ public sealed class ModelRunner : IModelRunner
             State = new StepState(limits, config);
             _step = backend.CreateStepBuffers(State);
             _buffers = new ForwardBuffers(backend, config, limits.MaxRows, limits.MaxSequences);
+            _probe = backend.Allocate(config.NumLayers, config.NumExperts);
+            var probeWeights = new float[config.NumLayers * config.NumExperts];
+            if (options?.RouterProbe is { } given)
+            {
+                if (given.Count != probeWeights.Length)
+                    throw new ArgumentException($"the router probe has {given.Count} weights; the model has {config.NumLayers} layers × {config.NumExperts} experts");
+                for (var i = 0; i < probeWeights.Length; i++) probeWeights[i] = given[i];
+                _probeInSteps = true;
+            }
+            backend.Upload(probeWeights, _probe);
         }
         catch
         {
@@ -179,7 +193,7 @@ public sealed class ModelRunner : IModelRunner
             _step.Upload();
             if (!_captured.TryGetValue(bucket, out var graph))
             {
-                graph = _graphs.Capture(() => _model.Step(_buffers, _cache, _step, bucket, bucket));
+                graph = _graphs.Capture(() => _model.Step(_buffers, _cache, _step, bucket, bucket, StepProbe));
                 _captured[bucket] = graph;
             }
             _graphs.Replay(graph);
@@ -190,10 +204,15 @@ public sealed class ModelRunner : IModelRunner
         }
         PrepareRows();
         _step.Upload();
-        _model.Step(_buffers, _cache, _step, s.Rows, s.Sequences);
+        _model.Step(_buffers, _cache, _step, s.Rows, s.Sequences, StepProbe);
         _step.Download();
         TopLogprobsOnHost();
     }
+
+    private DeviceTensor? StepProbe => _probeInSteps ? _probe : null;
+
+    /// <summary>Whether the runner was given a router probe (its steps report <see cref="StepState.OutProbeLogit"/>).</summary>
+    public bool HasRouterProbe => _probeInSteps;
 
     /// <summary>
     /// The most likely tokens of the sequences that asked (<see cref="StepState.FlagTopLogprobs"/>), from their logits rows,
@@ -269,7 +288,7 @@ public sealed class ModelRunner : IModelRunner
         var hidden = Config.HiddenSize;
         float[]? captured = captureLayers is { Count: > 0 } ? new float[logitRows.Count * captureLayers.Count * hidden] : null;
         var rowScratch = captured is null ? null : new float[row * hidden];
-        _model.Layers(_buffers, _cache, _step, row, captured is null ? null : (layer, stream) =>
+        _model.Layers(_buffers, _cache, _step, row, _probe, captured is null ? null : (layer, stream) =>
         {
             var index = IndexOf(captureLayers!, layer);
             if (index < 0) return;
@@ -286,7 +305,12 @@ public sealed class ModelRunner : IModelRunner
         var picked = new float[logitRows.Count * vocab];
         for (var i = 0; i < logitRows.Count; i++) all.AsSpan(logitRows[i] * vocab, vocab).CopyTo(picked.AsSpan(i * vocab, vocab));
         _step.DownloadRowEntropies();
-        return new EagerResult(picked, vocab, s.RowEntropies.AsSpan(0, row * Config.NumLayers).ToArray(), Config.NumLayers, captured);
+        return new EagerResult(picked, vocab, s.RowEntropies.AsSpan(0, row * Config.NumLayers).ToArray(), Config.NumLayers, captured)
+        {
+            Experts = Config.NumExperts,
+            RouterProbs = s.RowRouterProbs.AsSpan(0, row * Config.NumLayers * Config.NumExperts).ToArray(),
+            ProbeLogits = s.RowProbeLogits.AsSpan(0, row).ToArray(),
+        };
     }
 
     private static int IndexOf(IReadOnlyList<int> list, int value)
@@ -341,6 +365,7 @@ public sealed class ModelRunner : IModelRunner
         foreach (var graph in _captured.Values) graph.Dispose();
         _captured.Clear();
         _buffers?.Dispose();
+        _probe?.Dispose();
         _step?.Dispose();
         _cache?.Dispose();
         _model?.Dispose();

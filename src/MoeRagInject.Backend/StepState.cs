@@ -116,10 +116,13 @@ public sealed class StepState
             Penalties[s] = new SlotPenalties();
         }
         RowEntropies = new float[rows * layers];
+        RowRouterProbs = new float[rows * layers * config.NumExperts];
+        RowProbeLogits = new float[rows];
         OutTokens = new int[seqs];
         OutLogprobs = new float[seqs];
         OutOutputEntropy = new float[seqs];
         OutRouterEntropy = new float[seqs * layers];
+        OutProbeLogit = new float[seqs];
         OutStatus = new SampleStatus[seqs];
         OutTopIds = new int[seqs * MaxTopLogprobs];
         OutTopLogprobs = new float[seqs * MaxTopLogprobs];
@@ -131,6 +134,7 @@ public sealed class StepState
     public int Layers => Config.NumLayers;
     public int VocabSize => Config.VocabSize;
     public int ExpertsPerToken => Config.NumExpertsPerToken;
+    public int Experts => Config.NumExperts;
 
     /// <summary>Rows and sequences of the current step.</summary>
     public int Rows { get; set; }
@@ -171,12 +175,21 @@ public sealed class StepState
     // Outputs.
     /// <summary>[row, layer]: router entropy of every row (device side; on the host after <see cref="IStepBuffers.DownloadRowEntropies"/>).</summary>
     public float[] RowEntropies { get; }
+    /// <summary>
+    /// [row, layer, expert]: every row's router softmax over all experts, as the router probe saw it (device side; on the host
+    /// after <see cref="IStepBuffers.DownloadRowEntropies"/>; written in steps that run the probe, which eager steps always do).
+    /// </summary>
+    public float[] RowRouterProbs { get; }
+    /// <summary>[row]: the router probe's per-token sum Σ_l Σ_e w[l, e]·p[l, e] (device side, as <see cref="RowRouterProbs"/>).</summary>
+    public float[] RowProbeLogits { get; }
     /// <summary>[sequence]: the sampled token, or −1. Every sequence's last row is gathered for the LM head; only those flagged <see cref="FlagSample"/> sample.</summary>
     public int[] OutTokens { get; }
     public float[] OutLogprobs { get; }
     public float[] OutOutputEntropy { get; }
     /// <summary>[sequence, layer]: router entropies of the sequence's sampling row.</summary>
     public float[] OutRouterEntropy { get; }
+    /// <summary>[sequence]: the router probe's per-token sum of the sequence's last row (0 when the runner has no probe).</summary>
+    public float[] OutProbeLogit { get; }
     public SampleStatus[] OutStatus { get; }
     /// <summary>
     /// [sequence, <see cref="MaxTopLogprobs"/>]: for sequences flagged <see cref="FlagTopLogprobs"/>, the most likely token ids
@@ -193,6 +206,9 @@ public sealed class StepState
     public Span<float> InjectionScale(int slot) => InjectionScales.AsSpan(slot * Layers, Layers);
 
     public ReadOnlySpan<float> RouterEntropyOf(int sequence) => OutRouterEntropy.AsSpan(sequence * Layers, Layers);
+
+    /// <summary>Row <paramref name="row"/>'s router probabilities at every layer, [layer, expert].</summary>
+    public Span<float> RouterProbsOf(int row) => RowRouterProbs.AsSpan(row * Layers * Experts, Layers * Experts);
 
     public Span<int> TopIdsOf(int sequence) => OutTopIds.AsSpan(sequence * MaxTopLogprobs, MaxTopLogprobs);
 

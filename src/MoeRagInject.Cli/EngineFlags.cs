@@ -47,10 +47,14 @@ public sealed class EngineFlags
     public Option<bool> Deterministic { get; } = CliOption.Switch("--deterministic",
         "batch-invariant kernels: a request's tokens do not depend on what runs beside it");
     public Option<string> TriggerSignal { get; } = CliOption.Choice("--trigger-signal",
-        "what the trigger watches at every generated token: each router's entropy (the original's), or the entropy of the model's next-token distribution",
-        TriggerSignals.Name(Defaults.Trigger.Signal), "router-entropy", "output-entropy");
+        "what the trigger watches at every generated token: each router's entropy (the original's), the entropy of the model's next-token distribution, or the score of a logistic probe over all routers' probabilities (trained by calibrate)",
+        TriggerSignals.Name(Defaults.Trigger.Signal), [.. TriggerSignals.Names]);
     public Option<double> EntropyThreshold { get; } = CliOption.Double("--entropy-threshold",
-        "entropy (nats; router: at most ln E, output: at most ln V) above which retrieval fires", "NATS", Defaults.Trigger.Threshold, min: 0);
+        "entropy (nats; router: at most ln E, output: at most ln V) above which retrieval fires; with router-probe a probability in [0, 1], and without this flag the probe's calibrated threshold",
+        "NATS", Defaults.Trigger.Threshold, min: 0);
+    public Option<string?> RouterProbe { get; } = CliOption.OptionalText("--router-probe",
+        "the router probe (router-probe.json, written by calibrate); loaded when present, needed by --trigger-signal router-probe and by requests that ask for it",
+        "FILE", "<model>/router-probe.json");
     public Option<string> LogDir { get; } = CliOption.Text("--log-dir", "where rag-events.jsonl is written", "DIR", Defaults.LogDir);
     public Option<bool> LogFsync { get; } = CliOption.Switch("--log-fsync", "force each RAG event line to disk before its request goes on");
     public Option<string> RagMode { get; } = CliOption.Choice("--rag-mode",
@@ -86,7 +90,7 @@ public sealed class EngineFlags
     public IReadOnlyList<Option> All =>
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
-        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, LogDir,
+        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
         LogFsync, RagMode, PromptRagRestart, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
@@ -107,6 +111,15 @@ public sealed class EngineFlags
                 result.AddError("--model-config gives a shape without weights: use it with --load-format dummy");
             else if (result.GetValue(ModelPath) is not null)
                 result.AddError("give --model-path or --model-config, not both");
+        });
+        command.Validators.Add(result =>
+        {
+            // Read from the tokens: a value that failed to parse has its own error already.
+            if (result.GetResult(TriggerSignal)?.Tokens is not { Count: > 0 } signal
+                || !signal[^1].Value.Equals("router-probe", StringComparison.OrdinalIgnoreCase)) return;
+            if (result.GetResult(EntropyThreshold) is { Implicit: false, Tokens: { Count: > 0 } given }
+                && double.TryParse(given[^1].Value, NumberStyles.Float, CultureInfo.InvariantCulture, out var threshold) && threshold > 1)
+                result.AddError($"invalid value for --entropy-threshold: {given[^1].Value} (with --trigger-signal router-probe it is a probability in [0, 1])");
         });
     }
 
@@ -238,6 +251,12 @@ public sealed class EngineFlags
         if (!Directory.Exists(modelPath)) throw new CliException($"model folder not found: {modelPath}");
         if (!File.Exists(Path.Combine(modelPath, "config.json")))
             throw new CliException($"{modelPath} is not a model folder: it has no config.json");
+        var signal = TriggerSignals.Parse(parse.GetRequiredValue(TriggerSignal)) ?? Rag.TriggerSignal.RouterEntropy;
+        var probePath = parse.GetValue(RouterProbe) is { } probeFile ? Path.GetFullPath(probeFile) : null;
+        var resolvedProbe = probePath ?? Path.Combine(modelPath, Rag.RouterProbe.FileName);
+        if ((signal == Rag.TriggerSignal.RouterProbe || probePath is not null) && !File.Exists(resolvedProbe))
+            throw new CliException(InferenceEngine.MissingProbeMessage(resolvedProbe));
+        var thresholdGiven = parse.GetResult(EntropyThreshold) is { Implicit: false };
 
         return Defaults with
         {
@@ -261,10 +280,13 @@ public sealed class EngineFlags
                 _ => InjectionMode.Latent,
             },
             PromptRagRestart = parse.GetRequiredValue(PromptRagRestart) == "continue" ? Engine.PromptRagRestart.Continue : Engine.PromptRagRestart.Answer,
+            RouterProbePath = probePath,
+            // --entropy-threshold given with --trigger-signal router-probe is the probe's threshold; the entropy signals keep the default.
+            RouterProbeThreshold = signal == Rag.TriggerSignal.RouterProbe && thresholdGiven ? parse.GetValue(EntropyThreshold) : null,
             Trigger = Defaults.Trigger with
             {
-                Signal = TriggerSignals.Parse(parse.GetRequiredValue(TriggerSignal)) ?? Rag.TriggerSignal.RouterEntropy,
-                Threshold = parse.GetValue(EntropyThreshold),
+                Signal = signal,
+                Threshold = signal == Rag.TriggerSignal.RouterProbe && thresholdGiven ? Defaults.Trigger.Threshold : parse.GetValue(EntropyThreshold),
                 Layers = Layers(parse.GetValue(TriggerLayers)),
                 Aggregation = parse.GetRequiredValue(TriggerAggregation) switch
                 {

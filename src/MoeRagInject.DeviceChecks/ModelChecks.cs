@@ -129,8 +129,9 @@ public static class ModelChecks
     }
 
     /// <summary>
-    /// Decode steps replayed from captured graphs give bit-identical tokens, log-probabilities and router entropies to the
-    /// same steps run op by op: three sequences (a bucket of four, so one padding sequence), eight steps, on two runners.
+    /// Decode steps replayed from captured graphs give bit-identical tokens, log-probabilities, router entropies and router
+    /// probe sums to the same steps run op by op: three sequences (a bucket of four, so one padding sequence), eight steps, on
+    /// two runners with the same (seeded) router probe.
     /// </summary>
     public static CheckResult GraphReplay(IRunnerFactory device, string checkpointDir)
     {
@@ -138,7 +139,12 @@ public static class ModelChecks
         using var checkpoint = Checkpoint.Open(checkpointDir);
         var weights = MixtralWeights.Resolve(checkpoint, config);
         var source = new CheckpointWeights(weights, checkpoint.Tensors.Values.Sum(t => t.ByteLength), weights.Embedding.DType);
-        RunnerOptions Options(bool graphs) => new() { MaxSequences = 4, MaxRows = 64, ContextLength = 64, KvCacheTokens = 256, DisableCudaGraph = !graphs };
+        var rng = new Random(5);
+        float[] probe = [.. Enumerable.Range(0, config.NumLayers * config.NumExperts).Select(_ => (float)(rng.NextDouble() * 2 - 1))];
+        RunnerOptions Options(bool graphs) => new()
+        {
+            MaxSequences = 4, MaxRows = 64, ContextLength = 64, KvCacheTokens = 256, DisableCudaGraph = !graphs, RouterProbe = probe,
+        };
         using var graphed = device.Create(config, source, Options(true));
         using var eager = device.Create(config, source, Options(false));
         int[][] prompts = [[1, 300, 301, 302], [1, 500], [1, 700, 701, 702, 703, 704]];
@@ -177,6 +183,7 @@ public static class ModelChecks
                     outputs[r].Add(state.OutLogprobs[s]);
                     outputs[r].Add(state.OutOutputEntropy[s]);
                     outputs[r].AddRange(state.RouterEntropyOf(s).ToArray());
+                    outputs[r].Add(state.OutProbeLogit[s]);
                 }
             }
         }

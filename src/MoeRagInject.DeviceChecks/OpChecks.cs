@@ -52,6 +52,7 @@ public sealed class OpChecks : IDisposable
         Check("linear", [1, 5, 8, 37, 130], LinearCase);
         Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
         Check("route", [1, 40], RouteCase);
+        Check("router_probe", [1, 40, 0], RouterProbeCase);
         Check("moe", [1, 8, 16, 40, 100, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
         Check("sample", [0, 1, 2, 3], SampleCase);
@@ -212,6 +213,69 @@ public sealed class OpChecks : IDisposable
             worst = Math.Max(worst, Math.Abs(a - b));
         }
         Add(new CheckResult("op", $"route entropy rows={rows}", finite && worst < 1e-4, worst, 1e-4, "max |Δ| nats"));
+    }
+
+    /// <summary>
+    /// The router probe after the router at both layers (the last writes each sequence's sum): decode rows with a padding
+    /// sequence among them (variant 40), and a step of prefills and decodes (variant 0) whose sums come from each sequence's
+    /// last row. Probabilities of real rows, every row's sum and every sequence's output against the CPU backend.
+    /// </summary>
+    private void RouterProbeCase(int variant)
+    {
+        var scenario = variant == 0 ? Scenario.Mixed(_config.VocabSize, _rng) : Scenario.Decode(variant, _config.VocabSize, _rng);
+        using var pair = new StepPair(this, scenario);
+        var rows = scenario.Rows;
+        var sequences = pair.State.Sequences;
+        var padding = variant == 40 ? 3 : -1;
+        if (padding >= 0)
+        {
+            pair.State.SeqSlot[padding] = -1;
+            pair.DeviceState.SeqSlot[padding] = -1;
+            pair.Device.Upload();
+        }
+        int layers = _config.NumLayers, experts = _config.NumExperts;
+        var weights = Enumerable.Range(0, layers * experts).Select(_ => (float)(_rng.NextDouble() * 4 - 2)).ToArray();
+        using var probe = Pair.Activation(this, layers, experts, ActivationKind.Float32);
+        _cpu.Upload(weights, probe.Cpu);
+        _device.Upload(weights, probe.Device);
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
+        x.Fill(_rng, 20f);
+        for (var l = 0; l < layers; l++)
+        {
+            using var router = Pair.Weight(this, _weights.Layers[l].Router);
+            _cpu.Route(x.Cpu, router.Cpu, l, _config.NumExpertsPerToken, pair.Cpu, rows);
+            _device.Route(x.Device, router.Device, l, _config.NumExpertsPerToken, pair.Device, rows);
+            _cpu.RouterProbe(x.Cpu, router.Cpu, probe.Cpu, l, pair.Cpu, rows);
+            _device.RouterProbe(x.Device, router.Device, probe.Device, l, pair.Device, rows);
+        }
+        pair.Device.DownloadRowEntropies();
+        pair.Device.Download();
+        var a = pair.Cpu.Host;
+        var b = pair.DeviceState;
+        double worstProb = 0, worstSum = 0;
+        var finite = true;
+        for (var r = 0; r < rows; r++)
+        {
+            finite &= float.IsFinite(b.RowProbeLogits[r]);
+            worstSum = Math.Max(worstSum, Math.Abs(a.RowProbeLogits[r] - b.RowProbeLogits[r]));
+            if (a.SeqSlot[a.RowSequence[r]] < 0) continue;
+            for (var i = 0; i < layers * experts; i++)
+            {
+                finite &= float.IsFinite(b.RouterProbsOf(r)[i]);
+                worstProb = Math.Max(worstProb, Math.Abs(a.RouterProbsOf(r)[i] - b.RouterProbsOf(r)[i]));
+            }
+        }
+        for (var i = 0; i < sequences; i++)
+        {
+            finite &= float.IsFinite(b.OutProbeLogit[i]);
+            worstSum = Math.Max(worstSum, Math.Abs(a.OutProbeLogit[i] - b.OutProbeLogit[i]));
+            // Each sequence's output is its last row's sum.
+            worstSum = Math.Max(worstSum, Math.Abs(b.OutProbeLogit[i] - b.RowProbeLogits[b.QueryStart[i + 1] - 1]));
+        }
+        if (padding >= 0) worstSum = Math.Max(worstSum, Math.Abs(b.RowProbeLogits[padding]));
+        var name = $"router_probe ({scenario.Name}{(padding >= 0 ? ", one padding sequence" : "")}) rows={rows}";
+        Add(new CheckResult("op", name + " probabilities", finite && worstProb < 1e-5, worstProb, 1e-5, "max |Δ|"));
+        Add(new CheckResult("op", name + " sums", finite && worstSum < 1e-4, worstSum, 1e-4, "max |Δ| of row sums and sequence outputs"));
     }
 
     /// <summary>The MoE block at row counts that take each device path (few routed slots, dense, grouped).</summary>

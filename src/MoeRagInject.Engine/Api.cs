@@ -60,7 +60,8 @@ public sealed record RagOverrides
     /// <summary>Null when valid, else a message naming the field and the allowed range.</summary>
     public string? Validate()
     {
-        if (Threshold is { } t && !(t >= 0 && double.IsFinite(t))) return "rag.threshold must be a finite number >= 0 (router entropy is in nats)";
+        if (Threshold is { } t && !(t >= 0 && double.IsFinite(t))) return "rag.threshold must be a finite number >= 0 (entropy in nats, or the router probe's probability)";
+        if (Signal == TriggerSignal.RouterProbe && Threshold is > 1) return "rag.threshold must be in [0, 1] for rag.trigger_signal router-probe (a probability)";
         if (Scale is { } s && !(float.IsFinite(s) && Math.Abs(s) <= MaxScale))
             return FormattableString.Invariant($"rag.scale must be a finite number in [-{MaxScale}, {MaxScale}]");
         return null;
@@ -108,6 +109,8 @@ public sealed record GenerationUpdate
     public IReadOnlyList<float[]> NewRouterEntropy { get; init; } = [];
     /// <summary>Entropy (nats) of the output distribution softmax(logits) for each new token, the FLARE-style signal; empty unless router entropy is requested.</summary>
     public IReadOnlyList<float> NewOutputEntropy { get; init; } = [];
+    /// <summary>The router probe's score (in [0, 1]) of each new token; empty unless router entropy is requested and the engine has a probe.</summary>
+    public IReadOnlyList<float> NewRouterProbe { get; init; } = [];
     public IReadOnlyList<RagEvent> NewEvents { get; init; } = [];
     public required string NewText { get; init; }
     public required int PromptTokens { get; init; }

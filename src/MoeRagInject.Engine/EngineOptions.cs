@@ -31,6 +31,16 @@ public sealed record EngineOptions
 
     public InjectionMode Mode { get; init; } = InjectionMode.Latent;
     public TriggerOptions Trigger { get; init; } = new();
+    /// <summary>
+    /// The router probe (--router-probe): null = &lt;model&gt;/router-probe.json. It is loaded when the file is there (so that a
+    /// request may ask for the router-probe signal) and must be there when <see cref="Trigger"/> watches router-probe.
+    /// </summary>
+    public string? RouterProbePath { get; init; }
+    /// <summary>
+    /// The threshold (a probability) of router-probe triggers that give none of their own; null = the probe's calibrated
+    /// threshold. <see cref="TriggerOptions.Threshold"/> stays the entropy signals' threshold.
+    /// </summary>
+    public double? RouterProbeThreshold { get; init; }
     /// <summary>α in α·P·c.</summary>
     public float InjectionScale { get; init; } = 1.0f;
     /// <summary>Fixed MoE layers to inject at; null injects at the layers that fired.</summary>
@@ -61,6 +71,9 @@ public sealed record EngineOptions
     /// <summary>Faults to inject, for tests of per-request isolation; null in production.</summary>
     public IFaultInjection? Faults { get; init; }
 
+    /// <summary>Where the router probe is looked for: <see cref="RouterProbePath"/>, else beside the model.</summary>
+    public string ResolvedRouterProbePath => RouterProbePath ?? Path.Combine(ModelPath, RouterProbe.FileName);
+
     /// <summary>The prefill tokens one step may hold: a chunk of one prompt at most, and all prompts' share at most.</summary>
     public int PrefillBudget => Math.Min(ChunkedPrefillSize, MaxPrefillTokens);
 
@@ -75,6 +88,7 @@ public sealed record EngineOptions
         if (KvCacheTokens is < 1) return "kv_cache_tokens must be >= 1";
         if (QueryWindowTokens < 1) return "query_window must be >= 1";
         if (RetrievalTopK < 1) return "retrieval_top_k must be >= 1";
+        if (RouterProbeThreshold is { } p && !(p >= 0 && p <= 1)) return "the router probe's threshold must be a probability in [0, 1]";
         return null;
     }
 }

@@ -14,7 +14,12 @@ public static class InferenceEngine
     {
         ArgumentNullException.ThrowIfNull(options);
         if (options.Validate() is { } invalid) throw new ArgumentException(invalid);
-        var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, config => RunnerOptionsOf(options, config), progress);
+        var probe = LoadRouterProbe(options);
+        var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, config =>
+        {
+            probe?.EnsureFits(config.NumLayers, config.NumExperts);
+            return RunnerOptionsOf(options, config) with { RouterProbe = probe?.Weights };
+        }, progress);
         IRetriever? retriever = null;
         try
         {
@@ -27,7 +32,7 @@ public static class InferenceEngine
             };
             if (options.Retriever is { } spec)
                 retriever = RetrieverFactory.Create(spec, Path.Combine(Path.GetTempPath(), "moe-rag-inject", "index-cache"));
-            return new LlmEngine(options, loaded, retriever, injector);
+            return new LlmEngine(options, loaded, retriever, injector, probe);
         }
         catch
         {
@@ -36,6 +41,24 @@ public static class InferenceEngine
             throw;
         }
     }
+
+    /// <summary>
+    /// The router probe the options name, or the one beside the model: loaded when its file exists, required when the trigger
+    /// watches router-probe (then a missing file is an error that says how to make one).
+    /// </summary>
+    public static RouterProbe? LoadRouterProbe(EngineOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        var path = options.ResolvedRouterProbePath;
+        if (File.Exists(path)) return RouterProbe.Load(path);
+        if (options.Trigger.Signal == TriggerSignal.RouterProbe || options.RouterProbePath is not null)
+            throw new FileNotFoundException(MissingProbeMessage(path), path);
+        return null;
+    }
+
+    /// <summary>What to say when the router probe is needed and not there.</summary>
+    public static string MissingProbeMessage(string path) =>
+        $"the router-probe trigger signal needs a router probe, and {path} does not exist: run `./moe-rag-inject calibrate` to train one beside the model (or pass --router-probe FILE)";
 
     /// <summary>How the engine's options size the runner: a slot per running request, and a step of one prefill budget plus a decode row per slot.</summary>
     public static RunnerOptions RunnerOptionsOf(EngineOptions options, Model.ModelConfig config) => new()

@@ -80,11 +80,12 @@ public sealed class LlmEngine : IGenerationEngine
     private long _resultsTicks;
     private volatile EngineStatus _status;
 
-    internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector)
+    internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector, RouterProbe? probe = null)
     {
         var config = loaded.Config;
         _options = options;
         _loaded = loaded;
+        RouterProbe = probe;
         _runner = loaded.Runner;
         Tokenizer = loaded.Tokenizer;
         foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers) })
@@ -119,6 +120,14 @@ public sealed class LlmEngine : IGenerationEngine
     public ModelConfig Config => _loaded.Config;
     public RunnerLimits Limits => _runner.Limits;
 
+    /// <summary>The router probe the steps compute (null: none was found; requests cannot ask for the router-probe signal).</summary>
+    public RouterProbe? RouterProbe { get; }
+
+    /// <summary>The threshold a request's trigger gets when it gives none: the router probe's for router-probe, else --entropy-threshold.</summary>
+    public double DefaultThreshold(TriggerSignal signal) => signal == TriggerSignal.RouterProbe
+        ? _options.RouterProbeThreshold ?? RouterProbe?.Threshold ?? double.NaN
+        : _options.Trigger.Threshold;
+
     /// <summary>The runner under the engine (diagnostics: which graphs it captured, its limits).</summary>
     public IModelRunner Runner => _runner;
 
@@ -139,10 +148,11 @@ public sealed class LlmEngine : IGenerationEngine
         Validate(request);
         var rid = request.Rid ?? $"req-{Interlocked.Increment(ref _nextRid)}-{Guid.NewGuid():N}"[..24];
         var rag = request.Rag;
+        var signal = rag?.Signal ?? _options.Trigger.Signal;
         var trigger = _options.Trigger with
         {
-            Signal = rag?.Signal ?? _options.Trigger.Signal,
-            Threshold = rag?.Threshold ?? _options.Trigger.Threshold,
+            Signal = signal,
+            Threshold = rag?.Threshold ?? DefaultThreshold(signal),
         };
         var sequences = new Sequence[n];
         var blockSize = _scheduler.Blocks.BlockSize;
@@ -192,6 +202,8 @@ public sealed class LlmEngine : IGenerationEngine
     {
         if (request.Sampling.Validate() is { } error) throw new ArgumentException(error);
         if (request.Rag?.Validate() is { } ragError) throw new ArgumentException(ragError);
+        if ((request.Rag?.Signal ?? _options.Trigger.Signal) == TriggerSignal.RouterProbe && RouterProbe is null)
+            throw new ArgumentException("rag.trigger_signal router-probe: this server has no router probe (run `./moe-rag-inject calibrate` to train one beside the model)");
         if (request.Rid is { Length: 0 }) throw new ArgumentException("rid must not be empty");
         if (request.PromptIds.Count == 0) throw new ArgumentException("the prompt is empty");
         if (request.TopLogprobs is < 0 or > StepState.MaxTopLogprobs)
@@ -412,11 +424,15 @@ public sealed class LlmEngine : IGenerationEngine
         }
         var tokenIndex = s.Generated.Count;
         var entropies = state.RouterEntropyOf(i);
+        var probeScore = RouterProbe is { } probe ? (float)ProbeScore(s, probe, state.OutProbeLogit[i], tokenIndex) : float.NaN;
         if (s.Mode != InjectionMode.Off && tokenIndex != s.RecomputeTokenIndex)
         {
-            var decision = s.Trigger.Options.Signal == TriggerSignal.OutputEntropy
-                ? OutputEntropyDecision(s, state.OutOutputEntropy[i], tokenIndex, entropies.Length)
-                : s.Trigger.Evaluate(entropies, tokenIndex);
+            var decision = s.Trigger.Options.Signal switch
+            {
+                TriggerSignal.OutputEntropy => WholeModelDecision(s, state.OutOutputEntropy[i], tokenIndex, entropies.Length),
+                TriggerSignal.RouterProbe => WholeModelDecision(s, probeScore, tokenIndex, entropies.Length),
+                _ => s.Trigger.Evaluate(entropies, tokenIndex),
+            };
             if (decision.Fired)
             {
                 Park(s, decision, tokenIndex, batchSize);
@@ -431,7 +447,7 @@ public sealed class LlmEngine : IGenerationEngine
         s.Generated.Add(token);
         var request = s.Request;
         Emit(s, new TokenOutput(token, state.OutLogprobs[i], state.OutOutputEntropy[i], _resultsTicks,
-            (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null), entropies);
+            (state.SeqFlags[i] & StepState.FlagTopLogprobs) != 0 ? TopOf(state, i, request.TopLogprobs) : null, probeScore), entropies);
 
         var p = s.Sampling;
         if ((!p.IgnoreEos && _eosIds.Contains(token)) || p.StopTokenIds.Contains(token))
@@ -441,13 +457,26 @@ public sealed class LlmEngine : IGenerationEngine
     }
 
     /// <summary>
-    /// The trigger on the output distribution's entropy: the same threshold, cooldown and cap as the router signal, over one
-    /// value; a fire counts every MoE layer as fired (the signal belongs to no layer).
+    /// The trigger on a signal of the whole model (the output distribution's entropy, the router probe's score): the same
+    /// threshold, cooldown and cap as the router signal, over one value; a fire counts every MoE layer as fired.
     /// </summary>
-    private static TriggerDecision OutputEntropyDecision(Sequence s, float outputEntropy, int tokenIndex, int layers)
+    private static TriggerDecision WholeModelDecision(Sequence s, float value, int tokenIndex, int layers)
     {
-        var decision = s.Trigger.Evaluate([outputEntropy], tokenIndex);
+        var decision = s.Trigger.Evaluate([value], tokenIndex);
         return decision.Fired ? decision with { FiredLayers = [.. Enumerable.Range(0, layers)] } : decision;
+    }
+
+    /// <summary>
+    /// The router probe's score of answer token <paramref name="tokenIndex"/>: the step's probe sum is kept at that index (a
+    /// recomputed token, or a restarted answer, replaces what was there), and the probe pools the window that ends there.
+    /// </summary>
+    private static double ProbeScore(Sequence s, RouterProbe probe, float sum, int tokenIndex)
+    {
+        var sums = s.ProbeSums;
+        if (sums.Count > tokenIndex) sums.RemoveRange(tokenIndex, sums.Count - tokenIndex);
+        while (sums.Count < tokenIndex) sums.Add(float.NaN);  // never: every earlier token was sampled and kept first
+        sums.Add(sum);
+        return probe.Score(CollectionsMarshal.AsSpan(sums), tokenIndex);
     }
 
     /// <summary>

@@ -86,6 +86,8 @@ internal sealed class Sequence
     public int InjectionStart { get; set; } = -1;
     /// <summary>Output-token index being recomputed after a retrieval: the trigger does not fire twice for it.</summary>
     public int RecomputeTokenIndex { get; set; } = -1;
+    /// <summary>The router probe's per-token sums of the answer so far, by output-token index (for its pooling window).</summary>
+    public List<float> ProbeSums { get; } = [];
     /// <summary>Per-request answers by query (a request has one retrieval in flight at most, so its tasks use it in turn).</summary>
     public Dictionary<string, RetrievalResult> QueryCache { get; } = new(StringComparer.Ordinal);
 

@@ -20,10 +20,20 @@ public sealed record CalibrationOptions
     public string? Corpus { get; init; }
     /// <summary>--out: the projection file; null = &lt;model&gt;/injector-proj.safetensors. calibration.json is written beside it.</summary>
     public string? Out { get; init; }
-    /// <summary>--limit: QA prompts sampled for the entropy distribution (deterministic shuffle); null = all.</summary>
-    public int? Limit { get; init; } = 256;
-    /// <summary>Tokens greedily decoded per prompt for the entropy distribution.</summary>
-    public int MaxNewTokens { get; init; } = 32;
+    /// <summary>--limit: QA prompts sampled for the signals' distributions and the router probe (deterministic shuffle); null = all.</summary>
+    public int? Limit { get; init; } = 1000;
+    /// <summary>Tokens greedily decoded per prompt (eval's answer length, so that "answered wrong" means the same in both).</summary>
+    public int MaxNewTokens { get; init; } = 48;
+    /// <summary>Share of the questions held back from the router probe's fit, on which every signal's AUROC is measured.</summary>
+    public double CheckFraction { get; init; } = 0.3;
+    /// <summary>--skip-probe: no router probe.</summary>
+    public bool SkipProbe { get; init; }
+    /// <summary>Pooling windows the probe's cross-validation tries (answer tokens).</summary>
+    public IReadOnlyList<int> ProbeWindows { get; init; } = [1, 2, 4];
+    /// <summary>L2 strengths the probe's cross-validation tries (on standardised features).</summary>
+    public IReadOnlyList<double> ProbeLambdas { get; init; } = [1e-3, 1e-2, 1e-1, 1, 10, 100];
+    /// <summary>Folds of the probe's cross-validation (over fit questions, stratified by label).</summary>
+    public int ProbeFolds { get; init; } = 5;
     /// <summary>--target-rate: fraction of generated tokens whose max-over-layers entropy should exceed the threshold.</summary>
     public double TargetRate { get; init; } = 0.1;
     /// <summary>--pairs: (question, gold passage) pairs from taught questions for the projection fit.</summary>
@@ -92,7 +102,14 @@ public sealed record ProjectionFit
 /// token (j = 0) and of its maximum over the first <see cref="Calibrator.Window"/> answer tokens (a trigger watching the answer
 /// as it is written fires within them when that maximum crosses the threshold).
 /// </summary>
-public sealed record SignalCalibration(string Signal, double Threshold, double AchievedRate, double HeldoutAurocJ0, double HeldoutAurocWindow);
+/// <remarks>The AUROCs are measured on calibrate's check questions (never used to fit the router probe).</remarks>
+public sealed record SignalCalibration(string Signal, double Threshold, double AchievedRate, double HeldoutAurocJ0, double HeldoutAurocWindow)
+{
+    /// <summary>AUROC for a wrong RAG-off answer (token F1 below <see cref="Evaluator.WrongBelowF1"/>), at j = 0.</summary>
+    public double WrongAurocJ0 { get; init; } = double.NaN;
+    /// <summary>The same for the maximum over the first <see cref="Calibrator.Window"/> answer tokens.</summary>
+    public double WrongAurocWindow { get; init; } = double.NaN;
+}
 
 public sealed record CalibrationResult
 {
@@ -109,13 +126,24 @@ public sealed record CalibrationResult
     public required double HeldoutAurocJ0 { get; init; }
     /// <summary>Each trigger signal (--trigger-signal) measured on the same runs: its threshold for the target rate and how well it tells held-out terms.</summary>
     public required IReadOnlyList<SignalCalibration> Signals { get; init; }
+    /// <summary>The signal with the highest AUROC for a wrong answer over the first answer tokens, on the check questions.</summary>
+    public required string BestSignal { get; init; }
+    /// <summary>The trained router probe (null when skipped), saved at <see cref="RouterProbePath"/>.</summary>
+    public RouterProbe? RouterProbe { get; init; }
+    public string? RouterProbePath { get; init; }
+    /// <summary>Question ids the probe was fitted on, and those the AUROCs were measured on.</summary>
+    public required IReadOnlyList<string> FitQuestions { get; init; }
+    public required IReadOnlyList<string> CheckQuestions { get; init; }
     public ProjectionFit? Projection { get; init; }
     /// <summary>calibration.json.</summary>
     public required string JsonPath { get; init; }
     public required JsonObject Json { get; init; }
 }
 
-/// <summary>`calibrate`: the router-entropy distribution and threshold, and a ridge-fitted projection P for latent injection.</summary>
+/// <summary>
+/// `calibrate`: the trigger signals' distributions and thresholds (router entropy, output entropy, the router probe it trains),
+/// their AUROCs, and a ridge-fitted projection P for latent injection.
+/// </summary>
 public static class Calibrator
 {
     public const string CalibrationFileName = "calibration.json";
@@ -190,23 +218,81 @@ public static class Calibrator
         var heldout = j0.Select(r => IsHeldout(r.Item)).ToList();
         var aurocMax = Stats.Auroc(j0Max, heldout);
         var aurocMean = Stats.Auroc(j0Mean, heldout);
-        // Each trigger signal, per generated token: the router's (max over layers, as --trigger-aggregation any fires) and the
-        // output distribution's.
-        var signals = new List<SignalCalibration>();
-        foreach (var (name, perToken) in new (string, Func<QuestionRun, int, double>)[]
-                 {
-                     ("router-entropy", (r, j) => r.RouterEntropy[j].Max()),
-                     ("output-entropy", (r, j) => r.OutputEntropy[j]),
-                 })
+        // The questions split once, by a seeded shuffle: the probe is fitted on the fit part alone, and every signal's AUROCs
+        // are measured on the check part, which no fit has seen.
+        var answered = runs.Where(r => r.Tokens.Count > 0).ToList();
+        var order = Enumerable.Range(0, answered.Count).ToArray();
+        new Random(options.Seed + 2).Shuffle(order);
+        var checkCount = answered.Count < 4 ? 0 : Math.Clamp((int)Math.Round(answered.Count * options.CheckFraction), 1, answered.Count - 2);
+        var check = order.Take(checkCount).Order().Select(i => answered[i]).ToList();
+        var fit = order.Skip(checkCount).Order().Select(i => answered[i]).ToList();
+        static bool Wrong(QuestionRun r) => AnswerMetrics.TokenF1(r.Answer, r.Item.Answer) < Evaluator.WrongBelowF1;
+
+        // The router probe: every answer token's router probabilities (the answers replayed through the model), a logistic fit.
+        RouterProbe? probe = null;
+        TrainedProbe? trained = null;
+        string? probeSkipped = null;
+        Dictionary<QuestionRun, float[][]>? probabilities = null;
+        if (options.SkipProbe) probeSkipped = "--skip-probe";
+        else if (fit.Count(Wrong) < 2 || fit.Count(r => !Wrong(r)) < 2)
+            probeSkipped = string.Create(CultureInfo.InvariantCulture,
+                $"the fit questions need at least two of each label ({fit.Count(Wrong)} answered wrong, {fit.Count(r => !Wrong(r))} right)");
+        if (probeSkipped is null)
         {
-            var all = runs.SelectMany(r => Enumerable.Range(0, r.RouterEntropy.Count).Select(j => perToken(r, j))).ToList();
+            progress.WriteLine($"[calibrate] router probabilities of {answered.Count} answers (replayed, eager)");
+            probabilities = RouterProbabilities(options, answered, cancellationToken);
+            trained = RouterProbeTrainer.Train([.. fit.Select(r => new ProbeQuestion(r.Item.Id, probabilities[r], Wrong(r)))], Window,
+                options.ProbeWindows, options.ProbeLambdas, options.ProbeFolds, options.Seed);
+            progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"[calibrate] router probe: window {trained.Window}, λ {trained.Lambda:G3} (cross-validated AUROC {trained.Trials.Max(t => t.CvAuroc):F3} over {trained.Folds} folds of {trained.Questions} fit questions)"));
+        }
+        else
+        {
+            progress.WriteLine($"[calibrate] router probe not trained: {probeSkipped}");
+        }
+
+        // Each trigger signal, per generated token: the router's (max over layers, as --trigger-aggregation any fires), the
+        // output distribution's, and the router probe's.
+        var signals = new List<SignalCalibration>();
+        var perTokenSignals = new List<(string, Func<QuestionRun, int, double>)>
+        {
+            ("router-entropy", (r, j) => r.RouterEntropy[j].Max()),
+            ("output-entropy", (r, j) => r.OutputEntropy[j]),
+        };
+        if (trained is not null)
+            perTokenSignals.Add(("router-probe", (r, j) => RouterProbeTrainer.Score(probabilities![r], j, trained.Window, trained.Weights, trained.Bias)));
+        foreach (var (name, perToken) in perTokenSignals)
+        {
+            var all = answered.SelectMany(r => Enumerable.Range(0, r.Tokens.Count).Select(j => perToken(r, j))).ToList();
             var signalThreshold = Stats.Quantile(all, 1 - options.TargetRate);
             var rate = all.Count(v => v > signalThreshold) / (double)all.Count;
-            var atJ0 = Stats.Auroc([.. j0.Select(r => perToken(r, 0))], heldout);
-            var window = Stats.Auroc([.. j0.Select(r => Enumerable.Range(0, Math.Min(Window, r.RouterEntropy.Count)).Max(j => perToken(r, j)))], heldout);
-            signals.Add(new SignalCalibration(name, signalThreshold, rate, atJ0, window));
+            double AtJ0(IEnumerable<QuestionRun> group, Func<QuestionRun, bool> label) =>
+                Stats.Auroc([.. group.Select(r => perToken(r, 0))], [.. group.Select(label)]);
+            double OverWindow(IEnumerable<QuestionRun> group, Func<QuestionRun, bool> label) =>
+                Stats.Auroc([.. group.Select(r => Enumerable.Range(0, Math.Min(Window, r.Tokens.Count)).Max(j => perToken(r, j)))], [.. group.Select(label)]);
+            var signal = new SignalCalibration(name, signalThreshold, rate, AtJ0(check, IsHeldout), OverWindow(check, IsHeldout))
+            {
+                WrongAurocJ0 = AtJ0(check, Wrong),
+                WrongAurocWindow = OverWindow(check, Wrong),
+            };
+            signals.Add(signal);
             progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"[calibrate] {name}: threshold for rate {options.TargetRate:G3} = {signalThreshold:F4} (achieved {rate:P1}); held-out AUROC at j=0 {JsonOut.F(atJ0)}, max over j<{Window} {JsonOut.F(window)}"));
+                $"[calibrate] {name}: threshold for rate {options.TargetRate:G3} = {signalThreshold:F4} (achieved {rate:P1}); on {check.Count} check questions, AUROC for a wrong answer at j=0 {JsonOut.F(signal.WrongAurocJ0)}, max over j<{Window} {JsonOut.F(signal.WrongAurocWindow)}; for a held-out term {JsonOut.F(signal.HeldoutAurocJ0)}, {JsonOut.F(signal.HeldoutAurocWindow)}"));
+        }
+        var best = signals.MaxBy(x => double.IsNaN(x.WrongAurocWindow) ? double.NegativeInfinity : x.WrongAurocWindow)!;
+        progress.WriteLine($"[calibrate] best signal by AUROC (wrong answer, max over j<{Window}, check questions): {best.Signal}");
+        if (trained is not null)
+        {
+            probe = new RouterProbe
+            {
+                Layers = layers,
+                Experts = experts,
+                Window = trained.Window,
+                Weights = trained.Weights,
+                Bias = trained.Bias,
+                Threshold = Math.Clamp(signals.First(x => x.Signal == "router-probe").Threshold, 0, 1),
+                Training = ProbeTrainingJson(options, trained, signals.First(x => x.Signal == "router-probe"), fit, check, Wrong),
+            };
         }
         progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"[calibrate] {maxes.Count} tokens; max-over-layers p50={Stats.Quantile(maxes, 0.5):F3} p90={Stats.Quantile(maxes, 0.9):F3}; threshold for rate {options.TargetRate:G3} = {threshold:F4} (achieved {achieved:P1}); j=0 held-out AUROC (max) = {JsonOut.F(aurocMax)}"));
@@ -259,8 +345,34 @@ public static class Calibrator
                 ["achieved_rate"] = JsonOut.Num(signal.AchievedRate),
                 ["auroc_heldout_j0"] = JsonOut.Num(signal.HeldoutAurocJ0),
                 [$"auroc_heldout_max_j0_{Window - 1}"] = JsonOut.Num(signal.HeldoutAurocWindow),
+                ["auroc_wrong_j0"] = JsonOut.Num(signal.WrongAurocJ0),
+                [$"auroc_wrong_max_j0_{Window - 1}"] = JsonOut.Num(signal.WrongAurocWindow),
             };
         json["signals"] = signalsJson;
+        json["signals_note"] = string.Create(CultureInfo.InvariantCulture,
+            $"threshold: the signal's value exceeded on target_rate of all generated tokens (RAG off); AUROCs on the {check.Count} check questions (never used to fit the probe): label heldout = split is heldout, label wrong = RAG-off answer token F1 < {Evaluator.WrongBelowF1}; j0 = first answer token, max_j0_{Window - 1} = the largest value over the first {Window}");
+        json["best_signal"] = new JsonObject
+        {
+            ["signal"] = best.Signal,
+            ["by"] = $"auroc_wrong_max_j0_{Window - 1} on the check questions",
+        };
+        json["questions"] = new JsonObject
+        {
+            ["fit"] = JsonOut.Array(fit.Select(r => r.Item.Id)),
+            ["check"] = JsonOut.Array(check.Select(r => r.Item.Id)),
+            ["note"] = "calibrate's questions (RAG off): the router probe is fitted on fit; AUROCs are measured on check; eval leaves both out of its trigger measurements",
+        };
+        var probePath = Path.Combine(Path.GetDirectoryName(jsonPath)!, RouterProbe.FileName);
+        if (probe is not null)
+        {
+            probe.Save(probePath);
+            json["router_probe"] = new JsonObject { ["path"] = probePath, ["window"] = probe.Window, ["threshold"] = JsonOut.Num(probe.Threshold) };
+            progress.WriteLine($"[calibrate] wrote {probePath}");
+        }
+        else
+        {
+            json["router_probe"] = new JsonObject { ["skipped"] = probeSkipped };
+        }
         json["j0"] = new JsonObject
         {
             ["by_split"] = splitJson,
@@ -269,7 +381,7 @@ public static class Calibrator
         };
 
         // (b) The projection.
-        ProjectionFit? fit = null;
+        ProjectionFit? projectionFit = null;
         if (options.SkipProjection || options.Corpus is null)
         {
             json["projection"] = new JsonObject { ["skipped"] = options.SkipProjection ? "--skip-projection" : "no --corpus given" };
@@ -277,12 +389,12 @@ public static class Calibrator
         }
         else
         {
-            fit = FitProjection(options, allItems, layer, outPath, progress, cancellationToken);
-            json["projection"] = ProjectionJson(fit);
+            projectionFit = FitProjection(options, allItems, layer, outPath, progress, cancellationToken);
+            json["projection"] = ProjectionJson(projectionFit);
         }
         json["elapsed_s"] = JsonOut.Num(clock.Elapsed.TotalSeconds, 2);
         JsonOut.Write(jsonPath, json);
-        progress.WriteLine($"[calibrate] wrote {jsonPath}" + (fit is null ? "" : $" and {fit.Path}"));
+        progress.WriteLine($"[calibrate] wrote {jsonPath}" + (projectionFit is null ? "" : $" and {projectionFit.Path}"));
 
         return new CalibrationResult
         {
@@ -295,11 +407,101 @@ public static class Calibrator
             Entropy = entropyStats,
             HeldoutAurocJ0 = aurocMax,
             Signals = signals,
-            Projection = fit,
+            BestSignal = best.Signal,
+            RouterProbe = probe,
+            RouterProbePath = probe is null ? null : probePath,
+            FitQuestions = [.. fit.Select(r => r.Item.Id)],
+            CheckQuestions = [.. check.Select(r => r.Item.Id)],
+            Projection = projectionFit,
             JsonPath = jsonPath,
             Json = json,
         };
     }
+
+    internal static bool IsHeldout(QuestionRun run) => IsHeldout(run.Item);
+
+    /// <summary>
+    /// Each answer's router probabilities at every answer token [j][layer × expert]: the prompt and the answer's tokens replayed
+    /// through the model in eager steps (token j comes from the forward pass at the prompt's last position plus j).
+    /// </summary>
+    private static Dictionary<QuestionRun, float[][]> RouterProbabilities(CalibrationOptions options, IReadOnlyList<QuestionRun> runs,
+        CancellationToken cancellationToken)
+    {
+        const int blockSize = 16, batch = 16;
+        var tokenizer = Tokenizer.Load(options.ModelPath);
+        var sequences = runs.Select(r => (Run: r, Prompt: tokenizer.Encode(r.Item.Question))).ToList();
+        var maxLength = sequences.Max(s => s.Prompt.Length + s.Run.Tokens.Count);
+        var blocksPerSequence = (maxLength + blockSize - 1) / blockSize;
+        using var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, _ => new RunnerOptions
+        {
+            MaxSequences = batch,
+            MaxRows = batch * maxLength,
+            ContextLength = blocksPerSequence * blockSize,
+            BlockSize = blockSize,
+            KvCacheTokens = batch * blocksPerSequence * blockSize,
+        });
+        var runner = loaded.Runner;
+        for (var slot = 0; slot < batch; slot++)
+        {
+            runner.BindSlot(slot, SlotSampling.Greedy, []);
+            runner.SetBlocks(slot, 0, Enumerable.Range(slot * blocksPerSequence, blocksPerSequence).ToArray());
+        }
+        var width = loaded.Config.NumLayers * loaded.Config.NumExperts;
+        var result = new Dictionary<QuestionRun, float[][]>();
+        for (var start = 0; start < sequences.Count; start += batch)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            var group = sequences.Skip(start).Take(batch).ToList();
+            var output = runner.ForwardEager(group.Select((s, slot) =>
+                new EagerSequence(slot, [.. s.Prompt, .. s.Run.Tokens.Take(s.Run.Tokens.Count - 1)], 0)).ToList());
+            var row = 0;
+            foreach (var (run, prompt) in group)
+            {
+                var length = prompt.Length + run.Tokens.Count - 1;
+                var probs = new float[run.Tokens.Count][];
+                for (var j = 0; j < probs.Length; j++) probs[j] = output.RouterProbsRow(row + prompt.Length - 1 + j).ToArray();
+                result[run] = probs;
+                row += length;
+            }
+        }
+        return result;
+    }
+
+    private static JsonObject ProbeTrainingJson(CalibrationOptions options, TrainedProbe trained, SignalCalibration measured,
+        IReadOnlyList<QuestionRun> fit, IReadOnlyList<QuestionRun> check, Func<QuestionRun, bool> wrong) => new()
+    {
+        ["by"] = "moe-rag-inject calibrate",
+        ["date"] = DateTimeOffset.UtcNow.ToString("yyyy-MM-dd'T'HH:mm:ss'Z'", CultureInfo.InvariantCulture),
+        ["model"] = Path.GetFullPath(options.ModelPath),
+        ["qa"] = Path.GetFullPath(options.Qa),
+        ["label"] = string.Create(CultureInfo.InvariantCulture, $"wrong: the RAG-off greedy answer's token F1 < {Evaluator.WrongBelowF1} (up to {options.MaxNewTokens} tokens, first line)"),
+        ["positions"] = string.Create(CultureInfo.InvariantCulture, $"answer tokens j < {Window}, each question weighing the same"),
+        ["fit_questions"] = fit.Count,
+        ["fit_wrong"] = fit.Count(wrong),
+        ["examples"] = trained.Examples,
+        ["regularisation"] = "L2 on standardised features (bias not penalised), Newton's method; weights folded back into raw probabilities",
+        ["cross_validation"] = new JsonObject
+        {
+            ["folds"] = trained.Folds,
+            ["seed"] = options.Seed,
+            ["metric"] = $"AUROC of the largest score over j < {Window}, mean over folds",
+            ["trials"] = new JsonArray([.. trained.Trials.Select(t => (JsonNode?)new JsonObject
+            {
+                ["window"] = t.Window,
+                ["lambda"] = t.Lambda,
+                ["auroc"] = JsonOut.Num(t.CvAuroc),
+            })]),
+        },
+        ["lambda"] = trained.Lambda,
+        ["check_questions"] = check.Count,
+        ["check_wrong"] = check.Count(wrong),
+        ["check_auroc_wrong_j0"] = JsonOut.Num(measured.WrongAurocJ0),
+        [$"check_auroc_wrong_max_j0_{Window - 1}"] = JsonOut.Num(measured.WrongAurocWindow),
+        ["check_auroc_heldout_j0"] = JsonOut.Num(measured.HeldoutAurocJ0),
+        [$"check_auroc_heldout_max_j0_{Window - 1}"] = JsonOut.Num(measured.HeldoutAurocWindow),
+        ["threshold_rule"] = string.Create(CultureInfo.InvariantCulture, $"exceeded on {options.TargetRate:G3} of all generated tokens of calibrate's questions (achieved {measured.AchievedRate:G4})"),
+        ["questions"] = "the fit and check ids are in calibration.json beside this file",
+    };
 
     internal static bool IsHeldout(QaItem item) => item.Split.Equals("heldout", StringComparison.OrdinalIgnoreCase)
         || item.Split.Equals("held-out", StringComparison.OrdinalIgnoreCase) || item.Split.Equals("held_out", StringComparison.OrdinalIgnoreCase);

@@ -52,6 +52,38 @@ internal static class JsonOut
         File.WriteAllText(path, node.ToJsonString(Indented) + "\n");
     }
 
+    /// <summary>
+    /// Writes <paramref name="node"/> indented, except that each item of its top-level array <paramref name="lineItems"/> is
+    /// written on one line (a long per-question array stays one line per question).
+    /// </summary>
+    public static void WriteWithLineItems(string path, JsonObject node, string lineItems)
+    {
+        if (node[lineItems] is not JsonArray items)
+        {
+            Write(path, node);
+            return;
+        }
+        // The array leaves the tree for a moment; a placeholder string marks its place in the indented text.
+        var placeholder = $"\u0001{lineItems}\u0001";
+        node[lineItems] = placeholder;
+        string text;
+        try
+        {
+            text = node.ToJsonString(Indented);
+        }
+        finally
+        {
+            node[lineItems] = items;
+        }
+        var lines = items.Select(item => "    " + (item?.ToJsonString(Line) ?? "null"));
+        var array = items.Count == 0 ? "[]" : "[\n" + string.Join(",\n", lines) + "\n  ]";
+        var marker = JsonValue.Create(placeholder).ToJsonString(Indented);
+        text = text.Replace(marker, array, StringComparison.Ordinal);
+        var directory = Path.GetDirectoryName(Path.GetFullPath(path));
+        if (!string.IsNullOrEmpty(directory)) Directory.CreateDirectory(directory);
+        File.WriteAllText(path, text + "\n");
+    }
+
     public static string F(double value, string format = "F3") =>
         double.IsFinite(value) ? value.ToString(format, CultureInfo.InvariantCulture) : "n/a";
 }

@@ -19,6 +19,8 @@ public sealed record QuestionRun
     public required IReadOnlyList<float[]> RouterEntropy { get; init; }
     /// <summary>Output-distribution entropy of each generated token.</summary>
     public required IReadOnlyList<float> OutputEntropy { get; init; }
+    /// <summary>The router probe's score of each generated token (empty when the engine has no probe).</summary>
+    public IReadOnlyList<float> RouterProbe { get; init; } = [];
     public required FinishReason? Finish { get; init; }
     /// <summary>End-to-end seconds from submission to the last update.</summary>
     public required double LatencySeconds { get; init; }
@@ -86,6 +88,7 @@ public static class QuestionRunner
         var events = new List<RagEvent>();
         var router = new List<float[]>();
         var output = new List<float>();
+        var probe = new List<float>();
         FinishReason? finish = null;
         var text = new System.Text.StringBuilder();
         var clock = Stopwatch.StartNew();
@@ -95,6 +98,7 @@ public static class QuestionRunner
             events.AddRange(update.NewEvents);
             router.AddRange(update.NewRouterEntropy);
             output.AddRange(update.NewOutputEntropy);
+            probe.AddRange(update.NewRouterProbe);
             text.Append(update.NewText);
             finish = update.Finish ?? finish;
         }
@@ -109,6 +113,7 @@ public static class QuestionRunner
             Events = events,
             RouterEntropy = router,
             OutputEntropy = output,
+            RouterProbe = probe,
             Finish = finish,
             LatencySeconds = clock.Elapsed.TotalSeconds,
         };

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text;
+using MoeRagInject.Rag;
 using ScottPlot;
 
 namespace MoeRagInject.Evaluation;
@@ -37,7 +38,65 @@ public static class Report
             QualityVsRetrievals(result, path);
             paths.Add(path);
         }
+        if (result.Curves.Count > 0)
+        {
+            var path = outBase + "-signals-f1.png";
+            SignalCurves(result, path, heldout: false);
+            paths.Add(path);
+            path = outBase + "-signals-heldout-f1.png";
+            SignalCurves(result, path, heldout: true);
+            paths.Add(path);
+        }
         return paths;
+    }
+
+    /// <summary>
+    /// Each signal's curve: F1 against retrievals per question (all curve questions), or held-out F1 against the share of
+    /// questions that retrieved, with the trigger goal's region (at most half the questions, within 0.03 of prompt_always).
+    /// </summary>
+    private static void SignalCurves(EvaluationResult result, string path, bool heldout)
+    {
+        var plot = new Plot();
+        var colorIndex = 0;
+        foreach (var group in result.Curves.GroupBy(c => c.Signal))
+        {
+            var points = group.OrderBy(c => c.TargetFraction).ToList();
+            var color = s_palette[colorIndex++ % s_palette.Length];
+            double[] xs = [.. points.Select(p => heldout ? p.RetrievedFraction : p.Overall.RetrievalsPerQuestion)];
+            double[] ys = [.. points.Select(p => heldout ? p.HeldoutF1 : p.Overall.TokenF1)];
+            var line = plot.Add.Scatter(xs, ys, color);
+            line.LegendText = group.Key;
+            line.MarkerSize = 8;
+            line.LineWidth = 2;
+        }
+        var none = result.CurveNone;
+        var prompt = result.CurvePromptAlways;
+        foreach (var (name, metrics, f1, shape) in new[]
+                 {
+                     (EvalModes.None, none, result.CurveNoneHeldoutF1, MarkerShape.FilledSquare),
+                     (EvalModes.PromptAlways, prompt, result.CurvePromptAlwaysHeldoutF1, MarkerShape.FilledDiamond),
+                 })
+        {
+            if (metrics is null) continue;
+            var x = heldout ? (name == EvalModes.None ? 0 : 1) : metrics.RetrievalsPerQuestion;
+            var marker = plot.Add.Marker(x, heldout ? f1 : metrics.TokenF1, shape, 12, Colors.Black);
+            marker.LegendText = name;
+        }
+        if (heldout && prompt is not null && double.IsFinite(result.CurvePromptAlwaysHeldoutF1))
+        {
+            var goal = plot.Add.HorizontalLine(result.CurvePromptAlwaysHeldoutF1 - Evaluator.F1Tolerance, 1, Colors.Gray, LinePattern.Dashed);
+            goal.LegendText = string.Create(CultureInfo.InvariantCulture, $"goal: prompt_always − {Evaluator.F1Tolerance}, at most {Evaluator.RetrievalBudget} of the questions");
+            plot.Add.VerticalLine(Evaluator.RetrievalBudget, 1, Colors.Gray, LinePattern.Dashed);
+        }
+        plot.ShowLegend(Edge.Bottom);
+        var n = result.Curves[0].Run.Runs.Count;
+        plot.Title(heldout
+            ? string.Create(CultureInfo.InvariantCulture, $"Held-out F1 against the share of questions retrieving, prompt_trigger by signal (n = {n})")
+            : string.Create(CultureInfo.InvariantCulture, $"F1 against retrievals per question, prompt_trigger by signal (n = {n})"));
+        plot.XLabel(heldout ? "share of questions with a retrieval" : "retrievals per question");
+        plot.YLabel(heldout ? "token F1, held-out questions" : "token F1 (all curve questions)");
+        plot.Axes.Margins(0.08, 0.12);
+        plot.SavePng(path, 860, 560);
     }
 
     private static void EntropyHistogram(TriggerQuality trigger, double maxEntropy, string path)
@@ -180,7 +239,7 @@ public static class Report
         md.AppendLine(Inv($"- model: `{config["model"]}`"));
         md.AppendLine(Inv($"- questions: {n} from `{config["qa"]}`") + (options.Limit is { } l ? Inv($" (--limit {l}, seed {options.Seed})") : ""));
         md.AppendLine(Inv($"- corpus: `{options.Corpus}`; top-{options.RetrievalTopK} passages per retrieval"));
-        md.AppendLine(Inv($"- threshold: {F(result.Threshold, "F4")} nats (from {result.ThresholdSource})"));
+        md.AppendLine(Inv($"- trigger signal of prompt_trigger and the latent modes: `{TriggerSignals.Name(result.Signal)}` (from {result.SignalSource}); threshold {F(result.Threshold, "F4")} {Units(result.Signal)} (from {result.ThresholdSource})"));
         md.AppendLine(Inv($"- greedy decoding, up to {options.MaxNewTokens} new tokens, stop at EOS or a newline; answer = first line, trimmed"));
         var machine = config["machine"]!;
         md.AppendLine(Inv($"- machine: {machine["cores"]} cores, {machine["os"]} ({machine["arch"]}), {machine["runtime"]}; date {config["date"]}; total {config["elapsed_s"]} s"));
@@ -226,10 +285,50 @@ public static class Report
         }
         md.AppendLine();
 
+        md.AppendLine("## Trigger signals").AppendLine();
+        if (result.SignalAurocs.Count > 0)
+        {
+            var first = result.SignalAurocs[0];
+            md.AppendLine(Inv($"From the none run, on the {result.SignalQuestions} questions that `calibrate` did not use ({result.CalibrationQuestionsLeftOut} of the evaluated questions fitted the router probe or chose the best signal there, and are left out). Each signal at the first answer token (j = 0, the forward pass of the last prompt position) and its largest value over the first {Calibrator.Window} answer tokens (`_w4`), as a trigger watching the answer sees it. Labels: a wrong no-RAG answer (token F1 < {Evaluator.WrongBelowF1}), and a held-out term. Every question's values are in `questions` of the JSON, to recompute these or others."));
+            md.AppendLine();
+            md.AppendLine("| signal | AUROC: no-RAG answer wrong (95% CI) | AUROC: held-out vs taught (95% CI) |");
+            md.AppendLine("|---|---|---|");
+            foreach (var group in result.SignalAurocs.GroupBy(a => a.Column))
+            {
+                string Cell(string label) => group.FirstOrDefault(a => a.Label == label) is { } a
+                    ? $"{F(a.Auroc)} ({F(a.Low)}–{F(a.High)})" : "n/a";
+                md.AppendLine($"| {group.Key} | {Cell("wrong")} | {Cell("heldout")} |");
+            }
+            md.AppendLine();
+            md.AppendLine(Inv($"{first.Count} questions with a value, {first.Positives} answered wrong without RAG. Confidence intervals: AUROC ± 1.96 × the Hanley–McNeil standard error."));
+        }
+        else
+        {
+            md.AppendLine("Not measured: the none mode was not run.");
+        }
+        md.AppendLine();
+
+        md.AppendLine("## F1 against retrievals, by signal").AppendLine();
+        if (result.Curves.Count > 0)
+        {
+            var curveQuestions = result.Curves[0].Run.Runs.Count;
+            md.AppendLine(Inv($"prompt_trigger on {curveQuestions} questions (a seeded sample of those `calibrate` did not use), on each signal at thresholds where its largest none-run value over the answer is exceeded for a target share of the questions (prompt RAG emits the RAG-off tokens until it first fires, so about that share retrieves). The answer restarts after the passages when the trigger fires within its first {Engine.EngineOptions.PromptRestartWindowTokens} tokens. none and prompt_always on the same questions: F1 {F(result.CurveNone?.TokenF1 ?? double.NaN)} and {F(result.CurvePromptAlways?.TokenF1 ?? double.NaN)}, held-out {F(result.CurveNoneHeldoutF1)} and {F(result.CurvePromptAlwaysHeldoutF1)}."));
+            md.AppendLine();
+            md.AppendLine("| signal | target share | threshold | share retrieving | retrievals/q | token F1 | F1 held-out | F1 taught | latency mean (s) |");
+            md.AppendLine("|---|---|---|---|---|---|---|---|---|");
+            foreach (var c in result.Curves)
+                md.AppendLine(Inv($"| {c.Signal} | {c.TargetFraction:G3} | {F(c.Threshold, "G4")} | {F(c.RetrievedFraction, "F2")} | {F(c.Overall.RetrievalsPerQuestion, "F2")} | {F(c.Overall.TokenF1)} | {F(c.HeldoutF1)} | {F(c.TaughtF1)} | {F(c.Overall.LatencyMean)} |"));
+        }
+        else
+        {
+            md.AppendLine(options.Sweep ? "Not run (needs the none, prompt_always and prompt_trigger modes)." : "Not run (--no-sweep).");
+        }
+        md.AppendLine();
+
         md.AppendLine("## Threshold sweep").AppendLine();
         if (result.Sweep.Count > 0)
         {
-            md.AppendLine("Thresholds are percentiles of the none run's max-over-layers router entropy over all generated tokens.").AppendLine();
+            md.AppendLine(Inv($"Thresholds are percentiles of the none run's values of the triggered modes' signal (`{result.Sweep[0].Signal}`) over all generated tokens.")).AppendLine();
             md.AppendLine("| mode | percentile | threshold | token F1 | F1 held-out | retrievals/q | latency mean (s) |");
             md.AppendLine("|---|---|---|---|---|---|---|");
             foreach (var p in result.Sweep)
@@ -243,7 +342,9 @@ public static class Report
 
         md.AppendLine("## Goals").AppendLine();
         foreach (var g in result.Goals)
-            md.AppendLine(Inv($"- **{g.Status}** — {g.Description} ({g.Comparison} {g.Target}): {F(g.Value)}. {g.Detail}"));
+            md.AppendLine(Inv($"- **{g.Status}** — {g.Description} ({g.Comparison} {g.Target}): {F(g.Value)}") + (double.IsNaN(g.CiLow) ? "" : Inv($" (95% CI {F(g.CiLow)} to {F(g.CiHigh)})")) + Inv($". {g.Detail}"));
+        md.AppendLine();
+        md.AppendLine(Inv($"Intervals of the goals: percentile bootstrap over questions ({Bootstrap.Resamples} resamples, seed {options.Seed}; paired: a resample takes the same questions from every mode)."));
         md.AppendLine();
 
         if (result.PlotPaths.Count > 0)
@@ -263,6 +364,8 @@ public static class Report
         [.. r.Runs.Select((run, i) => (run.Item.Split, F1: r.TokenF1[i])).Where(x => x.Split == "heldout").Select(x => x.F1)];
 
     private static double SplitF1(ModeResult r, string split) => r.BySplit.TryGetValue(split, out var g) ? g.TokenF1 : double.NaN;
+
+    private static string Units(TriggerSignal signal) => signal == TriggerSignal.RouterProbe ? "(a probability)" : "nats";
 
     private static string Inv(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
 }

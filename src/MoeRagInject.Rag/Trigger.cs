@@ -21,6 +21,11 @@ public enum TriggerSignal
     /// counts every MoE layer as fired, so latent injection (without --injection-layers) goes into every layer.
     /// </summary>
     OutputEntropy,
+    /// <summary>
+    /// The score σ(w·f + b) of a logistic probe over every layer's router probabilities (<see cref="Rag.RouterProbe"/>, trained
+    /// by `calibrate`), in [0, 1]. Like the output entropy it belongs to no layer: a fire counts every MoE layer as fired.
+    /// </summary>
+    RouterProbe,
 }
 
 /// <summary>How per-layer entropies of one token combine into the trigger decision.</summary>
@@ -50,14 +55,26 @@ public sealed record TriggerOptions
 /// <summary>The signals' names on the command line, in requests, events and /get_server_info.</summary>
 public static class TriggerSignals
 {
-    public static string Name(TriggerSignal signal) => signal == TriggerSignal.OutputEntropy ? "output-entropy" : "router-entropy";
+    /// <summary>Every signal's name, in the enum's order.</summary>
+    public static readonly IReadOnlyList<string> Names = ["router-entropy", "output-entropy", "router-probe"];
+
+    public static string Name(TriggerSignal signal) => signal switch
+    {
+        TriggerSignal.OutputEntropy => "output-entropy",
+        TriggerSignal.RouterProbe => "router-probe",
+        _ => "router-entropy",
+    };
 
     public static TriggerSignal? Parse(string text) => text.ToLowerInvariant() switch
     {
         "router-entropy" => TriggerSignal.RouterEntropy,
         "output-entropy" => TriggerSignal.OutputEntropy,
+        "router-probe" => TriggerSignal.RouterProbe,
         _ => null,
     };
+
+    /// <summary>Signals that belong to no layer: one value per token, and a fire counts every layer as fired.</summary>
+    public static bool IsWholeModel(TriggerSignal signal) => signal != TriggerSignal.RouterEntropy;
 }
 
 /// <summary>Why a token whose entropy crossed the threshold did not fire.</summary>

@@ -97,6 +97,64 @@ public sealed class ForwardTests
         Assert.NotEqual(plain.EntropyRow(4)[1], injected.EntropyRow(4)[1]);
     }
 
+    /// <summary>
+    /// The router probe inside the step: every row's router probabilities (eager) and its probe sum Σ_l Σ_e w[l, e]·p[l, e]
+    /// equal the scalar oracle's, and a sampling step reports its last row's sum, for shapes of 3 to 6 experts.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void RouterProbeSumsMatchTheScalarOracle(int hidden, int layers, int heads, int kvHeads, int headDim, int experts, int topK, int? window, DType dtype)
+    {
+        var config = Config(hidden, layers, heads, kvHeads, headDim, experts, topK, window);
+        using var checkpoint = Checkpoint.CreateDummy(config, dtype, seed: 5);
+        var weights = MixtralWeights.Resolve(checkpoint, config);
+        var rng = new SplitMix64(9);
+        var probe = Enumerable.Range(0, layers * experts).Select(_ => (float)(3 * rng.NextGaussian())).ToArray();
+        int[] ids = [1, 5, 9, 33, 2, 96, 40, 40, 7, 12, 0];
+        var oracle = ScalarOracle.RouterProbabilities(config, weights, ids);
+        double OracleSum(int position)
+        {
+            double z = 0;
+            for (var l = 0; l < layers; l++)
+                for (var e = 0; e < experts; e++) z += probe[l * experts + e] * oracle[position][l][e];
+            return z;
+        }
+
+        using (var runner = TestRunners.Cpu(config, weights, blockSize: 4, blocks: 8, routerProbe: probe))
+        {
+            runner.Bind(0, 3, 0, 6);
+            var output = runner.Forward(ids);
+            for (var i = 0; i < ids.Length; i++)
+            {
+                for (var l = 0; l < layers; l++)
+                    for (var e = 0; e < experts; e++)
+                        Assert.True(Math.Abs(output.RouterProbsRow(i)[l * experts + e] - oracle[i][l][e]) < 1e-6, $"row {i} layer {l} expert {e}");
+                Assert.True(Math.Abs(output.ProbeLogits[i] - OracleSum(i)) < 1e-4, $"row {i}: {output.ProbeLogits[i]} vs {OracleSum(i)}");
+            }
+        }
+
+        // A sampling step of the whole prompt: the sequence's output is its last row's sum.
+        using (var runner = TestRunners.Cpu(config, weights, blockSize: 4, blocks: 8, routerProbe: probe))
+        {
+            runner.Bind(0, 3, 0, 6);
+            var s = runner.State;
+            s.Sequences = 1;
+            s.Rows = ids.Length;
+            s.SeqSlot[0] = 0;
+            s.QueryStart[0] = 0;
+            s.QueryStart[1] = ids.Length;
+            s.SeqFlags[0] = StepState.FlagSample;
+            for (var j = 0; j < ids.Length; j++)
+            {
+                s.TokenIds[j] = ids[j];
+                s.Positions[j] = j;
+            }
+            runner.Execute();
+            Assert.Equal(SampleStatus.Ok, s.OutStatus[0]);
+            Assert.True(Math.Abs(s.OutProbeLogit[0] - OracleSum(ids.Length - 1)) < 1e-4, $"{s.OutProbeLogit[0]} vs {OracleSum(ids.Length - 1)}");
+        }
+    }
+
     [Fact]
     public void DotMatchesTheScalarReference()
     {

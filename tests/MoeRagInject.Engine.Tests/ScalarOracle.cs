@@ -8,7 +8,9 @@ namespace MoeRagInject.Engine.Tests;
 /// </summary>
 public static class ScalarOracle
 {
-    public static (double[][] Logits, double[][] Entropies) Forward(ModelConfig c, MixtralWeights w, IReadOnlyList<int> ids)
+    /// <param name="routerProbs">When given ([position][layer] filled), each position's router softmax over all experts per layer.</param>
+    public static (double[][] Logits, double[][] Entropies) Forward(ModelConfig c, MixtralWeights w, IReadOnlyList<int> ids,
+        double[][][]? routerProbs = null)
     {
         var t = ids.Count;
         var h = new double[t][];
@@ -57,6 +59,7 @@ public static class ScalarOracle
                 var total = probs.Sum();
                 for (var e = 0; e < probs.Length; e++) probs[e] /= total;
                 entropies[i][l] = -probs.Where(p => p > 0).Sum(p => p * Math.Log(p));
+                if (routerProbs is not null) routerProbs[i][l] = probs;
                 var top = Enumerable.Range(0, probs.Length).OrderByDescending(e => probs[e]).Take(c.NumExpertsPerToken).ToArray();
                 var topSum = top.Sum(e => probs[e]);
                 foreach (var e in top)
@@ -72,6 +75,14 @@ public static class ScalarOracle
         }
         var result = h.Select(r => MatVec(w.LmHead, RmsNorm(r, w.FinalNorm, c.RmsNormEps))).ToArray();
         return (result, entropies);
+    }
+
+    /// <summary>Each position's router softmax over all experts at every layer, [position][layer][expert].</summary>
+    public static double[][][] RouterProbabilities(ModelConfig c, MixtralWeights w, IReadOnlyList<int> ids)
+    {
+        var probs = ids.Select(_ => new double[c.NumLayers][]).ToArray();
+        Forward(c, w, ids, probs);
+        return probs;
     }
 
     private static double[] Row(TensorView m, int r)

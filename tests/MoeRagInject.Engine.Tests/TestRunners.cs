@@ -8,7 +8,7 @@ namespace MoeRagInject.Engine.Tests;
 internal static class TestRunners
 {
     public static ModelRunner Cpu(ModelConfig config, MixtralWeights weights, int slots = 4, int blockSize = 16, int blocks = 64,
-        int threads = 2)
+        int threads = 2, IReadOnlyList<float>? routerProbe = null)
     {
         var backend = new CpuBackend(threads);
         var limits = ModelRunner.Plan(backend, config, 0, new RunnerOptions
@@ -19,7 +19,7 @@ internal static class TestRunners
             BlockSize = blockSize,
             KvCacheTokens = blocks * blockSize,
         });
-        return new ModelRunner(backend, config, weights, limits);
+        return new ModelRunner(backend, config, weights, limits, options: new RunnerOptions { RouterProbe = routerProbe });
     }
 
     /// <summary>Gives slot <paramref name="slot"/> the blocks 0, 1, 2, … of the pool (or those named), greedy sampling and no injection.</summary>

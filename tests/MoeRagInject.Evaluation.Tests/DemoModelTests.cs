@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Engine;
+using MoeRagInject.Rag;
 
 namespace MoeRagInject.Evaluation.Tests;
 
@@ -40,24 +42,55 @@ public sealed class DemoModelTests : IDisposable
             Qa = s_qa,
             Corpus = s_corpus,
             Out = projection,
-            Limit = 48,
-            MaxNewTokens = 24,
+            Limit = 200,
             Pairs = 64,
         }, progress, CancellationToken.None);
         Assert.Equal(3, calibration.Layer);
         Assert.InRange(calibration.Threshold, 0.5, Math.Log(8));
-        // Both trigger signals measured on the same runs, each with its own threshold for the same target rate.
-        Assert.Equal(["router-entropy", "output-entropy"], calibration.Signals.Select(x => x.Signal));
+        // Every trigger signal measured on the same runs, each with its own threshold for the same target rate.
+        Assert.Equal(["router-entropy", "output-entropy", "router-probe"], calibration.Signals.Select(x => x.Signal));
         var router = calibration.Signals[0];
         var output = calibration.Signals[1];
+        var probeSignal = calibration.Signals[2];
         Assert.Equal(calibration.Threshold, router.Threshold, 9);
         Assert.InRange(output.Threshold, 0, Math.Log(100_000));  // nats, at most ln V
         Assert.All(calibration.Signals, x => Assert.InRange(x.AchievedRate, 0.05, 0.15));
-        // The finding, measured here on 48 questions: the output distribution's entropy over the first answer tokens
-        // tells held-out terms from taught ones (0.93 when written), better than the routers' entropy does (0.56).
-        Assert.True(output.HeldoutAurocWindow >= 0.85, $"output-entropy window AUROC {output.HeldoutAurocWindow}");
-        Assert.True(output.HeldoutAurocWindow > router.HeldoutAurocWindow, $"{output} vs {router}");
+        // The finding, measured here on the check questions: the output distribution's entropy over the first answer
+        // tokens tells a wrong answer (0.99 when written), better than the routers' entropy does.
+        Assert.Equal(60, calibration.CheckQuestions.Count);
+        Assert.Equal(140, calibration.FitQuestions.Count);
+        Assert.Empty(calibration.CheckQuestions.Intersect(calibration.FitQuestions));
+        Assert.True(output.WrongAurocWindow >= 0.9, $"output-entropy window AUROC {output.WrongAurocWindow}");
+        Assert.True(output.WrongAurocWindow > router.WrongAurocWindow, $"{output} vs {router}");
+        Assert.Equal("output-entropy", calibration.BestSignal);
         Assert.Equal(64, calibration.Projection!.Pairs);
+
+        // The router probe: saved beside calibration.json, it loads back as trained.
+        var probe = calibration.RouterProbe!;
+        Assert.Equal(Path.Combine(_temp, "router-probe.json"), calibration.RouterProbePath);
+        var loaded = RouterProbe.Load(calibration.RouterProbePath!);
+        Assert.Equal(probe.Weights, loaded.Weights);
+        Assert.Equal((4, 8, probe.Window, probe.Bias, probeSignal.Threshold), (loaded.Layers, loaded.Experts, loaded.Window, loaded.Bias, loaded.Threshold));
+        // Served: an engine that loads it scores the check questions as the answers are written; their AUROC for a wrong
+        // answer, recomputed here from the engine's scores and the answers, is the one calibrate reported from its replay.
+        var check = calibration.CheckQuestions.ToHashSet();
+        var checkItems = QaData.Load(s_qa).Where(i => check.Contains(i.Id)).ToList();
+        await using (var engine = InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = s_model,
+            Runner = new CpuRunnerFactory(2),
+            RouterProbePath = calibration.RouterProbePath,
+            Mode = InjectionMode.Off,
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+        }))
+        {
+            var runs = await QuestionRunner.RunAsync(engine, checkItems, 48, 8, stopAtNewline: true, null, TextWriter.Null, "check", CancellationToken.None);
+            Assert.All(runs, r => Assert.Equal(r.Tokens.Count, r.RouterProbe.Count));
+            var served = Stats.Auroc([.. runs.Select(r => (double)r.RouterProbe.Take(Calibrator.Window).Max())],
+                [.. runs.Select(r => AnswerMetrics.TokenF1(r.Answer, r.Item.Answer) < 0.5)]);
+            Assert.Equal(probeSignal.WrongAurocWindow, served, 3);
+        }
 
         var outPath = Path.Combine(_temp, "eval", "wordnet-small.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions
@@ -85,9 +118,71 @@ public sealed class DemoModelTests : IDisposable
         Assert.Equal(2, result.Sweep.Count); // prompt_trigger and latent_calibrated at p90
 
         var json = JsonNode.Parse(File.ReadAllText(outPath))!;
-        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio" })
+        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio", "trigger_budget" })
             Assert.Contains(json["goals"]![key]!["status"]!.GetValue<string>(), new[] { "MET", "NOT MET", "UNDEFINED" });
-        Assert.Equal(3, result.PlotPaths.Count);
+
+        // The triggered modes watch the signal calibrate found best, and say so.
+        Assert.Equal(TriggerSignal.OutputEntropy, result.Signal);
+        Assert.Equal("output-entropy", json["trigger_signal"]!["signal"]!.GetValue<string>());
+        Assert.Equal(output.Threshold, result.Threshold, 5);
+        Assert.All(result.Modes[EvalModes.PromptTrigger].Runs.SelectMany(r => r.Events), e => Assert.Equal("output-entropy", e.Signal));
+        Assert.Contains("trigger signal of prompt_trigger and the latent modes: `output-entropy`", File.ReadAllText(result.MarkdownPath));
+
+        // Every question: each mode's answer and F1 (recomputed here from the answer and the gold), the none run's signals.
+        var questions = json["questions"]!.AsArray().Select(q => q!.AsObject()).ToList();
+        Assert.Equal(40, questions.Count);
+        foreach (var q in questions)
+        {
+            Assert.Equal(EvalModes.All, q["modes"]!.AsObject().Select(kv => kv.Key));
+            foreach (var (_, m) in q["modes"]!.AsObject())
+                Assert.Equal(AnswerMetrics.TokenF1(m!["answer"]!.GetValue<string>(), q["gold"]!.GetValue<string>()), m["f1"]!.GetValue<double>(), 5);
+            Assert.Equal(8, q["signals"]!.AsObject().Count);
+        }
+        // Each signal's AUROC, recomputed from the questions array by counting pairs, on the questions calibrate did not use.
+        var untouched = questions.Where(q => q["calibration"] is null).ToList();
+        Assert.Equal(untouched.Count, json["signal_auroc"]!["n"]!.GetValue<int>());
+        Assert.Equal(40 - untouched.Count, json["signal_auroc"]!["calibration_questions_left_out"]!.GetValue<int>());
+        foreach (var column in new[] { "router_entropy_max", "router_entropy_mean_w4", "router_probe", "router_probe_w4", "output_entropy", "output_entropy_w4" })
+        {
+            var scored = untouched.Select(q => (Score: q["signals"]![column]!.GetValue<double>(),
+                Wrong: q["modes"]![EvalModes.None]!["f1"]!.GetValue<double>() < 0.5,
+                Heldout: q["split"]!.GetValue<string>() == "heldout")).ToList();
+            foreach (var (label, positive) in new (string, Func<(double Score, bool Wrong, bool Heldout), bool>)[] { ("wrong", x => x.Wrong), ("heldout", x => x.Heldout) })
+            {
+                double wins = 0, pairs = 0;
+                foreach (var a in scored.Where(positive))
+                    foreach (var b in scored.Where(x => !positive(x)))
+                    {
+                        pairs++;
+                        wins += a.Score > b.Score ? 1 : a.Score == b.Score ? 0.5 : 0;
+                    }
+                Assert.Equal(wins / pairs, json["signal_auroc"]!["auroc"]![column]![label]!["auroc"]!.GetValue<double>(), 6);
+            }
+        }
+
+        // Each signal's curve, and the trigger goal recomputed from the points by its rule (the most questions retrieving within
+        // half), against prompt_always's held-out F1 on the same questions recomputed from the questions array.
+        var curves = json["signal_curves"]!;
+        Assert.Equal(untouched.Count, curves["n"]!.GetValue<int>());
+        var points = curves["points"]!.AsArray().Select(p => p!.AsObject()).ToList();
+        Assert.Equal(["router-entropy", "output-entropy", "router-probe"], points.Select(p => p["signal"]!.GetValue<string>()).Distinct());
+        Assert.All(points.GroupBy(p => p["signal"]!.GetValue<string>()), g => Assert.Equal(6, g.Count()));
+        var promptHeldout = untouched.Where(q => q["split"]!.GetValue<string>() == "heldout")
+            .Average(q => q["modes"]![EvalModes.PromptAlways]!["f1"]!.GetValue<double>());
+        Assert.Equal(promptHeldout, curves["prompt_always"]!["heldout_token_f1"]!.GetValue<double>(), 5);
+        var gaps = points.Where(p => p["retrieved_fraction"]!.GetValue<double>() <= 0.5)
+            .GroupBy(p => p["signal"]!.GetValue<string>())
+            .Select(g => g.OrderByDescending(p => p["retrieved_fraction"]!.GetValue<double>()).ThenBy(p => p["threshold"]!.GetValue<double>()).First())
+            .Select(p => promptHeldout - p["heldout_token_f1"]!.GetValue<double>()).ToList();
+        var goal = json["goals"]!["trigger_budget"]!;
+        if (gaps.Count > 0)
+        {
+            Assert.Equal(gaps.Min(), goal["value"]!.GetValue<double>(), 4);
+            Assert.Equal(gaps.Min() <= 0.03 ? "MET" : "NOT MET", goal["status"]!.GetValue<string>());
+            var ci = goal["ci95"]!.AsArray().Select(v => v!.GetValue<double>()).ToList();
+            Assert.True(ci[0] <= gaps.Min() + 1e-9 && gaps.Min() <= ci[1] + 1e-9, $"{gaps.Min()} outside its interval {ci[0]}..{ci[1]}");
+        }
+        Assert.Equal(5, result.PlotPaths.Count);
         Assert.All(result.PlotPaths, p => Assert.True(new FileInfo(p).Length > 1000));
         Assert.True(File.Exists(result.MarkdownPath));
         Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3), $"the smoke run took {clock.Elapsed}");

@@ -131,6 +131,13 @@ public sealed class PipelineTests : IDisposable
         Assert.NotNull(calJson["entropy"]!["max_over_layers"]!["p95"]);
         Assert.NotNull(calJson["j0"]!["by_split"]!["heldout"]);
         Assert.NotNull(calJson["projection"]!["validation_r2"]);
+        // The tiny random model answers nothing right: no router probe can be fitted, and calibrate says why.
+        Assert.Null(calibration.RouterProbe);
+        Assert.Contains("at least two of each label (4 answered wrong, 0 right)", calJson["router_probe"]!["skipped"]!.GetValue<string>());
+        Assert.False(File.Exists(Path.Combine(_data.Directory, "cal", "router-probe.json")));
+        Assert.Equal(["router-entropy", "output-entropy"], calJson["signals"]!.AsObject().Select(kv => kv.Key));
+        Assert.Equal(6, calibration.FitQuestions.Count + calibration.CheckQuestions.Count);
+        Assert.Equal(2, calibration.CheckQuestions.Count);
         Assert.Equal(6, calJson["projection"]!["ridge_search"]!.AsArray().Count);
 
         var outPath = Path.Combine(_data.Directory, "eval", "results.json");

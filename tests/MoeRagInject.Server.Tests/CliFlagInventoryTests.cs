@@ -15,6 +15,8 @@ public sealed class CliFlagInventoryTests
     {
         // Issue 8: /v1/models names the model by its folder, not by an absolute path of the serving machine.
         [("serve", "--served-model-name")] = "the model folder's name",
+        // Issue 9: calibrate also trains the router probe and measures AUROCs on questions it keeps back; 256 left too few.
+        [("calibrate", "--limit")] = "1000",
     };
 
     public static IEnumerable<object[]> Flags() => CliFlagInventory.Cases();

@@ -74,6 +74,39 @@ public sealed class CliTests
         Assert.Equal(defaults with { Runner = null! }, wordFlags.ToOptions(words) with { Runner = null! });
     }
 
+    /// <summary>
+    /// --trigger-signal router-probe: the probe file is the one given (or the model's), --entropy-threshold given with it is the
+    /// probe's threshold (the entropy signals keep theirs), and without it the engine takes the probe's calibrated one.
+    /// </summary>
+    [Fact]
+    public void EngineFlags_RouterProbe_MapOntoEngineOptions()
+    {
+        var probe = Path.Combine(Path.GetTempPath(), $"probe-{Guid.NewGuid():N}.json");
+        File.WriteAllText(probe, "{}");
+        try
+        {
+            var (flags, parse) = ParseEngine("--model-path", TestData.CheckpointPath, "--trigger-signal", "router-probe", "--router-probe", probe,
+                "--entropy-threshold", "0.3");
+            Assert.Empty(parse.Errors);
+            var o = flags.ToOptions(parse);
+            Assert.Equal(TriggerSignal.RouterProbe, o.Trigger.Signal);
+            Assert.Equal(probe, o.RouterProbePath);
+            Assert.Equal(0.3, o.RouterProbeThreshold);
+            Assert.Equal(0.8, o.Trigger.Threshold);
+
+            (flags, parse) = ParseEngine("--model-path", TestData.CheckpointPath, "--trigger-signal", "router-probe", "--router-probe", probe);
+            o = flags.ToOptions(parse);
+            Assert.Null(o.RouterProbeThreshold);
+            (flags, parse) = ParseEngine("--model-path", TestData.CheckpointPath, "--trigger-signal", "output-entropy", "--entropy-threshold", "1.5");
+            o = flags.ToOptions(parse);
+            Assert.Equal((1.5, (double?)null, (string?)null), (o.Trigger.Threshold, o.RouterProbeThreshold, o.RouterProbePath));
+        }
+        finally
+        {
+            File.Delete(probe);
+        }
+    }
+
     [Fact]
     public void EngineFlags_WithoutModelPath_ServeTheEmbeddedModelAndCorpus()
     {
@@ -119,6 +152,9 @@ public sealed class CliTests
     [InlineData(new[] { "serve", "--injector-proj", "/no/such.safetensors" }, "invalid value for --injector-proj: '/no/such.safetensors'")]
     [InlineData(new[] { "serve", "--injection-tokens", "0" }, "invalid value for --injection-tokens: '0'")]
     [InlineData(new[] { "serve", "--entropy-threshold", "-1" }, "invalid value for --entropy-threshold: -1 (must be >= 0)")]
+    [InlineData(new[] { "serve", "--trigger-signal", "vibes" }, "invalid value for --trigger-signal: 'vibes' (expected router-entropy, output-entropy or router-probe)")]
+    [InlineData(new[] { "serve", "--trigger-signal", "router-probe", "--entropy-threshold", "1.5" }, "invalid value for --entropy-threshold: 1.5 (with --trigger-signal router-probe it is a probability in [0, 1])")]
+    [InlineData(new[] { "eval", "--trigger-signal", "vibes" }, "invalid value for --trigger-signal: 'vibes' (expected router-entropy, output-entropy or router-probe)")]
     [InlineData(new[] { "serve", "--entropy-threshold", "1e999" }, "invalid value for --entropy-threshold: '1e999' is not a number")]
     [InlineData(new[] { "serve", "--mem-fraction-static", "0" }, "invalid value for --mem-fraction-static")]
     [InlineData(new[] { "serve", "--model-config", "mixtral-8x7b" }, "--model-config gives a shape without weights")]
@@ -172,6 +208,7 @@ public sealed class CliTests
     [Theory]
     [InlineData(new[] { "generate", "hi", "--model-path", "/no/such/model" }, "model folder not found: /no/such/model")]
     [InlineData(new[] { "index", "/no/such.jsonl", "--output", "/tmp/x.db" }, "input file not found")]
+    [InlineData(new[] { "generate", "hi", "--router-probe", "/no/such/probe.json" }, "/no/such/probe.json does not exist: run `./moe-rag-inject calibrate`")]
     public async Task Main_Failures_AreExit1_OneLineWithoutAStackTrace(string[] args, string fragment)
     {
         var (code, _, error) = await RunAsync(args);
@@ -179,6 +216,17 @@ public sealed class CliTests
         Assert.Contains(fragment, error, StringComparison.Ordinal);
         Assert.Single(error.TrimEnd().Split('\n'));
         Assert.DoesNotContain("   at ", error, StringComparison.Ordinal);
+    }
+
+    /// <summary>--trigger-signal router-probe on a model folder without router-probe.json: exit 1, and the line says how to make one.</summary>
+    [Fact]
+    public async Task Main_RouterProbeSignalWithoutAProbe_SaysToRunCalibrate()
+    {
+        Assert.False(File.Exists(Path.Combine(TestData.CheckpointPath, "router-probe.json")));
+        var (code, _, error) = await RunAsync("generate", "hi", "--trigger-signal", "router-probe", "--model-path", TestData.CheckpointPath);
+        Assert.Equal(1, code);
+        Assert.Contains($"{Path.Combine(TestData.CheckpointPath, "router-probe.json")} does not exist: run `./moe-rag-inject calibrate`", error, StringComparison.Ordinal);
+        Assert.Single(error.TrimEnd().Split('\n'));
     }
 
     [Fact]

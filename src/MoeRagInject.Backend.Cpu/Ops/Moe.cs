@@ -4,7 +4,7 @@ internal static class Moe
 {
     /// <summary>
     /// p = softmax(W·x) over all experts (fp32), H = −Σ p ln p, then the top-k by probability with weights renormalised to
-    /// sum to one over the k (Mixtral's router).
+    /// sum to one over the k (Mixtral's router). p is kept at (row, layer) for the router probe.
     /// </summary>
     public static void Route(CpuActivation x, CpuWeight router, int layer, int topK, CpuStepBuffers step, int rows)
     {
@@ -34,6 +34,7 @@ internal static class Moe
                 if (probs[e] > 0) entropy -= probs[e] * Math.Log(probs[e]);
             }
             state.RowEntropies[r * state.Layers + layer] = (float)entropy;
+            probs.CopyTo(state.RowRouterProbs.AsSpan((r * state.Layers + layer) * experts, experts));
 
             var chosen = step.TopExperts.AsSpan(r * topK, topK);
             var weights = step.TopWeights.AsSpan(r * topK, topK);
@@ -52,6 +53,30 @@ internal static class Moe
                 chosenSum += probs[best];
             }
             for (var k = 0; k < topK; k++) weights[k] /= chosenSum;
+        }
+    }
+
+    /// <summary>
+    /// The router probe after <see cref="Route"/> of the same layer: z[r] (+)= Σ_e probe[layer, e]·p_e in expert order from the
+    /// probabilities Route kept; at the last layer each sequence's last row hands z to the sequence's output.
+    /// </summary>
+    public static void Probe(CpuActivation probe, int layer, StepState state, int rows)
+    {
+        var experts = state.Experts;
+        var layers = state.Layers;
+        var weights = probe.Row(layer);
+        for (var r = 0; r < rows; r++)
+        {
+            var sequence = state.RowSequence[r];
+            float z = 0;
+            if (state.SeqSlot[sequence] >= 0)
+            {
+                var p = state.RowRouterProbs.AsSpan((r * layers + layer) * experts, experts);
+                for (var e = 0; e < experts; e++) z += weights[e] * p[e];
+            }
+            var total = layer == 0 ? z : state.RowProbeLogits[r] + z;
+            state.RowProbeLogits[r] = total;
+            if (layer == layers - 1 && state.QueryStart[sequence + 1] - 1 == r) state.OutProbeLogit[sequence] = total;
         }
     }
 

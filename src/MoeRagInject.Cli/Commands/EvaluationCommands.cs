@@ -1,6 +1,7 @@
 using System.CommandLine;
 using MoeRagInject.Cli.CommandLine;
 using MoeRagInject.Evaluation;
+using MoeRagInject.Rag;
 
 namespace MoeRagInject.Cli.Commands;
 
@@ -25,21 +26,25 @@ public static class CalibrateCommand
             "the embedded WordNet corpus");
         var output = CliOption.OptionalText("--out", "projection file; calibration.json goes beside it", "FILE",
             "<model>/injector-proj.safetensors");
-        var limit = CliOption.Int("--limit", "prompts sampled for the entropy distribution", "N", 256, min: 1);
+        var limit = CliOption.Int("--limit", "prompts sampled for the signals' distributions and the router probe", "N", 1000, min: 1);
         var targetRate = CliOption.Double("--target-rate", "fraction of generated tokens that should trigger", "R", 0.1, min: 0, max: 1);
         var pairs = CliOption.Int("--pairs", "(question, passage) pairs for the fit", "N", 512, min: 2);
         var layer = CliOption.OptionalInt("--layer", "MoE layer whose output is fitted (and injected at)", "L", "the last", min: 0);
         var ridge = CliOption.OptionalDouble("--ridge", "ridge λ", "λ", "chosen on a validation split", min: 0);
         var intercept = CliOption.Switch("--intercept", "also fit a bias");
-        var skipProjection = CliOption.Switch("--skip-projection", "only measure the entropy distribution");
+        var skipProjection = CliOption.Switch("--skip-projection", "no projection fit");
+        var skipProbe = CliOption.Switch("--skip-probe", "no router probe");
         var concurrency = CliOption.Int("--concurrency", "requests in flight", "N", 8, min: 1);
         var threads = CliOption.OptionalInt("--threads", "CPU threads", "N", "all cores", min: 1);
         var command = new Command("calibrate",
-            "(a) The router-entropy distribution per layer over a sample of QA prompts and the threshold for a target trigger rate; "
-            + "(b) a projection P for latent injection, fitted by ridge regression from the mean-pooled passage embedding to the "
-            + "change that the passage in the context makes to the residual stream. Writes P (safetensors) and calibration.json.")
+            "(a) Each trigger signal over a sample of QA prompts answered with RAG off: the router-entropy distribution per layer, "
+            + "each signal's threshold for a target trigger rate and its AUROCs for a wrong answer and a held-out term on questions "
+            + "kept back; (b) the router probe, a logistic regression from all routers' probabilities to a wrong answer, trained on "
+            + "the other questions (router-probe.json); (c) a projection P for latent injection, fitted by ridge regression from the "
+            + "mean-pooled passage embedding to the change that the passage in the context makes to the residual stream. Writes P "
+            + "(safetensors), router-probe.json and calibration.json.")
         {
-            modelPath, qa, corpus, output, limit, targetRate, pairs, layer, ridge, intercept, skipProjection, concurrency, threads,
+            modelPath, qa, corpus, output, limit, targetRate, pairs, layer, ridge, intercept, skipProjection, skipProbe, concurrency, threads,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -56,6 +61,7 @@ public static class CalibrateCommand
                 Ridge = parse.GetValue(ridge),
                 Intercept = parse.GetValue(intercept),
                 SkipProjection = parse.GetValue(skipProjection),
+                SkipProbe = parse.GetValue(skipProbe),
                 Concurrency = parse.GetValue(concurrency),
                 Threads = parse.GetValue(threads),
                 Runner = EngineFlags.Runner("cpu", parse.GetValue(threads)),
@@ -78,8 +84,9 @@ public static class EvalCommand
         var output = CliOption.Text("--out", "results JSON; the report, plots and predictions go beside it", "FILE", "eval/eval.json");
         var limit = CliOption.OptionalInt("--limit", "questions evaluated (a seeded sample keeping the split proportions)", "N", "all", min: 1);
         var modes = CliOption.List("--modes", "modes to run", "M1,M2", "all six", [.. EvalModes.All]);
-        var threshold = CliOption.OptionalDouble("--threshold", "router-entropy threshold for the trigger modes", "NATS",
-            "calibration.json's, else 0.8", min: 0);
+        var threshold = CliOption.OptionalDouble("--threshold",
+            "threshold of the triggered modes' signal (nats; for router-probe a probability)", "NATS", "calibration.json's, else 0.8", min: 0);
+        var signal = TriggerSignalOption();
         var injectorProj = CliOption.OptionalText("--injector-proj", "projection for latent_calibrated", "FILE", "<model>/injector-proj.safetensors");
         var calibration = CliOption.OptionalText("--calibration", "calibration.json", "FILE", "beside the projection or in the model folder");
         var maxNewTokens = CliOption.Int("--max-new-tokens", "answer length limit", "N", 48, min: 1);
@@ -95,10 +102,11 @@ public static class EvalCommand
         var noPlots = CliOption.Switch("--no-plots", "skip the PNG plots");
         var command = new Command("eval",
             "Answers a QA set in each mode (none, prompt_always, prompt_trigger, latent_random, latent_identity, latent_calibrated) and "
-            + "reports answer quality (token F1, containment), retrievals and latency per question, the trigger's AUROC (router entropy "
-            + "vs output-token entropy) and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
+            + "reports answer quality (token F1, containment), retrievals and latency per question, each trigger signal's AUROCs (router "
+            + "entropy, output entropy, router probe) and F1 against retrievals as its threshold moves, every question's answers and "
+            + "signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
         {
-            modelPath, qa, corpus, output, limit, modes, threshold, injectorProj, calibration, maxNewTokens, concurrency, threads, seed,
+            modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, calibration, maxNewTokens, concurrency, threads, seed,
             noSweep, sweepPercentiles, sweepLimit, latentScale, topK, noPlots,
         };
         command.SetAction(async (parse, cancellationToken) =>
@@ -115,6 +123,7 @@ public static class EvalCommand
                 Limit = parse.GetValue(limit),
                 Modes = parse.GetValue(modes),
                 Threshold = parse.GetValue(threshold),
+                Signal = parse.GetValue(signal) is { } name ? TriggerSignals.Parse(name) : null,
                 InjectorProj = parse.GetValue(injectorProj),
                 Calibration = parse.GetValue(calibration),
                 MaxNewTokens = parse.GetValue(maxNewTokens),
@@ -133,6 +142,25 @@ public static class EvalCommand
             return 0;
         });
         return command;
+    }
+
+    /// <summary>One of the trigger signals, or absent (calibrate's best).</summary>
+    private static Option<string?> TriggerSignalOption()
+    {
+        var option = new Option<string?>("--trigger-signal")
+        {
+            Description = "what prompt_trigger and the latent modes watch: router-entropy, output-entropy or router-probe [default: calibration.json's best by held-out AUROC, else router-entropy]",
+            HelpName = "SIGNAL",
+            CustomParser = r =>
+            {
+                var value = r.Tokens[^1].Value;
+                if (TriggerSignals.Parse(value) is { } parsed) return TriggerSignals.Name(parsed);
+                r.AddError($"invalid value for --trigger-signal: '{value}' (expected {string.Join(", ", TriggerSignals.Names.SkipLast(1))} or {TriggerSignals.Names[^1]})");
+                return null;
+            },
+        };
+        option.CompletionSources.Add([.. TriggerSignals.Names]);
+        return option;
     }
 
     /// <summary>Percentiles in (0, 100), comma-separated.</summary>

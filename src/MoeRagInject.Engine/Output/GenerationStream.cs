@@ -66,6 +66,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                 var top = request.ReturnLogprob && request.TopLogprobs > 0 ? new List<TokenLogprob[]>(batch.Tokens.Count) : null;
                 var routerEntropy = request.ReturnRouterEntropy ? new List<float[]>(batch.Tokens.Count) : null;
                 var outputEntropy = request.ReturnRouterEntropy ? new List<float>(batch.Tokens.Count) : null;
+                var routerProbe = request.ReturnRouterEntropy && _engine.RouterProbe is not null ? new List<float>(batch.Tokens.Count) : null;
                 var text = new StringBuilder();
                 FinishReason? finish = null;
                 for (var t = 0; t < batch.Tokens.Count; t++)
@@ -77,6 +78,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                     top?.Add(token.Top ?? []);
                     routerEntropy?.Add(tokenEntropy.ToArray());
                     outputEntropy?.Add(token.OutputEntropy);
+                    routerProbe?.Add(token.RouterProbe);
                     if (completion + ids.Count == 1) metrics.FirstToken(EngineMetrics.Seconds(_sequence.ArrivalTicks, token.Ticks));
                     else metrics.InterToken(EngineMetrics.Seconds(lastTokenTicks, token.Ticks));
                     lastTokenTicks = token.Ticks;
@@ -107,6 +109,7 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationUpdate>, IAsyn
                     NewTopLogprobs = (IReadOnlyList<TokenLogprob[]>?)top ?? [],
                     NewRouterEntropy = (IReadOnlyList<float[]>?)routerEntropy ?? [],
                     NewOutputEntropy = (IReadOnlyList<float>?)outputEntropy ?? [],
+                    NewRouterProbe = (IReadOnlyList<float>?)routerProbe ?? [],
                     NewEvents = batch.Events.Count == 0 ? [] : [.. batch.Events],
                     NewText = text.ToString(),
                     PromptTokens = _sequence.OriginalPrompt.Length,

@@ -5,7 +5,9 @@ namespace MoeRagInject.Engine.Output;
 /// <summary>One accepted token as the loop reports it.</summary>
 /// <param name="Ticks">Stopwatch timestamp of the end of the step that produced it (for first-token and inter-token times).</param>
 /// <param name="Top">The most likely tokens at this position, when the request asked for top logprobs.</param>
-internal readonly record struct TokenOutput(int Token, float Logprob, float OutputEntropy, long Ticks, TokenLogprob[]? Top = null);
+/// <param name="RouterProbe">The router probe's score of the token (NaN when the engine has no probe).</param>
+internal readonly record struct TokenOutput(int Token, float Logprob, float OutputEntropy, long Ticks, TokenLogprob[]? Top = null,
+    float RouterProbe = float.NaN);
 
 /// <summary>
 /// What the engine loop hands one request's stream: tokens, RAG events and the finish, coalesced. The loop appends without

@@ -27,7 +27,9 @@ public sealed record GenerateMetaInfo(
     // Rows over output tokens, columns over MoE layers (nats); present when return_router_entropy.
     [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float[]>? OutputRouterEntropy = null,
     // Entropy of the output distribution for each output token (nats, the FLARE-style signal); present when return_router_entropy.
-    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float>? OutputTokenEntropy = null);
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float>? OutputTokenEntropy = null,
+    // The router probe's score for each output token; present when return_router_entropy and the server has a probe.
+    [property: JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] IReadOnlyList<float>? OutputRouterProbe = null);
 
 /// <summary>One /generate result, or one streamed event (what is new, and the text so far or only its new part).</summary>
 public sealed record GenerateResponse(
@@ -102,7 +104,9 @@ public sealed record ServerInfoResponse(
     int DpSize = 1,
     bool DisableRadixCache = true,
     bool SkipTokenizerInit = false,
-    IReadOnlyList<InternalStateJson>? InternalStates = null);
+    IReadOnlyList<InternalStateJson>? InternalStates = null,
+    // The router probe the engine loaded (path), null when it has none.
+    string? RouterProbe = null);
 
 /// <summary>sglang's per-scheduler state in /get_server_info (benchmarks read last_gen_throughput and avg_spec_accept_length).</summary>
 public sealed record InternalStateJson(double LastGenThroughput, double AvgSpecAcceptLength, int MaxTotalNumTokens, int MaxRunningRequests);

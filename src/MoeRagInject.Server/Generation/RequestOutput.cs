@@ -21,6 +21,7 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
     private readonly List<string> _tokenTexts = [];
     private readonly List<float[]> _routerEntropy = [];
     private readonly List<float> _outputEntropy = [];
+    private readonly List<float> _routerProbe = [];
     private readonly List<JsonObject> _ragEvents = [];
     private readonly StringBuilder _text = new();
 
@@ -67,6 +68,7 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
         {
             _routerEntropy.AddRange(update.NewRouterEntropy);
             _outputEntropy.AddRange(update.NewOutputEntropy);
+            _routerProbe.AddRange(update.NewRouterProbe);
         }
         foreach (var ragEvent in update.NewEvents) _ragEvents.Add(ragEvent.ToJson());
         return marks;
@@ -157,7 +159,8 @@ public sealed class RequestOutput(Tokenizer tokenizer, bool returnLogprob, bool 
                 returnLogprob ? LogprobTriples(from.Token, _outputIds.Count) : null,
                 TopLogprobCount > 0 ? TopLogprobTriples(from.Token, _outputIds.Count) : null,
                 returnRouterEntropy ? _routerEntropy.GetRange(from.Token, Math.Max(0, _routerEntropy.Count - from.Token)) : null,
-                returnRouterEntropy ? _outputEntropy.GetRange(from.Token, Math.Max(0, _outputEntropy.Count - from.Token)) : null),
+                returnRouterEntropy ? _outputEntropy.GetRange(from.Token, Math.Max(0, _outputEntropy.Count - from.Token)) : null,
+                returnRouterEntropy && _routerProbe.Count > 0 ? _routerProbe.GetRange(from.Token, Math.Max(0, _routerProbe.Count - from.Token)) : null),
             index);
 
     public static FinishReasonJson ToJson(FinishReason finish) => finish.Kind switch

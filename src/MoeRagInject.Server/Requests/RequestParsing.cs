@@ -72,7 +72,7 @@ public static class RequestParsing
                 throw ApiException.BadRequest(Invariant($"{stopTokenIdsPath}[{i}] = {sampling.StopTokenIds[i]} is outside the vocabulary [0, {vocabSize})"));
     }
 
-    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "trigger_signal": "router-entropy"|"output-entropy", "threshold": nats, "scale": α}</c>.</summary>
+    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "trigger_signal": "router-entropy"|"output-entropy"|"router-probe", "threshold": nats or probability, "scale": α}</c>.</summary>
     public static RagOverrides? ParseRag(JsonFields root)
     {
         if (root.Object("rag") is not { } rag) return null;
@@ -82,14 +82,14 @@ public static class RequestParsing
             mode = ParseMode(text) ?? throw ApiException.BadRequest($"{rag.PathOf("mode")} must be one of off, latent, prompt (got '{text}')");
         var threshold = rag.Number("threshold");
         if (threshold < 0)
-            throw ApiException.BadRequest($"{rag.PathOf("threshold")} must be >= 0 (router entropy is in nats)");
+            throw ApiException.BadRequest($"{rag.PathOf("threshold")} must be >= 0 (entropy in nats, or the router probe's probability)");
         // Range-checked as a double first: a value past fp32's range would otherwise arrive as infinity.
         if (rag.Number("scale") is { } scale && !(Math.Abs(scale) <= RagOverrides.MaxScale))
             throw ApiException.BadRequest(Invariant($"{rag.PathOf("scale")} must be a finite number in [-{RagOverrides.MaxScale}, {RagOverrides.MaxScale}] (got {scale})"));
         TriggerSignal? signal = null;
         if (rag.String("trigger_signal") is { } name)
             signal = TriggerSignals.Parse(name)
-                ?? throw ApiException.BadRequest($"{rag.PathOf("trigger_signal")} must be one of router-entropy, output-entropy (got '{name}')");
+                ?? throw ApiException.BadRequest($"{rag.PathOf("trigger_signal")} must be one of {string.Join(", ", TriggerSignals.Names)} (got '{name}')");
         var overrides = new RagOverrides { Mode = mode, Signal = signal, Threshold = threshold, Scale = (float?)rag.Number("scale") };
         if (overrides.Validate() is { } message) throw ApiException.BadRequest(message);
         return overrides;

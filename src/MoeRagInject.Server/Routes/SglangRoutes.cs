@@ -113,7 +113,8 @@ public static class SglangRoutes
                 e?.ChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
                 e is null ? null : RequestParsing.ModeName(e.Mode), e?.PromptRagRestart.ToString().ToLowerInvariant(),
                 e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
-                e?.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
+                // The server's signal's threshold: router-probe's is the probe's own unless --entropy-threshold set it.
+                e is null ? null : e.Trigger.Signal == TriggerSignal.RouterProbe ? e.RouterProbeThreshold ?? (engine as LlmEngine)?.RouterProbe?.Threshold : e.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
                 e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest,
                 e?.InjectionScale, e?.InjectionLayers, e?.InjectionTokens, projection, e?.ProjectionSeed,
                 e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir, e?.LogFsync,
@@ -133,7 +134,8 @@ public static class SglangRoutes
                         engine is LlmEngine llm ? llm.Counters.DecodeTokensPerSecond : 0,
                         // No speculative decoding: every step accepts exactly one token per request.
                         AvgSpecAcceptLength: 1.0, maxTotalTokens ?? 0, e?.MaxRunningRequests ?? 0),
-                ]),
+                ],
+                RouterProbe: e is not null && (engine as LlmEngine)?.RouterProbe is not null ? e.ResolvedRouterProbePath : null),
             ApiJsonContext.Wire.ServerInfoResponse);
     }
 
