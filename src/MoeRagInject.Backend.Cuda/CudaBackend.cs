@@ -642,10 +642,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>Column tiles of a GEMM tile of <paramref name="bn"/> weight rows: gate-up tiles hold bn/2 features (their gate and up rows).</summary>
     private static int ColumnTiles(bool gateUp, int n, int bn) => gateUp ? (n + bn / 2 - 1) / (bn / 2) : (n + bn - 1) / bn;
 
-    /// <summary>
-    /// The cuBLAS grouped path: slots sorted by expert on the device, their counts read back (a host synchronisation), one GEMM
-    /// pair per expert; the gate-up products are written in bf16 (half the traffic into silu·mul).
-    /// </summary>
+    /// <summary>The cuBLAS grouped path: slots sorted by expert on the device, their counts read back (a host synchronisation), one GEMM pair per expert.</summary>
     private void GroupedCublas(CudaTensor input, CudaExpertStack stack, int topK, CudaStepBuffers s, CudaTensor delta, int rows)
     {
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
@@ -662,12 +659,11 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = offsets[x + 1] - offsets[x];
                 if (n == 0) continue;
                 _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
-                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
-                    CudaDataType.R16BF);
+                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 4UL * (ulong)offsets[x] * 2 * (ulong)i);
             }
         var total = offsets[e];
         using (Op("  moe: silu_mul"))
-            if (total > 0) Launch("moe_silu_mul_bf16", (uint)total, 256, s.MoeGateUp, s.MoeAct, i);
+            if (total > 0) Launch("moe_silu_mul", (uint)total, 256, s.MoeGateUp, s.MoeAct, i);
         using (Op("  moe: down GEMMs"))
             for (var x = 0; x < e; x++)
             {

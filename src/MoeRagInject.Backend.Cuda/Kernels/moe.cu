@@ -266,17 +266,6 @@ extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* 
     for (int n = threadIdx.x; n < intermediate; n += blockDim.x) o[n] = float_to_bf16(silu(in[n]) * in[intermediate + n]);
 }
 
-// The same from bf16 gate and up halves (cuBLAS per expert writes them in bf16: half the traffic of fp32, and the
-// rounding transformers' bf16 model applies there too). Grid: routed slots; block: 256.
-extern "C" __global__ void moe_silu_mul_bf16(const bf16* __restrict__ gateUp, bf16* __restrict__ act, int intermediate)
-{
-    const long long g = blockIdx.x;
-    const bf16* in = gateUp + g * 2 * intermediate;
-    bf16* o = act + g * intermediate;
-    for (int n = threadIdx.x; n < intermediate; n += blockDim.x)
-        o[n] = float_to_bf16(silu(bf16_to_float(in[n])) * bf16_to_float(in[intermediate + n]));
-}
-
 // Dense path: delta[r] = Σ_k w_{r,k} · out[e_{r,k}, r] over [E, rows, H] outputs of every expert on every row, in k order.
 // Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, const int* __restrict__ topIds,
