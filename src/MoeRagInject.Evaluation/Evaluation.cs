@@ -23,12 +23,14 @@ public sealed record EvaluationOptions
     public required string Out { get; init; }
     /// <summary>--limit: questions evaluated (deterministic shuffle, splits keep their proportions); null = all.</summary>
     public int? Limit { get; init; }
-    /// <summary>--modes: any of <see cref="EvalModes.All"/>; null = all six.</summary>
+    /// <summary>--modes: any of <see cref="EvalModes.All"/>; null = all seven.</summary>
     public IReadOnlyList<string>? Modes { get; init; }
     /// <summary>--threshold: router-entropy threshold (nats); null = calibration.json's, else 0.8.</summary>
     public double? Threshold { get; init; }
     /// <summary>--injector-proj: the calibrated projection; null = &lt;model&gt;/injector-proj.safetensors when present.</summary>
     public string? InjectorProj { get; init; }
+    /// <summary>--trained-proj: the projector of latent_trained (tools/projector); null = &lt;model&gt;/projector.safetensors when present.</summary>
+    public string? TrainedProj { get; init; }
     /// <summary>--calibration: calibration.json; null = beside the projection file, else in the model folder, when present.</summary>
     public string? Calibration { get; init; }
     /// <summary>--max-new-tokens.</summary>
@@ -75,6 +77,7 @@ public sealed record EvaluationOptions
         if (Modes is { } m) Add("--modes", string.Join(',', m));
         if (Threshold is { } t) Add("--threshold", t.ToString("R", CultureInfo.InvariantCulture));
         Add("--injector-proj", InjectorProj);
+        Add("--trained-proj", TrainedProj);
         Add("--calibration", Calibration);
         Add("--max-new-tokens", MaxNewTokens.ToString(CultureInfo.InvariantCulture));
         Add("--concurrency", Concurrency.ToString(CultureInfo.InvariantCulture));
@@ -99,7 +102,8 @@ public static class EvalModes
     public const string LatentRandom = "latent_random";
     public const string LatentIdentity = "latent_identity";
     public const string LatentCalibrated = "latent_calibrated";
-    public static readonly IReadOnlyList<string> All = [None, PromptAlways, PromptTrigger, LatentRandom, LatentIdentity, LatentCalibrated];
+    public const string LatentTrained = "latent_trained";
+    public static readonly IReadOnlyList<string> All = [None, PromptAlways, PromptTrigger, LatentRandom, LatentIdentity, LatentCalibrated, LatentTrained];
 
     public static string Describe(string mode) => mode switch
     {
@@ -109,6 +113,7 @@ public static class EvalModes
         LatentRandom => "latent injection, random P (seed 0), at the layers that fired",
         LatentIdentity => "latent injection, identity P, at the layers that fired",
         LatentCalibrated => "latent injection, ridge-fitted P, at the calibration layer, α = 1",
+        LatentTrained => "latent injection, projector trained through the frozen model (tools/projector), at its layers and α",
         _ => mode,
     };
 }
@@ -181,7 +186,11 @@ public sealed record ModeResult
 
 public sealed record SweepPoint(string Mode, double Percentile, double Threshold, GroupMetrics Overall, double HeldoutF1, double TaughtF1);
 
-public sealed record GoalResult(string Key, string Description, double Value, string Comparison, double Target, string Status, string Detail);
+public sealed record GoalResult(string Key, string Description, double Value, string Comparison, double Target, string Status, string Detail)
+{
+    /// <summary>A 95% confidence interval of <see cref="Value"/> where one is computed (bootstrap), else null.</summary>
+    public IReadOnlyList<double>? Ci95 { get; init; }
+}
 
 /// <summary>How well each score predicts a label: AUROC by score name.</summary>
 public sealed record TriggerQuality(
@@ -212,6 +221,8 @@ public sealed record EvaluationResult
 public static class Evaluator
 {
     public const double DefaultThreshold = 0.8;
+    /// <summary>The trained projector's file name in the model folder (written by tools/projector/train_projector.py).</summary>
+    public const string TrainedProjectorFileName = "projector.safetensors";
     /// <summary>A no-RAG answer with token F1 below this counts as wrong.</summary>
     public const double WrongBelowF1 = 0.5;
 
@@ -252,6 +263,9 @@ public static class Evaluator
             calibratedThreshold = calibration["threshold"]?.GetValue<double>();
             calibratedLayer = calibration["layer"]?.GetValue<int>();
         }
+        var trainedProjection = options.TrainedProj ?? Path.Combine(options.ModelPath, TrainedProjectorFileName);
+        if (options.TrainedProj is not null && !File.Exists(trainedProjection))
+            throw new FileNotFoundException($"--trained-proj {options.TrainedProj} does not exist", options.TrainedProj);
         var threshold = options.Threshold ?? calibratedThreshold ?? DefaultThreshold;
         var thresholdSource = options.Threshold is not null ? "--threshold" : calibratedThreshold is not null ? calibrationPath! : "default";
         var injectionLayer = calibratedLayer ?? config.NumLayers - 1;
@@ -291,8 +305,15 @@ public static class Evaluator
                     progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
                     continue;
                 }
+                if (mode == EvalModes.LatentTrained && !File.Exists(trainedProjection))
+                {
+                    skipped[mode] = $"no trained projector ({trainedProjection} does not exist; run tools/projector/run-gpu.sh on a GPU machine or pass --trained-proj)";
+                    progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
+                    continue;
+                }
                 var modeThreshold = mode switch { EvalModes.None => (double?)null, EvalModes.PromptAlways => 0, _ => threshold };
-                results[mode] = await RunModeAsync(options, mode, modeThreshold ?? threshold, projection, injectionLayer, items, logRoot, progress, cancellationToken).ConfigureAwait(false);
+                results[mode] = await RunModeAsync(options, mode, modeThreshold ?? threshold, projection, injectionLayer, items, logRoot, progress, cancellationToken,
+                    trainedProjection: trainedProjection).ConfigureAwait(false);
                 results[mode] = results[mode] with { Threshold = modeThreshold };
             }
 
@@ -358,6 +379,7 @@ public static class Evaluator
                 ["target"] = $"{g.Comparison} {g.Target.ToString(CultureInfo.InvariantCulture)}",
                 ["status"] = g.Status,
                 ["detail"] = g.Detail,
+                ["ci95"] = g.Ci95 is { } ci ? JsonOut.Array(ci) : null,
             };
         json["goals"] = goalsJson;
         var plotPaths = new List<string>();
@@ -377,6 +399,7 @@ public static class Evaluator
             ["injector_proj"] = projectionExists ? Path.GetFullPath(projection) : null,
             ["calibration"] = calibrationPath is null ? null : Path.GetFullPath(calibrationPath),
             ["injection_layer_calibrated"] = injectionLayer,
+            ["trained_proj"] = File.Exists(trainedProjection) ? Path.GetFullPath(trainedProjection) : null,
             ["max_new_tokens"] = options.MaxNewTokens,
             ["concurrency"] = options.Concurrency,
             ["threads"] = options.Threads ?? Environment.ProcessorCount,
@@ -424,7 +447,7 @@ public static class Evaluator
 
     private static async Task<ModeResult> RunModeAsync(EvaluationOptions options, string mode, double threshold, string projection,
         int injectionLayer, IReadOnlyList<QaItem> items, string logRoot, TextWriter progress, CancellationToken cancellationToken,
-        string? label = null)
+        string? label = null, string? trainedProjection = null)
     {
         var engineOptions = new EngineOptions
         {
@@ -460,6 +483,7 @@ public static class Evaluator
                 InjectionLayers = [injectionLayer],
                 InjectionScale = 1,
             }, Inv($"mode=latent projection=file({Path.GetFileName(projection)}) layers=[{injectionLayer}] scale=1 threshold={threshold:G6}")),
+            EvalModes.LatentTrained => TrainedMode(engineOptions, trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"), threshold),
             _ => throw new ArgumentException($"unknown mode {mode}"),
         };
         label ??= mode;
@@ -473,6 +497,24 @@ public static class Evaluator
         var result = ModeResult.Create(mode, threshold, runs, clock.Elapsed.TotalSeconds, settings);
         progress.WriteLine(Inv($"[{label}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
         return result;
+    }
+
+    /// <summary>
+    /// latent_trained: the trained projector at the layers and α it was trained with (its metadata; without them the layers
+    /// that fired and α = 1), with the same trigger as the other latent modes.
+    /// </summary>
+    private static (EngineOptions, string) TrainedMode(EngineOptions engineOptions, string path, double threshold)
+    {
+        var info = ContextInjector.ReadFileInfo(path);
+        var alpha = info.Alpha ?? 1f;
+        return (engineOptions with
+        {
+            Mode = InjectionMode.Latent,
+            Projection = ProjectionKind.File,
+            ProjectionPath = path,
+            InjectionLayers = info.Layers,
+            InjectionScale = alpha,
+        }, Inv($"mode=latent projection=file({Path.GetFileName(path)}, {info.Architecture.ToString().ToLowerInvariant()}) layers={(info.Layers is null ? "fired" : "[" + string.Join(",", info.Layers) + "]")} scale={alpha:G6} threshold={threshold:G6}"));
     }
 
     /// <summary>Whether the runtime JITs in tiers (the default); off (DOTNET_TieredCompilation=0 or the runtimeconfig switch) gives steadier latencies.</summary>
@@ -560,6 +602,7 @@ public static class Evaluator
                 "NOT MEASURED", $"needs modes none, prompt_always and latent_calibrated (missing: {missing})"));
             goals.Add(new GoalResult("latency_ratio", "latent_calibrated's added latency relative to prompt RAG's", double.NaN, "<=", 0.1,
                 "NOT MEASURED", $"needs modes none, prompt_always and latent_calibrated (missing: {missing})"));
+            goals.AddRange(TrainedProjectorGoals.Compute(modes));
             return goals;
         }
         double fNone = none.HeldoutF1, fPrompt = prompt.HeldoutF1, fLatent = latent.HeldoutF1;
@@ -576,6 +619,7 @@ public static class Evaluator
             Status(ratio, ratio <= 0.1),
             Inv($"(lat_latcal − lat_none) / (lat_prompt_always − lat_none) = ({lLatent:F4} − {lNone:F4}) / ({lPrompt:F4} − {lNone:F4}) s (mean per question)")
                 + (added > 0 ? "" : "; undefined: prompt RAG adds no latency")));
+        goals.AddRange(TrainedProjectorGoals.Compute(modes));
         return goals;
     }
 
