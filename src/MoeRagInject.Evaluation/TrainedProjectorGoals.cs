@@ -58,9 +58,14 @@ internal static class TrainedProjectorGoals
         var taught = Aligned(none, prompt, trained, item => item.Split == "taught");
         var delta = Difference(taught.Trained, taught.None, Enumerable.Range(0, taught.None.Length).ToArray());
         var deltaCi = BootstrapCi(taught.None.Length, idx => Difference(taught.Trained, taught.None, idx));
+        // The projector is trained on most taught terms (tools/projector): the closed-book ones alone, which the model knows,
+        // say whether it disturbs what the model already answers.
+        var known = Aligned(none, prompt, trained, item => item.Split == "taught" && !item.ReadingOnly);
+        var knownDelta = Difference(known.Trained, known.None, Enumerable.Range(0, known.None.Length).ToArray());
         yield return new GoalResult("trained_taught_f1_delta", TaughtText, delta, ">=", -TaughtTolerance, Status(delta, delta >= -TaughtTolerance),
             Inv($"F1_trained − F1_none on {taught.None.Length} taught questions = {F(Stats.Mean(taught.Trained))} − {F(Stats.Mean(taught.None))}; ")
-            + CiText(deltaCi, -TaughtTolerance, above: true))
+            + CiText(deltaCi, -TaughtTolerance, above: true)
+            + Inv($"; on the {known.None.Length} closed-book taught questions alone (not reading-only) the difference is {F(knownDelta)}"))
         {
             Ci95 = [deltaCi.Lo, deltaCi.Hi],
         };
