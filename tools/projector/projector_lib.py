@@ -520,7 +520,8 @@ def _define_mixtral():
                     s = s.masked_fill(~mask, float("-inf"))
                     a = torch.softmax(s.float(), -1).to(vv.dtype) @ vv
                 else:
-                    a = F.scaled_dot_product_attention(q, k, vv, is_causal=True)
+                    # Under autocast the rotation by float32 cos/sin promotes q and k; SDPA wants one dtype.
+                    a = F.scaled_dot_product_attention(q.to(vv.dtype), k.to(vv.dtype), vv, is_causal=True)
                 a = a.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
                 x = x + a @ m.o.T
                 h = self.rms(x, m.post_norm)
