@@ -195,7 +195,8 @@ public sealed class EngineFlags
     {
         var option = new Option<string>("--injector-proj")
         {
-            Description = "the projection P: random (seeded), identity, or a safetensors file holding \"proj\"",
+            Description = "the projection P: random (seeded), identity, or a safetensors file: \"proj\" [hidden, hidden], or a projector "
+                + "trained by tools/projector (its layers are the injection layers unless --injection-layers is given)",
             HelpName = "random|identity|FILE",
             DefaultValueFactory = _ => "random",
         };

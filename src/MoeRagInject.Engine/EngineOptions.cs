@@ -48,7 +48,7 @@ public sealed record EngineOptions
     /// <summary>How many tokens (the triggering one included) receive the injection; null = the rest of the request.</summary>
     public int? InjectionTokens { get; init; }
     public ProjectionKind Projection { get; init; } = ProjectionKind.Random;
-    /// <summary>safetensors file with "proj" when <see cref="Projection"/> is File.</summary>
+    /// <summary>The projector file when <see cref="Projection"/> is File: "proj" [hidden, hidden], or a trained projector (ContextInjector.LoadFromFile).</summary>
     public string? ProjectionPath { get; init; }
     public int ProjectionSeed { get; init; }
 

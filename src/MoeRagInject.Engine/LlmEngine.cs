@@ -88,7 +88,8 @@ public sealed class LlmEngine : IGenerationEngine
         RouterProbe = probe;
         _runner = loaded.Runner;
         Tokenizer = loaded.Tokenizer;
-        foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers) })
+        foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers),
+                     ("the projector's injection layer", injector.Layers) })
             foreach (var layer in layers ?? [])
                 if (layer < 0 || layer >= config.NumLayers)
                     throw new ArgumentException($"{name} {layer} does not exist: the model has MoE layers 0..{config.NumLayers - 1}");

@@ -23,7 +23,7 @@ public sealed record EvaluationOptions
     public required string Out { get; init; }
     /// <summary>--limit: questions evaluated (deterministic shuffle, splits keep their proportions); null = all.</summary>
     public int? Limit { get; init; }
-    /// <summary>--modes: any of <see cref="EvalModes.All"/>; null = all six.</summary>
+    /// <summary>--modes: any of <see cref="EvalModes.All"/>; null = all seven.</summary>
     public IReadOnlyList<string>? Modes { get; init; }
     /// <summary>--threshold: the trigger threshold of the triggered modes, in the signal's units; null = calibration.json's for the signal.</summary>
     public double? Threshold { get; init; }
@@ -35,6 +35,8 @@ public sealed record EvaluationOptions
     public IReadOnlyList<double> CurveFractions { get; init; } = [0.1, 0.2, 0.3, 0.4, 0.5, 0.75];
     /// <summary>--injector-proj: the calibrated projection; null = &lt;model&gt;/injector-proj.safetensors when present.</summary>
     public string? InjectorProj { get; init; }
+    /// <summary>--trained-proj: the projector of latent_trained (tools/projector); null = &lt;model&gt;/projector.safetensors when present.</summary>
+    public string? TrainedProj { get; init; }
     /// <summary>--calibration: calibration.json; null = beside the projection file, else in the model folder, when present.</summary>
     public string? Calibration { get; init; }
     /// <summary>--max-new-tokens.</summary>
@@ -82,6 +84,7 @@ public sealed record EvaluationOptions
         if (Threshold is { } t) Add("--threshold", t.ToString("R", CultureInfo.InvariantCulture));
         if (Signal is { } signal) Add("--trigger-signal", TriggerSignals.Name(signal));
         Add("--injector-proj", InjectorProj);
+        Add("--trained-proj", TrainedProj);
         Add("--calibration", Calibration);
         Add("--max-new-tokens", MaxNewTokens.ToString(CultureInfo.InvariantCulture));
         Add("--concurrency", Concurrency.ToString(CultureInfo.InvariantCulture));
@@ -106,7 +109,8 @@ public static class EvalModes
     public const string LatentRandom = "latent_random";
     public const string LatentIdentity = "latent_identity";
     public const string LatentCalibrated = "latent_calibrated";
-    public static readonly IReadOnlyList<string> All = [None, PromptAlways, PromptTrigger, LatentRandom, LatentIdentity, LatentCalibrated];
+    public const string LatentTrained = "latent_trained";
+    public static readonly IReadOnlyList<string> All = [None, PromptAlways, PromptTrigger, LatentRandom, LatentIdentity, LatentCalibrated, LatentTrained];
 
     public static string Describe(string mode) => mode switch
     {
@@ -116,6 +120,7 @@ public static class EvalModes
         LatentRandom => "latent injection, random P (seed 0), at the layers that fired",
         LatentIdentity => "latent injection, identity P, at the layers that fired",
         LatentCalibrated => "latent injection, ridge-fitted P, at the calibration layer, α = 1",
+        LatentTrained => "latent injection, projector trained through the frozen model (tools/projector), at its layers and α",
         _ => mode,
     };
 }
@@ -243,6 +248,8 @@ public sealed record EvaluationResult
 public static class Evaluator
 {
     public const double DefaultThreshold = 0.8;
+    /// <summary>The trained projector's file name in the model folder (written by tools/projector/train_projector.py).</summary>
+    public const string TrainedProjectorFileName = "projector.safetensors";
     /// <summary>A no-RAG answer with token F1 below this counts as wrong.</summary>
     public const double WrongBelowF1 = 0.5;
 
@@ -325,6 +332,9 @@ public static class Evaluator
             : calibratedForSignal is not null ? (calibrationPath ?? probePath)! : "default";
         if (signal == TriggerSignal.RouterProbe && !(threshold >= 0 && threshold <= 1))
             throw new ArgumentException($"--threshold {threshold} is no probability: with the router-probe signal it must be in [0, 1]");
+        var trainedProjection = options.TrainedProj ?? Path.Combine(options.ModelPath, TrainedProjectorFileName);
+        if (options.TrainedProj is not null && !File.Exists(trainedProjection))
+            throw new FileNotFoundException($"--trained-proj {options.TrainedProj} does not exist", options.TrainedProj);
         var injectionLayer = calibratedLayer ?? config.NumLayers - 1;
 
         var outPath = Path.GetFullPath(options.Out);
@@ -366,9 +376,15 @@ public static class Evaluator
                     progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
                     continue;
                 }
+                if (mode == EvalModes.LatentTrained && !File.Exists(trainedProjection))
+                {
+                    skipped[mode] = $"no trained projector ({trainedProjection} does not exist; run tools/projector/run-gpu.sh on a GPU machine or pass --trained-proj)";
+                    progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
+                    continue;
+                }
                 var modeThreshold = mode switch { EvalModes.None => (double?)null, EvalModes.PromptAlways => 0, _ => threshold };
                 results[mode] = await RunModeAsync(options, mode, signal, modeThreshold ?? threshold, probePath, projection, injectionLayer, items, logRoot,
-                    progress, cancellationToken).ConfigureAwait(false);
+                    progress, cancellationToken, trainedProjection: trainedProjection).ConfigureAwait(false);
                 results[mode] = results[mode] with { Threshold = modeThreshold };
             }
 
@@ -512,6 +528,7 @@ public static class Evaluator
             ["injector_proj"] = projectionExists ? Path.GetFullPath(projection) : null,
             ["calibration"] = calibrationPath is null ? null : Path.GetFullPath(calibrationPath),
             ["injection_layer_calibrated"] = injectionLayer,
+            ["trained_proj"] = File.Exists(trainedProjection) ? Path.GetFullPath(trainedProjection) : null,
             ["max_new_tokens"] = options.MaxNewTokens,
             ["concurrency"] = options.Concurrency,
             ["threads"] = options.Threads ?? Environment.ProcessorCount,
@@ -569,7 +586,7 @@ public static class Evaluator
 
     private static async Task<ModeResult> RunModeAsync(EvaluationOptions options, string mode, TriggerSignal signal, double threshold,
         string? probePath, string projection, int injectionLayer, IReadOnlyList<QaItem> items, string logRoot, TextWriter progress,
-        CancellationToken cancellationToken, string? label = null)
+        CancellationToken cancellationToken, string? label = null, string? trainedProjection = null)
     {
         // The triggered modes watch the signal; the router probe's threshold goes where the engine takes it for that signal.
         var trigger = new TriggerOptions { Signal = signal, Threshold = signal == TriggerSignal.RouterProbe ? DefaultThreshold : threshold };
@@ -611,6 +628,7 @@ public static class Evaluator
                 InjectionLayers = [injectionLayer],
                 InjectionScale = 1,
             }, Inv($"mode=latent projection=file({Path.GetFileName(projection)}) layers=[{injectionLayer}] scale=1 {on}")),
+            EvalModes.LatentTrained => TrainedMode(engineOptions, trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"), on),
             _ => throw new ArgumentException($"unknown mode {mode}"),
         };
         label ??= mode;
@@ -624,6 +642,24 @@ public static class Evaluator
         var result = ModeResult.Create(mode, threshold, runs, clock.Elapsed.TotalSeconds, settings);
         progress.WriteLine(Inv($"[{label}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
         return result;
+    }
+
+    /// <summary>
+    /// latent_trained: the trained projector at the layers and α it was trained with (its metadata; without them the layers
+    /// that fired and α = 1), with the same trigger as the other latent modes.
+    /// </summary>
+    private static (EngineOptions, string) TrainedMode(EngineOptions engineOptions, string path, string trigger)
+    {
+        var info = ContextInjector.ReadFileInfo(path);
+        var alpha = info.Alpha ?? 1f;
+        return (engineOptions with
+        {
+            Mode = InjectionMode.Latent,
+            Projection = ProjectionKind.File,
+            ProjectionPath = path,
+            InjectionLayers = info.Layers,
+            InjectionScale = alpha,
+        }, Inv($"mode=latent projection=file({Path.GetFileName(path)}, {info.Architecture.ToString().ToLowerInvariant()}) layers={(info.Layers is null ? "fired" : "[" + string.Join(",", info.Layers) + "]")} scale={alpha:G6} {trigger}"));
     }
 
     /// <summary>Whether the runtime JITs in tiers (the default); off (DOTNET_TieredCompilation=0 or the runtimeconfig switch) gives steadier latencies.</summary>
@@ -721,6 +757,7 @@ public static class Evaluator
                 "NOT MEASURED", $"needs modes none, prompt_always and latent_calibrated (missing: {missing})"));
             goals.Add(new GoalResult("latency_ratio", "latent_calibrated's added latency relative to prompt RAG's", double.NaN, "<=", 0.1,
                 "NOT MEASURED", $"needs modes none, prompt_always and latent_calibrated (missing: {missing})"));
+            goals.AddRange(TrainedProjectorGoals.Compute(modes));
             return goals;
         }
         double fNone = none.HeldoutF1, fPrompt = prompt.HeldoutF1, fLatent = latent.HeldoutF1;
@@ -751,6 +788,7 @@ public static class Evaluator
             Status(ratio, ratio <= 0.1),
             Inv($"(lat_latcal − lat_none) / (lat_prompt_always − lat_none) = ({lLatent:F4} − {lNone:F4}) / ({lPrompt:F4} − {lNone:F4}) s (mean per question)")
                 + (added > 0 ? "" : "; undefined: prompt RAG adds no latency")) { CiLow = ratioLow, CiHigh = ratioHigh });
+        goals.AddRange(TrainedProjectorGoals.Compute(modes));
         return goals;
     }
 

@@ -101,6 +101,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     private readonly MemoryMappedViewAccessor _view;
     private readonly byte* _base;
     private readonly Dictionary<string, TensorView> _tensors = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, string> _metadata = new(StringComparer.Ordinal);
 
     public SafeTensorsFile(string path)
     {
@@ -125,6 +126,8 @@ public sealed unsafe class SafeTensorsFile : IDisposable
 
     public string Path { get; }
     public IReadOnlyDictionary<string, TensorView> Tensors => _tensors;
+    /// <summary>The header's "__metadata__" (string to string, as the format defines it); empty when there is none.</summary>
+    public IReadOnlyDictionary<string, string> Metadata => _metadata;
 
     private void ParseHeader(long fileLength)
     {
@@ -146,7 +149,15 @@ public sealed unsafe class SafeTensorsFile : IDisposable
             var dataLength = fileLength - 8 - headerLength;
             foreach (var entry in header.RootElement.EnumerateObject())
             {
-                if (entry.Name == "__metadata__") continue;
+                if (entry.Name == "__metadata__")
+                {
+                    if (entry.Value.ValueKind != JsonValueKind.Object)
+                        throw new InvalidDataException($"{Path}: __metadata__ is not an object");
+                    foreach (var item in entry.Value.EnumerateObject())
+                        _metadata[item.Name] = item.Value.ValueKind == JsonValueKind.String ? item.Value.GetString()!
+                            : throw new InvalidDataException($"{Path}: __metadata__ value \"{item.Name}\" is not a string");
+                    continue;
+                }
                 var t = entry.Value;
                 var dtypeName = t.GetProperty("dtype").GetString() ?? "";
                 var dtype = DTypeExtensions.FromSafetensorsName(dtypeName)
@@ -170,13 +181,28 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         _file.Dispose();
     }
 
-    /// <summary>Writes tensors (fp32 data) as a safetensors file.</summary>
-    public static void Write(string path, IEnumerable<(string Name, int[] Shape, float[] Data)> tensors, DType dtype = DType.F32)
+    /// <summary>Writes tensors (fp32 data) as a safetensors file, with an optional string-to-string "__metadata__".</summary>
+    public static void Write(string path, IEnumerable<(string Name, int[] Shape, float[] Data)> tensors, DType dtype = DType.F32,
+        IReadOnlyDictionary<string, string>? metadata = null)
     {
         var list = tensors.ToList();
         long offset = 0;
         var headerJson = new System.Text.StringBuilder("{");
         var first = true;
+        if (metadata is { Count: > 0 })
+        {
+            headerJson.Append("\"__metadata__\":{");
+            var firstItem = true;
+            foreach (var (key, value) in metadata)
+            {
+                if (!firstItem) headerJson.Append(',');
+                firstItem = false;
+                headerJson.Append(JsonSerializer.Serialize(key, ModelJsonContext.Default.String)).Append(':')
+                    .Append(JsonSerializer.Serialize(value, ModelJsonContext.Default.String));
+            }
+            headerJson.Append('}');
+            first = false;
+        }
         foreach (var (name, shape, data) in list)
         {
             var bytes = (long)data.Length * dtype.ByteSize();

@@ -16,31 +16,72 @@ public interface ITokenEmbeddings
 
 public enum ProjectionKind { Random, Identity, File }
 
+/// <summary>What a projector file says about itself: its function, the layers it was trained for and its α (null: not said).</summary>
+public sealed record ProjectorFileInfo(ProjectorArchitecture Architecture, IReadOnlyList<int>? Layers, float? Alpha);
+
+/// <summary>The function a projector file holds: its metadata "kind".</summary>
+public enum ProjectorArchitecture
+{
+    /// <summary>v = P·c (+ b): tensors "proj" [hidden, hidden] and optional "bias" [hidden]; the original format.</summary>
+    Linear,
+    /// <summary>v = W_out·act(W_in·c + b_in) + b_out: "mlp.in.weight" [inner, hidden], "mlp.out.weight" [hidden, inner], optional biases.</summary>
+    Mlp,
+}
+
 /// <summary>
 /// The original's ContextInjector: c = mean of the embedding rows of the retrieved text's tokens,
-/// v = α·P·c with P hidden×hidden (random with a fixed seed, identity, or a safetensors file).
+/// v = α·f(c) with f a hidden×hidden matrix P (random with a fixed seed, identity, or read from a safetensors file)
+/// or a small MLP read from a file (a projector trained through the frozen model by tools/projector).
 /// </summary>
-/// <remarks>With a bias b (file projections only) v = α·(P·c + b). Safe to call from several threads at once.</remarks>
+/// <remarks>
+/// A projector file is safetensors. Its optional "__metadata__" says what it holds (see the *Key constants): "kind"
+/// (linear or mlp; without it, mlp when the MLP tensors are present), "activation" (silu or relu), "context" (how c
+/// is computed; only embed-mean, this class's), "layers" (the layers it was trained to be added after, e.g. "0,1,2,3")
+/// and "alpha" (the α it was trained with). A linear file with a bias gives v = α·(P·c + b). Safe to call from
+/// several threads at once.
+/// </remarks>
 public sealed class ContextInjector
 {
     /// <summary>Name of the projection tensor in a safetensors file.</summary>
     public const string ProjectionTensorName = "proj";
     /// <summary>Name of the optional bias tensor in a safetensors file.</summary>
     public const string BiasTensorName = "bias";
+    public const string MlpInWeightName = "mlp.in.weight";
+    public const string MlpInBiasName = "mlp.in.bias";
+    public const string MlpOutWeightName = "mlp.out.weight";
+    public const string MlpOutBiasName = "mlp.out.bias";
+    /// <summary>Metadata value of "format" in projector files written by this project.</summary>
+    public const string FormatName = "moe-rag-inject.projector";
+    public const string FormatKey = "format";
+    public const string KindKey = "kind";
+    public const string ActivationKey = "activation";
+    public const string ContextKey = "context";
+    public const string LayersKey = "layers";
+    public const string AlphaKey = "alpha";
+    /// <summary>The only context this injector computes: the mean of the embedding rows of the passages' tokens.</summary>
+    public const string EmbedMeanContext = "embed-mean";
 
     private readonly ITokenEmbeddings _embeddings;
     private readonly int _hidden;
-    private readonly float[]? _projection; // row-major [hidden(out), hidden(in)]; null for identity
+    private readonly float[]? _projection; // row-major [hidden(out), hidden(in)]; null for identity and MLP
     private readonly float[]? _bias;
+    private readonly MlpWeights? _mlp;
 
-    private ContextInjector(ITokenEmbeddings embeddings, ProjectionKind kind, float[]? projection, float[]? bias, string description)
+    /// <summary>Row-major weights of an MLP projector; biases may be null (zero).</summary>
+    private sealed record MlpWeights(int Inner, float[] In, float[]? InBias, float[] Out, float[]? OutBias, bool Relu);
+
+    private ContextInjector(ITokenEmbeddings embeddings, ProjectionKind kind, float[]? projection, float[]? bias, string description,
+        MlpWeights? mlp = null, IReadOnlyList<int>? layers = null, float? alpha = null)
     {
         _embeddings = embeddings;
         _hidden = embeddings.HiddenSize;
         Kind = kind;
         _projection = projection;
         _bias = bias;
+        _mlp = mlp;
         Description = description;
+        Layers = layers;
+        Alpha = alpha;
     }
 
     /// <summary>Random P: entries N(0, 1/hidden) from a fixed seed, so ‖P·c‖ ≈ ‖c‖.</summary>
@@ -67,9 +108,16 @@ public sealed class ContextInjector
             string.Create(CultureInfo.InvariantCulture, $"identity(hidden={hidden})"));
     }
 
-    /// <summary>Reads P from a safetensors file holding one [hidden, hidden] tensor named "proj" (f32/f16/bf16); optional "bias" [hidden].</summary>
+    /// <summary>
+    /// Reads a projector from a safetensors file (f32/f16/bf16): a linear one ("proj" [hidden, hidden], optional "bias"
+    /// [hidden]) or an MLP ("mlp.in.weight" [inner, hidden], "mlp.out.weight" [hidden, inner], optional "mlp.in.bias"
+    /// [inner] and "mlp.out.bias" [hidden]), with the metadata the class remarks describe.
+    /// </summary>
     /// <exception cref="FileNotFoundException">The file does not exist.</exception>
-    /// <exception cref="InvalidDataException">The file is not safetensors, lacks "proj", or a tensor has the wrong shape, dtype or non-finite values.</exception>
+    /// <exception cref="InvalidDataException">
+    /// The file is not safetensors, lacks the tensors of its kind, a tensor has the wrong shape, dtype or non-finite values,
+    /// or its metadata names a kind, activation or context this class does not compute.
+    /// </exception>
     public static ContextInjector LoadFromFile(ITokenEmbeddings embeddings, string path)
     {
         int hidden = CheckEmbeddings(embeddings);
@@ -80,35 +128,146 @@ public sealed class ContextInjector
         }
 
         using var file = new MoeRagInject.Model.SafeTensorsFile(path);
+        var metadata = file.Metadata;
+        var (architecture, layers, alpha) = ReadMetadata(path, file);
+        string extras = (layers is null ? "" : $", layers {string.Join(",", layers)}")
+            + (alpha is { } al ? string.Create(CultureInfo.InvariantCulture, $", α {al:G6}") : "");
+        if (architecture == ProjectorArchitecture.Mlp)
+        {
+            var mlp = ReadMlp(path, file, hidden, metadata);
+            string mlpDescription = string.Create(CultureInfo.InvariantCulture,
+                $"file:{Path.GetFullPath(path)} (mlp {file.Tensors[MlpInWeightName].DType.SafetensorsName()} [{hidden}→{mlp.Inner}→{hidden}], {(mlp.Relu ? "relu" : "silu")}{extras})");
+            return new ContextInjector(embeddings, ProjectionKind.File, null, null, mlpDescription, mlp, layers, alpha);
+        }
+
         if (!file.Tensors.TryGetValue(ProjectionTensorName, out var projInfo))
         {
             string found = file.Tensors.Count == 0 ? "none" : string.Join(", ", file.Tensors.Keys.Order(StringComparer.Ordinal));
             throw Bad(path, $"no tensor named \"{ProjectionTensorName}\" (tensors found: {found})");
         }
 
-        if (projInfo.Shape.Length != 2 || projInfo.Shape[0] != hidden || projInfo.Shape[1] != hidden)
+        float[] projection = ReadTensor(path, file, ProjectionTensorName, [hidden, hidden], "the model's hidden size");
+        float[]? bias = file.Tensors.ContainsKey(BiasTensorName) ? ReadTensor(path, file, BiasTensorName, [hidden], null) : null;
+        string description = string.Create(CultureInfo.InvariantCulture,
+            $"file:{Path.GetFullPath(path)} ({projInfo.DType.SafetensorsName()} [{hidden}, {hidden}]{(bias is null ? "" : ", bias")}{extras})");
+        return new ContextInjector(embeddings, ProjectionKind.File, projection, bias, description, null, layers, alpha);
+    }
+
+    /// <summary>What a projector file says about itself (its metadata, or its tensors where the metadata is silent), without reading its weights.</summary>
+    /// <exception cref="InvalidDataException">As <see cref="LoadFromFile"/> for the metadata.</exception>
+    public static ProjectorFileInfo ReadFileInfo(string path)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        if (!System.IO.File.Exists(path))
         {
-            throw Bad(path, $"tensor \"{ProjectionTensorName}\" has shape [{string.Join(", ", projInfo.Shape)}], expected [{hidden}, {hidden}] (the model's hidden size)");
+            throw new FileNotFoundException($"Projection file not found: {path}", path);
         }
 
-        float[] projection = projInfo.ToFloatArray();
-        CheckFinite(path, ProjectionTensorName, projection);
+        using var file = new MoeRagInject.Model.SafeTensorsFile(path);
+        return ReadMetadata(path, file);
+    }
 
-        float[]? bias = null;
-        if (file.Tensors.TryGetValue(BiasTensorName, out var biasInfo))
+    private static ProjectorFileInfo ReadMetadata(string path, MoeRagInject.Model.SafeTensorsFile file)
+    {
+        var metadata = file.Metadata;
+        if (metadata.TryGetValue(FormatKey, out var format) && format != FormatName)
         {
-            if (biasInfo.Shape.Length != 1 || biasInfo.Shape[0] != hidden)
+            throw Bad(path, $"metadata \"{FormatKey}\" is \"{format}\", expected \"{FormatName}\"");
+        }
+
+        if (metadata.TryGetValue(ContextKey, out var context) && context != EmbedMeanContext)
+        {
+            throw Bad(path, $"metadata \"{ContextKey}\" is \"{context}\"; this engine computes only \"{EmbedMeanContext}\" (the mean of the passages' embedding rows)");
+        }
+
+        ProjectorArchitecture architecture;
+        if (metadata.TryGetValue(KindKey, out var kind))
+        {
+            architecture = kind switch
             {
-                throw Bad(path, $"tensor \"{BiasTensorName}\" has shape [{string.Join(", ", biasInfo.Shape)}], expected [{hidden}]");
+                "linear" => ProjectorArchitecture.Linear,
+                "mlp" => ProjectorArchitecture.Mlp,
+                _ => throw Bad(path, $"metadata \"{KindKey}\" is \"{kind}\"; expected \"linear\" or \"mlp\""),
+            };
+        }
+        else
+        {
+            architecture = file.Tensors.ContainsKey(MlpInWeightName) ? ProjectorArchitecture.Mlp : ProjectorArchitecture.Linear;
+        }
+
+        IReadOnlyList<int>? layers = metadata.TryGetValue(LayersKey, out var layerList) ? ParseLayers(path, layerList) : null;
+        float? alpha = null;
+        if (metadata.TryGetValue(AlphaKey, out var alphaText))
+        {
+            alpha = float.TryParse(alphaText, NumberStyles.Float, CultureInfo.InvariantCulture, out var a) && float.IsFinite(a)
+                ? a
+                : throw Bad(path, $"metadata \"{AlphaKey}\" is \"{alphaText}\", not a finite number");
+        }
+
+        return new ProjectorFileInfo(architecture, layers, alpha);
+    }
+
+    private static MlpWeights ReadMlp(string path, MoeRagInject.Model.SafeTensorsFile file, int hidden, IReadOnlyDictionary<string, string> metadata)
+    {
+        bool relu = false;
+        if (metadata.TryGetValue(ActivationKey, out var activation))
+        {
+            relu = activation switch
+            {
+                "silu" => false,
+                "relu" => true,
+                _ => throw Bad(path, $"metadata \"{ActivationKey}\" is \"{activation}\"; expected \"silu\" or \"relu\""),
+            };
+        }
+
+        if (!file.Tensors.TryGetValue(MlpInWeightName, out var inInfo) || !file.Tensors.ContainsKey(MlpOutWeightName))
+        {
+            string found = file.Tensors.Count == 0 ? "none" : string.Join(", ", file.Tensors.Keys.Order(StringComparer.Ordinal));
+            throw Bad(path, $"an mlp projector needs tensors \"{MlpInWeightName}\" and \"{MlpOutWeightName}\" (tensors found: {found})");
+        }
+
+        if (inInfo.Shape.Length != 2 || inInfo.Shape[0] < 1)
+        {
+            throw Bad(path, $"tensor \"{MlpInWeightName}\" has shape [{string.Join(", ", inInfo.Shape)}], expected [inner, {hidden}]");
+        }
+
+        int inner = inInfo.Shape[0];
+        return new MlpWeights(
+            inner,
+            ReadTensor(path, file, MlpInWeightName, [inner, hidden], "[inner, the model's hidden size]"),
+            file.Tensors.ContainsKey(MlpInBiasName) ? ReadTensor(path, file, MlpInBiasName, [inner], null) : null,
+            ReadTensor(path, file, MlpOutWeightName, [hidden, inner], "[the model's hidden size, inner]"),
+            file.Tensors.ContainsKey(MlpOutBiasName) ? ReadTensor(path, file, MlpOutBiasName, [hidden], null) : null,
+            relu);
+    }
+
+    private static float[] ReadTensor(string path, MoeRagInject.Model.SafeTensorsFile file, string name, int[] shape, string? what)
+    {
+        var info = file.Tensors[name];
+        if (!info.Shape.AsSpan().SequenceEqual(shape))
+        {
+            throw Bad(path, $"tensor \"{name}\" has shape [{string.Join(", ", info.Shape)}], expected [{string.Join(", ", shape)}]{(what is null ? "" : $" ({what})")}");
+        }
+
+        float[] values = info.ToFloatArray();
+        CheckFinite(path, name, values);
+        return values;
+    }
+
+    private static List<int> ParseLayers(string path, string text)
+    {
+        var layers = new List<int>();
+        foreach (var part in text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
+        {
+            if (!int.TryParse(part, NumberStyles.None, CultureInfo.InvariantCulture, out var layer) || layers.Contains(layer))
+            {
+                throw Bad(path, $"metadata \"{LayersKey}\" is \"{text}\"; expected distinct layer indices such as \"0,1,2,3\"");
             }
 
-            bias = biasInfo.ToFloatArray();
-            CheckFinite(path, BiasTensorName, bias);
+            layers.Add(layer);
         }
 
-        string description = string.Create(CultureInfo.InvariantCulture,
-            $"file:{Path.GetFullPath(path)} ({projInfo.DType.SafetensorsName()} [{hidden}, {hidden}]{(bias is null ? "" : ", bias")})");
-        return new ContextInjector(embeddings, ProjectionKind.File, projection, bias, description);
+        return layers.Count > 0 ? layers : throw Bad(path, $"metadata \"{LayersKey}\" names no layer");
     }
 
     /// <summary>Writes <paramref name="proj"/> (row-major [hidden, hidden]: output index major) as an F32 safetensors file with tensor "proj".</summary>
@@ -139,13 +298,67 @@ public sealed class ContextInjector
         MoeRagInject.Model.SafeTensorsFile.Write(path, tensors);
     }
 
+    /// <summary>
+    /// Writes an MLP projector v = W_out·act(W_in·c + b_in) + b_out (row-major weights: W_in [inner, hidden], W_out
+    /// [hidden, inner]) as an F32 safetensors file with its metadata.
+    /// </summary>
+    public static void SaveMlp(string path, int hidden, int inner, float[] inWeight, float[]? inBias, float[] outWeight, float[]? outBias,
+        string activation = "silu", IReadOnlyList<int>? layers = null, float? alpha = null)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(hidden);
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(inner);
+        static void Check(float[]? values, long expected, string name)
+        {
+            if (values is not null && values.Length != expected)
+            {
+                throw new ArgumentException($"{name} has {values.Length} values; expected {expected}.", name);
+            }
+        }
+
+        ArgumentNullException.ThrowIfNull(inWeight);
+        ArgumentNullException.ThrowIfNull(outWeight);
+        Check(inWeight, (long)inner * hidden, nameof(inWeight));
+        Check(inBias, inner, nameof(inBias));
+        Check(outWeight, (long)hidden * inner, nameof(outWeight));
+        Check(outBias, hidden, nameof(outBias));
+        if (activation is not ("silu" or "relu"))
+        {
+            throw new ArgumentException($"Unsupported activation \"{activation}\" (silu or relu).", nameof(activation));
+        }
+
+        var tensors = new List<(string, int[], float[])> { (MlpInWeightName, [inner, hidden], inWeight) };
+        if (inBias is not null) tensors.Add((MlpInBiasName, [inner], inBias));
+        tensors.Add((MlpOutWeightName, [hidden, inner], outWeight));
+        if (outBias is not null) tensors.Add((MlpOutBiasName, [hidden], outBias));
+        var metadata = new Dictionary<string, string>(StringComparer.Ordinal)
+        {
+            [FormatKey] = FormatName,
+            [KindKey] = "mlp",
+            [ActivationKey] = activation,
+            [ContextKey] = EmbedMeanContext,
+        };
+        if (layers is not null) metadata[LayersKey] = string.Join(",", layers);
+        if (alpha is { } a) metadata[AlphaKey] = a.ToString("R", CultureInfo.InvariantCulture);
+        MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+    }
+
     public ProjectionKind Kind { get; }
 
     public string Description { get; }
 
     public int HiddenSize => _hidden;
 
-    /// <summary>Writes α·P·mean(embed(tokenIds)) into <paramref name="destination"/> (length hidden); returns its L2 norm.</summary>
+    /// <summary>The function of a file projector (linear for random and identity).</summary>
+    public ProjectorArchitecture Architecture => _mlp is null ? ProjectorArchitecture.Linear : ProjectorArchitecture.Mlp;
+
+    /// <summary>The layers a projector file was trained to be added after (its "layers" metadata); null when it names none.</summary>
+    public IReadOnlyList<int>? Layers { get; }
+
+    /// <summary>The α a projector file was trained with (its "alpha" metadata); null when it names none.</summary>
+    public float? Alpha { get; }
+
+    /// <summary>Writes α·f(mean(embed(tokenIds))) (f = P, or the MLP) into <paramref name="destination"/> (length hidden); returns its L2 norm.</summary>
     /// <remarks>No token ids: the zero vector and norm 0. Token ids outside the vocabulary are an <see cref="ArgumentOutOfRangeException"/>.</remarks>
     public double ComputeInjection(ReadOnlySpan<int> tokenIds, float scale, Span<float> destination)
     {
@@ -181,7 +394,11 @@ public sealed class ContextInjector
 
             TensorPrimitives.Divide(mean, (float)tokenIds.Length, mean);
 
-            if (_projection is null)
+            if (_mlp is { } mlp)
+            {
+                ApplyMlp(mlp, mean, scale, destination);
+            }
+            else if (_projection is null)
             {
                 TensorPrimitives.Multiply(mean, scale, destination);
             }
@@ -212,6 +429,31 @@ public sealed class ContextInjector
         }
 
         return Math.Sqrt(sumSquares);
+    }
+
+    private void ApplyMlp(MlpWeights mlp, ReadOnlySpan<float> c, float scale, Span<float> destination)
+    {
+        float[] rented = ArrayPool<float>.Shared.Rent(mlp.Inner);
+        try
+        {
+            var inner = rented.AsSpan(0, mlp.Inner);
+            ReadOnlySpan<float> w = mlp.In;
+            for (int row = 0; row < mlp.Inner; row++)
+            {
+                float z = TensorPrimitives.Dot(w.Slice(row * _hidden, _hidden), c) + (mlp.InBias?[row] ?? 0f);
+                inner[row] = mlp.Relu ? MathF.Max(z, 0f) : z / (1f + MathF.Exp(-z));
+            }
+
+            ReadOnlySpan<float> o = mlp.Out;
+            for (int row = 0; row < _hidden; row++)
+            {
+                destination[row] = scale * (TensorPrimitives.Dot(o.Slice(row * mlp.Inner, mlp.Inner), inner) + (mlp.OutBias?[row] ?? 0f));
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(rented);
+        }
     }
 
     private static int CheckEmbeddings(ITokenEmbeddings embeddings)

@@ -91,6 +91,12 @@ public sealed class DemoModelTests : IDisposable
                 [.. runs.Select(r => AnswerMetrics.TokenF1(r.Answer, r.Item.Answer) < 0.5)]);
             Assert.Equal(probeSignal.WrongAurocWindow, served, 3);
         }
+        // latent_trained runs a seeded MLP projector here (the trained one ships after the GPU run of tools/projector).
+        var trainedProjector = Path.Combine(_temp, "projector.safetensors");
+        var rng = new Model.SplitMix64(5);
+        float[] Values(int n, double std) => [.. Enumerable.Range(0, n).Select(_ => (float)(rng.NextGaussian() * std))];
+        Rag.ContextInjector.SaveMlp(trainedProjector, 256, 16, Values(16 * 256, 1), Values(16, 0.1), Values(256 * 16, 0.1), Values(256, 0.01),
+            layers: [0, 1, 2, 3], alpha: 1);
 
         var outPath = Path.Combine(_temp, "eval", "wordnet-small.json");
         var result = await Evaluator.RunAsync(new EvaluationOptions
@@ -101,6 +107,7 @@ public sealed class DemoModelTests : IDisposable
             Corpus = s_corpus,
             Out = outPath,
             InjectorProj = projection,
+            TrainedProj = trainedProjector,
             SweepPercentiles = [90],
         }, progress, CancellationToken.None);
 
@@ -118,7 +125,7 @@ public sealed class DemoModelTests : IDisposable
         Assert.Equal(2, result.Sweep.Count); // prompt_trigger and latent_calibrated at p90
 
         var json = JsonNode.Parse(File.ReadAllText(outPath))!;
-        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio", "trigger_budget" })
+        foreach (var key in new[] { "heldout_auroc", "latent_recovery", "latency_ratio", "trigger_budget", "trained_recovery", "trained_latency_ratio", "trained_taught_f1_delta" })
             Assert.Contains(json["goals"]![key]!["status"]!.GetValue<string>(), new[] { "MET", "NOT MET", "UNDEFINED" });
 
         // The triggered modes watch the signal calibrate found best, and say so.

@@ -72,4 +72,42 @@ public sealed class GoalsTests
         Assert.True(double.IsNaN(goals["latent_recovery"].Value));
         Assert.Equal("NOT MET", goals["latency_ratio"].Status);
     }
+    [Fact]
+    public void TrainedProjectorGoalsCarryPairedBootstrapIntervals()
+    {
+        var modes = new Dictionary<string, ModeResult>
+        {
+            ["none"] = Mode("none", ["t1", "t2"], 1.0),
+            ["prompt_always"] = Mode("prompt_always", ["t1", "t2", "h1", "h2"], 2.0),
+            ["latent_trained"] = Mode("latent_trained", ["t1", "t2", "h1"], 1.05),
+        };
+        var goals = Evaluator.Goals(modes, null).ToDictionary(g => g.Key);
+        var recovery = goals["trained_recovery"];
+        Assert.Equal(0.5, recovery.Value, 10); // (0.5 − 0) / (1 − 0) on the two held-out questions
+        Assert.Equal("MET", recovery.Status);
+        // Resampling the two held-out questions gives 0 (h2 twice), 0.5 or 1 (h1 twice): the 2.5th and 97.5th percentiles are 0 and 1.
+        Assert.Equal((0.0, 1.0), (recovery.CiLow, recovery.CiHigh));
+        Assert.Contains("the interval contains the target", recovery.Detail);
+        var latency = goals["trained_latency_ratio"];
+        Assert.Equal(0.05, latency.Value, 9);
+        Assert.Equal("MET", latency.Status);
+        Assert.All(new[] { latency.CiLow, latency.CiHigh }, v => Assert.Equal(0.05, v, 9));
+        var taught = goals["trained_taught_f1_delta"];
+        Assert.Equal(0.0, taught.Value, 10);
+        Assert.Equal("MET", taught.Status);
+        Assert.Contains("the whole interval meets the target", taught.Detail);
+
+        // Taught answers lost and a slow mode: both goals missed; without latent_trained, nothing is measured.
+        modes["latent_trained"] = Mode("latent_trained", ["h1", "h2"], 1.5);
+        goals = Evaluator.Goals(modes, null).ToDictionary(g => g.Key);
+        Assert.Equal(1.0, goals["trained_recovery"].Value, 10);
+        Assert.Equal("NOT MET", goals["trained_taught_f1_delta"].Status);
+        Assert.Equal(-1.0, goals["trained_taught_f1_delta"].Value, 10);
+        Assert.Equal("NOT MET", goals["trained_latency_ratio"].Status);
+        modes.Remove("latent_trained");
+        goals = Evaluator.Goals(modes, null).ToDictionary(g => g.Key);
+        Assert.All(new[] { "trained_recovery", "trained_latency_ratio", "trained_taught_f1_delta" },
+            key => Assert.Equal("NOT MEASURED", goals[key].Status));
+        Assert.Contains("latent_trained", goals["trained_recovery"].Detail);
+    }
 }

@@ -248,4 +248,78 @@ public sealed class PipelineTests : IDisposable
         Assert.Equal(0.8, result.Threshold);
         Assert.Contains("skipped: no projection file", File.ReadAllText(result.MarkdownPath));
     }
+    [Fact]
+    public async Task LatentTrainedRunsTheProjectorAtItsLayersAndAlphaOrIsSkipped()
+    {
+        // A seeded MLP projector for the tiny checkpoint (hidden 128), as tools/projector writes one.
+        var projector = Path.Combine(_data.Directory, "trained", "projector.safetensors");
+        System.IO.Directory.CreateDirectory(Path.GetDirectoryName(projector)!);
+        var rng = new Model.SplitMix64(3);
+        float[] Values(int n) => [.. Enumerable.Range(0, n).Select(_ => (float)(rng.NextGaussian() * 0.2))];
+        ContextInjector.SaveMlp(projector, 128, 8, Values(8 * 128), Values(8), Values(128 * 8), Values(128), layers: [1, 2], alpha: 0.5f);
+        var outPath = Path.Combine(_data.Directory, "trained", "results.json");
+        var result = await Evaluator.RunAsync(new EvaluationOptions
+        {
+            Runner = new CpuRunnerFactory(2),
+            ModelPath = TestPaths.TinyModel,
+            Qa = _data.Qa,
+            Corpus = _data.Corpus,
+            Out = outPath,
+            Modes = [EvalModes.None, EvalModes.PromptAlways, EvalModes.LatentTrained],
+            TrainedProj = projector,
+            Threshold = 0,
+            MaxNewTokens = 4,
+            Threads = 2,
+            Sweep = false,
+            Plots = false,
+        }, TextWriter.Null, CancellationToken.None);
+        var trained = result.Modes[EvalModes.LatentTrained];
+        var events = trained.Runs.SelectMany(r => r.Events).ToList();
+        Assert.Equal(6, trained.Runs.Count(r => r.Events.Count > 0));
+        Assert.All(events, e =>
+        {
+            Assert.Null(e.Error);
+            Assert.Equal([1, 2], e.InjectionLayers);
+            Assert.Equal(0.5, e.Scale, 6);
+            Assert.True(e.InjectionNorm > 0);
+        });
+        Assert.Contains("layers=[1,2] scale=0.5", trained.Settings);
+        var json = JsonNode.Parse(File.ReadAllText(outPath))!;
+        Assert.Equal(Path.GetFullPath(projector), json["config"]!["trained_proj"]!.GetValue<string>());
+        foreach (var key in new[] { "trained_recovery", "trained_latency_ratio", "trained_taught_f1_delta" })
+        {
+            var goal = json["goals"]![key]!;
+            Assert.Contains(goal["status"]!.GetValue<string>(), new[] { "MET", "NOT MET", "UNDEFINED" });
+            Assert.NotNull(goal["ci95"]);
+        }
+        Assert.Contains("| latent_trained |", File.ReadAllText(result.MarkdownPath));
+        Assert.Contains("--trained-proj", json["config"]!["command"]!.GetValue<string>());
+
+        // Without a projector in the model folder the mode is skipped, and its goals say why they were not measured.
+        var skipped = await Evaluator.RunAsync(new EvaluationOptions
+        {
+            Runner = new CpuRunnerFactory(2),
+            ModelPath = TestPaths.TinyModel,
+            Qa = _data.Qa,
+            Corpus = _data.Corpus,
+            Out = Path.Combine(_data.Directory, "trained-skip", "results.json"),
+            Modes = [EvalModes.None, EvalModes.LatentTrained],
+            Limit = 2,
+            MaxNewTokens = 4,
+            Threads = 2,
+            Sweep = false,
+            Plots = false,
+        }, TextWriter.Null, CancellationToken.None);
+        Assert.Contains("no trained projector", skipped.Skipped[EvalModes.LatentTrained]);
+        Assert.Equal("NOT MEASURED", skipped.Goals.Single(g => g.Key == "trained_recovery").Status);
+        await Assert.ThrowsAsync<FileNotFoundException>(() => Evaluator.RunAsync(new EvaluationOptions
+        {
+            Runner = new CpuRunnerFactory(2),
+            ModelPath = TestPaths.TinyModel,
+            Qa = _data.Qa,
+            Corpus = _data.Corpus,
+            Out = Path.Combine(_data.Directory, "trained-missing", "results.json"),
+            TrainedProj = Path.Combine(_data.Directory, "nowhere.safetensors"),
+        }, TextWriter.Null, CancellationToken.None));
+    }
 }

@@ -252,6 +252,178 @@ public class ContextInjectorTests
         Assert.Throws<ArgumentException>(() => ContextInjector.SaveProjection(dir.File("x"), new float[10], 3));
     }
 
+    /// <summary>The MLP projector v = α·(W_out·act(W_in·c + b_in) + b_out), computed here in doubles from the arrays written.</summary>
+    private static double[] MlpOracle(ArrayEmbeddings embeddings, int[] ids, int inner, float[] w1, float[]? b1, float[] w2, float[]? b2, string activation, double alpha)
+    {
+        int hidden = embeddings.HiddenSize;
+        var c = new double[hidden];
+        foreach (int id in ids)
+        {
+            for (int i = 0; i < hidden; i++)
+            {
+                c[i] += embeddings.Table[(id * hidden) + i] / (double)ids.Length;
+            }
+        }
+
+        var h = new double[inner];
+        for (int j = 0; j < inner; j++)
+        {
+            double z = b1?[j] ?? 0;
+            for (int i = 0; i < hidden; i++)
+            {
+                z += w1[(j * hidden) + i] * c[i];
+            }
+
+            h[j] = activation == "relu" ? Math.Max(0, z) : z / (1 + Math.Exp(-z));
+        }
+
+        var v = new double[hidden];
+        for (int i = 0; i < hidden; i++)
+        {
+            double o = b2?[i] ?? 0;
+            for (int j = 0; j < inner; j++)
+            {
+                o += w2[(i * inner) + j] * h[j];
+            }
+
+            v[i] = alpha * o;
+        }
+
+        return v;
+    }
+
+    [Theory]
+    [InlineData("silu", true)]
+    [InlineData("relu", true)]
+    [InlineData("silu", false)]
+    public void MlpProjectorFileMatchesAScalarOracle(string activation, bool biases)
+    {
+        using var dir = new TempDir();
+        const int Hidden = 12;
+        const int Inner = 20;
+        var embeddings = ArrayEmbeddings.Random(30, Hidden, 21);
+        var w1 = ArrayEmbeddings.Random(Inner, Hidden, 22).Table;
+        var b1 = biases ? ArrayEmbeddings.Random(1, Inner, 23).Table : null;
+        var w2 = ArrayEmbeddings.Random(Hidden, Inner, 24).Table;
+        var b2 = biases ? ArrayEmbeddings.Random(1, Hidden, 25).Table : null;
+        string path = dir.File("mlp.safetensors");
+        ContextInjector.SaveMlp(path, Hidden, Inner, w1, b1, w2, b2, activation, layers: [3, 1], alpha: 0.5f);
+
+        var injector = ContextInjector.LoadFromFile(embeddings, path);
+        Assert.Equal(ProjectionKind.File, injector.Kind);
+        Assert.Equal(ProjectorArchitecture.Mlp, injector.Architecture);
+        Assert.Equal([3, 1], injector.Layers);
+        Assert.Equal(0.5f, injector.Alpha);
+        Assert.Contains($"[{Hidden}→{Inner}→{Hidden}]", injector.Description, StringComparison.Ordinal);
+        Assert.Contains(activation, injector.Description, StringComparison.Ordinal);
+        var info = ContextInjector.ReadFileInfo(path);
+        Assert.Equal(ProjectorArchitecture.Mlp, info.Architecture);
+        Assert.Equal([3, 1], info.Layers);
+        Assert.Equal(0.5f, info.Alpha);
+
+        // Relu must see both signs of pre-activation for the test to mean anything.
+        foreach (var ids in new[] { new[] { 4, 9, 4, 28 }, new[] { 0 }, new[] { 29, 1, 17 } })
+        {
+            var actual = new float[Hidden];
+            double norm = injector.ComputeInjection(ids, 1.5f, actual);
+            var expected = MlpOracle(embeddings, ids, Inner, w1, b1, w2, b2, activation, 1.5);
+            for (int i = 0; i < Hidden; i++)
+            {
+                Assert.Equal(expected[i], actual[i], 1e-5);
+            }
+
+            Assert.Equal(Math.Sqrt(expected.Sum(x => x * x)), norm, 1e-4);
+        }
+    }
+
+    [Fact]
+    public void LinearFileWithMetadataNamesItsLayersAndOldFilesNone()
+    {
+        using var dir = new TempDir();
+        const int Hidden = 4;
+        var embeddings = ArrayEmbeddings.Random(6, Hidden, 2);
+        var proj = ArrayEmbeddings.Random(Hidden, Hidden, 3).Table;
+        string path = dir.File("linear.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(path, [("proj", [Hidden, Hidden], proj)], metadata: new Dictionary<string, string>
+        {
+            ["format"] = ContextInjector.FormatName,
+            ["kind"] = "linear",
+            ["context"] = "embed-mean",
+            ["layers"] = "0, 2",
+        });
+        var injector = ContextInjector.LoadFromFile(embeddings, path);
+        Assert.Equal(ProjectorArchitecture.Linear, injector.Architecture);
+        Assert.Equal([0, 2], injector.Layers);
+        Assert.Null(injector.Alpha);
+        var identity = new float[Hidden];
+        ContextInjector.CreateIdentity(embeddings).ComputeInjection([1, 5], 1f, identity);
+        var actual = new float[Hidden];
+        injector.ComputeInjection([1, 5], 1f, actual);
+        for (int row = 0; row < Hidden; row++)
+        {
+            Assert.Equal(Enumerable.Range(0, Hidden).Sum(col => (double)proj[(row * Hidden) + col] * identity[col]), actual[row], 1e-5);
+        }
+
+        string old = dir.File("old.safetensors");
+        ContextInjector.SaveProjection(old, proj, Hidden);
+        var oldInjector = ContextInjector.LoadFromFile(embeddings, old);
+        Assert.Equal(ProjectorArchitecture.Linear, oldInjector.Architecture);
+        Assert.Null(oldInjector.Layers);
+        Assert.Null(oldInjector.Alpha);
+    }
+
+    [Theory]
+    [InlineData("kind", "conv", "\"kind\"")]
+    [InlineData("activation", "gelu", "\"activation\"")]
+    [InlineData("context", "hidden:1", "embed-mean")]
+    [InlineData("format", "something-else", "\"format\"")]
+    [InlineData("layers", "1,x", "\"layers\"")]
+    [InlineData("layers", "1,1", "\"layers\"")]
+    [InlineData("layers", "", "no layer")]
+    [InlineData("alpha", "NaN", "\"alpha\"")]
+    public void MlpFilesWithMetadataThisEngineCannotHonourAreRejected(string key, string value, string mentioned)
+    {
+        using var dir = new TempDir();
+        var embeddings = ArrayEmbeddings.Random(4, 4, 1);
+        var metadata = new Dictionary<string, string> { ["kind"] = "mlp", ["activation"] = "silu", [key] = value };
+        string path = dir.File("bad.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(path, [("mlp.in.weight", [3, 4], new float[12]), ("mlp.out.weight", [4, 3], new float[12])], metadata: metadata);
+        var ex = Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, path));
+        Assert.Contains(path, ex.Message, StringComparison.Ordinal);
+        Assert.Contains(mentioned, ex.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void MlpFilesWithMissingOrMisshapenTensorsAreRejected()
+    {
+        using var dir = new TempDir();
+        var embeddings = ArrayEmbeddings.Random(4, 4, 1);
+        var kind = new Dictionary<string, string> { ["kind"] = "mlp" };
+        (string Name, int[] Shape, float[] Data)[][] cases =
+        [
+            [("mlp.in.weight", [3, 4], new float[12])],
+            [("mlp.in.weight", [3, 5], new float[15]), ("mlp.out.weight", [4, 3], new float[12])],
+            [("mlp.in.weight", [3, 4], new float[12]), ("mlp.out.weight", [4, 2], new float[8])],
+            [("mlp.in.weight", [3, 4], new float[12]), ("mlp.in.bias", [4], new float[4]), ("mlp.out.weight", [4, 3], new float[12])],
+            [("mlp.in.weight", [3, 4], new float[12]), ("mlp.out.weight", [4, 3], new float[12]), ("mlp.out.bias", [3], new float[3])],
+            [("mlp.in.weight", [3, 4], [.. Enumerable.Repeat(float.PositiveInfinity, 12)]), ("mlp.out.weight", [4, 3], new float[12])],
+        ];
+        for (int i = 0; i < cases.Length; i++)
+        {
+            string path = dir.File($"bad{i}.safetensors");
+            MoeRagInject.Model.SafeTensorsFile.Write(path, cases[i], metadata: kind);
+            var ex = Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, path));
+            Assert.Contains("mlp.", ex.Message, StringComparison.Ordinal);
+        }
+
+        // Without "kind", the MLP tensors alone make it an MLP; a file with neither is still told it lacks "proj".
+        string implicitMlp = dir.File("implicit.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(implicitMlp, [("mlp.in.weight", [3, 4], new float[12]), ("mlp.out.weight", [4, 3], new float[12])]);
+        Assert.Equal(ProjectorArchitecture.Mlp, ContextInjector.LoadFromFile(embeddings, implicitMlp).Architecture);
+        Assert.Throws<ArgumentException>(() => ContextInjector.SaveMlp(dir.File("x"), 4, 3, new float[11], null, new float[12], null));
+        Assert.Throws<ArgumentException>(() => ContextInjector.SaveMlp(dir.File("x"), 4, 3, new float[12], null, new float[12], null, "tanh"));
+    }
+
     private static void WriteRaw(string path, string header, byte[] data)
     {
         byte[] headerBytes = Encoding.UTF8.GetBytes(header);

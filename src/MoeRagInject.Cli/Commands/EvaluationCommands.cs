@@ -83,11 +83,13 @@ public static class EvalCommand
             "the embedded WordNet corpus");
         var output = CliOption.Text("--out", "results JSON; the report, plots and predictions go beside it", "FILE", "eval/eval.json");
         var limit = CliOption.OptionalInt("--limit", "questions evaluated (a seeded sample keeping the split proportions)", "N", "all", min: 1);
-        var modes = CliOption.List("--modes", "modes to run", "M1,M2", "all six", [.. EvalModes.All]);
+        var modes = CliOption.List("--modes", "modes to run", "M1,M2", "all seven", [.. EvalModes.All]);
         var threshold = CliOption.OptionalDouble("--threshold",
             "threshold of the triggered modes' signal (nats; for router-probe a probability)", "NATS", "calibration.json's, else 0.8", min: 0);
         var signal = TriggerSignalOption();
         var injectorProj = CliOption.OptionalText("--injector-proj", "projection for latent_calibrated", "FILE", "<model>/injector-proj.safetensors");
+        var trainedProj = CliOption.OptionalText("--trained-proj", "projector for latent_trained (tools/projector)", "FILE",
+            "<model>/projector.safetensors");
         var calibration = CliOption.OptionalText("--calibration", "calibration.json", "FILE", "beside the projection or in the model folder");
         var maxNewTokens = CliOption.Int("--max-new-tokens", "answer length limit", "N", 48, min: 1);
         var concurrency = CliOption.Int("--concurrency", "questions in flight; latencies are measured under this load", "N", 8, min: 1);
@@ -101,12 +103,12 @@ public static class EvalCommand
         var topK = CliOption.Int("--top-k", "passages per retrieval", "K", 3, min: 1);
         var noPlots = CliOption.Switch("--no-plots", "skip the PNG plots");
         var command = new Command("eval",
-            "Answers a QA set in each mode (none, prompt_always, prompt_trigger, latent_random, latent_identity, latent_calibrated) and "
-            + "reports answer quality (token F1, containment), retrievals and latency per question, each trigger signal's AUROCs (router "
-            + "entropy, output entropy, router probe) and F1 against retrievals as its threshold moves, every question's answers and "
-            + "signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
+            "Answers a QA set in each mode (none, prompt_always, prompt_trigger, latent_random, latent_identity, latent_calibrated, "
+            + "latent_trained) and reports answer quality (token F1, containment), retrievals and latency per question, each trigger "
+            + "signal's AUROCs (router entropy, output entropy, router probe) and F1 against retrievals as its threshold moves, every "
+            + "question's answers and signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
         {
-            modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, calibration, maxNewTokens, concurrency, threads, seed,
+            modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, trainedProj, calibration, maxNewTokens, concurrency, threads, seed,
             noSweep, sweepPercentiles, sweepLimit, latentScale, topK, noPlots,
         };
         command.SetAction(async (parse, cancellationToken) =>
@@ -125,6 +127,7 @@ public static class EvalCommand
                 Threshold = parse.GetValue(threshold),
                 Signal = parse.GetValue(signal) is { } name ? TriggerSignals.Parse(name) : null,
                 InjectorProj = parse.GetValue(injectorProj),
+                TrainedProj = parse.GetValue(trainedProj),
                 Calibration = parse.GetValue(calibration),
                 MaxNewTokens = parse.GetValue(maxNewTokens),
                 Concurrency = parse.GetValue(concurrency),

@@ -123,7 +123,8 @@ internal sealed class RagCoordinator(
             {
                 if (t.Mode == InjectionMode.Latent)
                 {
-                    layers = options.InjectionLayers ?? t.Decision.FiredLayers;
+                    // --injection-layers, else the layers a trained projector was trained for, else the layers that fired.
+                    layers = options.InjectionLayers ?? injector.Layers ?? t.Decision.FiredLayers;
                     vector = new float[hiddenSize];
                     norm = injector.ComputeInjection(tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), t.Scale, vector);
                     options.Faults?.CorruptInjection(s.Rid, vector);

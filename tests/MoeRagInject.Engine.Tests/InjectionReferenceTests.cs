@@ -1,0 +1,242 @@
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json.Nodes;
+using MoeRagInject.Backend;
+using MoeRagInject.Backend.Cpu;
+using MoeRagInject.Model;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine.Tests;
+
+/// <summary>A fact that runs once tools/projector/make_injection_reference.py's output is committed.</summary>
+public sealed class InjectionReferenceFactAttribute : FactAttribute
+{
+    public InjectionReferenceFactAttribute()
+    {
+        if (!InjectionReference.Available)
+            Skip = "the injection reference is not generated yet: run tools/projector/run-gpu.sh on the GPU machine and commit "
+                + "tests/data/reference/demo-injection (tools/projector/README.md)";
+    }
+}
+
+/// <summary>tests/data/reference/demo-injection: PyTorch's log-probabilities of the demo model with a projector's injection.</summary>
+public sealed class InjectionReference : IDisposable
+{
+    public static string Folder => Path.Combine(TestPaths.RepoRoot, "tests", "data", "reference", "demo-injection");
+
+    public static bool Available => File.Exists(Path.Combine(Folder, "reference.json")) && File.Exists(Path.Combine(Folder, "reference.safetensors"));
+
+    private readonly SafeTensorsFile _tensors = new(Path.Combine(Folder, "reference.safetensors"));
+
+    public InjectionReference()
+    {
+        var root = JsonNode.Parse(File.ReadAllText(Path.Combine(Folder, "reference.json")))!;
+        Cases = [.. root["cases"]!.AsArray().Select(c => new InjectionCase(
+            c!["name"]!.GetValue<string>(),
+            c["projector"]?.GetValue<string>(),
+            Ints(c["layers"]!),
+            c["alpha"]!.GetValue<float>(),
+            c["question"]!.GetValue<string>(),
+            Ints(c["prompt_ids"]!),
+            [.. c["passages"]!.AsArray().Select(p => p!.GetValue<string>())],
+            c["passage_text"]!.GetValue<string>(),
+            Ints(c["passage_ids"]!),
+            c["answer_index"]!.GetValue<int>(),
+            c["start_position"]!.GetValue<int>(),
+            Ints(c["generated_ids"]!),
+            Ints(c["full_ids"]!)))];
+    }
+
+    private static int[] Ints(JsonNode node) => [.. node.AsArray().Select(x => x!.GetValue<int>())];
+
+    public IReadOnlyList<InjectionCase> Cases { get; }
+
+    public float[] Tensor(string name, int index) => _tensors.Tensors[$"{name}.{index}"].ToFloatArray();
+
+    public void Dispose() => _tensors.Dispose();
+}
+
+public sealed record InjectionCase(string Name, string? Projector, int[] Layers, float Alpha, string Question, int[] PromptIds,
+    string[] Passages, string PassageText, int[] PassageIds, int AnswerIndex, int StartPosition, int[] GeneratedIds, int[] FullIds);
+
+/// <summary>
+/// The engine's latent injection equals the PyTorch forward that tools/projector trains through (issue 9): the same
+/// checkpoint, projector files and passages give the same log-probabilities within 1e-4 at every position, and the engine's
+/// own generation, its trigger firing at the first answer token, gives PyTorch's tokens.
+/// </summary>
+public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper output)
+{
+    private static LoadedModel Load() => LoadedModel.Load(TestPaths.DemoModel, "auto", new CpuRunnerFactory(2),
+        c => new RunnerOptions { MaxSequences = 1, MaxRows = 256, ContextLength = 256, KvCacheTokens = 256 });
+
+    [InjectionReferenceFact]
+    public void LogprobsWithTheInjectionMatchPyTorchWithin1e4()
+    {
+        using var reference = new InjectionReference();
+        using var loaded = Load();
+        var runner = loaded.Runner;
+        var config = loaded.Config;
+        runner.Bind(0);
+        var logprobs = new List<double[][]>();
+        for (var i = 0; i < reference.Cases.Count; i++)
+        {
+            var c = reference.Cases[i];
+            // The engine's tokenizer gives PyTorch's token ids for the prompt and for the joined passages.
+            Assert.Equal(c.PromptIds, loaded.Tokenizer.Encode(c.Question));
+            Assert.Equal(c.PassageText, string.Join("\n", c.Passages));
+            Assert.Equal(c.PassageIds, loaded.Tokenizer.Encode(c.PassageText, addSpecialTokens: false));
+            Assert.Equal(c.FullIds, c.PromptIds.Concat(c.GeneratedIds));
+
+            var expectedVector = reference.Tensor("vector", i);
+            if (c.Projector is { } file)
+            {
+                var injector = ContextInjector.LoadFromFile(loaded.Embeddings, Path.Combine(InjectionReference.Folder, file));
+                Assert.Equal(c.Layers, injector.Layers);
+                Assert.Equal(c.Alpha, injector.Alpha);
+                var vector = new float[config.HiddenSize];
+                injector.ComputeInjection(c.PassageIds, c.Alpha, vector);
+                var scale = Math.Max(1.0, expectedVector.Max(v => Math.Abs(v)));
+                for (var h = 0; h < vector.Length; h++)
+                    Assert.True(Math.Abs(vector[h] - expectedVector[h]) <= 1e-5 * scale, $"{c.Name}: v[{h}] = {vector[h]} vs {expectedVector[h]}");
+                runner.SetInjection(0, vector, c.Layers, c.StartPosition, int.MaxValue);
+            }
+            else
+            {
+                Assert.All(expectedVector, v => Assert.Equal(0f, v));
+                runner.ClearInjection(0);
+            }
+
+            var forward = runner.Forward(c.FullIds);
+            var theirs = reference.Tensor("logprobs", i);
+            var vocab = config.VocabSize;
+            var rows = new double[c.FullIds.Length][];
+            double worst = 0;
+            for (var row = 0; row < c.FullIds.Length; row++)
+            {
+                rows[row] = Sampler.LogSoftmax(forward.LogitRow(row));
+                for (var v = 0; v < vocab; v++) worst = Math.Max(worst, Math.Abs(rows[row][v] - theirs[row * vocab + v]));
+            }
+            output.WriteLine($"{c.Name}: max |Δ logprob| = {worst:E3} over {c.FullIds.Length} positions × {vocab}");
+            Assert.True(worst < 1e-4, $"{c.Name}: max |Δ logprob| = {worst:E3}");
+            // Greedy: each generated token is the engine's argmax with the injection too (the last case reuses the first's tokens).
+            for (var k = 0; k < (c.Projector is null ? 0 : c.GeneratedIds.Length); k++)
+                Assert.Equal(c.GeneratedIds[k], Array.IndexOf(rows[c.PromptIds.Length - 1 + k], rows[c.PromptIds.Length - 1 + k].Max()));
+            logprobs.Add(rows);
+        }
+
+        // The reference is sensitive: the same tokens without injection (the last case) differ from the first case from its
+        // start position on, and not before it.
+        var injected = logprobs[0];
+        var plain = logprobs[^1];
+        Assert.Equal(reference.Cases[0].FullIds, reference.Cases[^1].FullIds);
+        var start = reference.Cases[0].StartPosition;
+        for (var row = 0; row < start; row++) Assert.Equal(plain[row], injected[row]);
+        Assert.True(Enumerable.Range(start, injected.Length - start).Max(r => injected[r].Zip(plain[r], (a, b) => Math.Abs(a - b)).Max()) > 0.5);
+    }
+
+    [InjectionReferenceFact]
+    public async Task TheEngineGeneratesPyTorchsTokensWhenItsTriggerFiresAtTheFirstAnswerToken()
+    {
+        using var reference = new InjectionReference();
+        var c = reference.Cases.First(x => x.Projector is not null && x.AnswerIndex == 0);
+        using var retriever = new FixedPassagesServer(c.Passages);
+        var temp = Directory.CreateTempSubdirectory("moe-rag-injection-").FullName;
+        try
+        {
+            await using var engine = InferenceEngine.Create(new EngineOptions
+            {
+                ModelPath = TestPaths.DemoModel,
+                Runner = new CpuRunnerFactory(2),
+                Retriever = retriever.Url,
+                RetrievalTopK = c.Passages.Length,
+                // Router entropy is above 0 everywhere: the trigger fires at the first answer token, once.
+                Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+                Mode = InjectionMode.Latent,
+                Projection = ProjectionKind.File,
+                ProjectionPath = Path.Combine(InjectionReference.Folder, c.Projector!),
+                InjectionScale = c.Alpha,
+                LogDir = temp,
+                Notices = TextWriter.Null,
+                KvCacheTokens = 512,
+                MaxRunningRequests = 2,
+            });
+            var request = new GenerationRequest
+            {
+                PromptIds = c.PromptIds,
+                Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = c.GeneratedIds.Length, IgnoreEos = true },
+            };
+            var tokens = new List<int>();
+            var events = new List<RagEvent>();
+            await foreach (var update in engine.GenerateAsync(request))
+            {
+                tokens.AddRange(update.NewTokenIds);
+                events.AddRange(update.NewEvents);
+            }
+            var e = Assert.Single(events);
+            Assert.Null(e.Error);
+            Assert.Equal(0, e.TokenIndex);
+            Assert.Equal(c.StartPosition, e.Position);
+            Assert.Equal(c.Layers, e.InjectionLayers);
+            Assert.Equal(c.Passages, e.Snippets);
+            var expectedNorm = Math.Sqrt(reference.Tensor("vector", reference.Cases.ToList().IndexOf(c)).Sum(v => (double)v * v));
+            Assert.Equal(expectedNorm, e.InjectionNorm, 3);
+            Assert.Equal(c.GeneratedIds, tokens);
+        }
+        finally
+        {
+            Directory.Delete(temp, recursive: true);
+        }
+    }
+
+    /// <summary>An HTTP retriever on loopback that answers every query with the same passages, in order.</summary>
+    private sealed class FixedPassagesServer : IDisposable
+    {
+        private readonly HttpListener _listener = new();
+        private readonly CancellationTokenSource _stop = new();
+
+        public FixedPassagesServer(IReadOnlyList<string> passages)
+        {
+            int port;
+            using (var probe = new TcpListener(IPAddress.Loopback, 0))
+            {
+                probe.Start();
+                port = ((IPEndPoint)probe.LocalEndpoint).Port;
+            }
+            Url = $"http://127.0.0.1:{port}/search";
+            _listener.Prefixes.Add($"http://127.0.0.1:{port}/");
+            _listener.Start();
+            var body = Encoding.UTF8.GetBytes(new JsonObject
+            {
+                ["passages"] = new JsonArray([.. passages.Select((p, i) => (JsonNode?)new JsonObject { ["id"] = $"p{i}", ["text"] = p })]),
+            }.ToJsonString());
+            _ = Task.Run(async () =>
+            {
+                while (!_stop.IsCancellationRequested)
+                {
+                    HttpListenerContext context;
+                    try
+                    {
+                        context = await _listener.GetContextAsync();
+                    }
+                    catch (Exception)
+                    {
+                        return;
+                    }
+                    context.Response.ContentType = "application/json";
+                    await context.Response.OutputStream.WriteAsync(body);
+                    context.Response.Close();
+                }
+            });
+        }
+
+        public string Url { get; }
+
+        public void Dispose()
+        {
+            _stop.Cancel();
+            _listener.Close();
+            _stop.Dispose();
+        }
+    }
+}

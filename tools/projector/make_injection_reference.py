@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Reference log-probabilities of the demo model with a projector's latent injection, computed by PyTorch in float32.
+
+The C# test InjectionReferenceTests runs the engine (CPU backend, float32) on the same checkpoint, projector files and
+passages and requires every log-probability within 1e-4 of these, and the engine's own generation (trigger at the first
+answer token, the passages from a retriever) to give the tokens generated here: so what train_projector.py trains is
+what the engine runs. The forward is projector_lib's, which train_projector.py also checks against transformers.
+
+The projectors are small and seeded, written by this script (not the trained one, which changes when it is retrained):
+    projector-mlp.safetensors     mlp 256 -> 32 -> 256, silu, layers 0,1,2,3, alpha 1
+    projector-linear.safetensors  linear proj + bias, layers 1,3, alpha 0.5
+Cases (reference.json "cases"; tensors logprobs.<i> [T, V], vector.<i> [hidden], c.<i> [hidden]):
+    0 mlp, a held-out term's question, its passage and two taught ones, trigger at answer token 0
+    1 linear, a taught term's question, two passages, trigger at answer token 2 (the first two tokens un-injected), alpha 0.5
+    2 the tokens of case 0 without any injection (so the test sees what the injection changed)
+Each case's tokens are the prompt plus 12 greedy tokens generated with the injection as the engine applies it.
+
+Output under --out in the repository's layout: tests/data/reference/demo-injection/{projector-mlp.safetensors,
+projector-linear.safetensors, reference.json, reference.safetensors}. Runs on the CPU in about a minute.
+    python3 tools/projector/make_injection_reference.py --out "$OUT"
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+import projector_lib as pl  # noqa: E402
+
+REL = os.path.join("tests", "data", "reference", "demo-injection")
+NEW_TOKENS = 12
+MIN_GAP = 0.05
+
+
+def log(*parts):
+    print(" ".join(str(p) for p in parts), flush=True)
+
+
+def gauss(rng, n, std):
+    return [rng.gauss(0.0, std) for _ in range(n)]
+
+
+def seeded_projectors(out_dir, hidden, c_scale):
+    """Two seeded projectors whose output norm is a few units (the residual stream's scale), written as files."""
+    rng = random.Random(20261130)
+    inner = 32
+    # Pre-activations about N(0, 1) for c of the embedding table's scale.
+    mlp = {
+        "mlp.in.weight": ([inner, hidden], gauss(rng, inner * hidden, 1.0 / (c_scale * math.sqrt(hidden)))),
+        "mlp.in.bias": ([inner], gauss(rng, inner, 0.1)),
+        "mlp.out.weight": ([hidden, inner], gauss(rng, hidden * inner, 1.5 / math.sqrt(inner))),
+        "mlp.out.bias": ([hidden], gauss(rng, hidden, 0.05)),
+    }
+    linear = {
+        "proj": ([hidden, hidden], gauss(rng, hidden * hidden, 18.0 / (c_scale * math.sqrt(hidden) * math.sqrt(hidden)))),
+        "bias": ([hidden], gauss(rng, hidden, 0.1)),
+    }
+    files = {
+        "mlp": ("projector-mlp.safetensors", mlp, pl.projector_metadata("mlp", [0, 1, 2, 3], 1.0, "silu",
+                                                                      {"trained_by": "make_injection_reference.py (seeded)"})),
+        "linear": ("projector-linear.safetensors", linear, pl.projector_metadata("linear", [1, 3], 0.5, None,
+                                                                               {"trained_by": "make_injection_reference.py (seeded)"})),
+    }
+    for name, (fn, tensors, meta) in files.items():
+        pl.write_safetensors(os.path.join(out_dir, fn), tensors, meta)
+    return {name: fn for name, (fn, _, _) in files.items()}
+
+
+def project(tensors, c):
+    """ContextInjector's f(c) in float32 from the file's tensors."""
+    import torch
+    if "proj" in tensors:
+        return tensors["proj"] @ c + tensors.get("bias", torch.zeros_like(c))
+    h = torch.nn.functional.silu(tensors["mlp.in.weight"] @ c + tensors["mlp.in.bias"])
+    return tensors["mlp.out.weight"] @ h + tensors["mlp.out.bias"]
+
+
+def run_case(model, tok, spec, out_dir):
+    import torch
+    prompt = tok.encode(spec["question"])
+    passage_text = "\n".join(spec["passages"])
+    passage_ids = tok.encode(passage_text, False)
+    with torch.no_grad():
+        c = model.embed[torch.tensor(passage_ids)].mean(0)
+    v = torch.zeros_like(c)
+    if spec["projector"]:
+        tensors = pl.load_tensors(os.path.join(out_dir, spec["projector"]))
+        _, meta, _ = pl.read_safetensors_header(os.path.join(out_dir, spec["projector"]))
+        assert [int(x) for x in meta["layers"].split(",")] == spec["layers"] and float(meta["alpha"]) == spec["alpha"]
+        with torch.no_grad():
+            v = spec["alpha"] * project(tensors, c)
+    j = spec["answer_index"]
+    start = len(prompt) - 1 + j
+    inject = (v[None], spec["layers"]) if spec["projector"] else None
+    generated = spec.get("generated") or pl.greedy(model, [prompt], NEW_TOKENS, inject=inject, start_offsets=[j],
+                                                   stop_ids=(), exact=True)[0]
+    full = prompt + generated
+    with torch.no_grad():
+        ids = torch.tensor([full])
+        injection = (v[None], torch.tensor([start]), spec["layers"]) if spec["projector"] else None
+        logprobs = torch.log_softmax(model.logits(model(ids, inject=injection, exact=True))[0], -1)
+    steps = logprobs[len(prompt) - 1:len(full) - 1]
+    top2 = steps.topk(2, -1).values
+    gap = float((top2[:, 0] - top2[:, 1]).min())
+    argmax_ok = steps.argmax(-1).tolist() == generated
+    return {"prompt": prompt, "passage_ids": passage_ids, "passage_text": passage_text, "c": c, "v": v, "start": start,
+            "generated": generated, "full": full, "logprobs": logprobs, "min_gap": gap, "argmax_ok": argmax_ok}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="injection-reference-out")
+    ap.add_argument("--model", default=os.path.join(ROOT, "assets", "models", "moe-wordnet-demo"))
+    ap.add_argument("--corpus", default=os.path.join(ROOT, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"))
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    t0 = time.time()
+    out_dir = os.path.join(os.path.abspath(args.out), REL)
+    os.makedirs(out_dir, exist_ok=True)
+    model = pl.load_model(args.model, "cpu")
+    tok = pl.Tokenizer(os.path.join(args.model, "tokenizer.json"))
+    log(f"torch {torch.__version__}; tokenizer: {tok.backend}")
+    with gzip.open(args.corpus, "rt", encoding="utf-8") as f:
+        corpus = [json.loads(line) for line in f if line.strip()]
+    heldout = sorted((r for r in corpus if r["split"] == "heldout"), key=lambda r: r["term"])
+    taught = sorted((r for r in corpus if r["split"] == "taught" and not r.get("reading_only")), key=lambda r: r["term"])
+    c_scale = float(model.embed.detach().std())
+    files = seeded_projectors(out_dir, model.hidden, c_scale)
+
+    def first_with_gap(candidates, make):
+        """The first candidate whose greedy tokens have a top-2 margin of at least MIN_GAP at every step."""
+        for r in candidates:
+            spec = make(r)
+            result = run_case(model, tok, spec, out_dir)
+            if result["min_gap"] >= MIN_GAP and result["argmax_ok"]:
+                return spec, result
+            log(f"  skipped {r['term']}: min top-2 gap {result['min_gap']:.4f}")
+        raise SystemExit("no candidate with clear greedy margins")
+
+    rng = random.Random(5)
+    specs, results = [], []
+    spec, result = first_with_gap(heldout[:40], lambda r: {
+        "name": "mlp-heldout-j0", "projector": files["mlp"], "layers": [0, 1, 2, 3], "alpha": 1.0, "answer_index": 0,
+        "question": f"What is {r['term']}?",
+        "passages": [r["text"]] + [d["text"] for d in random.Random(r["term"]).sample(taught, 2)]})
+    specs.append(spec)
+    results.append(result)
+    spec, result = first_with_gap(rng.sample(taught, 40), lambda r: {
+        "name": "linear-taught-j2", "projector": files["linear"], "layers": [1, 3], "alpha": 0.5, "answer_index": 2,
+        "question": f"What is {r['term']}?",
+        "passages": [r["text"], random.Random(r["term"]).choice(taught)["text"]]})
+    specs.append(spec)
+    results.append(result)
+    plain = dict(specs[0], name="plain", projector=None, layers=[], alpha=0.0, generated=results[0]["generated"])
+    specs.append(plain)
+    results.append(run_case(model, tok, plain, out_dir))
+
+    tensors = {}
+    cases = []
+    for i, (spec, r) in enumerate(zip(specs, results)):
+        tensors[f"logprobs.{i}"] = r["logprobs"].contiguous()
+        tensors[f"vector.{i}"] = r["v"].contiguous()
+        tensors[f"c.{i}"] = r["c"].contiguous()
+        cases.append({"name": spec["name"], "projector": spec["projector"], "layers": spec["layers"], "alpha": spec["alpha"],
+                      "question": spec["question"], "prompt_ids": r["prompt"], "passages": spec["passages"],
+                      "passage_text": r["passage_text"], "passage_ids": r["passage_ids"], "answer_index": spec["answer_index"],
+                      "start_position": r["start"], "generated_ids": r["generated"], "generated_text": tok.decode(r["generated"]),
+                      "full_ids": r["full"], "min_top2_gap": round(r["min_gap"], 6),
+                      "injection_norm": round(float(r["v"].norm()), 6)})
+        log(f"case {i} {spec['name']}: {spec['question']!r} start {r['start']} |v| {float(r['v'].norm()):.3f} "
+            f"-> {tok.decode(r['generated'])!r} (min gap {r['min_gap']:.3f})")
+    changed = float((results[0]["logprobs"] - results[2]["logprobs"]).abs().max())
+    before = float((results[0]["logprobs"][:results[0]["start"]] - results[2]["logprobs"][:results[0]["start"]]).abs().max())
+    log(f"case 0 against no injection: max |d logprob| {changed:.3f} from the start position on, {before:.2e} before it")
+    if not changed > 0.5 or before > 1e-5:
+        raise SystemExit("the seeded projector's injection is too weak to test, or it changed positions before its start")
+    pl.write_safetensors(os.path.join(out_dir, "reference.safetensors"), tensors, {"format": "pt"})
+    reference = {
+        "model": "assets/models/moe-wordnet-demo",
+        "note": ("log_softmax of the logits at every position of full_ids, float32 on the CPU from the checkpoint's bf16 "
+                 "weights upcast (tools/projector/projector_lib.py forward); the injection vector alpha * f(c) is added "
+                 "to the residual stream after each layer in `layers` at every position >= start_position; "
+                 "c = mean of the embedding rows of passage_ids = tokenize(passage_text) without <s>"),
+        "new_tokens": NEW_TOKENS,
+        "cases": cases,
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "torch_version": torch.__version__,
+        "tokenizer": tok.backend,
+    }
+    with open(os.path.join(out_dir, "reference.json"), "w", encoding="utf-8") as f:
+        json.dump(reference, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    sizes = {fn: os.path.getsize(os.path.join(out_dir, fn)) for fn in sorted(os.listdir(out_dir))}
+    log(f"wrote {out_dir}: {sizes} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

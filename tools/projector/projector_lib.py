@@ -1,0 +1,657 @@
+"""What train_projector.py and make_injection_reference.py share: the engine's latent injection, rebuilt in Python.
+
+Everything here follows a piece of the C# engine, named beside it, so that what is trained is what runs:
+    safetensors I/O        MoeRagInject.Model/SafeTensors.cs (no safetensors package needed)
+    projector files        MoeRagInject.Rag/ContextInjector.cs (kinds linear and mlp, the __metadata__ keys)
+    tokenizer              the `tokenizers` package when installed; else a pure-Python encoder/decoder for the demo's
+                           Mistral-legacy layout (byte-fallback BPE), for machines without it
+    retrieval              MoeRagInject.Rag/SqliteFtsRetriever.cs + FtsQuery.cs + CorpusIndex.cs (SQLite FTS5, BM25 with
+                           the title weighted 2, the query's words OR-ed, English stop words dropped)
+    c                      ContextInjector.ComputeInjection: mean of the embedding rows of tokenize("\\n".join(passages))
+    forward + injection    MoeRagInject.Backend/MixtralModel.cs: v is added to the MoE output of each injection layer
+                           (so to the residual stream after that layer) at every position >= start, scaled by alpha
+    answer metric          MoeRagInject.Evaluation/Metrics.cs (SQuAD token F1)
+
+torch is imported only inside the functions that need it, so that --dry-run and the format fixture run without it.
+"""
+
+import array
+import json
+import os
+import re
+import sqlite3
+import struct
+import sys
+import unicodedata
+
+SPIECE = "\u2581"
+BOS, EOS = 1, 2
+
+# ----------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def read_safetensors_header(path):
+    """-> (header without __metadata__, metadata dict, data offset in the file)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n).decode("utf-8"))
+    metadata = header.pop("__metadata__", {}) or {}
+    return header, metadata, 8 + n
+
+
+def load_tensors(path, names=None):
+    """Tensors of one safetensors file as float32 torch tensors (on the CPU)."""
+    import torch
+    header, _, start = read_safetensors_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if names is not None and name not in names:
+                continue
+            b, e = info["data_offsets"]
+            f.seek(start + b)
+            raw = bytearray(f.read(e - b))
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info["dtype"]]
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(info["shape"]).float().clone()
+    return out
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes F32 tensors. `tensors`: name -> (shape, flat sequence of floats) or a torch tensor. Data is 8-byte aligned
+    as in SafeTensorsFile.Write; names are written in the given order."""
+    items = []
+    for name, value in tensors.items():
+        if hasattr(value, "detach"):
+            shape = list(value.shape)
+            flat = value.detach().to("cpu").float().contiguous().reshape(-1).tolist()
+        else:
+            shape, flat = value
+            shape = list(shape)
+        count = 1
+        for d in shape:
+            count *= d
+        if count != len(flat):
+            raise ValueError(f"{name}: shape {shape} holds {count} values, got {len(flat)}")
+        data = array.array("f", flat)
+        if sys.byteorder != "little":
+            data.byteswap()
+        items.append((name, shape, data.tobytes()))
+    header = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, shape, blob in items:
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":"))
+    text += " " * ((8 - (len(text.encode("utf-8")) + 8) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text.encode("utf-8"))))
+        f.write(text.encode("utf-8"))
+        for _, _, blob in items:
+            f.write(blob)
+
+
+# ----------------------------------------------------------------------------
+# Projector files (ContextInjector's format)
+# ----------------------------------------------------------------------------
+
+FORMAT_NAME = "moe-rag-inject.projector"
+
+
+def projector_metadata(kind, layers, alpha, activation=None, extra=None):
+    meta = {"format": FORMAT_NAME, "kind": kind, "context": "embed-mean",
+            "layers": ",".join(str(x) for x in layers), "alpha": repr(float(alpha))}
+    if activation:
+        meta["activation"] = activation
+    if extra:
+        meta.update({k: str(v) for k, v in extra.items()})
+    return meta
+
+
+def silu(z):
+    import math
+    return z / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def apply_projector_python(weights, kind, c, activation="silu"):
+    """Pure-Python double-precision projector (the oracle of the format fixture). weights: name -> (shape, flat list)."""
+    def matvec(name, x):
+        (rows, cols), w = weights[name]
+        return [sum(w[r * cols + k] * x[k] for k in range(cols)) for r in range(rows)]
+
+    def add(name, y):
+        return [a + b for a, b in zip(y, weights[name][1])] if name in weights else y
+
+    if kind == "linear":
+        return add("bias", matvec("proj", c))
+    h = add("mlp.in.bias", matvec("mlp.in.weight", c))
+    h = [max(z, 0.0) for z in h] if activation == "relu" else [silu(z) for z in h]
+    return add("mlp.out.bias", matvec("mlp.out.weight", h))
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------
+
+class LegacyBpeTokenizer:
+    """The demo tokenizer's layout (Mistral legacy: normalizer Prepend "▁" + Replace " " -> "▁", no pre-tokenizer, BPE
+    with byte fallback, "<s>" prepended; decoder Replace, ByteFallback, Fuse, Strip one leading space), without the
+    `tokenizers` package. Texts holding an added token's literal text are refused."""
+
+    def __init__(self, path):
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        norm = spec.get("normalizer") or {}
+        steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        ok = (len(steps) == 2 and steps[0].get("type") == "Prepend" and steps[0].get("prepend") == SPIECE
+              and steps[1].get("type") == "Replace" and steps[1].get("pattern", {}).get("String") == " "
+              and steps[1].get("content") == SPIECE and spec.get("pre_tokenizer") is None)
+        model = spec["model"]
+        if not ok or model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+                or model.get("end_of_word_suffix") or model.get("dropout"):
+            raise ValueError(f"{path}: not the Mistral-legacy byte-fallback BPE layout; install the tokenizers package")
+        self.vocab = model["vocab"]
+        self.inverse = {i: t for t, i in self.vocab.items()}
+        self.ranks = {}
+        for r, m in enumerate(model["merges"]):
+            a, b = m.split(" ") if isinstance(m, str) else m
+            self.ranks[(a, b)] = r
+        self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self.special_ids = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        self.unk = self.vocab.get(model.get("unk_token") or "<unk>", 0)
+        self.cache = {}
+
+    def _bpe(self, word):
+        symbols = []
+        for ch in word:
+            if ch in self.vocab:
+                symbols.append(ch)
+            else:
+                pieces = [f"<0x{b:02X}>" for b in ch.encode("utf-8")]
+                symbols.extend(pieces if all(p in self.vocab for p in pieces) else ["<unk>"])
+        while len(symbols) > 1:
+            best, best_rank = -1, None
+            for i in range(len(symbols) - 1):
+                r = self.ranks.get((symbols[i], symbols[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+        return [self.vocab.get(s, self.unk) for s in symbols]
+
+    def encode(self, text, add_special_tokens=True):
+        for content in self.added:
+            if content in text:
+                raise ValueError(f"text holds the added token {content!r}; the pure-Python tokenizer does not split them")
+        ids = self.cache.get(text)
+        if ids is None:
+            ids = self._bpe(SPIECE + text.replace(" ", SPIECE)) if text else []
+            if len(self.cache) < 200000:
+                self.cache[text] = ids
+        return ([BOS] if add_special_tokens else []) + list(ids)
+
+    def decode(self, ids, skip_special_tokens=True):
+        out, pending = [], bytearray()
+
+        def flush():
+            if pending:
+                try:
+                    out.append(pending.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(pending))
+                pending.clear()
+        for i in ids:
+            if skip_special_tokens and i in self.special_ids:
+                continue
+            t = self.inverse.get(i, "")
+            m = re.fullmatch(r"<0x([0-9A-F]{2})>", t)
+            if m:
+                pending.append(int(m.group(1), 16))
+                continue
+            flush()
+            out.append(t.replace(SPIECE, " "))
+        flush()
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+
+class Tokenizer:
+    """encode(text, add_special_tokens) -> ids, encode_many(texts) -> [ids] (no special tokens), decode(ids) -> text."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer as HfTokenizer
+            self.hf = HfTokenizer.from_file(path)
+            self.backend = "tokenizers"
+            self.py = None
+        except ImportError:
+            self.hf = None
+            self.py = LegacyBpeTokenizer(path)
+            self.backend = "pure-python legacy BPE (tokenizers is not installed)"
+
+    def encode(self, text, add_special_tokens=True):
+        if self.hf is not None:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self.py.encode(text, add_special_tokens)
+
+    def encode_many(self, texts):
+        if self.hf is not None:
+            return [list(e.ids) for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.py.encode(t, False) for t in texts]
+
+    def decode(self, ids):
+        if self.hf is not None:
+            return self.hf.decode(list(ids), skip_special_tokens=True)
+        return self.py.decode(ids, True)
+
+
+# ----------------------------------------------------------------------------
+# Retrieval: the engine's SQLite FTS5 index and query
+# ----------------------------------------------------------------------------
+
+STOP_WORDS = {
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "do", "does", "for", "from", "had", "has", "have",
+    "how", "i", "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what",
+    "when", "where", "which", "who", "why", "will", "with",
+}
+MAX_TERMS = 64
+_WORD_CATEGORIES = {"Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No", "Mn", "Mc", "Me"}
+_MARKS = {"Mn", "Mc", "Me"}
+
+
+def fts_terms(text):
+    """FtsQuery.Terms: runs of letters, digits and marks, lower-cased, de-duplicated, in order."""
+    terms, seen, word, alnum = [], set(), [], False
+    for ch in (text or "") + " ":
+        cat = unicodedata.category(ch)
+        if cat in _WORD_CATEGORIES:
+            word.append(ch)
+            alnum |= cat not in _MARKS
+            continue
+        if word and alnum:
+            t = "".join(word).lower()
+            if t not in seen:
+                seen.add(t)
+                terms.append(t)
+        word, alnum = [], False
+    return terms
+
+
+def fts_match(text):
+    """FtsQuery.Build: every term quoted, OR-ed; stop words dropped unless nothing else is left; None when no term."""
+    terms = fts_terms(text)
+    if not terms:
+        return None
+    content = [t for t in terms if t not in STOP_WORDS]
+    if content:
+        terms = content
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms[:MAX_TERMS])
+
+
+SEARCH_SQL = """
+SELECT p.id, p.text, bm25(passages_fts, 2.0, 1.0) AS score
+FROM passages_fts JOIN passages AS p ON p.rowid = passages_fts.rowid
+WHERE passages_fts MATCH ?
+ORDER BY score
+LIMIT ?
+"""
+
+
+def build_index(path, passages):
+    """CorpusIndex.Build's schema; `passages`: iterable of (id, title, text) in corpus order."""
+    if os.path.exists(path):
+        os.remove(path)
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE passages(rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, title TEXT, text TEXT NOT NULL, source TEXT);
+        CREATE VIRTUAL TABLE passages_fts USING fts5(
+            title, text, content='passages', content_rowid='rowid', tokenize='unicode61 remove_diacritics 2');
+    """)
+    with con:
+        for pid, title, text in passages:
+            text = text.strip()  # CorpusIndex.ReadJsonl trims
+            cur = con.execute("INSERT INTO passages(id, title, text, source) VALUES (?, ?, ?, 'train')", (pid, title, text))
+            con.execute("INSERT INTO passages_fts(rowid, title, text) VALUES (?, ?, ?)", (cur.lastrowid, title, text))
+        con.execute("INSERT INTO passages_fts(passages_fts) VALUES ('optimize')")
+    con.close()
+
+
+class Searcher:
+    def __init__(self, path):
+        self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def search(self, query, k):
+        """-> [(id, text)] best first, as SqliteFtsRetriever.RetrieveAsync returns them."""
+        match = fts_match(query)
+        if match is None or k <= 0:
+            return []
+        return [(r[0], r[1]) for r in self.con.execute(SEARCH_SQL, (match, k))]
+
+
+def search_many(index_path, queries, k, workers):
+    """Passage ids for each query, in threads that each hold a read-only connection (sqlite3 releases the GIL while a
+    statement runs; threads also stay clear of forking a process that already holds a CUDA context)."""
+    if workers <= 1 or len(queries) < 2000:
+        s = Searcher(index_path)
+        return [[pid for pid, _ in s.search(q, k)] for q in queries]
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    local = threading.local()
+
+    def one(query):
+        if not hasattr(local, "searcher"):
+            local.searcher = Searcher(index_path)
+        return [pid for pid, _ in local.searcher.search(query, k)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, queries, chunksize=256))
+
+
+def context_string(passages):
+    """The prompt-mode context (RagCoordinator.RebuildContext)."""
+    return "Context:\n" + "\n".join(passages) + "\n\n"
+
+
+# ----------------------------------------------------------------------------
+# Answer metric (AnswerMetrics)
+# ----------------------------------------------------------------------------
+
+def normalize_answer(text):
+    out = []
+    for ch in (text or "").lower():
+        if unicodedata.category(ch)[0] in "PS":
+            continue
+        out.append(" " if ch.isspace() else ch)
+    return " ".join(w for w in "".join(out).split(" ") if w and w not in ("a", "an", "the"))
+
+
+def token_f1(prediction, gold):
+    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not p or not g:
+        return 1.0 if len(p) == len(g) else 0.0
+    counts = {}
+    for t in g:
+        counts[t] = counts.get(t, 0) + 1
+    common = 0
+    for t in p:
+        if counts.get(t, 0) > 0:
+            common += 1
+            counts[t] -= 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_line(text):
+    return text.split("\n", 1)[0].strip()
+
+
+# ----------------------------------------------------------------------------
+# The model: a Mixtral forward with the engine's injection
+# ----------------------------------------------------------------------------
+
+def shard_files(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def load_model(model_dir, device="cpu"):
+    """The checkpoint's weights upcast to float32 (as the engine's CPU backend holds them), frozen."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    weights = {}
+    for fn in shard_files(model_dir):
+        weights.update(load_tensors(os.path.join(model_dir, fn)))
+    return mixtral_class()(config, weights).to(device).eval().requires_grad_(False)
+
+
+_MIXTRAL = None
+
+
+def mixtral_class():
+    """The torch module class, defined on first use so that importing this file needs no torch."""
+    global _MIXTRAL
+    if _MIXTRAL is None:
+        _MIXTRAL = _define_mixtral()
+    return _MIXTRAL
+
+
+def _define_mixtral():
+    import math
+    import torch
+    import torch.nn.functional as F
+
+    class MixtralImpl(torch.nn.Module):
+        """Mixtral as MixtralModel.Layers runs it. Experts are computed densely for every token and weighted by the
+        renormalised top-k router probabilities (zero for the others): the same sum as a sparse dispatch."""
+
+        def __init__(self, config, w):
+            super().__init__()
+            self.config = config
+            self.hidden = config["hidden_size"]
+            self.n_layers = config["num_hidden_layers"]
+            self.n_heads = config["num_attention_heads"]
+            self.n_kv = config["num_key_value_heads"]
+            self.head_dim = config.get("head_dim") or self.hidden // self.n_heads
+            self.n_experts = config["num_local_experts"]
+            self.top_k = config["num_experts_per_tok"]
+            self.eps = config.get("rms_norm_eps", 1e-5)
+            rope = config.get("rope_parameters") or {}
+            self.theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+            if config.get("sliding_window"):
+                raise ValueError("sliding-window attention is not implemented here")
+            P = torch.nn.Parameter
+            self.embed = P(w["model.embed_tokens.weight"])
+            self.norm = P(w["model.norm.weight"])
+            self.lm_head = P(w["lm_head.weight"])
+            self.layers = torch.nn.ModuleList()
+            for l in range(self.n_layers):
+                p = f"model.layers.{l}."
+                m = torch.nn.Module()
+                m.input_norm = P(w[p + "input_layernorm.weight"])
+                m.post_norm = P(w[p + "post_attention_layernorm.weight"])
+                m.q = P(w[p + "self_attn.q_proj.weight"])
+                m.k = P(w[p + "self_attn.k_proj.weight"])
+                m.v = P(w[p + "self_attn.v_proj.weight"])
+                m.o = P(w[p + "self_attn.o_proj.weight"])
+                m.gate = P(w[p + "block_sparse_moe.gate.weight"])
+                e = p + "block_sparse_moe.experts."
+                m.w1 = P(torch.stack([w[f"{e}{x}.w1.weight"] for x in range(self.n_experts)]))  # [E, I, H]
+                m.w3 = P(torch.stack([w[f"{e}{x}.w3.weight"] for x in range(self.n_experts)]))  # [E, I, H]
+                m.w2 = P(torch.stack([w[f"{e}{x}.w2.weight"] for x in range(self.n_experts)]))  # [E, H, I]
+                self.layers.append(m)
+            inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+            self.register_buffer("inv_freq", inv, persistent=False)
+
+        def rms(self, x, weight):
+            xf = x.float()
+            return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(weight.dtype)
+
+        def rope(self, T, device):
+            pos = torch.arange(T, device=device, dtype=torch.float32)
+            ang = pos[:, None] * self.inv_freq[None, :]
+            emb = torch.cat([ang, ang], -1)
+            return emb.cos(), emb.sin()
+
+        @staticmethod
+        def rotate(x, cos, sin):
+            half = x.shape[-1] // 2
+            return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+        def forward(self, ids, inject=None, exact=False):
+            """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha.
+            Returns the final-normed hidden states [B, T, H] (logits = hidden @ lm_head.T)."""
+            B, T = ids.shape
+            dev = ids.device
+            x = F.embedding(ids, self.embed)
+            cos, sin = self.rope(T, dev)
+            mask = None
+            add = None
+            if inject is not None:
+                v, start, layers = inject
+                positions = torch.arange(T, device=dev)[None, :]
+                add = (positions >= start[:, None]).to(v.dtype)[:, :, None] * v[:, None, :]  # [B, T, H]
+                layers = set(layers)
+            if exact:
+                causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            for l, m in enumerate(self.layers):
+                h = self.rms(x, m.input_norm)
+                q = (h @ m.q.T).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                k = (h @ m.k.T).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+                vv = (h @ m.v.T).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+                q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+                rep = self.n_heads // self.n_kv
+                k = k.repeat_interleave(rep, 1)
+                vv = vv.repeat_interleave(rep, 1)
+                if exact or not hasattr(F, "scaled_dot_product_attention"):
+                    s = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+                    if mask is None:
+                        mask = causal if exact else torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+                    s = s.masked_fill(~mask, float("-inf"))
+                    a = torch.softmax(s.float(), -1).to(vv.dtype) @ vv
+                else:
+                    # Under autocast the rotation by float32 cos/sin promotes q and k; SDPA wants one dtype.
+                    a = F.scaled_dot_product_attention(q.to(vv.dtype), k.to(vv.dtype), vv, is_causal=True)
+                a = a.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+                x = x + a @ m.o.T
+                h = self.rms(x, m.post_norm)
+                probs = torch.softmax((h @ m.gate.T).float(), -1)  # [B, T, E]
+                top, idx = torch.topk(probs, self.top_k, -1)
+                top = top / top.sum(-1, keepdim=True)
+                route = torch.zeros_like(probs).scatter(-1, idx, top).to(h.dtype)  # [B, T, E]
+                g = torch.einsum("bth,eih->ebti", h, m.w1)
+                u = torch.einsum("bth,eih->ebti", h, m.w3)
+                y = torch.einsum("ebti,ehi,bte->bth", F.silu(g) * u, m.w2, route)
+                if add is not None and l in layers:
+                    y = y + add  # the engine adds v to the MoE output, then that to the residual stream
+                x = x + y
+            return self.rms(x, self.norm)
+
+        def logits(self, hidden):
+            return hidden @ self.lm_head.T
+
+        def mean_embedding(self, flat_ids, offsets):
+            """c per bag: mean of embedding rows (ContextInjector's c). flat_ids [N], offsets [bags]."""
+            return F.embedding_bag(flat_ids, self.embed, offsets, mode="mean")
+
+    return MixtralImpl
+
+
+def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(EOS,), batch=256, exact=False,
+           forced_prefixes=None):
+    """Greedy decoding without a KV cache (right-padded rows; each step reads each row's own last position).
+    inject: None or (v [N, H], layers); start_offsets: per prompt, the answer index j from which the injection applies
+    (position len(prompt) - 1 + j), as the engine's trigger at answer token j; forced_prefixes: per prompt, answer tokens
+    emitted as they are (the model's own tokens before a trigger) before greedy decoding goes on.
+    -> list of generated id lists (the stop token excluded)."""
+    import torch
+    dev = next(iter(model.parameters())).device
+    out = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        B = len(idx)
+        lens = torch.tensor([len(prompts[i]) for i in idx], device=dev)
+        buf = torch.zeros(B, int(lens.max()) + max_new, dtype=torch.long, device=dev)
+        for r, i in enumerate(idx):
+            buf[r, :len(prompts[i])] = torch.tensor(prompts[i], device=dev)
+        forced_lists = [list(forced_prefixes[i]) if forced_prefixes else [] for i in idx]
+        width = max([len(f) for f in forced_lists] + [0])
+        forced = torch.tensor([f + [-1] * (width - len(f)) for f in forced_lists], dtype=torch.long, device=dev).reshape(B, width)
+        cur = lens.clone()
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        rows = torch.arange(B, device=dev)
+        inj = None
+        if inject is not None:
+            v, layers = inject
+            offs = torch.tensor([start_offsets[i] if start_offsets else 0 for i in idx], device=dev)
+            inj = (v[torch.tensor(idx, device=dev)], lens - 1 + offs, layers)
+        with torch.no_grad():
+            for step in range(max_new):
+                L = int(cur.max())
+                hidden = model(buf[:, :L], inject=inj, exact=exact)
+                nxt = model.logits(hidden[rows, cur - 1]).argmax(-1)
+                if step < width:
+                    nxt = torch.where(forced[:, step] >= 0, forced[:, step], nxt)
+                nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+                buf[rows, cur] = nxt
+                cur = cur + 1
+                for sid in stop_ids:
+                    done = done | (nxt == sid)
+                if bool(done.all()):
+                    break
+        buf = buf.tolist()
+        for r, i in enumerate(idx):
+            g = buf[r][len(prompts[i]):len(prompts[i]) + max_new]
+            for sid in stop_ids:
+                if sid in g:
+                    g = g[:g.index(sid)]
+            out[i] = g
+    return out
+
+
+# ----------------------------------------------------------------------------
+# A format fixture for the C# test (no torch)
+# ----------------------------------------------------------------------------
+
+def write_format_fixture(out_dir):
+    """Two tiny projector files written by this module and the injections a double-precision Python oracle gives for
+    them, for ContextInjectorTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format round-trips."""
+    import random
+    rng = random.Random(11)
+    hidden, inner, vocab = 6, 5, 7
+
+    def values(n, std):
+        return [round(rng.gauss(0.0, std), 6) for _ in range(n)]
+    table = values(vocab * hidden, 1.0)
+    files = {
+        "format-mlp.safetensors": ("mlp", "silu", [2, 0], 0.75, {
+            "mlp.in.weight": ([inner, hidden], values(inner * hidden, 0.8)), "mlp.in.bias": ([inner], values(inner, 0.3)),
+            "mlp.out.weight": ([hidden, inner], values(hidden * inner, 0.8)), "mlp.out.bias": ([hidden], values(hidden, 0.3))}),
+        "format-linear.safetensors": ("linear", None, [1], 1.0, {
+            "proj": ([hidden, hidden], values(hidden * hidden, 0.5)), "bias": ([hidden], values(hidden, 0.3))}),
+    }
+    bags = [[0], [3, 1, 3, 6], [5, 2]]
+    cases = []
+    os.makedirs(out_dir, exist_ok=True)
+    for fn, (kind, activation, layers, alpha, tensors) in files.items():
+        write_safetensors(os.path.join(out_dir, fn), tensors, projector_metadata(kind, layers, alpha, activation))
+        # The oracle reads back what was written (float32), so that it computes exactly the file's function.
+        header, meta, start = read_safetensors_header(os.path.join(out_dir, fn))
+        with open(os.path.join(out_dir, fn), "rb") as f:
+            blob = f.read()
+        stored = {}
+        for name, info in header.items():
+            b, e = info["data_offsets"]
+            a = array.array("f")
+            a.frombytes(blob[start + b:start + e])
+            stored[name] = (info["shape"], list(a))
+        for ids in bags:
+            c = [sum(table[i * hidden + d] for i in ids) / len(ids) for d in range(hidden)]
+            v = [alpha * x for x in apply_projector_python(stored, kind, c, activation or "silu")]
+            cases.append({"file": fn, "kind": kind, "layers": layers, "alpha": alpha, "token_ids": ids, "expected": v})
+    fixture = {"note": "written by tools/projector/projector_lib.py --write-format-fixture (pure Python, double precision)",
+               "vocab": vocab, "hidden": hidden, "embeddings": table, "cases": cases}
+    with open(os.path.join(out_dir, "format-fixture.json"), "w", encoding="utf-8") as f:
+        json.dump(fixture, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="projector_lib: the shared code of tools/projector")
+    ap.add_argument("--write-format-fixture", metavar="DIR", help="write the projector-format fixture of the C# tests")
+    a = ap.parse_args()
+    if a.write_format_fixture:
+        write_format_fixture(a.write_format_fixture)
+        print(f"wrote {a.write_format_fixture}")
