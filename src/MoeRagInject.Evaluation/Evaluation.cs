@@ -59,6 +59,8 @@ public sealed record EvaluationOptions
     public float LatentScale { get; init; } = 1;
     /// <summary>--top-k: passages per retrieval.</summary>
     public int RetrievalTopK { get; init; } = 3;
+    /// <summary>--max-retrievals: retrievals per question at most in the triggered modes (the server's default, 4).</summary>
+    public int MaxRetrievals { get; init; } = 4;
     public string LoadFormat { get; init; } = "auto";
     /// <summary>--no-plots skips the PNGs.</summary>
     public bool Plots { get; init; } = true;
@@ -96,6 +98,7 @@ public sealed record EvaluationOptions
         if (Sweep && SweepLimit != 1000) Add("--sweep-limit", SweepLimit?.ToString(CultureInfo.InvariantCulture) ?? "all");
         if (LatentScale != 1) Add("--latent-scale", LatentScale.ToString("R", CultureInfo.InvariantCulture));
         if (RetrievalTopK != 3) Add("--top-k", RetrievalTopK.ToString(CultureInfo.InvariantCulture));
+        if (MaxRetrievals != 4) Add("--max-retrievals", MaxRetrievals.ToString(CultureInfo.InvariantCulture));
         if (!Plots) Add("--no-plots", "");
         return b.ToString();
     }
@@ -533,6 +536,7 @@ public static class Evaluator
             ["concurrency"] = options.Concurrency,
             ["threads"] = options.Threads ?? Environment.ProcessorCount,
             ["retrieval_top_k"] = options.RetrievalTopK,
+            ["max_retrievals"] = options.MaxRetrievals,
             ["wrong_below_f1"] = WrongBelowF1,
             ["machine"] = new JsonObject
             {
@@ -589,7 +593,12 @@ public static class Evaluator
         CancellationToken cancellationToken, string? label = null, string? trainedProjection = null)
     {
         // The triggered modes watch the signal; the router probe's threshold goes where the engine takes it for that signal.
-        var trigger = new TriggerOptions { Signal = signal, Threshold = signal == TriggerSignal.RouterProbe ? DefaultThreshold : threshold };
+        var trigger = new TriggerOptions
+        {
+            Signal = signal,
+            Threshold = signal == TriggerSignal.RouterProbe ? DefaultThreshold : threshold,
+            MaxRetrievalsPerRequest = options.MaxRetrievals,
+        };
         var engineOptions = new EngineOptions
         {
             ModelPath = options.ModelPath,

@@ -171,6 +171,7 @@ public static class CliFlagInventory
         new("eval", "--sweep-limit", "N|all", "1000"),
         new("eval", "--latent-scale", "α", "1"),
         new("eval", "--top-k", "K", "3"),
+        new("eval", "--max-retrievals", "N", "4"),
         new("eval", "--no-plots", null, null),
         // Added after the inventory was taken (issue 9): the trigger signal, the router probe, and eval's signal.
         new("serve", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),

@@ -101,6 +101,7 @@ public static class EvalCommand
         var latentScale = CliOption.Double("--latent-scale",
             "α of latent_random and latent_identity (latent_calibrated keeps its fitted scale)", "α", 1, min: 0);
         var topK = CliOption.Int("--top-k", "passages per retrieval", "K", 3, min: 1);
+        var maxRetrievals = CliOption.Int("--max-retrievals", "retrievals per question at most in the triggered modes", "N", 4, min: 1);
         var noPlots = CliOption.Switch("--no-plots", "skip the PNG plots");
         var command = new Command("eval",
             "Answers a QA set in each mode (none, prompt_always, prompt_trigger, latent_random, latent_identity, latent_calibrated, "
@@ -109,7 +110,7 @@ public static class EvalCommand
             + "question's answers and signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
         {
             modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, trainedProj, calibration, maxNewTokens, concurrency, threads, seed,
-            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, noPlots,
+            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, maxRetrievals, noPlots,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -138,6 +139,7 @@ public static class EvalCommand
                 SweepPercentiles = parse.GetValue(sweepPercentiles) ?? defaults.SweepPercentiles,
                 SweepLimit = parse.GetValue(sweepLimit) is var sweep and > 0 ? sweep : null,
                 RetrievalTopK = parse.GetValue(topK),
+                MaxRetrievals = parse.GetValue(maxRetrievals),
                 LatentScale = (float)parse.GetValue(latentScale),
                 Plots = !parse.GetValue(noPlots),
             };
