@@ -499,6 +499,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             {
                 using (Op("  moe: sort"))
                     Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                if ((long)slots * Math.Max(h, i) >= int.MaxValue)
+                    throw new NotSupportedException($"wgmma GEMM: {slots} routed rows of {Math.Max(h, i)} exceed 32-bit offsets");
                 var touched = Math.Min(e, slots);
                 var n = WgmmaNForced ?? WgmmaRows((slots + touched - 1) / touched);
                 var rowTiles = (uint)((slots + n - 1) / n + Math.Min(e, slots));
