@@ -421,31 +421,49 @@ public static class Calibrator
     internal static bool IsHeldout(QuestionRun run) => IsHeldout(run.Item);
 
     /// <summary>
+    /// The model with a runner for eager batches of up to <paramref name="sequences"/> sequences of at most
+    /// <paramref name="maxLength"/> tokens: one greedy slot per sequence, each with its own run of KV blocks.
+    /// </summary>
+    private static LoadedModel LoadEagerRunner(CalibrationOptions options, int sequences, int maxLength)
+    {
+        const int blockSize = 16;
+        var blocksPerSequence = (maxLength + blockSize - 1) / blockSize;
+        var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, _ => new RunnerOptions
+        {
+            MaxSequences = sequences,
+            MaxRows = sequences * maxLength,
+            ContextLength = blocksPerSequence * blockSize,
+            BlockSize = blockSize,
+            KvCacheTokens = sequences * blocksPerSequence * blockSize,
+        });
+        try
+        {
+            for (var slot = 0; slot < sequences; slot++)
+            {
+                loaded.Runner.BindSlot(slot, SlotSampling.Greedy, []);
+                loaded.Runner.SetBlocks(slot, 0, Enumerable.Range(slot * blocksPerSequence, blocksPerSequence).ToArray());
+            }
+            return loaded;
+        }
+        catch
+        {
+            loaded.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
     /// Each answer's router probabilities at every answer token [j][layer × expert]: the prompt and the answer's tokens replayed
     /// through the model in eager steps (token j comes from the forward pass at the prompt's last position plus j).
     /// </summary>
     private static Dictionary<QuestionRun, float[][]> RouterProbabilities(CalibrationOptions options, IReadOnlyList<QuestionRun> runs,
         CancellationToken cancellationToken)
     {
-        const int blockSize = 16, batch = 16;
+        const int batch = 16;
         var tokenizer = Tokenizer.Load(options.ModelPath);
         var sequences = runs.Select(r => (Run: r, Prompt: tokenizer.Encode(r.Item.Question))).ToList();
-        var maxLength = sequences.Max(s => s.Prompt.Length + s.Run.Tokens.Count);
-        var blocksPerSequence = (maxLength + blockSize - 1) / blockSize;
-        using var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, _ => new RunnerOptions
-        {
-            MaxSequences = batch,
-            MaxRows = batch * maxLength,
-            ContextLength = blocksPerSequence * blockSize,
-            BlockSize = blockSize,
-            KvCacheTokens = batch * blocksPerSequence * blockSize,
-        });
+        using var loaded = LoadEagerRunner(options, batch, sequences.Max(s => s.Prompt.Length + s.Run.Tokens.Count));
         var runner = loaded.Runner;
-        for (var slot = 0; slot < batch; slot++)
-        {
-            runner.BindSlot(slot, SlotSampling.Greedy, []);
-            runner.SetBlocks(slot, 0, Enumerable.Range(slot * blocksPerSequence, blocksPerSequence).ToArray());
-        }
         var width = loaded.Config.NumLayers * loaded.Config.NumExperts;
         var result = new Dictionary<QuestionRun, float[][]>();
         for (var start = 0; start < sequences.Count; start += batch)
@@ -609,25 +627,10 @@ public static class Calibrator
         }
         if (pairs.Count < 2) throw new InvalidOperationException("fewer than 2 pairs fit the model's context");
 
-        // One slot per sequence of a batch, each with its own run of KV blocks; the runner's eager path with the l_out hook.
-        const int blockSize = 16;
-        var maxLength = pairs.Max(p => Math.Max(p.A.Length, p.B.Length));
-        var blocksPerSequence = (maxLength + blockSize - 1) / blockSize;
+        // The runner's eager path with the l_out hook.
         var sequencesPerBatch = 2 * Math.Max(1, options.BatchPairs);
-        using var loaded = LoadedModel.Load(options.ModelPath, options.LoadFormat, options.Runner, _ => new RunnerOptions
-        {
-            MaxSequences = sequencesPerBatch,
-            MaxRows = sequencesPerBatch * maxLength,
-            ContextLength = blocksPerSequence * blockSize,
-            BlockSize = blockSize,
-            KvCacheTokens = sequencesPerBatch * blocksPerSequence * blockSize,
-        });
+        using var loaded = LoadEagerRunner(options, sequencesPerBatch, pairs.Max(p => Math.Max(p.A.Length, p.B.Length)));
         var runner = loaded.Runner;
-        for (var slot = 0; slot < sequencesPerBatch; slot++)
-        {
-            runner.BindSlot(slot, SlotSampling.Greedy, []);
-            runner.SetBlocks(slot, 0, Enumerable.Range(slot * blocksPerSequence, blocksPerSequence).ToArray());
-        }
         int[] capture = [layer];
 
         var data = new List<PairData>(pairs.Count);
