@@ -71,6 +71,13 @@ public sealed class CpuBackend(int threads) : IBackend
     public void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows) =>
         Moe.Route(x.Act(), routerWeight.Weight(), layer, topK, (CpuStepBuffers)step, rows);
 
+    public void AddRmsNormRoute(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output,
+        DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows)
+    {
+        AddRmsNorm(residual, delta, weight, eps, output, rows);
+        Route(output, routerWeight, layer, topK, step, rows);
+    }
+
     /// <summary>From the probabilities <see cref="Route"/> kept for this layer (x and the router weight are not read again).</summary>
     public void RouterProbe(DeviceTensor x, DeviceTensor routerWeight, DeviceTensor probe, int layer, IStepBuffers step, int rows) =>
         Moe.Probe(probe.Act(), layer, step.Host, rows);
@@ -90,6 +97,13 @@ public sealed class CpuBackend(int threads) : IBackend
             if (scale == 0f || position < s.InjectionStart[slot] || position >= s.InjectionEnd[slot]) continue;
             Kernels.AddScaled(a.Row(r), s.InjectionVector(slot), scale);
         }
+    }
+
+    public void AddInjectionRmsNorm(DeviceTensor residual, DeviceTensor delta, int layer, IStepBuffers step, DeviceTensor weight, float eps,
+        DeviceTensor output, int rows)
+    {
+        AddInjection(delta, layer, step, rows);
+        AddRmsNorm(residual, delta, weight, eps, output, rows);
     }
 
     public void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count)

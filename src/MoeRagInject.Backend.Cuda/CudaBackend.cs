@@ -53,7 +53,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         t_current = this;
         Deterministic = deterministic;
         Stream = device.CreateStream();
-        _kernels = new CudaKernels(device, progress);
+        // Programmatic dependent launch by default; not under --deterministic, whose batch-1 step it slowed by 7% (9.37 →
+        // 10.02 ms in a same-run comparison on an H200) while the default step was unchanged or faster.
+        _kernels = new CudaKernels(device, progress, programmaticLaunch: !deterministic);
         _cublas = device.CreateCublas();
         _workspace = device.Allocate(32L << 20);
         _cublas.SetWorkspace(_workspace);
@@ -266,7 +268,24 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var (a, w, y) = (T(x), T(weight), T(output));
         using var _ = Op($"linear {w.Rows}x{w.Columns}");
         if (!a.IsBf16 || !w.IsBf16 || y.IsBf16) throw new ArgumentException("linear: bf16 input and weight, fp32 output expected");
-        var path = LinearPathForced ?? (Deterministic ? LinearPath.Tensor : rows <= GemvMaxRows ? LinearPath.Gemv : LinearPath.Cublas);
+        var path = LinearPathForced ?? (Deterministic ? LinearPath.Wgmma : rows <= GemvMaxRows ? LinearPath.Gemv : LinearPath.Cublas);
+        if (path == LinearPath.Wgmma && (!WgmmaAvailable || w.Columns % 64 != 0)) path = LinearPath.Tensor;
+        if (path == LinearPath.Wgmma)
+        {
+            // --deterministic on Hopper: wgmma at every row count, k split by a count from the weight's shape alone (the
+            // mma.sync kernel's split), partial sums added in split order: each row's reduction is the same whatever the batch.
+            if ((long)rows * w.Columns >= int.MaxValue) throw new NotSupportedException($"wgmma linear: {rows} rows of {w.Columns} exceed 32-bit offsets");
+            var n = WgmmaNForced ?? WgmmaRows(rows);
+            var splits = WgmmaSplitsFor(w.Rows);
+            var stride = (long)rows * w.Rows;
+            if (splits > 1) EnsureSplitWorkspace(4L * splits * stride);
+            LaunchWgmma($"moe_wgmma_down_n{n}", ((uint)((rows + n - 1) / n), (uint)((w.Rows + 63) / 64), (uint)splits),
+                (uint)(WgmmaStages(n) * (64 + n) * 128), a.Pointer, w.Pointer, 0UL, 0UL, 1, rows, 1, w.Rows, w.Columns, 0UL,
+                splits > 1 ? _splitWorkspace!.Pointer : y.Pointer, stride);
+            if (splits > 1)
+                Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(w.Rows), 1), 256, 0, _splitWorkspace!.Pointer, y.Pointer, 0UL, 1, rows, w.Rows, splits, stride);
+            return;
+        }
         if (path == LinearPath.Tensor)
         {
             // The tensor-core kernel at every row count: each row's reduction is the same whatever the batch.
@@ -407,9 +426,33 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var w = T(routerWeight);
         using var _ = Op("route");
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
-        Launch("route", (uint)rows, 256, T(x).Pointer, w.Pointer, w.Columns, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights,
+        Launch("route", (uint)rows, RouterThreads, T(x).Pointer, w.Pointer, w.Columns, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights,
             s.RowEntropies, layer, s.Host.Layers);
     }
+
+    public void AddRmsNormRoute(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output,
+        DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows)
+    {
+        if (_unfused)
+        {
+            AddRmsNorm(residual, delta, weight, eps, output, rows);
+            Route(output, routerWeight, layer, topK, step, rows);
+            return;
+        }
+        var s = S(step);
+        var w = T(routerWeight);
+        using var _ = Op("add_rms_norm_route");
+        if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
+        Launch("add_rms_norm_route", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
+            T(residual).Columns, eps, w.Pointer, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights, s.RowEntropies, layer,
+            s.Host.Layers);
+    }
+
+    /// <summary>MOE_RAG_INJECT_FUSE=0: the fused ops run as their parts, to measure the fusion against.</summary>
+    private readonly bool _unfused = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_FUSE") == "0";
+
+    /// <summary>Threads of a router block: 32 warps, four to an expert of eight, so that a row's loads are all in flight at once.</summary>
+    private const uint RouterThreads = 1024;
 
     /// <summary>
     /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c> (mma.sync) and
@@ -492,7 +535,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 using (Op("  moe: down GEMM"))
                     GemmGrouped(gateUp: false, s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0, e, slots, topK, h, i, s.MoeOut.Pointer, perExpert);
                 using (Op("  moe: combine"))
-                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h, 1, 0L);
                 break;
             }
             case MoePath.Wgmma:
@@ -505,14 +548,19 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = WgmmaNForced ?? WgmmaRows((slots + touched - 1) / touched);
                 var rowTiles = (uint)((slots + n - 1) / n + Math.Min(e, slots));
                 var shared = (uint)(WgmmaStages(n) * (64 + n) * 128);
+                // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
+                var splits = DownSplits(h, i);
+                var downOut = splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer;
+                var splitStride = (long)slots * h;
                 using (Op("  moe: gate_up GEMM"))
                     LaunchWgmma($"moe_wgmma_gate_up_n{n}", (rowTiles, (uint)((i + 31) / 32), 1), shared,
-                        input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, topK, i, h, s.MoeAct.Pointer, 0UL);
+                        input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, 0, topK, i, h, s.MoeAct.Pointer, 0UL, 0L);
                 using (Op("  moe: down GEMM"))
-                    LaunchWgmma($"moe_wgmma_down_n{n}", (rowTiles, (uint)((h + 63) / 64), 1), shared,
-                        s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0UL, e, topK, h, i, 0UL, s.MoeOut.Pointer);
+                    LaunchWgmma($"moe_wgmma_down_n{n}", (rowTiles, (uint)((h + 63) / 64), (uint)splits), shared,
+                        s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0UL, e, 0, topK, h, i, 0UL, downOut, splitStride);
                 using (Op("  moe: combine"))
-                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, downOut, s.PlaceOf, s.TopWeights, delta.Pointer,
+                        topK, h, splits, splitStride);
                 break;
             }
             case MoePath.Dense:
@@ -538,6 +586,23 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// into a second tile (which streams the expert again); measured best at 2 to 256 rows of Mixtral-8x7B's routing.
     /// </summary>
     private static int WgmmaRows(int rowsPerGroup) => rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 8 ? 32 : rowsPerGroup <= 32 ? 64 : 128;
+
+    /// <summary>
+    /// Shares of k the wgmma down GEMM splits into: 1 by default; under --deterministic, where the experts take the wgmma
+    /// kernel even for one row, 3 (at most as many as MoeGateUp holds: splits · hidden ≤ 2 · intermediate). One row's two
+    /// experts then make 2 · 64 feature tiles · 3 = 384 blocks for Mixtral, one wave at three 16-row-tile blocks a
+    /// multiprocessor, where unsplit they leave each multiprocessor one long stream. It depends on the shape alone, so each
+    /// row is summed the same way at every batch size.
+    /// </summary>
+    private int DownSplits(int hidden, int intermediate) => Deterministic ? Math.Clamp(2 * intermediate / hidden, 1, 3) : 1;
+
+    /// <summary>
+    /// --deterministic's k split for a wgmma projection of <paramref name="n"/> outputs: as many as fill one wave of three
+    /// blocks a multiprocessor (the 16-row tile's shared memory allows three) with one row tile, at most 8, never more than
+    /// <see cref="SplitsFor"/> (which sizes the workspace). A function of the shape and the card alone.
+    /// </summary>
+    private int WgmmaSplitsFor(int n) =>
+        Deterministic ? Math.Clamp(3 * Device.MultiprocessorCount / ((n + 63) / 64), 1, Math.Min(MaxSplits, SplitsFor(n))) : 1;
 
     /// <summary>WgmmaStages in gemm_wgmma.cu.</summary>
     private static int WgmmaStages(int n) => n >= 128 ? 4 : 6;
@@ -575,7 +640,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         Launch3(name, ((uint)rowTiles, (uint)ColumnTiles(gateUp, n, bn), (uint)splits), (uint)(64 * tile.WarpsM), shared,
             a, w, offsets, sorted, groups, rows, topK, n, k, stride, splits > 1 ? _splitWorkspace!.Pointer : output);
         if (splits > 1)
-            Launch("gemm_split_sum", (uint)rows, 256, _splitWorkspace!.Pointer, output, offsets, groups, rows, n, splits, stride);
+            Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(n), 1), 256, 0, _splitWorkspace!.Pointer, output, offsets, groups, rows, n, splits, stride);
     }
 
     /// <summary>
@@ -636,10 +701,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>Forces the MoE path where it applies (Dense only up to <see cref="DenseMaxRows"/>); for measurement.</summary>
     internal MoePath? MoePathForced { get => _moePathOverride; set => _moePathOverride = value; }
 
-    /// <summary>How projections run: warp-per-feature kernels, cuBLAS, or the tensor-core kernel. Null: by rows and mode.</summary>
+    /// <summary>How projections run: warp-per-feature kernels, cuBLAS, or a tensor-core kernel (mma.sync, or wgmma on Hopper). Null: by rows and mode.</summary>
     internal LinearPath? LinearPathForced { get; set; }
 
-    internal enum LinearPath { Gemv, Cublas, Tensor }
+    internal enum LinearPath { Gemv, Cublas, Tensor, Wgmma }
 
     /// <summary>Column tiles of a GEMM tile of <paramref name="bn"/> weight rows: gate-up tiles hold bn/2 features (their gate and up rows).</summary>
     private static int ColumnTiles(bool gateUp, int n, int bn) => gateUp ? (n + bn / 2 - 1) / (bn / 2) : (n + bn - 1) / bn;
@@ -675,7 +740,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                     stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
             }
         using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
-            Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h);
+            Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h, 1, 0L);
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)
@@ -684,6 +749,22 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         using var _ = Op("add_injection");
         Launch("add_injection", (uint)rows, 256, T(x).Pointer, s.InjectionVectors, s.InjectionScales, s.InjectionStarts, s.InjectionEnds,
             s.Positions, s.RowSequence, s.SeqSlot, layer, s.Host.Layers, T(x).Columns);
+    }
+
+    public void AddInjectionRmsNorm(DeviceTensor residual, DeviceTensor delta, int layer, IStepBuffers step, DeviceTensor weight, float eps,
+        DeviceTensor output, int rows)
+    {
+        if (_unfused)
+        {
+            AddInjection(delta, layer, step, rows);
+            AddRmsNorm(residual, delta, weight, eps, output, rows);
+            return;
+        }
+        var s = S(step);
+        using var _ = Op("add_injection_rms_norm");
+        Launch("add_injection_rms_norm", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
+            T(residual).Columns, eps, s.InjectionVectors, s.InjectionScales, s.InjectionStarts, s.InjectionEnds, s.Positions, s.RowSequence,
+            s.SeqSlot, layer, s.Host.Layers);
     }
 
     public void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count)
@@ -770,7 +851,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var weights = T(probe);
         if (w.Rows > 64) throw new NotSupportedException($"the router probe kernel handles at most 64 experts, not {w.Rows}");
         if (weights.IsBf16 || weights.Columns != w.Rows) throw new ArgumentException("router probe: fp32 weights [layers, experts] expected");
-        Launch("router_probe", (uint)rows, 256, T(x).Pointer, w.Pointer, w.Columns, w.Rows, weights.Pointer, s.RowSequence, s.SeqSlot,
+        Launch("router_probe", (uint)rows, RouterThreads, T(x).Pointer, w.Pointer, w.Columns, w.Rows, weights.Pointer, s.RowSequence, s.SeqSlot,
             s.QueryStart, s.RouterProbs, s.ProbeSums, s.OutProbe, layer, s.Host.Layers);
     }
 }

@@ -113,6 +113,8 @@ public static class CudaGemmBench
                 Linear("cuBLAS");
                 backend.LinearPathForced = CudaBackend.LinearPath.Tensor;
                 Linear("tensor (chosen tile)");
+                backend.LinearPathForced = CudaBackend.LinearPath.Wgmma;
+                Linear("wgmma");
                 backend.LinearPathForced = null;
             }
         }

@@ -14,7 +14,7 @@ internal sealed class CudaKernels : IDisposable
     private readonly CudaModule _module;
     private readonly Dictionary<string, CudaKernel> _kernels = new(StringComparer.Ordinal);
 
-    public CudaKernels(CudaDevice device, Action<string>? progress)
+    public CudaKernels(CudaDevice device, Action<string>? progress, bool programmaticLaunch = true)
     {
         var (major, minor) = device.ComputeCapability;
         // Hopper's warpgroup instructions (wgmma, gemm_wgmma.cu) exist only in the architecture-specific target sm_90a.
@@ -48,11 +48,18 @@ internal sealed class CudaKernels : IDisposable
                 progress?.Invoke($"kernels: could not cache the cubin ({e.Message})");
             }
         }
-        _module = device.LoadModule(image);
+        // Programmatic dependent launch (Hopper and later): a kernel's blocks are scheduled while the previous kernel's
+        // last blocks still run, and wait in kernel_prologue; this hides the launch gap between the ~11 kernels a layer.
+        // MOE_RAG_INJECT_PDL=0 launches them plainly (for comparisons).
+        ProgrammaticLaunch = programmaticLaunch && major >= 9 && Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PDL") != "0";
+        _module = device.LoadModule(image, ProgrammaticLaunch);
         Architecture = arch;
     }
 
     public string Architecture { get; }
+
+    /// <summary>Whether kernels are launched with programmatic dependent launch.</summary>
+    public bool ProgrammaticLaunch { get; }
 
     public CudaKernel this[string name]
     {

@@ -162,6 +162,13 @@ public interface IBackend : IDisposable
     void Route(DeviceTensor x, DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows);
 
     /// <summary>
+    /// <see cref="AddRmsNorm"/>, then <see cref="Route"/> on its output: the post-attention norm and the router of a layer,
+    /// fused where the backend can (the same results as the two ops).
+    /// </summary>
+    void AddRmsNormRoute(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output,
+        DeviceTensor routerWeight, int layer, int topK, IStepBuffers step, int rows);
+
+    /// <summary>
     /// The router probe, right after <see cref="Route"/> of the same layer and input: row r's softmax over all experts p (as
     /// Route computes it) is recorded at (row, layer) in <see cref="StepState.RowRouterProbs"/>, and Σ_e probe[layer, e]·p_e is
     /// added to the row's <see cref="StepState.RowProbeLogits"/> (set at layer 0). At the model's last layer each sequence's
@@ -179,6 +186,14 @@ public interface IBackend : IDisposable
     /// point <c>l_out-l</c>). Always run after every layer: a zero scale turns it off, so injecting never changes what runs.
     /// </summary>
     void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows);
+
+    /// <summary>
+    /// The end of layer <paramref name="layer"/>: <see cref="AddInjection"/> on <paramref name="delta"/>, then
+    /// <see cref="AddRmsNorm"/>, with the same result (residual[r] += fma(scale, vector, delta[r])) in one pass where the
+    /// backend fuses them. <paramref name="delta"/> is not used afterwards and may or may not hold the injected sum.
+    /// </summary>
+    void AddInjectionRmsNorm(DeviceTensor residual, DeviceTensor delta, int layer, IStepBuffers step, DeviceTensor weight, float eps,
+        DeviceTensor output, int rows);
 
     /// <summary>output[i] = x[last row of sequence i] for the step's first <paramref name="count"/> sequences.</summary>
     void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count);

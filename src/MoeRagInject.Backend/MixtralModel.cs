@@ -96,14 +96,11 @@ public sealed class MixtralModel : IDisposable
             _backend.RotaryAndCacheWrite(b.Qkv, cache, l, Shape, step, rows);
             _backend.Attention(b.Qkv, cache, l, Shape, step, b.Attention, rows);
             _backend.Linear(b.Attention, layer.O, b.Delta, rows);
-            _backend.AddRmsNorm(b.Hidden, b.Delta, layer.PostNorm, eps, b.Normed, rows);
-
-            _backend.Route(b.Normed, layer.Router, l, c.NumExpertsPerToken, step, rows);
+            _backend.AddRmsNormRoute(b.Hidden, b.Delta, layer.PostNorm, eps, b.Normed, layer.Router, l, c.NumExpertsPerToken, step, rows);
             if (probe is not null) _backend.RouterProbe(b.Normed, layer.Router, probe, l, step, rows);
             _backend.MoeExperts(b.Normed, layer.Experts, c.NumExpertsPerToken, step, b.Delta, rows);
-            _backend.AddInjection(b.Delta, l, step, rows);
             var nextNorm = l + 1 < _layers.Length ? _layers[l + 1].InputNorm : _finalNorm;
-            _backend.AddRmsNorm(b.Hidden, b.Delta, nextNorm, eps, b.Normed, rows);
+            _backend.AddInjectionRmsNorm(b.Hidden, b.Delta, l, step, nextNorm, eps, b.Normed, rows);
             afterLayer?.Invoke(l, b.Hidden);
         }
     }

@@ -52,6 +52,7 @@ public sealed class OpChecks : IDisposable
         Check("linear", [1, 5, 8, 37, 130], LinearCase);
         Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
         Check("route", [1, 40], RouteCase);
+        Check("add_rms_norm_route", [1, 40], AddRmsNormRouteCase);
         Check("router_probe", [1, 40, 0], RouterProbeCase);
         Check("moe", [1, 8, 16, 40, 100, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
@@ -216,6 +217,43 @@ public sealed class OpChecks : IDisposable
     }
 
     /// <summary>
+    /// The fused post-attention norm and router on the device against the two ops on the CPU: the normed rows and the
+    /// residual, then the router's entropies against the CPU's router run on the device's own normed rows (where the two
+    /// backends round a normed value to different bf16 neighbours, the router's inputs would differ by that).
+    /// </summary>
+    private void AddRmsNormRouteCase(int rows)
+    {
+        using var pair = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, _rng));
+        using var router = Pair.Weight(this, _weights.Layers[1].Router);
+        using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        residual.Fill(_rng, 1f);
+        using var delta = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        delta.Fill(_rng, 1f);
+        using var w = Pair.Weight(this, _weights.Layers[1].PostAttentionNorm);
+        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
+        y.Poison();
+        _cpu.AddRmsNorm(residual.Cpu, delta.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
+        _device.AddRmsNormRoute(residual.Device, delta.Device, w.Device, 1e-5f, y.Device, router.Device, 1, _config.NumExpertsPerToken,
+            pair.Device, rows);
+        Compare($"add_rms_norm_route rows={rows} (normed)", y, rows, 1e-5);
+        Compare($"add_rms_norm_route rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+        var normed = new float[(rows + Guard) * _config.HiddenSize];
+        _device.Download(y.Device, rows + Guard, normed);
+        _cpu.Upload(normed, y.Cpu);
+        _cpu.Route(y.Cpu, router.Cpu, 1, _config.NumExpertsPerToken, pair.Cpu, rows);
+        pair.Device.DownloadRowEntropies();
+        double worst = 0;
+        var finite = true;
+        for (var r = 0; r < rows; r++)
+        {
+            var b = pair.DeviceState.RowEntropies[r * _config.NumLayers + 1];
+            finite &= float.IsFinite(b);
+            worst = Math.Max(worst, Math.Abs(pair.Cpu.Host.RowEntropies[r * _config.NumLayers + 1] - b));
+        }
+        Add(new CheckResult("op", $"add_rms_norm_route entropy rows={rows}", finite && worst < 1e-4, worst, 1e-4, "max |Δ| nats"));
+    }
+
+    /// <summary>
     /// The router probe after the router at both layers (the last writes each sequence's sum): decode rows with a padding
     /// sequence among them (variant 40), and a step of prefills and decodes (variant 0) whose sums come from each sequence's
     /// last row. Probabilities of real rows, every row's sum and every sequence's output against the CPU backend.
@@ -354,6 +392,17 @@ public sealed class OpChecks : IDisposable
         pair.Device.SlotChanged(slot);
         pair.Device.Upload();
         using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        x.Fill(_rng, 1f);
+        using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
+        residual.Fill(_rng, 1f);
+        using var w = Pair.Weight(this, _weights.Layers[0].PostAttentionNorm);
+        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
+        y.Poison();
+        // The fused end of a layer on the device against the two ops on the CPU.
+        _cpu.AddInjectionRmsNorm(residual.Cpu, x.Cpu, 1, pair.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
+        _device.AddInjectionRmsNorm(residual.Device, x.Device, 1, pair.Device, w.Device, 1e-5f, y.Device, rows);
+        Compare($"add_injection_rms_norm rows={rows} (normed)", y, rows, 1e-5);
+        Compare($"add_injection_rms_norm rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
         x.Fill(_rng, 1f);
         _cpu.AddInjection(x.Cpu, 1, pair.Cpu, rows);
         _device.AddInjection(x.Device, 1, pair.Device, rows);

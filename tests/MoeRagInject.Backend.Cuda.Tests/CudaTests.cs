@@ -87,6 +87,35 @@ public sealed class CudaWithoutGpuTests
             Assert.Contains(kernel, source);
     }
 
+    /// <summary>
+    /// Kernels are launched with programmatic dependent launch on Hopper: one that touched memory before kernel_prologue's
+    /// griddepcontrol.wait would race with the kernel before it. So every kernel's body must begin with the prologue.
+    /// </summary>
+    [Fact]
+    public void EveryKernelBeginsWithThePrologue()
+    {
+        var source = CudaKernels.Source();
+        var kernels = 0;
+        for (var at = source.IndexOf("__global__", StringComparison.Ordinal); at >= 0;
+             at = source.IndexOf("__global__", at + 1, StringComparison.Ordinal))
+        {
+            var body = source.IndexOf('{', at);
+            var parenthesis = source.IndexOf('(', at);
+            var name = source[source.LastIndexOf(' ', parenthesis - 1, parenthesis - at)..parenthesis].Trim();
+            if (name.StartsWith("__launch_bounds__", StringComparison.Ordinal))
+            {
+                var afterBounds = source.IndexOf(')', parenthesis) + 1;
+                parenthesis = source.IndexOf('(', afterBounds);
+                name = source[afterBounds..parenthesis].Trim();
+            }
+            var first = source[(body + 1)..].TrimStart(' ', '\t', '\r', '\n', '\\');
+            Assert.True(first.StartsWith("kernel_prologue();", StringComparison.Ordinal),
+                $"kernel {name} does not begin with kernel_prologue(): {first[..Math.Min(60, first.Length)]}");
+            kernels++;
+        }
+        Assert.True(kernels >= 30, $"found only {kernels} kernels");
+    }
+
     [Fact]
     public void MissingCudaIsReportedWithTheReason()
     {

@@ -151,14 +151,19 @@ internal sealed unsafe class CudaDevice : IDisposable
     }
 
     /// <summary>Loads a cubin or PTX image (as <see cref="Nvrtc.Compile"/> returns it; PTX without its NUL gets one).</summary>
-    public CudaModule LoadModule(ReadOnlySpan<byte> image)
+    /// <summary>
+    /// Loads a cubin or PTX image. With <paramref name="programmaticLaunch"/> every kernel of the module is launched with
+    /// programmatic stream serialization, so each kernel must begin with griddepcontrol.wait (Kernels/common.cuh's
+    /// <c>kernel_prologue</c>) before it touches memory the previous kernel writes or reads.
+    /// </summary>
+    public CudaModule LoadModule(ReadOnlySpan<byte> image, bool programmaticLaunch = false)
     {
         var context = Context;
         var isElf = image is [0x7F, (byte)'E', (byte)'L', (byte)'F', ..];
         ReadOnlySpan<byte> terminated = isElf || image is [.., 0] ? image : [.. image, 0];
         nint module;
         fixed (byte* data = terminated) CudaCheck.Driver(Driver.cuModuleLoadData(&module, data));
-        return new CudaModule(new CudaModuleHandle(module, context));
+        return new CudaModule(new CudaModuleHandle(module, context), programmaticLaunch);
     }
 
     public CublasContext CreateCublas()
@@ -374,9 +379,12 @@ internal sealed unsafe class CudaEvent(CudaEventHandle cudaEvent) : IDisposable
 }
 
 /// <summary>A loaded cubin or PTX module.</summary>
-internal sealed unsafe class CudaModule(CudaModuleHandle module) : IDisposable
+internal sealed unsafe class CudaModule(CudaModuleHandle module, bool programmaticLaunch) : IDisposable
 {
     internal bool IsDisposed => module.IsClosed;
+
+    /// <summary>Whether its kernels are launched with programmatic stream serialization (see <see cref="CudaDevice.LoadModule"/>).</summary>
+    internal bool ProgrammaticLaunch => programmaticLaunch;
 
     /// <summary>The <c>extern "C"</c> kernel <paramref name="name"/>; valid while this module is not disposed.</summary>
     public CudaKernel GetFunction(string name)
@@ -424,8 +432,19 @@ internal sealed unsafe class CudaKernel
         fixed (KernelArg* values = args)
         {
             for (var i = 0; i < args.Length; i++) parameters[i] = &values[i].Low;
-            CudaCheck.Driver(Driver.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes,
-                stream.Handle, parameters, null));
+            if (!_module.ProgrammaticLaunch)
+            {
+                CudaCheck.Driver(Driver.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes,
+                    stream.Handle, parameters, null));
+                return;
+            }
+            var attribute = new CUlaunchAttribute { Id = CUlaunchAttributeID.ProgrammaticStreamSerialization, Value = 1 };
+            var config = new CUlaunchConfig
+            {
+                GridDimX = grid.X, GridDimY = grid.Y, GridDimZ = grid.Z, BlockDimX = block.X, BlockDimY = block.Y, BlockDimZ = block.Z,
+                SharedMemBytes = sharedBytes, Stream = stream.Handle, Attributes = &attribute, AttributeCount = 1,
+            };
+            CudaCheck.Driver(Driver.cuLaunchKernelEx(&config, function, parameters, null));
         }
     }
 

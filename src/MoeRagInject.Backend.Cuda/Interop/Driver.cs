@@ -44,6 +44,37 @@ internal enum CUstreamCaptureMode
     Relaxed = 2,
 }
 
+/// <summary>CUlaunchAttributeID values used here.</summary>
+internal enum CUlaunchAttributeID
+{
+    /// <summary>
+    /// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the grid may start before the previous kernel in the stream
+    /// has finished, once that kernel's blocks have all triggered (griddepcontrol.launch_dependents) or exited; the
+    /// grid itself waits for the previous one with griddepcontrol.wait.
+    /// </summary>
+    ProgrammaticStreamSerialization = 6,
+}
+
+/// <summary>CUlaunchAttribute: an id, padding to 8 bytes, and a 64-byte union of which only the first int is used here.</summary>
+[StructLayout(LayoutKind.Explicit, Size = 72)]
+internal struct CUlaunchAttribute
+{
+    [FieldOffset(0)] public CUlaunchAttributeID Id;
+    [FieldOffset(8)] public int Value;
+}
+
+/// <summary>CUlaunchConfig of cuLaunchKernelEx (CUDA 11.8 and later).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct CUlaunchConfig
+{
+    public uint GridDimX, GridDimY, GridDimZ;
+    public uint BlockDimX, BlockDimY, BlockDimZ;
+    public uint SharedMemBytes;
+    public nint Stream;
+    public CUlaunchAttribute* Attributes;
+    public uint AttributeCount;
+}
+
 /// <summary>Raw CUDA driver API imports (libcuda.so.1).</summary>
 internal static unsafe partial class Driver
 {
@@ -96,6 +127,8 @@ internal static unsafe partial class Driver
     [LibraryImport(Lib)]
     internal static partial CUresult cuLaunchKernel(nint f, uint gridDimX, uint gridDimY, uint gridDimZ,
         uint blockDimX, uint blockDimY, uint blockDimZ, uint sharedMemBytes, nint hStream, void** kernelParams, void** extra);
+
+    [LibraryImport(Lib)] internal static partial CUresult cuLaunchKernelEx(CUlaunchConfig* config, nint f, void** kernelParams, void** extra);
 
     [LibraryImport(Lib)] internal static partial CUresult cuStreamCreate(nint* phStream, uint flags);
     [LibraryImport(Lib)] internal static partial CUresult cuStreamDestroy_v2(nint hStream);

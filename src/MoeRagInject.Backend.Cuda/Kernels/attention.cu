@@ -139,34 +139,50 @@ __device__ __forceinline__ void attention_impl(
     }
 }
 
-// Merges a row's split records (attention_impl with grid z > 1) in split order into its output. Grid: (rows, kvHeads);
-// block: 128.
+// Merges a row's split records (the decode kernels with grid z > 1) in split order into its output. One thread per query
+// head first turns the splits' maxima into scale factors (shared memory), so that each output's loop over the splits has
+// only independent loads. Grid: (rows, kvHeads); block: 128. At most 8 query heads per KV head and 16 splits (the host's
+// bounds).
 extern "C" __global__ void attention_combine(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
     int headDim, int splits)
 {
+    kernel_prologue();
+    __shared__ float factor[8 * 16], denominator[8];
     const int r = blockIdx.x, kvHead = blockIdx.y, group = heads / kvHeads, width = group * (headDim + 2);
     const float* records = partial + ((long long)r * kvHeads + kvHead) * splits * width;
     bf16* o = out + (long long)r * heads * headDim + kvHead * group * headDim;
-    for (int c = threadIdx.x; c < group * headDim; c += blockDim.x)
+    if (threadIdx.x < group)
     {
-        const int g = c / headDim;
+        const int g = threadIdx.x;
         float mAll = NEG_INF;
         for (int z = 0; z < splits; z++) mAll = fmaxf(mAll, records[z * width + group * headDim + g]);
-        if (mAll == NEG_INF)
-        {
-            o[c] = 0;  // a padding row
-            continue;
-        }
-        float lAll = 0.f, value = 0.f;
+        float lAll = 0.f;
         for (int z = 0; z < splits; z++)
         {
             const float m = records[z * width + group * headDim + g];
-            if (m == NEG_INF) continue;  // a split with no keys
-            const float f = expf(m - mAll);
-            lAll = fmaf(records[z * width + group * (headDim + 1) + g], f, lAll);
-            value = fmaf(records[z * width + c], f, value);
+            const float f = m == NEG_INF ? 0.f : expf(m - mAll);  // 0: a split with no keys
+            factor[g * splits + z] = f;
+            if (m != NEG_INF) lAll = fmaf(records[z * width + group * (headDim + 1) + g], f, lAll);
         }
-        o[c] = float_to_bf16(value / lAll);
+        denominator[g] = mAll == NEG_INF ? 0.f : lAll;  // 0: a padding row
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < group * headDim; c += blockDim.x)
+    {
+        const int g = c / headDim;
+        if (denominator[g] == 0.f)
+        {
+            o[c] = 0;
+            continue;
+        }
+        float value = 0.f;
+#pragma unroll 4
+        for (int z = 0; z < splits; z++)
+        {
+            const float f = factor[g * splits + z];
+            if (f != 0.f) value = fmaf(records[z * width + c], f, value);
+        }
+        o[c] = float_to_bf16(value / denominator[g]);
     }
 }
 
@@ -176,7 +192,7 @@ extern "C" __global__ void attention_combine(const float* __restrict__ partial, 
         const int* __restrict__ positions, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, \
         const int* __restrict__ blockTables, int maxBlocks, int blockSize, \
         int heads, int kvHeads, int headDim, int window, float scale, int qkvWidth, float* __restrict__ partial) \
-    { \
+    { kernel_prologue(); \
         attention_impl<G, D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
             heads, kvHeads, headDim, window, scale, qkvWidth, partial); \
     }
@@ -509,7 +525,7 @@ __device__ __forceinline__ void attention_decode_tc_impl(const float* __restrict
         const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot, \
         const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize, \
         int heads, int kvHeads, int window, float scale, int qkvWidth) \
-    { \
+    { kernel_prologue(); \
         attention_tc_impl<D>(qkv, kCache, vCache, out, positions, seqSlot, queryStart, sequences, blockTables, maxBlocks, blockSize, \
             heads, kvHeads, window, scale, qkvWidth); \
     } \
@@ -517,7 +533,7 @@ __device__ __forceinline__ void attention_decode_tc_impl(const float* __restrict
         const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence, \
         const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, int blockSize, int heads, int kvHeads, \
         int window, float scale, int qkvWidth, float* __restrict__ partial) \
-    { \
+    { kernel_prologue(); \
         attention_decode_tc_impl<D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
             heads, kvHeads, window, scale, qkvWidth, partial); \
     }

@@ -7,6 +7,19 @@ typedef unsigned short bf16;
 
 struct alignas(16) u32x4 { unsigned x, y, z, w; };
 
+// Every kernel's first statement. On Hopper and later the kernels are launched with programmatic dependent launch
+// (CudaKernels.cs): launch_dependents lets the next kernel in the stream be scheduled once every block of this one has
+// started (so its blocks never take an SM from one of ours still waiting to run), and wait holds this grid until the
+// previous kernel has finished and its writes are visible. Nothing may read or write global memory before it. On older
+// cards, or launched without the attribute, both instructions are no-ops.
+__device__ __forceinline__ void kernel_prologue()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_float(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
 
 __device__ __forceinline__ bf16 float_to_bf16(float f)

@@ -2,6 +2,7 @@
 extern "C" __global__ void embed(const bf16* __restrict__ table, const int* __restrict__ tokens, float* __restrict__ hidden,
     int hiddenSize, int vocab)
 {
+    kernel_prologue();
     const int r = blockIdx.x;
     int token = tokens[r];
     if (token < 0 || token >= vocab) token = 0;  // padding rows carry token 0; real ids are checked on the host

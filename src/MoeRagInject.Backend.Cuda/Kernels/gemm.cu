@@ -213,22 +213,23 @@ __device__ __forceinline__ void gemm_grouped_impl(const bf16* __restrict__ a, co
     extern "C" __global__ void __launch_bounds__(WM * 64) gemm_grouped_##WM##x##MI##_bn##BN(const bf16* __restrict__ a, const bf16* __restrict__ w, \
         const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, long long splitStride, \
         float* __restrict__ y) \
-    { gemm_grouped_impl<WM, MI, HALF, false>(a, w, offsets, sorted, groups, rows, topK, n, k, splitStride, nullptr, y); } \
+    { kernel_prologue(); gemm_grouped_impl<WM, MI, HALF, false>(a, w, offsets, sorted, groups, rows, topK, n, k, splitStride, nullptr, y); } \
     extern "C" __global__ void __launch_bounds__(WM * 64) gemm_gate_up_##WM##x##MI##_bn##BN(const bf16* __restrict__ a, const bf16* __restrict__ w, \
         const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, long long splitStride, \
         bf16* __restrict__ act) \
-    { gemm_grouped_impl<WM, MI, HALF, true>(a, w, offsets, sorted, groups, rows, topK, n, k, 0, act, nullptr); }
+    { kernel_prologue(); gemm_grouped_impl<WM, MI, HALF, true>(a, w, offsets, sorted, groups, rows, topK, n, k, 0, act, nullptr); }
 #define GEMM_GROUPED_BN(WM, MI) GEMM_GROUPED(WM, MI, 32, 64) GEMM_GROUPED(WM, MI, 64, 128)
 GEMM_GROUPED_BN(1, 1) GEMM_GROUPED_BN(1, 2) GEMM_GROUPED_BN(2, 2) GEMM_GROUPED_BN(4, 2) GEMM_GROUPED_BN(1, 4) GEMM_GROUPED_BN(2, 4)
 
 // y[p] = Σ_z partial[z][p] in z order, for the rows a split GEMM wrote (offsets[groups] of them, or rows when offsets is
-// null). Grid: rows (an upper bound); block: 256.
+// null). Grid: (rows (an upper bound), column blocks); block: 256.
 extern "C" __global__ void gemm_split_sum(const float* __restrict__ partial, float* __restrict__ y, const int* __restrict__ offsets,
     int groups, int rows, int n, int splits, long long splitStride)
 {
+    kernel_prologue();
     const int p = blockIdx.x;
     if (p >= (offsets != nullptr ? offsets[groups] : rows)) return;
-    for (int c = threadIdx.x; c < n; c += blockDim.x)
+    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < n; c += gridDim.y * blockDim.x)
     {
         float sum = 0.f;
         for (int z = 0; z < splits; z++) sum += partial[z * splitStride + (long long)p * n + c];

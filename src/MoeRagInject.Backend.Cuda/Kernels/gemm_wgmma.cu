@@ -8,7 +8,8 @@
 // Gate-up mode: a tile's 64 weight rows are 32 features' gate and up rows interleaved by eights (rows 16w .. 16w + 7 the
 // gates of features 8w .. 8w + 7, rows 16w + 8 .. 16w + 15 their ups), so that each thread's accumulators hold a
 // feature's gate and up for the same rows and the epilogue writes act = silu(gate) · up as bf16 directly. Down mode
-// writes fp32 y. k must be a multiple of 64. Grid: (row tiles, bound included, feature tiles: ⌈n / 32⌉ gate-up,
+// writes fp32 y; with offsets null it is a plain projection of `rows` rows (--deterministic's linear, k split by grid z).
+// k must be a multiple of 64. Grid: (row tiles, bound included, feature tiles: ⌈n / 32⌉ gate-up,
 // ⌈n / 64⌉ down); block: 128; dynamic shared memory: STAGES · (64 + N) · 128 bytes, 1024-aligned.
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -84,7 +85,8 @@ struct WgmmaStages { static constexpr int value = N >= 128 ? 4 : 6; };
 
 template <int N, bool GATE_UP>
 __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const bf16* __restrict__ w, const int* __restrict__ offsets,
-    const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
+    const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, float* __restrict__ y,
+    long long splitStride)
 {
     constexpr int STAGES = WgmmaStages<N>::value, B_LOADS = N / 16;
     extern __shared__ __align__(1024) unsigned char wgmma_shared[];
@@ -92,6 +94,12 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
     bf16* tileA = tileW + STAGES * 64 * GEMM_BK;       // [STAGES][N][64]
 
     int group = -1, rowBegin = 0, rowEnd = 0;
+    if (offsets == nullptr)
+    {
+        // One group of `rows` rows, read in place (a projection: --deterministic's linear).
+        if ((int)blockIdx.x * N < rows) { group = 0; rowBegin = blockIdx.x * N; rowEnd = rows; }
+    }
+    else
     {
         int tile = blockIdx.x;
         for (int g = 0; g < groups; g++)
@@ -130,11 +138,17 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
         aOffset[j] = p >= rowEnd ? -1 : (GATE_UP ? sorted[p] / topK : p) * k + chunk * 8;
     }
 
-    const int kTiles = k / GEMM_BK;
+    // Down products may split k over grid z (--deterministic at few rows: more blocks streaming the weights); split z
+    // writes its partial sums at y + z·splitStride, which moe_combine_grouped adds in split order. The split count comes
+    // from the weight's shape alone, so each row is still summed the same way at every batch size.
+    const int kTilesAll = k / GEMM_BK;
+    const int kBegin = (int)((long long)kTilesAll * blockIdx.z / gridDim.z);
+    const int kTiles = (int)((long long)kTilesAll * (blockIdx.z + 1) / gridDim.z) - kBegin;
+    if (!GATE_UP) y += blockIdx.z * splitStride;
     auto load = [&](int stage, int kt) {
         bf16* sw = tileW + stage * 64 * GEMM_BK;
         bf16* sa = tileA + stage * N * GEMM_BK;
-        const int kOffset = kt * GEMM_BK;
+        const int kOffset = (kBegin + kt) * GEMM_BK;
 #pragma unroll
         for (int j = 0; j < 4; j++)
             copy_async16(shared_address(sw + swizzled(firstRow + j * 16, chunk)), w + (wOffset[j] >= 0 ? wOffset[j] + kOffset : 0), wOffset[j] >= 0);
@@ -197,17 +211,17 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
         }
 }
 
-#define MOE_WGMMA_BODY(N, GATE_UP) moe_wgmma_impl<N, GATE_UP>(a, w, offsets, sorted, groups, topK, n, k, act, y);
+#define MOE_WGMMA_BODY(N, GATE_UP) moe_wgmma_impl<N, GATE_UP>(a, w, offsets, sorted, groups, rows, topK, n, k, act, y, splitStride);
 #else
 #define MOE_WGMMA_BODY(N, GATE_UP) __trap();
 #endif
 
 #define MOE_WGMMA(N) \
     extern "C" __global__ void __launch_bounds__(128) moe_wgmma_gate_up_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
-        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y) { MOE_WGMMA_BODY(N, true) } \
+        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, true) } \
     extern "C" __global__ void __launch_bounds__(128) moe_wgmma_down_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
-        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int topK, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y) { MOE_WGMMA_BODY(N, false) }
+        const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, false) }
 
 MOE_WGMMA(16) MOE_WGMMA(32) MOE_WGMMA(64) MOE_WGMMA(128) MOE_WGMMA(256)

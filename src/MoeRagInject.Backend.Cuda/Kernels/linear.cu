@@ -35,5 +35,5 @@ __device__ __forceinline__ void linear_rows_impl(const bf16* __restrict__ x, con
 
 #define LINEAR_ROWS(T) \
     extern "C" __global__ void __launch_bounds__(256) linear_rows_t##T(const bf16* __restrict__ x, const bf16* __restrict__ w, \
-        float* __restrict__ y, int rows, int n, int k) { linear_rows_impl<T>(x, w, y, rows, n, k); }
+        float* __restrict__ y, int rows, int n, int k) { kernel_prologue(); linear_rows_impl<T>(x, w, y, rows, n, k); }
 LINEAR_ROWS(1) LINEAR_ROWS(2) LINEAR_ROWS(4) LINEAR_ROWS(8)

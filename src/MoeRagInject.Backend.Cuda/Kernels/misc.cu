@@ -5,6 +5,7 @@ extern "C" __global__ void add_injection(float* __restrict__ x, const float* __r
     const int* __restrict__ starts, const int* __restrict__ ends, const int* __restrict__ positions, const int* __restrict__ rowSequence,
     const int* __restrict__ seqSlot, int layer, int layers, int hidden)
 {
+    kernel_prologue();
     const int r = blockIdx.x;
     const int slot = seqSlot[rowSequence[r]];
     if (slot < 0) return;
@@ -19,6 +20,7 @@ extern "C" __global__ void add_injection(float* __restrict__ x, const float* __r
 // out[i] = x[last row of sequence i] (bf16 rows). Grid: sequences; block: 128.
 extern "C" __global__ void gather_last_rows(const bf16* __restrict__ x, bf16* __restrict__ out, const int* __restrict__ queryStart, int hidden)
 {
+    kernel_prologue();
     const int i = blockIdx.x;
     const bf16* in = x + (long long)(queryStart[i + 1] - 1) * hidden;
     bf16* o = out + (long long)i * hidden;
@@ -28,6 +30,7 @@ extern "C" __global__ void gather_last_rows(const bf16* __restrict__ x, bf16* __
 // bf16 → fp32 copy, for reading bf16 activations back on the host. Grid-stride.
 extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ in, float* __restrict__ out, long long n)
 {
+    kernel_prologue();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         out[i] = bf16_to_float(in[i]);
 }
@@ -36,6 +39,7 @@ extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ in, float* __res
 // hash of (seed, tensor, index), rounded to bf16; norms are 1. Grid-stride.
 extern "C" __global__ void fill_dummy(bf16* __restrict__ out, long long n, unsigned long long seed, int tensor, int isNorm)
 {
+    kernel_prologue();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     {
         if (isNorm)
@@ -56,6 +60,7 @@ extern "C" __global__ void fill_dummy(bf16* __restrict__ out, long long n, unsig
 // counts[slot, token] += 1 for each accepted (slot, token) pair. Grid-stride over pairs.
 extern "C" __global__ void count_accepted(int* __restrict__ counts, const int* __restrict__ pairs, int n, int vocab)
 {
+    kernel_prologue();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         atomicAdd(&counts[(long long)pairs[2 * i] * vocab + pairs[2 * i + 1]], 1);
 }
@@ -63,6 +68,7 @@ extern "C" __global__ void count_accepted(int* __restrict__ counts, const int* _
 // A slot's penalty state for a new request: counts zeroed, the prompt mask set from its prompt ids. Grid-stride.
 extern "C" __global__ void reset_penalties(int* __restrict__ counts, unsigned char* __restrict__ mask, int slot, int vocab)
 {
+    kernel_prologue();
     for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < vocab; v += gridDim.x * blockDim.x)
     {
         counts[(long long)slot * vocab + v] = 0;
@@ -72,6 +78,7 @@ extern "C" __global__ void reset_penalties(int* __restrict__ counts, unsigned ch
 
 extern "C" __global__ void mark_prompt(unsigned char* __restrict__ mask, int slot, int vocab, const int* __restrict__ ids, int n)
 {
+    kernel_prologue();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
     {
         const int id = ids[i];
@@ -82,5 +89,6 @@ extern "C" __global__ void mark_prompt(unsigned char* __restrict__ mask, int slo
 // table[pairs[2i]] = pairs[2i + 1]: the block-table entries the host changed since the last step. Grid-stride over pairs.
 extern "C" __global__ void set_entries(int* __restrict__ table, const int* __restrict__ pairs, int n)
 {
+    kernel_prologue();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) table[pairs[2 * i]] = pairs[2 * i + 1];
 }

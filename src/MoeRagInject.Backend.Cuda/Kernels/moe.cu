@@ -31,29 +31,46 @@ __device__ __forceinline__ void collect_routed(const int* __restrict__ topIds, i
     __syncthreads();
 }
 
-// Router: softmax over all experts of W·x in fp32, its entropy (nats) at (row, layer), the top-k by probability (ties to
-// the lower expert id) renormalised over the k. Padding rows (slot −1) get expert −1. Grid: rows; block: 256.
-extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts, int topK,
-    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds, float* __restrict__ topWeights,
-    float* __restrict__ entropies, int layer, int layers)
+// logits[e] = W_e · x in fp32 for one row, by the whole block: max(1, warps / experts) warps per expert, each summing an
+// interleaved share of the row with all its loads of a share in flight, then the shares added in order. route,
+// add_rms_norm_route and router_probe all sum this way, so they agree bit for bit; each row's logits are the same
+// whatever the batch. partial: 64 floats of shared memory. x is not __restrict__: add_rms_norm_route reads the row it has
+// just written (through the coherent path, after a barrier).
+__device__ __forceinline__ void router_logits(const bf16* x, const bf16* __restrict__ w, int hidden, int experts,
+    float* partial, float* logits)
 {
-    __shared__ float logits[ROUTER_MAX_EXPERTS];
-    const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const u32x4* xRow = (const u32x4*)(x + (long long)r * hidden);
-    const int chunks = hidden / 8;
-    for (int e = warp; e < experts; e += warps)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int parts = max(1, warps / experts), chunks = hidden / 8;
+    const u32x4* xRow = (const u32x4*)x;
+    for (int job = warp; job < experts * parts; job += warps)
     {
+        const int e = job / parts, part = job % parts;
         const u32x4* wRow = (const u32x4*)(w + (long long)e * hidden);
         float s = 0.f;
-        for (int c = lane; c < chunks; c += 32) s += dot8(wRow[c], xRow[c]);
+#pragma unroll 4
+        for (int c = part * 32 + lane; c < chunks; c += parts * 32) s += dot8(wRow[c], xRow[c]);
         s = warp_sum(s);
-        if (lane == 0) logits[e] = s;
+        if (lane == 0) partial[job] = s;
     }
     __syncthreads();
-    if (threadIdx.x != 0) return;
+    if (threadIdx.x < experts)
+    {
+        float total = 0.f;
+        for (int part = 0; part < parts; part++) total += partial[threadIdx.x * parts + part];
+        logits[threadIdx.x] = total;
+    }
+    __syncthreads();
+}
+
+// The router's decision for row r from its logits (thread 0 only): softmax over all experts, its entropy (nats) at
+// (row, layer), the top-k by probability (ties to the lower expert id) renormalised over the k. Padding rows (slot −1)
+// get expert −1, weight 0 and entropy 0.
+__device__ __forceinline__ void route_row(float* logits, int r, int experts, int topK, bool padding, int* __restrict__ topIds,
+    float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers)
+{
     int* ids = topIds + (long long)r * topK;
     float* weights = topWeights + (long long)r * topK;
-    if (seqSlot[rowSequence[r]] < 0)
+    if (padding)
     {
         for (int k = 0; k < topK; k++)
         {
@@ -92,6 +109,19 @@ extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restr
         chosenSum += logits[best];
     }
     for (int k = 0; k < topK; k++) weights[k] /= chosenSum;
+}
+
+// Router: route_row of router_logits for every row. Grid: rows; block: up to 1024 (more warps, more loads in flight).
+extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts, int topK,
+    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds, float* __restrict__ topWeights,
+    float* __restrict__ entropies, int layer, int layers)
+{
+    kernel_prologue();
+    __shared__ float partial[ROUTER_MAX_EXPERTS], logits[ROUTER_MAX_EXPERTS];
+    const int r = blockIdx.x;
+    router_logits(x + (long long)r * hidden, w, hidden, experts, partial, logits);
+    if (threadIdx.x == 0)
+        route_row(logits, r, experts, topK, seqSlot[rowSequence[r]] < 0, topIds, topWeights, entropies, layer, layers);
 }
 
 // Small path, gate and up: for expert blockIdx.x and 8 intermediate features (a warp each), act[slot, n] =
@@ -189,10 +219,10 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
 #define MOE_SMALL(T) \
     extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up_t##T(const bf16* __restrict__ x, const bf16* __restrict__ gateUp, \
         const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate) \
-    { moe_small_gate_up_impl<T>(x, gateUp, topIds, act, slots, topK, hidden, intermediate); } \
+    { kernel_prologue(); moe_small_gate_up_impl<T>(x, gateUp, topIds, act, slots, topK, hidden, intermediate); } \
     extern "C" __global__ void __launch_bounds__(256) moe_small_down_t##T(const bf16* __restrict__ act, const bf16* __restrict__ down, \
         const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate) \
-    { moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
+    { kernel_prologue(); moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
 MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
 // One row (decode at batch 1), gate and up: block (k, 8 features) for the row's k-th expert, a warp a feature; blocks are
@@ -201,6 +231,7 @@ MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
     const int* __restrict__ topIds, bf16* __restrict__ act, float* __restrict__ delta, int zeroDelta, int hidden, int intermediate)
 {
+    kernel_prologue();
     const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (zeroDelta && slot == 0 && threadIdx.x < 8 && blockIdx.y * 8 + threadIdx.x < hidden) delta[blockIdx.y * 8 + threadIdx.x] = 0.f;
@@ -228,6 +259,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_row_down(const bf16* __res
     const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, float* __restrict__ delta,
     int addToDelta, int hidden, int intermediate)
 {
+    kernel_prologue();
     const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (e < 0 || feature >= hidden) return;
@@ -246,6 +278,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_row_down(const bf16* __res
 extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, const int* __restrict__ topIds, float* __restrict__ delta,
     int topK, int hidden)
 {
+    kernel_prologue();
     const int r = blockIdx.x;
     for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
@@ -260,6 +293,7 @@ extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, cons
 // block: 256.
 extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* __restrict__ act, int intermediate)
 {
+    kernel_prologue();
     const long long g = blockIdx.x;
     const float* in = gateUp + g * 2 * intermediate;
     bf16* o = act + g * intermediate;
@@ -271,6 +305,7 @@ extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* 
 extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, const int* __restrict__ topIds,
     const float* __restrict__ topWeights, float* __restrict__ delta, int rows, int topK, int hidden)
 {
+    kernel_prologue();
     const int r = blockIdx.x;
     for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
@@ -290,6 +325,7 @@ extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, cons
 extern "C" __global__ void moe_align(const int* __restrict__ topIds, int slots, int experts, int* __restrict__ offsets,
     int* __restrict__ sorted, int* __restrict__ placeOf)
 {
+    kernel_prologue();
     __shared__ int counts[ROUTER_MAX_EXPERTS + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int e = warp; e < experts; e += warps)
@@ -341,6 +377,7 @@ extern "C" __global__ void moe_align(const int* __restrict__ topIds, int slots, 
 extern "C" __global__ void moe_gather(const bf16* __restrict__ x, const int* __restrict__ sorted, const int* __restrict__ offsets,
     int experts, bf16* __restrict__ xs, int topK, int hidden)
 {
+    kernel_prologue();
     const int i = blockIdx.x;
     if (i >= offsets[experts]) return;
     const u32x4* in = (const u32x4*)(x + (long long)(sorted[i] / topK) * hidden);
@@ -348,10 +385,12 @@ extern "C" __global__ void moe_gather(const bf16* __restrict__ x, const int* __r
     for (int c = threadIdx.x; c < hidden / 8; c += blockDim.x) o[c] = in[c];
 }
 
-// Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order. Grid: (rows, column blocks); block: 256.
+// Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order, where out[place] is the sum of the down GEMM's
+// k splits in split order (split z at out + z·splitStride). Grid: (rows, column blocks); block: 256.
 extern "C" __global__ void moe_combine_grouped(const float* __restrict__ out, const int* __restrict__ placeOf,
-    const float* __restrict__ topWeights, float* __restrict__ delta, int topK, int hidden)
+    const float* __restrict__ topWeights, float* __restrict__ delta, int topK, int hidden, int splits, long long splitStride)
 {
+    kernel_prologue();
     const int r = blockIdx.x;
     for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
     {
@@ -359,7 +398,11 @@ extern "C" __global__ void moe_combine_grouped(const float* __restrict__ out, co
         for (int k = 0; k < topK; k++)
         {
             const int place = placeOf[r * topK + k];
-            if (place >= 0) sum += topWeights[r * topK + k] * out[(long long)place * hidden + c];
+            if (place < 0) continue;
+            const float* o = out + (long long)place * hidden + c;
+            float value = o[0];
+            for (int z = 1; z < splits; z++) value += o[z * splitStride];
+            sum += topWeights[r * topK + k] * value;
         }
         delta[(long long)r * hidden + c] = sum;
     }

@@ -5,6 +5,7 @@
 extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, bf16* __restrict__ kCache, bf16* __restrict__ vCache,
     const int* __restrict__ positions, const int* __restrict__ kvSlots, int heads, int kvHeads, int headDim, float theta, int qkvWidth)
 {
+    kernel_prologue();
     const int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     const int half = headDim / 2;
     float* v = qkv + (long long)r * qkvWidth + h * headDim;

@@ -43,6 +43,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample(const float*
     int* __restrict__ outTokens, float* __restrict__ outLogprobs, float* __restrict__ outEntropy, float* __restrict__ outRouter,
     int* __restrict__ outStatus)
 {
+    kernel_prologue();
     __shared__ float scratch[32];
     __shared__ float bestValue[32];
     __shared__ int bestIndex[32];
