@@ -66,6 +66,8 @@ public sealed record EvaluationOptions
     public bool Plots { get; init; } = true;
     /// <summary>Runs a few questions through prompt and latent mode first (discarded) so that JIT compilation does not land in the first mode's latencies.</summary>
     public bool Warmup { get; init; } = true;
+    /// <summary>Questions per turn when the modes take turns (no flag); null = <see cref="Evaluator.LatencyBlockSize"/>.</summary>
+    public int? LatencyBlock { get; init; }
 
     /// <summary>The command line that reproduces this run.</summary>
     public string ToCommandLine()
@@ -165,6 +167,8 @@ public sealed record ModeResult
     public required IReadOnlyDictionary<string, GroupMetrics> BySplit { get; init; }
     public required double WallSeconds { get; init; }
     public string? Settings { get; init; }
+    /// <summary>Mean latency of each block of questions the modes took turns over, in question order (one block: the whole run).</summary>
+    public IReadOnlyList<double> BlockLatencyMeans { get; init; } = [];
 
     internal static ModeResult Create(string mode, double? threshold, QuestionRun[] runs, double wall, string? settings)
     {
@@ -371,6 +375,7 @@ public static class Evaluator
                 }
                 progress.WriteLine(Inv($"[eval] warm-up: {warmCount} question runs in none, prompt_always and latent_random mode ({warmClock.Elapsed.TotalSeconds:F1} s, discarded)"));
             }
+            var measured = new List<string>();
             foreach (var mode in modes)
             {
                 if (mode == EvalModes.LatentCalibrated && !projectionExists)
@@ -385,11 +390,11 @@ public static class Evaluator
                     progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
                     continue;
                 }
-                var modeThreshold = mode switch { EvalModes.None => (double?)null, EvalModes.PromptAlways => 0, _ => threshold };
-                results[mode] = await RunModeAsync(options, mode, signal, modeThreshold ?? threshold, probePath, projection, injectionLayer, items, logRoot,
-                    progress, cancellationToken, trainedProjection: trainedProjection).ConfigureAwait(false);
-                results[mode] = results[mode] with { Threshold = modeThreshold };
+                measured.Add(mode);
             }
+            foreach (var measuredMode in await RunInTurnsAsync(options, measured, signal, threshold, probePath, projection, injectionLayer, trainedProjection,
+                         items, logRoot, progress, cancellationToken).ConfigureAwait(false))
+                results[measuredMode.Mode] = measuredMode;
 
             if (options.Sweep && results.TryGetValue(EvalModes.None, out var noneRun))
             {
@@ -468,6 +473,7 @@ public static class Evaluator
             o["threshold"] = r.Threshold is { } th ? JsonOut.Num(th) : null;
             o["settings"] = r.Settings;
             o["wall_s"] = JsonOut.Num(r.WallSeconds, 3);
+            if (r.BlockLatencyMeans.Count > 1) o["latency_mean_by_block_s"] = JsonOut.Array(r.BlockLatencyMeans);
             var splits = new JsonObject();
             foreach (var (split, g) in r.BySplit) splits[split] = g.ToJson();
             o["by_split"] = splits;
@@ -534,6 +540,7 @@ public static class Evaluator
             ["trained_proj"] = File.Exists(trainedProjection) ? Path.GetFullPath(trainedProjection) : null,
             ["max_new_tokens"] = options.MaxNewTokens,
             ["concurrency"] = options.Concurrency,
+            ["latency_block"] = options.LatencyBlock ?? LatencyBlockSize(items.Count, options.Concurrency),
             ["threads"] = options.Threads ?? Environment.ProcessorCount,
             ["retrieval_top_k"] = options.RetrievalTopK,
             ["max_retrievals"] = options.MaxRetrievals,
@@ -586,6 +593,64 @@ public static class Evaluator
         File.WriteAllText(markdownPath, Report.Markdown(result, options));
         progress.WriteLine($"[eval] wrote {outPath}, {markdownPath}, {predictionsPath}" + (plotPaths.Count > 0 ? $" and {plotPaths.Count} plots" : ""));
         return result;
+    }
+
+    /// <summary>
+    /// Questions per turn of <see cref="RunInTurnsAsync"/>: a twentieth of the questions, and at least 25 times the concurrency,
+    /// so that the few questions at the end of a turn, which run with fewer beside them, stay a small share.
+    /// </summary>
+    public static int LatencyBlockSize(int questions, int concurrency) =>
+        Math.Max(1, Math.Max(25 * concurrency, (questions + 19) / 20));
+
+    /// <summary>
+    /// The modes answer the questions in turns: block by block (<see cref="LatencyBlockSize"/> questions), every mode runs the
+    /// block, the first mode of a block rotating. Whatever else the machine does during the run then falls on every mode
+    /// alike; run one after another, one mode could take all of a busy spell and another none of it (three full runs of the
+    /// same none mode on a shared 2-core machine measured 0.078, 0.145 and 0.206 s per question).
+    /// </summary>
+    private static async Task<List<ModeResult>> RunInTurnsAsync(EvaluationOptions options, IReadOnlyList<string> modes, TriggerSignal signal,
+        double threshold, string? probePath, string projection, int injectionLayer, string trainedProjection, IReadOnlyList<QaItem> items,
+        string logRoot, TextWriter progress, CancellationToken cancellationToken)
+    {
+        if (modes.Count == 0) return [];
+        var size = options.LatencyBlock ?? LatencyBlockSize(items.Count, options.Concurrency);
+        ArgumentOutOfRangeException.ThrowIfLessThan(size, 1, nameof(options.LatencyBlock));
+        var blocks = (items.Count + size - 1) / size;
+        static double? ThresholdOf(string mode, double threshold) => mode switch { EvalModes.None => null, EvalModes.PromptAlways => 0, _ => threshold };
+        var runs = modes.ToDictionary(m => m, _ => new QuestionRun[items.Count], StringComparer.Ordinal);
+        var wall = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
+        var settings = modes.ToDictionary(m => m, _ => (string?)null, StringComparer.Ordinal);
+        var blockLatency = modes.ToDictionary(m => m, _ => new List<double>(), StringComparer.Ordinal);
+        if (blocks > 1)
+            progress.WriteLine(Inv($"[eval] the modes take turns over {blocks} blocks of up to {size} questions"));
+        for (var b = 0; b < blocks; b++)
+        {
+            var start = b * size;
+            var block = items.Skip(start).Take(size).ToList();
+            for (var k = 0; k < modes.Count; k++)
+            {
+                var mode = modes[(b + k) % modes.Count];
+                var label = blocks == 1 ? mode : Inv($"{mode} block {b + 1}");
+                var run = await RunModeAsync(options, mode, signal, ThresholdOf(mode, threshold) ?? threshold, probePath, projection, injectionLayer, block,
+                    logRoot, blocks == 1 ? progress : TextWriter.Null, cancellationToken, label, trainedProjection).ConfigureAwait(false);
+                for (var i = 0; i < block.Count; i++) runs[mode][start + i] = run.Runs[i];
+                wall[mode] += run.WallSeconds;
+                settings[mode] = run.Settings;
+                blockLatency[mode].Add(run.Overall.LatencyMean);
+            }
+            if (blocks > 1)
+                progress.WriteLine(Inv($"[eval] block {b + 1}/{blocks} (questions {start + 1}-{start + block.Count}): mean latency ")
+                    + string.Join(", ", modes.Select(m => Inv($"{m} {blockLatency[m][b]:F3} s"))));
+        }
+        var results = new List<ModeResult>(modes.Count);
+        foreach (var mode in modes)
+        {
+            var result = ModeResult.Create(mode, ThresholdOf(mode, threshold), runs[mode], wall[mode], settings[mode]) with { BlockLatencyMeans = blockLatency[mode] };
+            if (blocks > 1)
+                progress.WriteLine(Inv($"[{mode}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
+            results.Add(result);
+        }
+        return results;
     }
 
     private static async Task<ModeResult> RunModeAsync(EvaluationOptions options, string mode, TriggerSignal signal, double threshold,

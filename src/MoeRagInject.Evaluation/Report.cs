@@ -246,7 +246,12 @@ public static class Report
         md.AppendLine();
 
         md.AppendLine("## Modes").AppendLine();
-        md.AppendLine(Inv($"Latency is end to end per question with {options.Concurrency} questions in flight at once (continuous batching), so it includes queueing behind the other questions of the batch; it also grows with the number of tokens generated (tokens/q). The modes run one after another on the same machine, after a discarded warm-up; anything else running on the machine shows in the timings.")
+        var block = config["latency_block"]!.GetValue<int>();
+        var blocks = (n + block - 1) / block;
+        var turns = blocks > 1
+            ? Inv($"The modes take turns over {blocks} blocks of up to {block} questions (every mode answers a block before the next begins; the first mode of a block rotates), after a discarded warm-up, so that anything else running on the machine falls on every mode alike; it still shows in the timings (each mode's mean latency per block is `latency_mean_by_block_s` in the JSON).")
+            : "The modes run one after another on the same machine, after a discarded warm-up; anything else running on the machine shows in the timings.";
+        md.AppendLine(Inv($"Latency is end to end per question with {options.Concurrency} questions in flight at once (continuous batching), so it includes queueing behind the other questions of the batch; it also grows with the number of tokens generated (tokens/q). ") + turns
             + (Evaluator.TieredCompilationEnabled ? " Tiered JIT compilation was on: set DOTNET_TieredCompilation=0 for steadier latencies." : " Tiered JIT compilation was off."));
         md.AppendLine();
         md.AppendLine("| mode | token F1 (± 95% CI) | contains | F1 taught | F1 held-out (± 95% CI) | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) |");
