@@ -114,17 +114,33 @@ public sealed class OpChecks : IDisposable
 
     private void AddRmsNormCase(int rows)
     {
+        NormCase("add_rms_norm", rows, _weights.Layers[0].PostAttentionNorm,
+            (b, residual, delta, w, output) => b.AddRmsNorm(residual, delta, w, 1e-5f, output, rows),
+            (b, residual, delta, w, output) => b.AddRmsNorm(residual, delta, w, 1e-5f, output, rows)).Dispose();
+    }
+
+    private delegate void NormOp(IBackend backend, DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, DeviceTensor output);
+
+    /// <summary>
+    /// A norm op on both backends: random residual rows, <paramref name="delta"/> (random rows when null) and the norm
+    /// weight, an output whose guard rows are poisoned; <paramref name="cpu"/> and <paramref name="device"/> run the op,
+    /// then the normed rows and the updated residual are compared. Returns the output (the caller disposes it).
+    /// </summary>
+    private Pair.Tensor NormCase(string name, int rows, TensorView weight, NormOp cpu, NormOp device, Pair.Tensor? delta = null)
+    {
         using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
         residual.Fill(_rng, 1f);
-        using var delta = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
-        delta.Fill(_rng, 1f);
-        using var w = Pair.Weight(this, _weights.Layers[0].PostAttentionNorm);
-        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
+        using var ownDelta = delta is null ? Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32) : null;
+        ownDelta?.Fill(_rng, 1f);
+        var d = delta ?? ownDelta!;
+        using var w = Pair.Weight(this, weight);
+        var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
         y.Poison();
-        _cpu.AddRmsNorm(residual.Cpu, delta.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
-        _device.AddRmsNorm(residual.Device, delta.Device, w.Device, 1e-5f, y.Device, rows);
-        Compare($"add_rms_norm rows={rows} (normed)", y, rows, 1e-5);
-        Compare($"add_rms_norm rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+        cpu(_cpu, residual.Cpu, d.Cpu, w.Cpu, y.Cpu);
+        device(_device, residual.Device, d.Device, w.Device, y.Device);
+        Compare($"{name} rows={rows} (normed)", y, rows, 1e-5);
+        Compare($"{name} rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+        return y;
     }
 
     private void LinearCase(int rows)
@@ -225,18 +241,10 @@ public sealed class OpChecks : IDisposable
     {
         using var pair = new StepPair(this, Scenario.Decode(rows, _config.VocabSize, _rng));
         using var router = Pair.Weight(this, _weights.Layers[1].Router);
-        using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
-        residual.Fill(_rng, 1f);
-        using var delta = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
-        delta.Fill(_rng, 1f);
-        using var w = Pair.Weight(this, _weights.Layers[1].PostAttentionNorm);
-        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
-        y.Poison();
-        _cpu.AddRmsNorm(residual.Cpu, delta.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
-        _device.AddRmsNormRoute(residual.Device, delta.Device, w.Device, 1e-5f, y.Device, router.Device, 1, _config.NumExpertsPerToken,
-            pair.Device, rows);
-        Compare($"add_rms_norm_route rows={rows} (normed)", y, rows, 1e-5);
-        Compare($"add_rms_norm_route rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+        using var y = NormCase("add_rms_norm_route", rows, _weights.Layers[1].PostAttentionNorm,
+            (b, residual, delta, w, output) => b.AddRmsNorm(residual, delta, w, 1e-5f, output, rows),
+            (b, residual, delta, w, output) =>
+                b.AddRmsNormRoute(residual, delta, w, 1e-5f, output, router.Device, 1, _config.NumExpertsPerToken, pair.Device, rows));
         var normed = new float[(rows + Guard) * _config.HiddenSize];
         _device.Download(y.Device, rows + Guard, normed);
         _cpu.Upload(normed, y.Cpu);
@@ -393,16 +401,10 @@ public sealed class OpChecks : IDisposable
         pair.Device.Upload();
         using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
         x.Fill(_rng, 1f);
-        using var residual = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.Float32);
-        residual.Fill(_rng, 1f);
-        using var w = Pair.Weight(this, _weights.Layers[0].PostAttentionNorm);
-        using var y = Pair.Activation(this, rows + Guard, _config.HiddenSize, ActivationKind.GemmInput);
-        y.Poison();
         // The fused end of a layer on the device against the two ops on the CPU.
-        _cpu.AddInjectionRmsNorm(residual.Cpu, x.Cpu, 1, pair.Cpu, w.Cpu, 1e-5f, y.Cpu, rows);
-        _device.AddInjectionRmsNorm(residual.Device, x.Device, 1, pair.Device, w.Device, 1e-5f, y.Device, rows);
-        Compare($"add_injection_rms_norm rows={rows} (normed)", y, rows, 1e-5);
-        Compare($"add_injection_rms_norm rows={rows} (residual)", residual, rows, 1e-12, guardRows: 0);
+        NormCase("add_injection_rms_norm", rows, _weights.Layers[0].PostAttentionNorm,
+            (b, residual, delta, w, output) => b.AddInjectionRmsNorm(residual, delta, 1, pair.Cpu, w, 1e-5f, output, rows),
+            (b, residual, delta, w, output) => b.AddInjectionRmsNorm(residual, delta, 1, pair.Device, w, 1e-5f, output, rows), delta: x).Dispose();
         x.Fill(_rng, 1f);
         _cpu.AddInjection(x.Cpu, 1, pair.Cpu, rows);
         _device.AddInjection(x.Device, 1, pair.Device, rows);
