@@ -272,8 +272,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         if (path == LinearPath.Wgmma && (!WgmmaAvailable || w.Columns % 64 != 0)) path = LinearPath.Tensor;
         if (path == LinearPath.Wgmma)
         {
-            // --deterministic on Hopper: wgmma at every row count, k split by a count from the weight's shape alone (the
-            // mma.sync kernel's split), partial sums added in split order: each row's reduction is the same whatever the batch.
+            // --deterministic on Hopper: wgmma at every row count, k split by a count from the weight's shape and the card
+            // alone, partial sums added in split order: each row's reduction is the same whatever the batch.
             if ((long)rows * w.Columns >= int.MaxValue) throw new NotSupportedException($"wgmma linear: {rows} rows of {w.Columns} exceed 32-bit offsets");
             var n = WgmmaNForced ?? WgmmaRows(rows);
             var splits = WgmmaSplitsFor(w.Rows);
@@ -283,7 +283,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 (uint)(WgmmaStages(n) * (64 + n) * 128), a.Pointer, w.Pointer, 0UL, 0UL, 1, rows, 1, w.Rows, w.Columns, 0UL,
                 splits > 1 ? _splitWorkspace!.Pointer : y.Pointer, stride);
             if (splits > 1)
-                Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(w.Rows), 1), 256, 0, _splitWorkspace!.Pointer, y.Pointer, 0UL, 1, rows, w.Rows, splits, stride);
+                Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(w.Rows), 1), 256, 0, _splitWorkspace!.Pointer, y.Pointer, 0UL, 1, rows,
+                    w.Rows, splits, stride);
             return;
         }
         if (path == LinearPath.Tensor)
