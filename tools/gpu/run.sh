@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
 # benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
-# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline (default: all but paths).
+# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline, compiled (the compiled PyTorch
+# decode step, tools/gpu/baseline_compiled.py; its compiles take minutes, so it is not in the default: all but paths
+# and compiled).
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
@@ -55,5 +57,10 @@ if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
   timeout 540 python3 tools/gpu/baseline_transformers.py ${BASELINE_ARGS:---batch-sizes 1,8,64} --input-len 128 --output-len 32 \
     --json "$out/baseline.json" 2>&1
+fi
+if has compiled; then
+  log "baseline: compiled PyTorch decode step (inductor layer, whole step in one CUDA graph), same shape, dummy weights"
+  timeout 540 python3 tools/gpu/baseline_compiled.py ${COMPILED_ARGS:---batch-sizes 1,8,64,256} --input-len 128 --output-len 128 \
+    --json "$out/baseline-compiled.json" 2>&1
 fi
 log "done"
