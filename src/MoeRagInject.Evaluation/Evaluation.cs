@@ -169,6 +169,8 @@ public sealed record ModeResult
     public string? Settings { get; init; }
     /// <summary>Mean latency of each block of questions the modes took turns over, in question order (one block: the whole run).</summary>
     public IReadOnlyList<double> BlockLatencyMeans { get; init; } = [];
+    /// <summary>Questions a turn of the modes held (question i ran in turn i / this), or 0 when the modes did not take turns.</summary>
+    public int LatencyBlockSize { get; init; }
 
     internal static ModeResult Create(string mode, double? threshold, QuestionRun[] runs, double wall, string? settings)
     {
@@ -645,7 +647,10 @@ public static class Evaluator
         var results = new List<ModeResult>(modes.Count);
         foreach (var mode in modes)
         {
-            var result = ModeResult.Create(mode, ThresholdOf(mode, threshold), runs[mode], wall[mode], settings[mode]) with { BlockLatencyMeans = blockLatency[mode] };
+            var result = ModeResult.Create(mode, ThresholdOf(mode, threshold), runs[mode], wall[mode], settings[mode]) with
+            {
+                BlockLatencyMeans = blockLatency[mode], LatencyBlockSize = blocks > 1 ? size : 0,
+            };
             if (blocks > 1)
                 progress.WriteLine(Inv($"[{mode}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
             results.Add(result);

@@ -110,4 +110,46 @@ public sealed class GoalsTests
             key => Assert.Equal("NOT MEASURED", goals[key].Status));
         Assert.Contains("latent_trained", goals["trained_recovery"].Detail);
     }
+
+    /// <summary>
+    /// When the modes took turns, the latency ratio's interval resamples turns, not questions. Eight questions in four turns
+    /// of two; latent_trained adds 0.4 of prompt RAG's added latency in turns 1 and 3 and nothing in 0 and 2 (load that came
+    /// and went), 0.2 on the whole. Resampling the four turns, the ratio is 0.4·k/4 with k ~ Binomial(4, ½): k = 0 and k = 4
+    /// each have probability 1/16 > 2.5%, so the interval is exactly 0 to 0.4. Resampling the eight questions makes it
+    /// narrower (0.4·k/8 with k ~ Binomial(8, ½), P(k ≤ 1) = 9/256 > 2.5% > P(k = 0)): its lower end is 0.05.
+    /// </summary>
+    [Fact]
+    public void TheLatencyIntervalResamplesTheTurnsTheModesTook()
+    {
+        var items = Enumerable.Range(0, 8).Select(i => new QaItem($"q{i}", $"What is {i}?", $"answer {i}", null, i % 2 == 0 ? "taught" : "heldout", false)).ToArray();
+        ModeResult Turns(string name, Func<int, double> latency) => ModeResult.Create(name, null, [.. items.Select((item, i) => new QuestionRun
+        {
+            Item = item,
+            Tokens = [1],
+            Text = item.Answer,
+            Events = [],
+            RouterEntropy = [[1f]],
+            OutputEntropy = [1f],
+            Finish = new FinishReason(FinishKind.Stop),
+            LatencySeconds = latency(i),
+        })], 1, null) with { LatencyBlockSize = 2 };
+        var modes = new Dictionary<string, ModeResult>
+        {
+            ["none"] = Turns("none", _ => 1.0),
+            ["prompt_always"] = Turns("prompt_always", _ => 2.0),
+            ["latent_trained"] = Turns("latent_trained", i => i / 2 % 2 == 1 ? 1.4 : 1.0),
+        };
+        var latency = Evaluator.Goals(modes, null).ToDictionary(g => g.Key)["trained_latency_ratio"];
+        Assert.Equal(0.2, latency.Value, 10);
+        Assert.Equal(0.0, latency.CiLow, 10);
+        Assert.Equal(0.4, latency.CiHigh, 10);
+        Assert.Contains("block bootstrap over the 4 turns", latency.Detail);
+
+        // The same latencies without turns: the questions are resampled, and the interval no longer reaches 0.
+        foreach (var key in modes.Keys.ToList()) modes[key] = modes[key] with { LatencyBlockSize = 0 };
+        var byQuestion = Evaluator.Goals(modes, null).ToDictionary(g => g.Key)["trained_latency_ratio"];
+        Assert.Equal(0.2, byQuestion.Value, 10);
+        Assert.Equal(0.05, byQuestion.CiLow, 10);
+        Assert.Contains("paired bootstrap", byQuestion.Detail);
+    }
 }
