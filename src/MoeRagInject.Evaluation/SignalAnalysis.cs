@@ -86,6 +86,16 @@ public static class Bootstrap
         values.Sort();
         return (Stats.QuantileSorted(values, 0.025), Stats.QuantileSorted(values, 0.975));
     }
+
+    /// <summary>
+    /// <see cref="Ci95"/> over clusters: each resample draws as many clusters as there are (with replacement), each bringing
+    /// all its indices (row i is in cluster <paramref name="clusterOf"/>[i]), for rows that share a cause of variation.
+    /// </summary>
+    public static (double Low, double High) Ci95Clustered(int[] clusterOf, Func<int[], double> statistic, int seed, int resamples = Resamples)
+    {
+        var clusters = Enumerable.Range(0, clusterOf.Length).GroupBy(i => clusterOf[i]).Select(g => g.ToArray()).ToArray();
+        return Ci95(clusters.Length, picked => statistic([.. picked.SelectMany(c => clusters[c])]), seed, resamples);
+    }
 }
 
 /// <summary>The trigger signals as eval measures them: per-token values, AUROCs, the questions array, curve thresholds.</summary>

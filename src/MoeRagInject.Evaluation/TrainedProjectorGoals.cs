@@ -137,49 +137,13 @@ internal static class TrainedProjectorGoals
         return d / rows.Length;
     }
 
-    /// <summary>
-    /// Percentile bootstrap: <see cref="BootstrapSamples"/> resamples of the n rows with replacement (seeded), the statistic of
-    /// each, and its 2.5th and 97.5th percentiles. Resamples whose statistic is undefined (NaN) are left out; NaN when all are.
-    /// </summary>
-    internal static (double Lo, double Hi) BootstrapCi(int n, Func<int[], double> statistic)
-    {
-        if (n == 0) return (double.NaN, double.NaN);
-        var random = new Random(BootstrapSeed);
-        var values = new List<double>(BootstrapSamples);
-        var rows = new int[n];
-        for (var b = 0; b < BootstrapSamples; b++)
-        {
-            for (var i = 0; i < n; i++) rows[i] = random.Next(n);
-            var value = statistic(rows);
-            if (!double.IsNaN(value)) values.Add(value);
-        }
-        if (values.Count == 0) return (double.NaN, double.NaN);
-        values.Sort();
-        return (Stats.QuantileSorted(values, 0.025), Stats.QuantileSorted(values, 0.975));
-    }
+    /// <summary>The paired percentile bootstrap over the rows (<see cref="Bootstrap.Ci95"/>, seeded).</summary>
+    internal static (double Lo, double Hi) BootstrapCi(int n, Func<int[], double> statistic) =>
+        Bootstrap.Ci95(n, statistic, BootstrapSeed, BootstrapSamples);
 
-    /// <summary>
-    /// Cluster bootstrap: <see cref="BootstrapSamples"/> resamples (seeded) of the clusters with replacement, as many as there
-    /// are, each bringing all its rows; the statistic's 2.5th and 97.5th percentiles, NaN resamples left out.
-    /// </summary>
-    internal static (double Lo, double Hi) ClusterBootstrapCi(int[] clusterOf, Func<int[], double> statistic)
-    {
-        var clusters = Enumerable.Range(0, clusterOf.Length).GroupBy(i => clusterOf[i]).Select(g => g.ToArray()).ToArray();
-        if (clusters.Length == 0) return (double.NaN, double.NaN);
-        var random = new Random(BootstrapSeed);
-        var values = new List<double>(BootstrapSamples);
-        var rows = new List<int>(clusterOf.Length * 2);
-        for (var b = 0; b < BootstrapSamples; b++)
-        {
-            rows.Clear();
-            for (var c = 0; c < clusters.Length; c++) rows.AddRange(clusters[random.Next(clusters.Length)]);
-            var value = statistic([.. rows]);
-            if (!double.IsNaN(value)) values.Add(value);
-        }
-        if (values.Count == 0) return (double.NaN, double.NaN);
-        values.Sort();
-        return (Stats.QuantileSorted(values, 0.025), Stats.QuantileSorted(values, 0.975));
-    }
+    /// <summary>The bootstrap over clusters of rows (<see cref="Bootstrap.Ci95Clustered"/>, seeded).</summary>
+    internal static (double Lo, double Hi) ClusterBootstrapCi(int[] clusterOf, Func<int[], double> statistic) =>
+        Bootstrap.Ci95Clustered(clusterOf, statistic, BootstrapSeed, BootstrapSamples);
 
     private static string CiText((double Lo, double Hi) ci, double target, bool above, string? method = null)
     {

@@ -62,6 +62,20 @@ __device__ __forceinline__ void router_logits(const bf16* x, const bf16* __restr
     __syncthreads();
 }
 
+// logits[e] ← softmax over the experts in fp32 (one thread): the probabilities route and router_probe both use.
+__device__ __forceinline__ void router_softmax(float* logits, int experts)
+{
+    float max = NEG_INF;
+    for (int e = 0; e < experts; e++) max = fmaxf(max, logits[e]);
+    float sum = 0.f;
+    for (int e = 0; e < experts; e++)
+    {
+        logits[e] = expf(logits[e] - max);
+        sum += logits[e];
+    }
+    for (int e = 0; e < experts; e++) logits[e] /= sum;
+}
+
 // The router's decision for row r from its logits (thread 0 only): softmax over all experts, its entropy (nats) at
 // (row, layer), the top-k by probability (ties to the lower expert id) renormalised over the k. Padding rows (slot −1)
 // get expert −1, weight 0 and entropy 0.
@@ -80,21 +94,10 @@ __device__ __forceinline__ void route_row(float* logits, int r, int experts, int
         entropies[(long long)r * layers + layer] = 0.f;
         return;
     }
-    float max = NEG_INF;
-    for (int e = 0; e < experts; e++) max = fmaxf(max, logits[e]);
-    float sum = 0.f;
-    for (int e = 0; e < experts; e++)
-    {
-        logits[e] = expf(logits[e] - max);
-        sum += logits[e];
-    }
+    router_softmax(logits, experts);
     float entropy = 0.f;
     for (int e = 0; e < experts; e++)
-    {
-        const float p = logits[e] / sum;
-        logits[e] = p;
-        if (p > 0.f) entropy -= p * logf(p);
-    }
+        if (logits[e] > 0.f) entropy -= logits[e] * logf(logits[e]);
     entropies[(long long)r * layers + layer] = entropy;
     unsigned long long chosen = 0;
     float chosenSum = 0.f;

@@ -27,19 +27,11 @@ extern "C" __global__ void router_probe(const bf16* __restrict__ x, const bf16* 
     }
     else
     {
-        float max = NEG_INF;
-        for (int e = 0; e < experts; e++) max = fmaxf(max, logits[e]);
-        float sum = 0.f;
+        router_softmax(logits, experts);  // moe.cu: route's probabilities
         for (int e = 0; e < experts; e++)
         {
-            logits[e] = expf(logits[e] - max);
-            sum += logits[e];
-        }
-        for (int e = 0; e < experts; e++)
-        {
-            const float p = logits[e] / sum;
-            probs[e] = p;
-            z += weights[e] * p;
+            probs[e] = logits[e];
+            z += weights[e] * logits[e];
         }
     }
     const float total = layer == 0 ? z : rowSums[r] + z;
