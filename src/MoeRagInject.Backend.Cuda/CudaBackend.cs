@@ -279,9 +279,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             var splits = WgmmaSplitsFor(w.Rows);
             var stride = (long)rows * w.Rows;
             if (splits > 1) EnsureSplitWorkspace(4L * splits * stride);
-            LaunchWgmma($"moe_wgmma_down_n{n}", ((uint)((rows + n - 1) / n), (uint)((w.Rows + 63) / 64), (uint)splits),
-                (uint)(WgmmaStages(n) * (64 + n) * 128), a.Pointer, w.Pointer, 0UL, 0UL, 1, rows, 1, w.Rows, w.Columns, 0UL,
-                splits > 1 ? _splitWorkspace!.Pointer : y.Pointer, stride);
+            var tile = new WgmmaTile(n, 64);
+            LaunchWgmma(tile, gateUp: false, ((uint)((rows + n - 1) / n), tile.FeatureTiles(gateUp: false, w.Rows), (uint)splits),
+                a.Pointer, w.Pointer, 0UL, 0UL, 1, rows, 1, w.Rows, w.Columns, 0UL, splits > 1 ? _splitWorkspace!.Pointer : y.Pointer, stride);
             if (splits > 1)
                 Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(w.Rows), 1), 256, 0, _splitWorkspace!.Pointer, y.Pointer, 0UL, 1, rows,
                     w.Rows, splits, stride);
@@ -547,17 +547,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                     throw new NotSupportedException($"wgmma GEMM: {slots} routed rows of {Math.Max(h, i)} exceed 32-bit offsets");
                 var touched = Math.Min(e, slots);
                 var n = WgmmaNForced ?? WgmmaRows((slots + touched - 1) / touched);
+                var tile = new WgmmaTile(n, n >= 64 && WgmmaMForced is { } m ? m : 64);
                 var rowTiles = (uint)((slots + n - 1) / n + Math.Min(e, slots));
-                var shared = (uint)(WgmmaStages(n) * (64 + n) * 128);
                 // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
                 var splits = DownSplits(h, i);
                 var downOut = splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer;
                 var splitStride = (long)slots * h;
                 using (Op("  moe: gate_up GEMM"))
-                    LaunchWgmma($"moe_wgmma_gate_up_n{n}", (rowTiles, (uint)((i + 31) / 32), 1), shared,
+                    LaunchWgmma(tile, gateUp: true, (rowTiles, tile.FeatureTiles(gateUp: true, i), 1),
                         input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, 0, topK, i, h, s.MoeAct.Pointer, 0UL, 0L);
                 using (Op("  moe: down GEMM"))
-                    LaunchWgmma($"moe_wgmma_down_n{n}", (rowTiles, (uint)((h + 63) / 64), (uint)splits), shared,
+                    LaunchWgmma(tile, gateUp: false, (rowTiles, tile.FeatureTiles(gateUp: false, h), (uint)splits),
                         s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0UL, e, 0, topK, h, i, 0UL, downOut, splitStride);
                 using (Op("  moe: combine"))
                     Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, downOut, s.PlaceOf, s.TopWeights, delta.Pointer,
@@ -605,17 +605,39 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private int WgmmaSplitsFor(int n) =>
         Deterministic ? Math.Clamp(3 * Device.MultiprocessorCount / ((n + 63) / 64), 1, Math.Min(MaxSplits, SplitsFor(n))) : 1;
 
-    /// <summary>WgmmaStages in gemm_wgmma.cu.</summary>
-    private static int WgmmaStages(int n) => n >= 128 ? 4 : 6;
-
-    private void LaunchWgmma(string name, (uint, uint, uint) grid, uint shared, params ReadOnlySpan<KernelArg> args)
+    /// <summary>
+    /// A gemm_wgmma.cu kernel's tile: <paramref name="N"/> group rows against <paramref name="M"/> weight rows, 64 (one
+    /// warpgroup) or 128 (two, the _m128 kernels, for N of 64 and more).
+    /// </summary>
+    private readonly record struct WgmmaTile(int N, int M)
     {
-        if (shared > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
-        Launch3(name, grid, 128, shared, args);
+        public string Name(bool gateUp) => $"moe_wgmma_{(gateUp ? "gate_up" : "down")}_n{N}{(M == 128 ? "_m128" : "")}";
+
+        /// <summary>WgmmaStagesOf in gemm_wgmma.cu.</summary>
+        private int Stages => M == 64 ? (N >= 128 ? 4 : 6) : N >= 256 ? 3 : 4;
+
+        public uint SharedBytes => (uint)(Stages * (M + N) * 128);
+        public uint Threads => (uint)(2 * M);
+
+        /// <summary>Blocks along the weight's features: a gate-up tile holds M / 2 features (their gate and up rows).</summary>
+        public uint FeatureTiles(bool gateUp, int features) => (uint)((features + (gateUp ? M / 2 : M) - 1) / (gateUp ? M / 2 : M));
+    }
+
+    private void LaunchWgmma(WgmmaTile tile, bool gateUp, (uint, uint, uint) grid, params ReadOnlySpan<KernelArg> args)
+    {
+        var name = tile.Name(gateUp);
+        if (tile.SharedBytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)tile.SharedBytes);
+        Launch3(name, grid, tile.Threads, tile.SharedBytes, args);
     }
 
     /// <summary>The wgmma tile's rows, forced (gemm-bench).</summary>
     internal int? WgmmaNForced { get; set; }
+
+    /// <summary>
+    /// The wgmma tile's weight rows for the experts, forced: 128 takes the two-warpgroup kernels where the tile has 64 rows
+    /// or more (gemm-bench; MOE_RAG_INJECT_WGMMA_M=128 for the checks). Null: 64.
+    /// </summary>
+    internal int? WgmmaMForced { get; set; } = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_WGMMA_M") == "128" ? 128 : null;
 
     /// <summary>
     /// One launch of Kernels/gemm.cu: rows in groups (offsets on the device, or one group of <paramref name="rows"/> when

@@ -8,13 +8,20 @@ namespace MoeRagInject.Backend.Cuda;
 /// Times the GEMM-heavy ops of one layer at a model's shape, on dummy weights generated on the GPU: the MoE block by path
 /// and tensor-core tile, and the projections (fused QKV, output, LM head) by path, per row count, with the rows routed
 /// by the layer's router. Each figure is the mean of 20 timed repetitions after 3 warm-ups, timed with events. It is how
-/// the backend's paths and tiles are chosen (check-device --groups gemm-bench), not a check.
+/// the backend's paths and tiles are chosen (check-device --groups gemm-bench), not a check. MOE_RAG_INJECT_GEMM_BENCH=wgmma
+/// times only the MoE block's wgmma tiles at 64 rows and more (a short run).
 /// </summary>
 public static class CudaGemmBench
 {
     /// <param name="deterministic">Time the --deterministic backend's kernels only (split k, tensor cores at every row count).</param>
     public static void Run(int ordinal, ModelConfig config, IReadOnlyList<int> rowCounts, bool deterministic, Action<string> report)
     {
+        var wgmmaOnly = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_GEMM_BENCH") == "wgmma";
+        if (wgmmaOnly)
+        {
+            if (deterministic) return;
+            rowCounts = [.. rowCounts.Where(r => r >= 64)];
+        }
         using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic);
         using var shapes = Checkpoint.CreateShapes(config);
         backend.UseDummyWeights(config, seed: 1);
@@ -72,20 +79,23 @@ public static class CudaGemmBench
                 }
                 continue;
             }
-            if (rows * k <= 16) { backend.MoePathForced = CudaBackend.MoePath.Small; Moe("small"); }
-            if (rows <= CudaBackend.DenseMaxRows) { backend.MoePathForced = CudaBackend.MoePath.Dense; Moe("dense cuBLAS"); }
             backend.MoePathForced = CudaBackend.MoePath.Cublas;
             Moe("cuBLAS per expert");
-            backend.MoePathForced = CudaBackend.MoePath.Tensor;
-            Moe("tensor (chosen tile)");
-            foreach (var tile in CudaBackend.GemmTile.All)
-                foreach (var columns in new[] { 64, 128 })
-                {
-                    if (tile.Rows > 2 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // all padding
-                    backend.GemmTileForced = tile with { Columns = columns };
-                    Moe($"tensor {tile.WarpsM}x{tile.Mi} bn{columns}");
-                }
-            backend.GemmTileForced = null;
+            if (!wgmmaOnly)
+            {
+                if (rows * k <= 16) { backend.MoePathForced = CudaBackend.MoePath.Small; Moe("small"); }
+                if (rows <= CudaBackend.DenseMaxRows) { backend.MoePathForced = CudaBackend.MoePath.Dense; Moe("dense cuBLAS"); }
+                backend.MoePathForced = CudaBackend.MoePath.Tensor;
+                Moe("tensor (chosen tile)");
+                foreach (var tile in CudaBackend.GemmTile.All)
+                    foreach (var columns in new[] { 64, 128 })
+                    {
+                        if (tile.Rows > 2 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // all padding
+                        backend.GemmTileForced = tile with { Columns = columns };
+                        Moe($"tensor {tile.WarpsM}x{tile.Mi} bn{columns}");
+                    }
+                backend.GemmTileForced = null;
+            }
             if (backend.Description.Contains("sm_90a", StringComparison.Ordinal))
             {
                 backend.MoePathForced = CudaBackend.MoePath.Wgmma;
@@ -95,10 +105,15 @@ public static class CudaGemmBench
                     if (n > 4 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // mostly padding
                     backend.WgmmaNForced = n;
                     Moe($"wgmma n{n}");
+                    if (n < 64) continue;
+                    backend.WgmmaMForced = 128;
+                    Moe($"wgmma n{n} m128");
+                    backend.WgmmaMForced = null;
                 }
                 backend.WgmmaNForced = null;
             }
             backend.MoePathForced = null;
+            if (wgmmaOnly) continue;
 
             foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })
             {

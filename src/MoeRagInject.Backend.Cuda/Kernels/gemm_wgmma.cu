@@ -2,15 +2,16 @@
 // hundreds of rows. The expert's weights are wgmma's A operand (64 weight rows a tile: M) and the group's rows its B
 // operand (N = 16 to 256 rows a tile), so a small group still fills the instruction and the weights stream through once
 // per row tile. Both are staged by cp.async into 128-byte-swizzled shared memory (the layout gemm.cu's `swizzled` writes,
-// which is the one wgmma's descriptors read with swizzle mode 128B), STAGES deep; one warpgroup (128 threads) a block.
+// which is the one wgmma's descriptors read with swizzle mode 128B), STAGES deep; one warpgroup (128 threads) a block, or
+// two (the _m128 kernels: 128 weight rows a tile, each warpgroup 64 of them against the same rows).
 // As in gemm.cu, the groups' row ranges come from device memory (offsets) and the grid is a fixed bound, so a captured
 // graph replays it whatever the routing; rows of a gate-up GEMM are gathered through the expert sort (sorted[p] / topK).
 // Gate-up mode: a tile's 64 weight rows are 32 features' gate and up rows interleaved by eights (rows 16w .. 16w + 7 the
 // gates of features 8w .. 8w + 7, rows 16w + 8 .. 16w + 15 their ups), so that each thread's accumulators hold a
 // feature's gate and up for the same rows and the epilogue writes act = silu(gate) · up as bf16 directly. Down mode
 // writes fp32 y; with offsets null it is a plain projection of `rows` rows (--deterministic's linear, k split by grid z).
-// k must be a multiple of 64. Grid: (row tiles, bound included, feature tiles: ⌈n / 32⌉ gate-up,
-// ⌈n / 64⌉ down); block: 128; dynamic shared memory: STAGES · (64 + N) · 128 bytes, 1024-aligned.
+// k must be a multiple of 64. Grid: (row tiles, bound included, feature tiles: ⌈n / (32·WG)⌉ gate-up, ⌈n / (64·WG)⌉
+// down); block: 128·WG; dynamic shared memory: STAGES · (64·WG + N) · 128 bytes, 1024-aligned.
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -83,15 +84,23 @@ __device__ __forceinline__ void wgmma_step(float* d, unsigned long long a, unsig
 template <int N>
 struct WgmmaStages { static constexpr int value = N >= 128 ? 4 : 6; };
 
-template <int N, bool GATE_UP>
+// Stages of the two-warpgroup kernel (128 weight rows a block): (128 + N) · 128 bytes each.
+template <int N, int WG>
+struct WgmmaStagesOf { static constexpr int value = WG == 1 ? WgmmaStages<N>::value : N >= 256 ? 3 : 4; };
+
+// WG warpgroups a block, each taking 64 of the tile's 64·WG weight rows against the same N rows: WG = 2 halves how often
+// the rows are read from L2 (once a weight tile) and doubles the products a barrier covers, for groups of 64 rows and
+// more. WG = 1 is the one-warpgroup kernel exactly.
+template <int N, int WG, bool GATE_UP>
 __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const bf16* __restrict__ w, const int* __restrict__ offsets,
     const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, float* __restrict__ y,
     long long splitStride)
 {
-    constexpr int STAGES = WgmmaStages<N>::value, B_LOADS = N / 16;
+    constexpr int STAGES = WgmmaStagesOf<N, WG>::value, M = 64 * WG, PASS = 16 * WG, B_LOADS = N / PASS;
+    static_assert(N % PASS == 0, "a pass of the block's threads copies 16·WG rows");
     extern __shared__ __align__(1024) unsigned char wgmma_shared[];
-    bf16* tileW = (bf16*)wgmma_shared;                 // [STAGES][64][64]
-    bf16* tileA = tileW + STAGES * 64 * GEMM_BK;       // [STAGES][N][64]
+    bf16* tileW = (bf16*)wgmma_shared;                 // [STAGES][M][64]
+    bf16* tileA = tileW + STAGES * M * GEMM_BK;        // [STAGES][N][64]
 
     int group = -1, rowBegin = 0, rowEnd = 0;
     if (offsets == nullptr)
@@ -111,21 +120,24 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
     }
     if (group < 0) return;
 
-    const int tid = threadIdx.x, chunk = tid & 7, firstRow = tid >> 3;  // rows firstRow + 16j of each tile
-    // The weight rows this thread copies (tile rows firstRow + 16j): element offsets into w, −1 past the expert's rows.
+    const int tid = threadIdx.x, chunk = tid & 7, firstRow = tid >> 3;  // rows firstRow + PASS·j of each tile
+    // The weight rows this thread copies (tile rows t = firstRow + PASS·j; warpgroup t / 64 multiplies them): element
+    // offsets into w, −1 past the expert's rows.
     long long wOffset[4];
 #pragma unroll
     for (int j = 0; j < 4; j++)
     {
+        const int t = firstRow + PASS * j, r = t & 63;
         int row;
         if (GATE_UP)
         {
-            const int feature = blockIdx.y * 32 + j * 8 + (firstRow & 7);
-            row = feature < n ? (firstRow < 8 ? feature : n + feature) : -1;
+            // Warpgroup t / 64's 32 features; its row r: the gate (r mod 16 < 8) or up row of feature 8·(r / 16) + r mod 8.
+            const int feature = blockIdx.y * 32 * WG + (t >> 6) * 32 + (r >> 4) * 8 + (r & 7);
+            row = feature < n ? ((r & 15) < 8 ? feature : n + feature) : -1;
         }
         else
         {
-            const int feature = blockIdx.y * 64 + j * 16 + firstRow;
+            const int feature = blockIdx.y * M + t;
             row = feature < n ? feature : -1;
         }
         wOffset[j] = row < 0 ? -1 : ((long long)group * (GATE_UP ? 2 : 1) * n + row) * k + chunk * 8;
@@ -134,7 +146,7 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
 #pragma unroll
     for (int j = 0; j < B_LOADS; j++)
     {
-        const int p = rowBegin + firstRow + j * 16;
+        const int p = rowBegin + firstRow + j * PASS;
         aOffset[j] = p >= rowEnd ? -1 : (GATE_UP ? sorted[p] / topK : p) * k + chunk * 8;
     }
 
@@ -146,15 +158,15 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
     const int kTiles = (int)((long long)kTilesAll * (blockIdx.z + 1) / gridDim.z) - kBegin;
     if (!GATE_UP) y += blockIdx.z * splitStride;
     auto load = [&](int stage, int kt) {
-        bf16* sw = tileW + stage * 64 * GEMM_BK;
+        bf16* sw = tileW + stage * M * GEMM_BK;
         bf16* sa = tileA + stage * N * GEMM_BK;
         const int kOffset = (kBegin + kt) * GEMM_BK;
 #pragma unroll
         for (int j = 0; j < 4; j++)
-            copy_async16(shared_address(sw + swizzled(firstRow + j * 16, chunk)), w + (wOffset[j] >= 0 ? wOffset[j] + kOffset : 0), wOffset[j] >= 0);
+            copy_async16(shared_address(sw + swizzled(firstRow + j * PASS, chunk)), w + (wOffset[j] >= 0 ? wOffset[j] + kOffset : 0), wOffset[j] >= 0);
 #pragma unroll
         for (int j = 0; j < B_LOADS; j++)
-            copy_async16(shared_address(sa + swizzled(firstRow + j * 16, chunk)), a + (aOffset[j] >= 0 ? aOffset[j] + kOffset : 0), aOffset[j] >= 0);
+            copy_async16(shared_address(sa + swizzled(firstRow + j * PASS, chunk)), a + (aOffset[j] >= 0 ? aOffset[j] + kOffset : 0), aOffset[j] >= 0);
     };
 
     float d[N / 2];
@@ -173,7 +185,8 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
         copy_async_wait<STAGES - 2>();
         fence_proxy_async();
         __syncthreads();  // tile kt is in shared memory for every thread
-        const unsigned long long dw = wgmma_descriptor(tileW + (kt % STAGES) * 64 * GEMM_BK);
+        // This warpgroup's 64 weight rows of the stage (8 KB apart, so still 1024-aligned).
+        const unsigned long long dw = wgmma_descriptor(tileW + (kt % STAGES) * M * GEMM_BK + (tid >> 7) * 64 * GEMM_BK);
         const unsigned long long da = wgmma_descriptor(tileA + (kt % STAGES) * N * GEMM_BK);
         wgmma_fence();
 #pragma unroll
@@ -188,8 +201,9 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
     wgmma_wait<0>();
     copy_async_wait<0>();
 
-    // Accumulator 4i + e (e < 2): weight row 16·warp + g, group row 8i + 2t + e; 4i + 2 + e: weight row 16·warp + g + 8.
-    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2t + e; 4i + 2 + e: weight
+    // row 16·warp + g + 8.
+    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int i = 0; i < N / 8; i++)
 #pragma unroll
@@ -199,29 +213,31 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
             if (p >= rowEnd) continue;
             if (GATE_UP)
             {
-                const int feature = blockIdx.y * 32 + warp * 8 + g;
+                const int feature = blockIdx.y * 32 * WG + wg * 32 + warp * 8 + g;
                 if (feature < n) act[(long long)p * n + feature] = float_to_bf16(silu(d[4 * i + e]) * d[4 * i + 2 + e]);
             }
             else
             {
-                const int feature = blockIdx.y * 64 + warp * 16 + g;
+                const int feature = blockIdx.y * M + wg * 64 + warp * 16 + g;
                 if (feature < n) y[(long long)p * n + feature] = d[4 * i + e];
                 if (feature + 8 < n) y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
             }
         }
 }
 
-#define MOE_WGMMA_BODY(N, GATE_UP) moe_wgmma_impl<N, GATE_UP>(a, w, offsets, sorted, groups, rows, topK, n, k, act, y, splitStride);
+#define MOE_WGMMA_BODY(N, WG, GATE_UP) moe_wgmma_impl<N, WG, GATE_UP>(a, w, offsets, sorted, groups, rows, topK, n, k, act, y, splitStride);
 #else
-#define MOE_WGMMA_BODY(N, GATE_UP) __trap();
+#define MOE_WGMMA_BODY(N, WG, GATE_UP) __trap();
 #endif
 
-#define MOE_WGMMA(N) \
-    extern "C" __global__ void __launch_bounds__(128) moe_wgmma_gate_up_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
+// moe_wgmma_{gate_up,down}_n<N>: one warpgroup, 64 weight rows a block; ..._n<N>_m128: two warpgroups, 128 weight rows.
+#define MOE_WGMMA(N, WG, NAME) \
+    extern "C" __global__ void __launch_bounds__(128 * WG) moe_wgmma_gate_up_##NAME(const bf16* __restrict__ a, const bf16* __restrict__ w, \
         const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, true) } \
-    extern "C" __global__ void __launch_bounds__(128) moe_wgmma_down_n##N(const bf16* __restrict__ a, const bf16* __restrict__ w, \
+        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, WG, true) } \
+    extern "C" __global__ void __launch_bounds__(128 * WG) moe_wgmma_down_##NAME(const bf16* __restrict__ a, const bf16* __restrict__ w, \
         const int* __restrict__ offsets, const int* __restrict__ sorted, int groups, int rows, int topK, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, false) }
+        float* __restrict__ y, long long splitStride) { kernel_prologue(); MOE_WGMMA_BODY(N, WG, false) }
 
-MOE_WGMMA(16) MOE_WGMMA(32) MOE_WGMMA(64) MOE_WGMMA(128) MOE_WGMMA(256)
+MOE_WGMMA(16, 1, n16) MOE_WGMMA(32, 1, n32) MOE_WGMMA(64, 1, n64) MOE_WGMMA(128, 1, n128) MOE_WGMMA(256, 1, n256)
+MOE_WGMMA(64, 2, n64_m128) MOE_WGMMA(128, 2, n128_m128) MOE_WGMMA(256, 2, n256_m128)
