@@ -8,8 +8,9 @@ namespace MoeRagInject.Backend.Cuda;
 /// The CUDA backend: bf16 weights and GEMM inputs, fp32 residual stream and accumulation, kernels compiled by NVRTC
 /// (Kernels/*.cu) and cuBLAS GEMMs, all enqueued on one stream so that a decode step can be captured as a graph and
 /// replayed. The MoE block takes a path by the step's rows (<see cref="MoePath"/>: warp-per-feature kernels for one row,
-/// the wgmma grouped GEMMs of Kernels/gemm_wgmma.cu on Hopper up to <see cref="WgmmaMaxRows"/> (elsewhere the mma.sync
-/// ones of Kernels/gemm.cu up to <see cref="TensorMaxRows"/>), cuBLAS per expert above); attention takes tensor-core
+/// the wgmma grouped GEMMs of Kernels/gemm_wgmma.cu on Hopper up to <see cref="WgmmaMaxRows"/> and their TMA-fed,
+/// warp-specialised form up to <see cref="TmaMaxRows"/> (elsewhere the mma.sync ones of Kernels/gemm.cu up to
+/// <see cref="TensorMaxRows"/>), cuBLAS per expert above); attention takes tensor-core
 /// kernels (flash-style for prompt rows, one warp per row and KV head for decode rows). <c>--deterministic</c> keeps to
 /// kernels whose every output is one fixed-order reduction whatever the batch (the tile kernels at every row count, k
 /// split by the weight's shape alone, the fp32 attention kernel unsplit).
@@ -458,11 +459,11 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>
     /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c> (mma.sync) and
     /// <c>Wgmma</c> (Hopper), rows grouped by expert on the device and tensor-core grouped GEMMs that read each touched
-    /// expert once (graph-capturable);
+    /// expert once (graph-capturable); <c>Tma</c> (Hopper), the same fed by tensor-memory-access copies, warp-specialised;
     /// <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
     /// host read of the group sizes (eager only). The last two are kept to be measured against (MOE_RAG_INJECT_MOE_PATH).
     /// </summary>
-    internal enum MoePath { Small, Tensor, Wgmma, Dense, Cublas }
+    internal enum MoePath { Small, Tensor, Wgmma, Tma, Dense, Cublas }
 
     private MoePath? _moePathOverride = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_MOE_PATH") is { Length: > 0 } forced
         ? Enum.Parse<MoePath>(forced, ignoreCase: true) : null;
@@ -475,14 +476,22 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     public const int TensorMaxRows = 128;
 
     /// <summary>
-    /// Rows up to which the MoE block takes the wgmma kernel (gemm_wgmma.cu) on a Hopper card, above which cuBLAS per expert
-    /// (prefill chunks). Measured on an H200 at Mixtral-8x7B's shape (gemm-bench, ms a layer, against the mma.sync kernel):
-    /// 0.29 against 0.33 at 2 rows, 0.51 against 0.54 at 8 (4.2 TB/s of touched experts), 0.69 against 0.75 at 64 (4.1 TB/s),
-    /// 0.71 against 0.77 at 128; at 256, 0.93-1.07 against 0.94 for cuBLAS per expert, and the engine's batch-256 steps took
-    /// 37.2 ms replaying graphs with it against 35.1 eagerly with cuBLAS; at 2,048 rows cuBLAS computes twice as fast (618
-    /// against 294 TFLOP/s).
+    /// Rows up to which the MoE block takes the wgmma kernel (gemm_wgmma.cu) on a Hopper card, above which the TMA-fed
+    /// kernels (<see cref="TmaMaxRows"/>). Measured on an H200 at Mixtral-8x7B's shape (gemm-bench, ms a layer, against the
+    /// mma.sync kernel): 0.29 against 0.33 at 2 rows, 0.51 against 0.54 at 8 (4.2 TB/s of touched experts); at 64 and 128
+    /// rows the TMA kernels were ahead in the same run (0.685 against 0.715, 0.700 against 0.735;
+    /// docs/gpu-runs/8-gemm-bench-tma.txt), below 64 rows they were not measured.
     /// </summary>
-    public const int WgmmaMaxRows = 128;
+    public const int WgmmaMaxRows = 63;
+
+    /// <summary>
+    /// Rows up to which the MoE block takes the TMA-fed kernels, above which cuBLAS per expert (prefill chunks). Measured
+    /// on an H200 at Mixtral-8x7B's shape (gemm-bench, ms a layer, against cuBLAS per expert, in one run;
+    /// docs/gpu-runs/8-gemm-bench-tma.txt): 0.685 against 0.825 at 64 rows, 0.754 against 0.926 at 256 (3.74 TB/s), 1.132
+    /// against 1.024 at 512, 2.85 against 2.54 at 2,048 (507 against 569 TFLOP/s). Up to 256 rows every decode batch
+    /// replays a graph.
+    /// </summary>
+    public const int TmaMaxRows = 256;
 
     internal MoePath PathFor(int rows, int topK)
     {
@@ -491,6 +500,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
         if (rows * topK <= SmallSlots) return MoePath.Small;
         if (rows <= WgmmaMaxRows && WgmmaAvailable) return MoePath.Wgmma;
+        if (rows <= TmaMaxRows && WgmmaAvailable) return MoePath.Tma;
         return rows <= TensorMaxRows ? MoePath.Tensor : MoePath.Cublas;
     }
 
@@ -502,7 +512,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var delta = T(output);
         int e = stack.Count, h = stack.Hidden, i = stack.Intermediate, slots = rows * topK;
         var path = PathFor(rows, topK);
-        if (path == MoePath.Wgmma && !WgmmaFits(h, i)) path = MoePath.Tensor;  // both graph-capturable
+        if (path == MoePath.Wgmma && !WgmmaFits(h, i)) path = MoePath.Tensor;  // all three graph-capturable
+        if (path == MoePath.Tma && !TmaFits(h, i)) path = WgmmaFits(h, i) ? MoePath.Wgmma : MoePath.Tensor;
         using var _ = Op($"moe ({path})");
         switch (path)
         {
@@ -547,7 +558,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                     throw new NotSupportedException($"wgmma GEMM: {slots} routed rows of {Math.Max(h, i)} exceed 32-bit offsets");
                 var touched = Math.Min(e, slots);
                 var n = WgmmaNForced ?? WgmmaRows((slots + touched - 1) / touched);
-                var tile = new WgmmaTile(n, n >= 64 && WgmmaMForced is { } m ? m : 64);
+                var tile = new WgmmaTile(n, n >= 64 ? WgmmaMForced ?? 128 : 64);
                 var rowTiles = (uint)((slots + n - 1) / n + Math.Min(e, slots));
                 // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
                 var splits = DownSplits(h, i);
@@ -564,6 +575,28 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                         topK, h, splits, splitStride);
                 break;
             }
+            case MoePath.Tma:
+            {
+                using (Op("  moe: sort"))
+                    Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                using (Op("  moe: gather"))
+                    Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, e, s.MoeInputs, topK, h);
+                var touched = Math.Min(e, slots);
+                var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
+                var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
+                using (Op("  moe: gate_up GEMM"))
+                    LaunchTma(gateUp: true, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
+                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeInputs.ByteLength / (2 * h), h, nGateUp),
+                        s.Offsets, e, i, h, s.MoeAct, 0UL);
+                using (Op("  moe: down GEMM"))
+                    LaunchTma(gateUp: false, n, ((slots + n - 1) / n + touched) * (h / 128),
+                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeAct.ByteLength / (2 * i), i, n),
+                        s.Offsets, e, h, i, 0UL, s.MoeOut);
+                using (Op("  moe: combine"))
+                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer,
+                        topK, h, 1, 0L);
+                break;
+            }
             case MoePath.Dense:
                 // Every expert on every row: [E, rows, 2I] = x · gate_upᵀ, silu·mul, [E, rows, H] = act · downᵀ; each row sums its own.
                 _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e);
@@ -575,6 +608,37 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 GroupedCublas(input, stack, topK, s, delta, rows);
                 break;
         }
+    }
+
+    /// <summary>Whether the expert shape suits the moe_tma kernels (whole 128-feature tiles).</summary>
+    private bool TmaFits(int hidden, int intermediate) => WgmmaFits(hidden, intermediate) && hidden % 128 == 0 && intermediate % 128 == 0;
+
+    /// <summary>Group rows a moe_tma tile takes for groups of about this many rows: one tile for most groups.</summary>
+    private static int TmaRows(int rowsPerGroup) => rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 96 ? 128 : 256;
+
+    /// <summary>The moe_tma tile's group rows, forced (gemm-bench).</summary>
+    internal int? TmaNForced { get; set; }
+
+    /// <summary>A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound.</summary>
+    private void LaunchTma(bool gateUp, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)
+    {
+        var name = $"moe_tma_{(gateUp ? "gate_up" : "down")}_n{n}";
+        // TmaWeightRows and TmaStages in gemm_wgmma.cu: 256 or 128 weight rows a stage, as many stages as fit in 200 KB (≤ 8).
+        var stageBytes = ((gateUp ? 256 : 128) + n) * 128;
+        var stages = Math.Min(8, 200 * 1024 / stageBytes);
+        var shared = (uint)(stages * (stageBytes + 16));
+        if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
+        Launch3(name, ((uint)Math.Min(Device.MultiprocessorCount, tilesBound), 1, 1), 384, shared, args);
+    }
+
+    private readonly Dictionary<(ulong, long, long, int), TensorMap> _tensorMaps = [];
+
+    /// <summary>The tensor map of a row-major bf16 [rows, columns] matrix at an address, boxes of boxRows × 64 (made once).</summary>
+    private TensorMap MapOf(ulong address, long rows, long columns, int boxRows)
+    {
+        var key = (address, rows, columns, boxRows);
+        if (!_tensorMaps.TryGetValue(key, out var map)) _tensorMaps[key] = map = new TensorMap(address, rows, columns, boxRows);
+        return map;
     }
 
     /// <summary>Whether this card runs gemm_wgmma.cu's kernels (compiled for sm_90a), and the expert shape suits them.</summary>
@@ -634,10 +698,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     internal int? WgmmaNForced { get; set; }
 
     /// <summary>
-    /// The wgmma tile's weight rows for the experts, forced: 128 takes the two-warpgroup kernels where the tile has 64 rows
-    /// or more (gemm-bench; MOE_RAG_INJECT_WGMMA_M=128 for the checks). Null: 64.
+    /// The experts' wgmma tile's weight rows where the tile has 64 group rows or more, forced: 64 (one warpgroup) or 128
+    /// (two, the default there: gemm-bench on an H200 at Mixtral-8x7B's shape, ms a layer, 64 against 128 weight rows:
+    /// 0.797 against 0.691 at 64 rows, 0.799 against 0.706 at 128; docs/gpu-runs/8-gemm-bench-m128.txt).
+    /// MOE_RAG_INJECT_WGMMA_M=64 for the checks and same-run comparisons. Null: the default.
     /// </summary>
-    internal int? WgmmaMForced { get; set; } = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_WGMMA_M") == "128" ? 128 : null;
+    internal int? WgmmaMForced { get; set; } = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_WGMMA_M") switch { "64" => 64, "128" => 128, _ => null };
 
     /// <summary>
     /// One launch of Kernels/gemm.cu: rows in groups (offsets on the device, or one group of <paramref name="rows"/> when
@@ -860,6 +926,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         _workspace.Dispose();
         _splitWorkspace?.Dispose();
         _attentionPartial?.Dispose();
+        foreach (var map in _tensorMaps.Values) map.Dispose();
         _kernels.Dispose();
         Stream.Dispose();
         Device.Dispose();

@@ -9,7 +9,7 @@ namespace MoeRagInject.Backend.Cuda;
 /// and tensor-core tile, and the projections (fused QKV, output, LM head) by path, per row count, with the rows routed
 /// by the layer's router. Each figure is the mean of 20 timed repetitions after 3 warm-ups, timed with events. It is how
 /// the backend's paths and tiles are chosen (check-device --groups gemm-bench), not a check. MOE_RAG_INJECT_GEMM_BENCH=wgmma
-/// times only the MoE block's wgmma tiles at 64 rows and more (a short run).
+/// times only the MoE block's Hopper kernels (wgmma and TMA) at 64 rows and more (a short run).
 /// </summary>
 public static class CudaGemmBench
 {
@@ -104,13 +104,26 @@ public static class CudaGemmBench
                 {
                     if (n > 4 * Math.Max(16, rows * k / Math.Min(config.NumExperts, rows * k))) continue;  // mostly padding
                     backend.WgmmaNForced = n;
+                    backend.WgmmaMForced = 64;
                     Moe($"wgmma n{n}");
                     if (n < 64) continue;
                     backend.WgmmaMForced = 128;
                     Moe($"wgmma n{n} m128");
-                    backend.WgmmaMForced = null;
                 }
                 backend.WgmmaNForced = null;
+                backend.WgmmaMForced = null;
+                if (rows >= 16)
+                {
+                    backend.MoePathForced = CudaBackend.MoePath.Tma;
+                    Moe("tma (chosen N)");
+                    foreach (var n in new[] { 64, 128, 256 })
+                    {
+                        if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding
+                        backend.TmaNForced = n;
+                        Moe($"tma n{n}");
+                    }
+                    backend.TmaNForced = null;
+                }
             }
             backend.MoePathForced = null;
             if (wgmmaOnly) continue;

@@ -12,7 +12,10 @@ namespace MoeRagInject.Engine;
 /// <param name="DecodeTokensPerSecond">Tokens accepted in decode steps per second of decode-step time, measured in the engine loop.</param>
 /// <param name="StepMilliseconds">Mean time of a decode step, scheduling to results applied.</param>
 /// <param name="HostMicrosecondsPerStep">Of a decode step, the time spent outside the runner (the engine's own cost).</param>
-/// <param name="MeanDecodeBatch">Sequences in a decode step on average (fewer than the batch while requests wait for retrievals).</param>
+/// <param name="MeanDecodeBatch">
+/// Sequences in a decode step on average: fewer than the batch while requests wait for retrievals, and at the end of a
+/// run, when the requests that began decoding first (their prompts prefilled in the first chunks) finish first.
+/// </param>
 public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, int NewTokens, double PrefillSeconds,
     double DecodeTokensPerSecond, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep, double MeanDecodeBatch)
 {
@@ -21,6 +24,18 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
 
     /// <summary>Set for a GPU run: the bytes a decode step must read, and the card's copy rate measured in the same run.</summary>
     public Roofline? Roofline { get; init; }
+
+    /// <summary>
+    /// Set for a GPU run: the same limit for steps of <see cref="MeanDecodeBatch"/> sequences, the steps the run measured
+    /// (at batch 256 the last requests' tail leaves about 225 on average). Its share is the decode steps' time against the
+    /// time their bytes take at the copy rate, where the share at <see cref="BatchSize"/> also counts the tail's fewer tokens.
+    /// </summary>
+    public Roofline? MeanBatchRoofline { get; init; }
+
+    /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
+    public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m
+        ? (DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch))
+        : null;
 
     public JsonObject ToJson()
     {
@@ -31,6 +46,11 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["copy_bandwidth_gbs"] = Math.Round(r.CopyBandwidth / 1e9, 1);
             json["roofline_tok_s"] = Math.Round(r.TokensPerSecond(BatchSize), 1);
             json["roofline_share"] = Math.Round(DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), 3);
+        }
+        if (MeanBatchRoofline is { } m)
+        {
+            json["mean_batch_bytes_per_step"] = m.BytesPerStep;
+            json["mean_batch_roofline_share"] = Math.Round(DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch), 3);
         }
         return json;
     }
@@ -57,7 +77,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
 /// </summary>
 public sealed record Roofline(long BytesPerStep, double CopyBandwidth)
 {
-    public double TokensPerSecond(int batch) => batch * CopyBandwidth / BytesPerStep;
+    public double TokensPerSecond(double batch) => batch * CopyBandwidth / BytesPerStep;
 
     public static Roofline For(Model.ModelConfig c, int batch, int meanContext, double copyBandwidth)
     {
@@ -106,10 +126,15 @@ public static class EngineBenchmark
             {
                 var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false);
                 if (copyBandwidth is { } bandwidth)
-                    row = row with { Roofline = Roofline.For(engine.Config, batch, promptTokens + newTokens / 2, bandwidth) };
+                    row = row with
+                    {
+                        Roofline = Roofline.For(engine.Config, batch, promptTokens + newTokens / 2, bandwidth),
+                        MeanBatchRoofline = Roofline.For(engine.Config, Math.Max(1, (int)Math.Round(row.MeanDecodeBatch)), promptTokens + newTokens / 2, bandwidth),
+                    };
                 rows.Add(row);
-                var roofline = row.Roofline is { } r
-                    ? string.Create(CultureInfo.InvariantCulture, $", {100 * row.DecodeTokensPerSecond / r.TokensPerSecond(batch):F1}% of the roofline {r.TokensPerSecond(batch):F0} tok/s")
+                var roofline = row.RooflineShares is var (atBatch, atMean)
+                    ? string.Create(CultureInfo.InvariantCulture,
+                        $", {100 * atBatch:F1}% of the roofline {row.Roofline!.TokensPerSecond(batch):F0} tok/s ({100 * atMean:F1}% at the mean batch)")
                     : "";
                 progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}{roofline}"));

@@ -8,6 +8,7 @@
 # smoke test of this script where there is no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+tools/gpu/unpack.sh
 bin=.gpu/bin/moe-rag-inject
 model=tests/data/reference/tiny-mixtral
 out=${OUT:-/tmp}

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds what the GPU machine runs (it has no .NET): the CLI, self-contained for linux-x64, trimmed, one compressed file,
-# without calibrate/eval (their plotting libraries) -> .gpu/bin/moe-rag-inject (about 17 MB; ignored by git, sent with
-# the device tool's `carry`).
+# Builds what the GPU machine runs (it has no .NET): the CLI, self-contained for linux-x64, trimmed, one file, without
+# calibrate/eval (their plotting libraries), xz-compressed -> .gpu/moe-rag-inject.xz (about 8 MB; the single file's own
+# compression would leave 17 MB, too much beside the tracked files in the device tool's 64 MiB `carry`). .gpu is
+# ignored by git. On the GPU machine tools/gpu/unpack.sh (called by run.sh and check-api.sh) unpacks it to .gpu/bin.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+rm -rf .build/gpu-publish .gpu/bin
 dotnet publish src/MoeRagInject.Cli -c Release -r linux-x64 --self-contained \
-  -p:PublishSingleFile=true -p:PublishTrimmed=true -p:EnableCompressionInSingleFile=true \
+  -p:PublishSingleFile=true -p:PublishTrimmed=true -p:EnableCompressionInSingleFile=false \
   -p:IncludeNativeLibrariesForSelfExtract=true -p:WithEvaluation=false -p:DebugType=none \
-  -o .gpu/bin --nologo -v quiet
-ls -la .gpu/bin
+  -o .build/gpu-publish --nologo -v quiet
+mkdir -p .gpu
+xz -6 -T0 -c .build/gpu-publish/moe-rag-inject > .gpu/moe-rag-inject.xz
+ls -la .gpu/moe-rag-inject.xz

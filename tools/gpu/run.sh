@@ -9,6 +9,7 @@ set -u
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/gpu-out}"
 mkdir -p "$out"
+tools/gpu/unpack.sh
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
 stages=("$@")

@@ -431,7 +431,7 @@ internal sealed unsafe class CudaKernel
         var parameters = stackalloc void*[args.Length];
         fixed (KernelArg* values = args)
         {
-            for (var i = 0; i < args.Length; i++) parameters[i] = &values[i].Low;
+            for (var i = 0; i < args.Length; i++) parameters[i] = values[i].Indirect != 0 ? (void*)values[i].Indirect : &values[i].Low;
             if (!_module.ProgrammaticLaunch)
             {
                 CudaCheck.Driver(Driver.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes,
@@ -451,12 +451,16 @@ internal sealed unsafe class CudaKernel
     private nint Function => _module.IsDisposed ? throw new ObjectDisposedException(nameof(CudaModule)) : _function;
 }
 
-/// <summary>One kernel argument by value, at most 16 bytes; cuLaunchKernel reads as many bytes as the parameter has.</summary>
+/// <summary>
+/// One kernel argument by value: at most 16 bytes held here, or a larger value (a <see cref="TensorMap"/>) read from
+/// where it lives; cuLaunchKernel reads as many bytes as the parameter has.
+/// </summary>
 [StructLayout(LayoutKind.Sequential)]
 internal struct KernelArg
 {
     internal ulong Low;
     internal ulong High;
+    internal nint Indirect;
 
     public static KernelArg Of<T>(T value) where T : unmanaged
     {
@@ -472,6 +476,44 @@ internal struct KernelArg
     public static implicit operator KernelArg(int value) => Of(value);
     public static implicit operator KernelArg(uint value) => Of(value);
     public static implicit operator KernelArg(float value) => Of(value);
+    public static implicit operator KernelArg(TensorMap map) => new() { Indirect = map.Address };
+}
+
+/// <summary>
+/// A CUtensorMap: how the tensor-memory-access unit copies boxes of a 2-D bf16 matrix (row-major, <c>columns</c> a row)
+/// into shared memory, 128-byte swizzled (the layout the wgmma descriptors read), rows past the end read as zeros. Its
+/// 128 bytes live in aligned native memory and are passed by value at each launch.
+/// </summary>
+internal sealed unsafe class TensorMap : IDisposable
+{
+    private void* _map = NativeMemory.AlignedAlloc(128, 64);
+
+    /// <param name="boxColumns">Columns a box (64: 128 bytes, the swizzle's span).</param>
+    public TensorMap(ulong address, long rows, long columns, int boxRows, int boxColumns = 64)
+    {
+        var dims = stackalloc ulong[] { (ulong)columns, (ulong)rows };
+        var strides = stackalloc ulong[] { 2UL * (ulong)columns };
+        var box = stackalloc uint[] { (uint)boxColumns, (uint)boxRows };
+        var elementStrides = stackalloc uint[] { 1, 1 };
+        try
+        {
+            CudaCheck.Driver(Driver.cuTensorMapEncodeTiled(_map, 9, 2, address, dims, strides, box, elementStrides, 0, 3, 3, 0));
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    internal nint Address => _map is null ? throw new ObjectDisposedException(nameof(TensorMap)) : (nint)_map;
+
+    public void Dispose()
+    {
+        if (_map is null) return;
+        NativeMemory.AlignedFree(_map);
+        _map = null;
+    }
 }
 
 /// <summary>Runtime compilation of CUDA C++ kernels.</summary>

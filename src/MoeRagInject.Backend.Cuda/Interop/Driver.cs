@@ -130,6 +130,13 @@ internal static unsafe partial class Driver
 
     [LibraryImport(Lib)] internal static partial CUresult cuLaunchKernelEx(CUlaunchConfig* config, nint f, void** kernelParams, void** extra);
 
+    // CUtensorMap (128 bytes, 64-aligned) of a tiled region, for the tensor-memory-access copies (compute capability 9.0+).
+    // The enum parameters are ints here: data type 9 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, interleave 0 = NONE, swizzle
+    // 3 = CU_TENSOR_MAP_SWIZZLE_128B, L2 promotion 3 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B, out-of-bounds fill 0 = zeros.
+    [LibraryImport(Lib)]
+    internal static partial CUresult cuTensorMapEncodeTiled(void* tensorMap, int dataType, uint rank, ulong globalAddress, ulong* globalDim,
+        ulong* globalStrides, uint* boxDim, uint* elementStrides, int interleave, int swizzle, int l2Promotion, int oobFill);
+
     [LibraryImport(Lib)] internal static partial CUresult cuStreamCreate(nint* phStream, uint flags);
     [LibraryImport(Lib)] internal static partial CUresult cuStreamDestroy_v2(nint hStream);
     [LibraryImport(Lib)] internal static partial CUresult cuStreamSynchronize(nint hStream);

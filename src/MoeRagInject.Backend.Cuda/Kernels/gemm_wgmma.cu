@@ -120,7 +120,8 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
     }
     if (group < 0) return;
 
-    const int tid = threadIdx.x, chunk = tid & 7, firstRow = tid >> 3;  // rows firstRow + PASS·j of each tile
+    // wg: this thread's warpgroup (a constant 0 in the one-warpgroup kernels, so that they compile as before the template).
+    const int tid = threadIdx.x, chunk = tid & 7, firstRow = tid >> 3, wg = WG == 1 ? 0 : tid >> 7;  // rows firstRow + PASS·j of each tile
     // The weight rows this thread copies (tile rows t = firstRow + PASS·j; warpgroup t / 64 multiplies them): element
     // offsets into w, −1 past the expert's rows.
     long long wOffset[4];
@@ -186,7 +187,7 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
         fence_proxy_async();
         __syncthreads();  // tile kt is in shared memory for every thread
         // This warpgroup's 64 weight rows of the stage (8 KB apart, so still 1024-aligned).
-        const unsigned long long dw = wgmma_descriptor(tileW + (kt % STAGES) * M * GEMM_BK + (tid >> 7) * 64 * GEMM_BK);
+        const unsigned long long dw = wgmma_descriptor(tileW + (kt % STAGES) * M * GEMM_BK + wg * 64 * GEMM_BK);
         const unsigned long long da = wgmma_descriptor(tileA + (kt % STAGES) * N * GEMM_BK);
         wgmma_fence();
 #pragma unroll
@@ -203,7 +204,7 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
 
     // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2t + e; 4i + 2 + e: weight
     // row 16·warp + g + 8.
-    const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int warp = WG == 1 ? tid >> 5 : (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int i = 0; i < N / 8; i++)
 #pragma unroll
@@ -241,3 +242,206 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
 
 MOE_WGMMA(16, 1, n16) MOE_WGMMA(32, 1, n32) MOE_WGMMA(64, 1, n64) MOE_WGMMA(128, 1, n128) MOE_WGMMA(256, 1, n256)
 MOE_WGMMA(64, 2, n64_m128) MOE_WGMMA(128, 2, n128_m128) MOE_WGMMA(256, 2, n256_m128)
+
+// ---- The TMA-fed, warp-specialised kernels (moe_tma_*): the same products, for the batch sizes where the kernels above
+// stall on their own loads (more than 128 rows).
+// A block is three warpgroups: one thread of the first issues the tensor-memory-access copies (cp.async.bulk.tensor) of
+// each k-tile into a ring of STAGES shared-memory stages, and the other two multiply (wgmma) against the same N group
+// rows; mbarriers hand each stage from copier to multipliers (full: the copies' bytes have landed) and back (empty: all
+// eight multiplying warps are done reading it). The grid is persistent, one block a multiprocessor, and walks the tiles
+// (row tile, feature tile) in steps of the grid, so the copier fills the next tile's stages while the multipliers write
+// the last one's results. Row tiles and groups come from offsets in device memory, as above.
+// Weights come through a 2-D tensor map over all experts' rows ([experts · rows an expert, k], boxes of 128 rows):
+// gate-up tiles are 128 features, a stage their 128 gate rows then their 128 up rows, and each multiplying warpgroup
+// keeps two accumulator sets, gate and up of its 64 features, so that silu(gate) · up pairs register with register
+// (hence N ≤ 128 there); down tiles are 128 features, 64 a warpgroup. The group rows come through a 2-D map over a
+// sorted bf16 buffer (moe_gather's for gate-up, the activations for down), box N rows, rows past the buffer read as
+// zeros. n must be a multiple of 128, k of 64.
+
+// A CUtensorMap (cuTensorMapEncodeTiled): 128 opaque bytes, passed by value as a __grid_constant__ parameter.
+struct alignas(64) TensorMap { unsigned long long opaque[16]; };
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ void barrier_init(unsigned barrier, unsigned count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(count) : "memory");
+}
+
+// One arrival that also expects `bytes` from copies completing on this barrier.
+__device__ __forceinline__ void barrier_expect(unsigned barrier, unsigned bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(unsigned barrier)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(barrier) : "memory");
+}
+
+// Spins until the barrier's phase of this parity has completed (a fresh barrier counts its phase of parity 1 as done).
+__device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity)
+{
+    unsigned done;
+    do asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                    : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    while (!done);
+}
+
+// The box of the 2-D map at (column c0, row c1) into shared memory; its bytes complete on the barrier.
+__device__ __forceinline__ void tma_load(unsigned destination, const TensorMap* map, int c0, int c1, unsigned barrier)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(destination), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(barrier) : "memory");
+}
+
+// Weight rows a stage: 128 features' gate and up rows, or 128 down rows. Stages: as many as fit in 200 KB, at most 8.
+template <bool GATE_UP>
+struct TmaWeightRows { static constexpr int value = GATE_UP ? 256 : 128; };
+template <int N, bool GATE_UP>
+struct TmaStages
+{
+    static constexpr int raw = 200 * 1024 / ((TmaWeightRows<GATE_UP>::value + N) * 128);
+    static constexpr int value = raw > 8 ? 8 : raw;
+};
+
+// A row tile's group and rows, in the order the groups' tiles come (as moe_wgmma_impl finds them).
+template <int N>
+__device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int groups, int tile, int& group, int& rowBegin, int& rowEnd)
+{
+    for (int g = 0; g < groups; g++)
+    {
+        const int begin = offsets[g], end = offsets[g + 1], tiles = (end - begin + N - 1) / N;
+        if (tile < tiles) { group = g; rowBegin = begin + tile * N; rowEnd = end; return; }
+        tile -= tiles;
+    }
+}
+
+template <int N, bool GATE_UP>
+__device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rows, const int* __restrict__ offsets,
+    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
+{
+    static_assert(!GATE_UP || N <= 128, "gate-up keeps two accumulator sets");
+    constexpr int STAGES = TmaStages<N, GATE_UP>::value, W = TmaWeightRows<GATE_UP>::value;
+    constexpr unsigned STAGE_BYTES = (W + N) * GEMM_BK * 2;
+    extern __shared__ __align__(1024) unsigned char tma_shared[];
+    bf16* tileW = (bf16*)tma_shared;                  // [STAGES][W][64], 128-byte swizzled by the copies
+    bf16* tileA = tileW + STAGES * W * GEMM_BK;       // [STAGES][N][64]
+    const unsigned full0 = shared_address(tileA + STAGES * N * GEMM_BK), empty0 = full0 + 8 * STAGES;
+
+    const int tid = threadIdx.x, role = tid >> 7;
+    int rowTiles = 0;
+    for (int g = 0; g < groups; g++) rowTiles += (offsets[g + 1] - offsets[g] + N - 1) / N;
+    const int tiles = rowTiles * (n / 128), kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
+    if (tid == 0)
+    {
+        for (int s = 0; s < STAGES; s++)
+        {
+            barrier_init(full0 + 8 * s, 1);
+            barrier_init(empty0 + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (role == 0)
+    {
+        if (tid != 0) return;
+        int stage = 0;
+        unsigned phase = 0;
+        for (int t = blockIdx.x; t < tiles; t += gridDim.x)
+        {
+            int group = 0, rowBegin = 0, rowEnd = 0;
+            tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+            const int weightRow = group * expertRows + (t / rowTiles) * 128;
+            for (int kt = 0; kt < kTiles; kt++)
+            {
+                barrier_wait(empty0 + 8 * stage, phase ^ 1);
+                const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * W * GEMM_BK);
+                barrier_expect(full, STAGE_BYTES);
+                tma_load(sw, weights, kt * GEMM_BK, weightRow, full);
+                if (GATE_UP) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + n, full);  // the same features' up rows
+                tma_load(shared_address(tileA + stage * N * GEMM_BK), rows, kt * GEMM_BK, rowBegin, full);
+                if (++stage == STAGES) { stage = 0; phase ^= 1; }
+            }
+        }
+        return;
+    }
+
+    const int half = role - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    int stage = 0;
+    unsigned phase = 0;
+    float d[N / 2], u[GATE_UP ? N / 2 : 1];
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x)
+    {
+        int group = 0, rowBegin = 0, rowEnd = 0;
+        tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+        const int featureTile = t / rowTiles;
+#pragma unroll
+        for (int i = 0; i < N / 2; i++) d[i] = 0.f;
+        if (GATE_UP)
+#pragma unroll
+            for (int i = 0; i < N / 2; i++) u[i] = 0.f;
+        int previous = -1;
+        for (int kt = 0; kt < kTiles; kt++)
+        {
+            barrier_wait(full0 + 8 * stage, phase);
+            // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups).
+            const bf16* mine = tileW + stage * W * GEMM_BK + half * 64 * GEMM_BK;
+            const unsigned long long dw = wgmma_descriptor(mine), da = wgmma_descriptor(tileA + stage * N * GEMM_BK);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(d, dw + 2 * kk, da + 2 * kk);
+            if (GATE_UP)
+            {
+                const unsigned long long du = wgmma_descriptor(mine + 128 * GEMM_BK);
+#pragma unroll
+                for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(u, du + 2 * kk, da + 2 * kk);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();  // the products of the previous stage are done: hand it back
+            if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
+            previous = stage;
+            if (++stage == STAGES) { stage = 0; phase ^= 1; }
+        }
+        wgmma_wait<0>();
+        if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
+
+        // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2q + e; 4i + 2 + e:
+        // weight row 16·warp + g + 8.
+        const int feature = featureTile * 128 + half * 64 + warp * 16 + g;
+#pragma unroll
+        for (int i = 0; i < N / 8; i++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+            {
+                const int p = rowBegin + 8 * i + 2 * q + e;
+                if (p >= rowEnd) continue;
+                if (GATE_UP)
+                {
+                    act[(long long)p * n + feature] = float_to_bf16(silu(d[4 * i + e]) * u[4 * i + e]);
+                    act[(long long)p * n + feature + 8] = float_to_bf16(silu(d[4 * i + 2 + e]) * u[4 * i + 2 + e]);
+                }
+                else
+                {
+                    y[(long long)p * n + feature] = d[4 * i + e];
+                    y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
+                }
+            }
+    }
+}
+
+#define MOE_TMA_BODY(N, GATE_UP) moe_tma_impl<N, GATE_UP>(&weights, &rows, offsets, groups, n, k, act, y);
+#else
+#define MOE_TMA_BODY(N, GATE_UP) __trap();
+#endif
+
+// moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>: grid: a block a multiprocessor (at most the tiles' bound); block:
+// 384; dynamic shared memory: TmaStages · (weight rows + N) · 128 + 16 · TmaStages bytes.
+#define MOE_TMA_KERNEL(NAME, N, GATE_UP) \
+    extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_##NAME##_n##N(const __grid_constant__ TensorMap weights, \
+        const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP) }
+
+MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 128, true)
+MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 128, false) MOE_TMA_KERNEL(down, 256, false)
