@@ -380,11 +380,19 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         shape.HeadDim is 16 or 32 or 64 or 128 && shape.Heads / shape.KvHeads <= 8;
 
     /// <summary>
-    /// Shares each row's keys are cut into (decode kernels): enough blocks for four per multiprocessor when the rows and KV
-    /// heads alone are too few, at most 16; one under --deterministic, so a row is summed the same way at every batch size.
+    /// Shares each row's keys are cut into (decode kernels): enough blocks for <see cref="AttentionBlocksPerSm"/> per
+    /// multiprocessor when the rows and KV heads alone are too few, at most 16; one under --deterministic, so a row is
+    /// summed the same way at every batch size.
     /// </summary>
     private int AttentionSplits(int rows, int kvHeads) =>
-        Deterministic ? 1 : Math.Clamp((4 * Device.MultiprocessorCount + rows * kvHeads - 1) / (rows * kvHeads), 1, MaxAttentionSplits);
+        Deterministic ? 1 : Math.Clamp((AttentionBlocksPerSm * Device.MultiprocessorCount + rows * kvHeads - 1) / (rows * kvHeads), 1, MaxAttentionSplits);
+
+    /// <summary>
+    /// Decode attention blocks (one warp each) aimed at per multiprocessor: 4, or MOE_RAG_INJECT_ATTENTION_BLOCKS_PER_SM
+    /// (1 to 64) to measure others against it.
+    /// </summary>
+    private static readonly int AttentionBlocksPerSm =
+        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION_BLOCKS_PER_SM"), out var blocks) ? Math.Clamp(blocks, 1, 64) : 4;
 
     private const int MaxAttentionSplits = 16;
     private DeviceBuffer? _attentionPartial;
