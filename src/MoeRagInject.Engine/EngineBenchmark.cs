@@ -33,7 +33,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     public Roofline? MeanBatchRoofline { get; init; }
 
     /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
-    public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m
+    public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m && MeanDecodeBatch > 0
         ? (DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch))
         : null;
 
@@ -47,7 +47,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["roofline_tok_s"] = Math.Round(r.TokensPerSecond(BatchSize), 1);
             json["roofline_share"] = Math.Round(DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), 3);
         }
-        if (MeanBatchRoofline is { } m)
+        if (MeanBatchRoofline is { } m && MeanDecodeBatch > 0)
         {
             json["mean_batch_bytes_per_step"] = m.BytesPerStep;
             json["mean_batch_roofline_share"] = Math.Round(DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch), 3);
@@ -79,14 +79,15 @@ public sealed record Roofline(long BytesPerStep, double CopyBandwidth)
 {
     public double TokensPerSecond(double batch) => batch * CopyBandwidth / BytesPerStep;
 
-    public static Roofline For(Model.ModelConfig c, int batch, int meanContext, double copyBandwidth)
+    /// <param name="batch">Sequences a step; a mean (not whole) for the steps a run measured.</param>
+    public static Roofline For(Model.ModelConfig c, double batch, int meanContext, double copyBandwidth)
     {
         long h = c.HiddenSize, q = (long)c.NumHeads * c.HeadDim, kv = (long)c.NumKvHeads * c.HeadDim;
         var attention = h * q + 2 * h * kv + q * h + 2 * h + (long)c.NumExperts * h;
         var expert = 3L * h * c.IntermediateSize;
         var touched = c.NumExperts * (1 - Math.Pow(1 - (double)c.NumExpertsPerToken / c.NumExperts, batch));
         var weights = 2 * (c.NumLayers * (attention + (long)(touched * expert)) + (long)c.VocabSize * h + h);
-        var cache = (long)batch * meanContext * 2 * kv * 2 * c.NumLayers;
+        var cache = (long)Math.Round(batch * meanContext * 2 * kv * 2 * c.NumLayers);
         return new Roofline(weights + cache, copyBandwidth);
     }
 }
@@ -129,7 +130,7 @@ public static class EngineBenchmark
                     row = row with
                     {
                         Roofline = Roofline.For(engine.Config, batch, promptTokens + newTokens / 2, bandwidth),
-                        MeanBatchRoofline = Roofline.For(engine.Config, Math.Max(1, (int)Math.Round(row.MeanDecodeBatch)), promptTokens + newTokens / 2, bandwidth),
+                        MeanBatchRoofline = Roofline.For(engine.Config, row.MeanDecodeBatch, promptTokens + newTokens / 2, bandwidth),
                     };
                 rows.Add(row);
                 var roofline = row.RooflineShares is var (atBatch, atMean)

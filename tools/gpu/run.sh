@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/gpu-out}"
 mkdir -p "$out"
-tools/gpu/unpack.sh
+tools/gpu/unpack.sh || { echo "could not unpack .gpu/moe-rag-inject.xz (run tools/gpu/publish.sh here first)"; exit 1; }
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
 stages=("$@")
