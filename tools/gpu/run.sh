@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
 # benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
-# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline, compiled (the compiled PyTorch
-# decode step, tools/gpu/baseline_compiled.py; its compiles take minutes, so it is not in the default: all but paths
-# and compiled).
+# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline (transformers' generate), compiled
+# (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py). Default: all but paths, about 6 minutes on an H200
+# (the stages took 35, 40, 80, 50, 5, 60 and 85 s there on 2026-11-30), so that one device call measures ours and both
+# baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
@@ -13,7 +14,7 @@ tools/gpu/unpack.sh || { echo "could not unpack .gpu/moe-rag-inject.xz (run tool
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(check parity bench determinism prefill baseline)
+[ ${#stages[@]} -eq 0 ] && stages=(check parity bench determinism prefill baseline compiled)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "=== $(date +%T) $*"; }
 
@@ -56,12 +57,12 @@ if has paths; then
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
-  timeout 540 python3 tools/gpu/baseline_transformers.py ${BASELINE_ARGS:---batch-sizes 1,8,64} --input-len 128 --output-len 32 \
+  timeout ${BASELINE_TIMEOUT:-240} python3 tools/gpu/baseline_transformers.py ${BASELINE_ARGS:---batch-sizes 1,8,64} --input-len 128 --output-len 32 \
     --json "$out/baseline.json" 2>&1
 fi
 if has compiled; then
   log "baseline: compiled PyTorch decode step (inductor layer, whole step in one CUDA graph), same shape, dummy weights"
-  timeout 540 python3 tools/gpu/baseline_compiled.py ${COMPILED_ARGS:---batch-sizes 1,8,64,256} --input-len 128 --output-len 128 \
+  timeout ${COMPILED_TIMEOUT:-240} python3 tools/gpu/baseline_compiled.py ${COMPILED_ARGS:---batch-sizes 1,8,64,256} --input-len 128 --output-len 128 \
     --json "$out/baseline-compiled.json" 2>&1
 fi
 log "done"
