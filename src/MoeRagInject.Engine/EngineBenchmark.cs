@@ -47,10 +47,10 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["roofline_tok_s"] = Math.Round(r.TokensPerSecond(BatchSize), 1);
             json["roofline_share"] = Math.Round(DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), 3);
         }
-        if (MeanBatchRoofline is { } m && MeanDecodeBatch > 0)
+        if (MeanBatchRoofline is { } m && RooflineShares is { } shares)
         {
             json["mean_batch_bytes_per_step"] = m.BytesPerStep;
-            json["mean_batch_roofline_share"] = Math.Round(DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch), 3);
+            json["mean_batch_roofline_share"] = Math.Round(shares.AtMeanBatch, 3);
         }
         return json;
     }
