@@ -269,25 +269,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var (a, w, y) = (T(x), T(weight), T(output));
         using var _ = Op($"linear {w.Rows}x{w.Columns}");
         if (!a.IsBf16 || !w.IsBf16 || y.IsBf16) throw new ArgumentException("linear: bf16 input and weight, fp32 output expected");
-        var path = LinearPathForced ?? (Deterministic ? LinearPath.Wgmma
-            : _linearPathOverride ?? (rows <= GemvMaxRows ? LinearPath.Gemv : rows <= TmaMaxRows ? LinearPath.Tma : LinearPath.Cublas));
+        var path = LinearPathForced ?? (Deterministic ? LinearPath.Wgmma : rows <= GemvMaxRows ? LinearPath.Gemv : LinearPath.Cublas);
         if (path == LinearPath.Wgmma && (!WgmmaAvailable || w.Columns % 64 != 0)) path = LinearPath.Tensor;
-        if (path == LinearPath.Tma && !(TmaLinearFits(w) && a.Columns == w.Columns)) path = LinearPath.Cublas;
-        if (path == LinearPath.Tma)
-        {
-            // Hopper, 2 to 256 rows: the TMA-fed kernel with one group read in place, k split so that the few feature tiles
-            // of a projection (48 for Mixtral's fused QKV, 32 for its output) still reach every multiprocessor.
-            var n = TmaLinearRows(rows);
-            var (splits, tiles) = TmaLinearSplits(rows, w.Rows, w.Columns);
-            var stride = (long)rows * w.Rows;
-            if (splits > 1) EnsureSplitWorkspace(4L * splits * stride);
-            LaunchTma(gateUp: false, n, tiles, MapOf(w.Pointer, w.Rows, w.Columns, 128), MapOf(a.Pointer, a.Rows, a.Columns, n),
-                0UL, 1, rows, w.Rows, w.Columns, splits, stride, 0UL, splits > 1 ? _splitWorkspace!.Pointer : y.Pointer);
-            if (splits > 1)
-                Launch3("gemm_split_sum", ((uint)rows, ColumnBlocks(w.Rows), 1), 256, 0, _splitWorkspace!.Pointer, y.Pointer, 0UL, 1, rows,
-                    w.Rows, splits, stride);
-            return;
-        }
         if (path == LinearPath.Wgmma)
         {
             // --deterministic on Hopper: wgmma at every row count, k split by a count from the weight's shape and the card
@@ -502,12 +485,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>
     /// Rows up to which the MoE block takes the wgmma kernel (gemm_wgmma.cu) on a Hopper card, above which the TMA-fed
-    /// kernels (<see cref="TmaMaxRows"/>). Measured on an H200 at Mixtral-8x7B's shape (gemm-bench, ms a layer, against the
-    /// mma.sync kernel): 0.29 against 0.33 at 2 rows, 0.51 against 0.54 at 8 (4.2 TB/s of touched experts); at 64 and 128
-    /// rows the TMA kernels were ahead in the same run (0.685 against 0.715, 0.700 against 0.735;
-    /// docs/gpu-runs/8-gemm-bench-tma.txt), below 64 rows they were not measured.
+    /// kernels (<see cref="TmaMaxRows"/>). Measured on an H200 at Mixtral-8x7B's shape: at batch 8 the engine's decode step
+    /// took 21.42 and 21.49 ms with the TMA kernels (16-row tiles) against 21.84 and 21.85 with wgmma, in one call, though
+    /// in gemm-bench's hot loop wgmma was ahead there (0.489 against 0.524 ms a layer; L2 then holds what a step's
+    /// experts would not); at 64 and 128 rows the TMA kernels were ahead in both (0.685 against 0.715, 0.700 against 0.735;
+    /// docs/gpu-runs/8-gemm-bench-tma.txt, 9-gemm-bench.txt).
     /// </summary>
-    public const int WgmmaMaxRows = 63;
+    public const int WgmmaMaxRows = 7;
 
     /// <summary>
     /// Rows up to which the MoE block takes the TMA-fed kernels, above which cuBLAS per expert (prefill chunks). Measured
@@ -612,11 +596,11 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 using (Op("  moe: gate_up GEMM"))
                     LaunchTma(gateUp: true, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
                         MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeInputs.ByteLength / (2 * h), h, nGateUp),
-                        s.Offsets, e, 0, i, h, 1, 0L, s.MoeAct, 0UL);
+                        s.Offsets, e, i, h, s.MoeAct, 0UL);
                 using (Op("  moe: down GEMM"))
                     LaunchTma(gateUp: false, n, ((slots + n - 1) / n + touched) * (h / 128),
                         MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeAct.ByteLength / (2 * i), i, n),
-                        s.Offsets, e, 0, h, i, 1, 0L, 0UL, s.MoeOut);
+                        s.Offsets, e, h, i, 0UL, s.MoeOut);
                 using (Op("  moe: combine"))
                     Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer,
                         topK, h, 1, 0L);
@@ -639,27 +623,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private bool TmaFits(int hidden, int intermediate) => WgmmaFits(hidden, intermediate) && hidden % 128 == 0 && intermediate % 128 == 0;
 
     /// <summary>Group rows a moe_tma tile takes for groups of about this many rows: one tile for most groups.</summary>
-    private static int TmaRows(int rowsPerGroup) => rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 12 ? 32 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 96 ? 128 : 256;
-
-    /// <summary>Whether a projection's weight suits the moe_tma kernels: a Hopper card, whole 128-row feature tiles, k in 64s.</summary>
-    private bool TmaLinearFits(CudaTensor weight) => WgmmaAvailable && weight.Rows % 128 == 0 && weight.Columns % 64 == 0;
-
-    /// <summary>The moe_tma tile's rows for a projection of this many rows: the smallest that holds them, at most 256.</summary>
-    private static int TmaLinearRows(int rows) => rows <= 16 ? 16 : rows <= 32 ? 32 : rows <= 64 ? 64 : rows <= 128 ? 128 : 256;
-
-    /// <summary>
-    /// A TMA projection's k split and tiles: as many splits as keep every tile's block on its own multiprocessor in one
-    /// wave (at most 4, each at least 8 k-tiles of 64), so that 32 or 48 feature tiles still draw on every multiprocessor's
-    /// copies; 1 where the tiles fill the card (the LM head's 250).
-    /// </summary>
-    private (int Splits, int Tiles) TmaLinearSplits(int rows, int n, int k)
-    {
-        var tiles = (rows + TmaLinearRows(rows) - 1) / TmaLinearRows(rows) * (n / 128);
-        var splits = Math.Clamp(Device.MultiprocessorCount / tiles, 1, Math.Max(1, Math.Min(MaxTmaLinearSplits, k / 64 / 8)));
-        return (splits, tiles * splits);
-    }
-
-    private const int MaxTmaLinearSplits = 4;
+    private static int TmaRows(int rowsPerGroup) => rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 96 ? 128 : 256;
 
     /// <summary>The moe_tma tile's group rows, forced (gemm-bench).</summary>
     internal int? TmaNForced { get; set; }
@@ -801,26 +765,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         _splitWorkspace = Device.Allocate(bytes);
     }
 
-    /// <summary>
-    /// Bytes of the TMA projections' split partial sums (the default mode on Hopper): the most any projection of 2 to 256
-    /// rows needs (the LM head over at most the sequences).
-    /// </summary>
-    private long TmaLinearWorkspaceBytes(ModelConfig config, int maxRows, int maxSequences)
-    {
-        if (!WgmmaAvailable) return 0;
-        long worst = 0;
-        var k = config.HiddenSize;
-        foreach (var (n, bound) in new[] { (config.NumHeads * config.HeadDim + 2 * config.NumKvHeads * config.HeadDim, maxRows),
-                     (config.HiddenSize, maxRows), (config.VocabSize, maxSequences) })
-            for (var rows = 2; rows <= Math.Min(bound, TmaMaxRows); rows++)
-                if (n % 128 == 0) worst = Math.Max(worst, 4L * TmaLinearSplits(rows, n, n == config.HiddenSize ? config.NumHeads * config.HeadDim : k).Splits * rows * n);
-        return worst;
-    }
-
     /// <summary>Bytes of split partial sums a deterministic runner of these sizes needs: the widest split output over its rows (the LM head over its sequences).</summary>
     private long SplitWorkspaceBytes(ModelConfig config, int maxRows, int maxSequences)
     {
-        if (!Deterministic) return TmaLinearWorkspaceBytes(config, maxRows, maxSequences);
+        if (!Deterministic) return 0;
         long worst = 0;
         foreach (var (rows, n) in new[] { ((long)maxRows, config.NumHeads * config.HeadDim + 2 * config.NumKvHeads * config.HeadDim),
                      (maxRows, config.HiddenSize), ((long)maxRows * config.NumExpertsPerToken, config.HiddenSize), (maxSequences, config.VocabSize) })
@@ -854,11 +802,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>How projections run: warp-per-feature kernels, cuBLAS, or a tensor-core kernel (mma.sync, or wgmma on Hopper). Null: by rows and mode.</summary>
     internal LinearPath? LinearPathForced { get; set; }
 
-    internal enum LinearPath { Gemv, Cublas, Tensor, Wgmma, Tma }
-
-    /// <summary>MOE_RAG_INJECT_LINEAR_PATH=gemv|cublas|tensor|wgmma|tma: the default mode's projection path, forced (same-run comparisons).</summary>
-    private readonly LinearPath? _linearPathOverride = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_LINEAR_PATH") is { Length: > 0 } forced
-        ? Enum.Parse<LinearPath>(forced, ignoreCase: true) : null;
+    internal enum LinearPath { Gemv, Cublas, Tensor, Wgmma }
 
     /// <summary>Column tiles of a GEMM tile of <paramref name="bn"/> weight rows: gate-up tiles hold bn/2 features (their gate and up rows).</summary>
     private static int ColumnTiles(bool gateUp, int n, int bn) => gateUp ? (n + bn / 2 - 1) / (bn / 2) : (n + bn - 1) / bn;

@@ -9,8 +9,8 @@ namespace MoeRagInject.Backend.Cuda;
 /// and tensor-core tile, and the projections (fused QKV, output, LM head) by path, per row count, with the rows routed
 /// by the layer's router. Each figure is the mean of 20 timed repetitions after 3 warm-ups, timed with events. It is how
 /// the backend's paths and tiles are chosen (check-device --groups gemm-bench), not a check. MOE_RAG_INJECT_GEMM_BENCH=wgmma
-/// times only the Hopper kernels (the MoE block's wgmma and TMA kernels, the projections' TMA kernel against cuBLAS; a
-/// short run), MOE_RAG_INJECT_GEMM_BENCH_ROWS (say 8,64,256) replaces the row counts.
+/// times only the MoE block's Hopper kernels (wgmma and TMA; a short run), MOE_RAG_INJECT_GEMM_BENCH_ROWS (say 8,64,256)
+/// replaces the row counts.
 /// </summary>
 public static class CudaGemmBench
 {
@@ -115,7 +115,7 @@ public static class CudaGemmBench
                 {
                     backend.MoePathForced = CudaBackend.MoePath.Tma;
                     Moe("tma (chosen N)");
-                    foreach (var n in new[] { 16, 32, 64, 128, 256 })
+                    foreach (var n in new[] { 16, 64, 128, 256 })
                     {
                         if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding
                         backend.TmaNForced = n;
@@ -125,6 +125,7 @@ public static class CudaGemmBench
                 }
             }
             backend.MoePathForced = null;
+            if (wgmmaOnly) continue;
 
             foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })
             {
@@ -134,21 +135,13 @@ public static class CudaGemmBench
                     var ms = Time(() => backend.Linear(x, weight, y, rows));
                     report(Line($"linear rows {rows,5} {name,-8} {label,-22} {ms,8:F3} ms  {wBytes / ms / 1e9,6:F2} TB/s  {wFlops / ms / 1e9,6:F0} TFLOP/s"));
                 }
-                if (rows <= 16 && !wgmmaOnly) { backend.LinearPathForced = CudaBackend.LinearPath.Gemv; Linear("gemv"); }
+                if (rows <= 16) { backend.LinearPathForced = CudaBackend.LinearPath.Gemv; Linear("gemv"); }
                 backend.LinearPathForced = CudaBackend.LinearPath.Cublas;
                 Linear("cuBLAS");
-                if (!wgmmaOnly)
-                {
-                    backend.LinearPathForced = CudaBackend.LinearPath.Tensor;
-                    Linear("tensor (chosen tile)");
-                    backend.LinearPathForced = CudaBackend.LinearPath.Wgmma;
-                    Linear("wgmma");
-                }
-                if (rows >= 2 && rows <= CudaBackend.TmaMaxRows)
-                {
-                    backend.LinearPathForced = CudaBackend.LinearPath.Tma;
-                    Linear("tma");
-                }
+                backend.LinearPathForced = CudaBackend.LinearPath.Tensor;
+                Linear("tensor (chosen tile)");
+                backend.LinearPathForced = CudaBackend.LinearPath.Wgmma;
+                Linear("wgmma");
                 backend.LinearPathForced = null;
             }
         }

@@ -49,14 +49,13 @@ public sealed class OpChecks : IDisposable
         Check("embed", [1, 7, 64], EmbedCase);
         Check("rms_norm", [1, 33], RmsNormCase);
         Check("add_rms_norm", [1, 33], AddRmsNormCase);
-        // On Hopper: 2 to 256 rows take the TMA kernel (16-, 32-, 64-, 128- and 256-row tiles), 300 cuBLAS.
         Check("linear", [1, 5, 8, 20, 37, 130, 256, 300], LinearCase);
-        Check("linear (k split)", [2, 20, 64, 200], LinearSplitCase);
         Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
         Check("route", [1, 40], RouteCase);
         Check("add_rms_norm_route", [1, 40], AddRmsNormRouteCase);
         Check("router_probe", [1, 40, 0], RouterProbeCase);
-        // On Hopper: 100 rows take the TMA kernels with 64-row tiles, 200 rows with 128-row tiles; 300 and 1,000 cuBLAS.
+        // On Hopper: 8 and 16 rows take the TMA kernels with 16-row tiles, 40 and 100 with 64-row tiles, 200 with 128-row
+        // tiles; 300 and 1,000 cuBLAS.
         Check("moe", [1, 8, 16, 40, 100, 200, 300, 1000], MoeCase);
         Check("injection", [3], InjectionCase);
         Check("sample", [0, 1, 2, 3], SampleCase);
@@ -146,35 +145,17 @@ public sealed class OpChecks : IDisposable
         return y;
     }
 
-    private void LinearCase(int rows) => LinearOf(_weights.Layers[0], _config.HiddenSize, "linear (fused qkv)", rows);
-
-    /// <summary>
-    /// The fused QKV projection of a wider model (hidden 2,048: 32 k-tiles of 64), whose few feature tiles the TMA path
-    /// splits over k (partial sums added by gemm_split_sum).
-    /// </summary>
-    private void LinearSplitCase(int rows)
+    private void LinearCase(int rows)
     {
-        if (_wide is null)
-        {
-            var config = _config with { HiddenSize = 2048, NumHeads = 16, NumKvHeads = 4, HeadDim = 128, IntermediateSize = 128, NumLayers = 1 };
-            _wide = (Checkpoint.CreateDummy(config, DType.BF16, 7), config);
-        }
-        LinearOf(MixtralWeights.Resolve(_wide.Value.Checkpoint, _wide.Value.Config).Layers[0], _wide.Value.Config.HiddenSize,
-            "linear (fused qkv, hidden 2048)", rows);
-    }
-
-    private (Checkpoint Checkpoint, ModelConfig Config)? _wide;
-
-    private void LinearOf(LayerWeights layer, int hidden, string name, int rows)
-    {
+        var layer = _weights.Layers[0];
         using var w = Pair.Weight(this, layer.QProj, layer.KProj, layer.VProj);
-        using var x = Pair.Activation(this, rows, hidden, ActivationKind.GemmInput);
+        using var x = Pair.Activation(this, rows, _config.HiddenSize, ActivationKind.GemmInput);
         x.Fill(_rng, 1f);
         using var y = Pair.Activation(this, rows + Guard, w.Cpu.Rows, ActivationKind.Float32);
         y.Poison();
         _cpu.Linear(x.Cpu, w.Cpu, y.Cpu, rows);
         _device.Linear(x.Device, w.Device, y.Device, rows);
-        Compare($"{name} rows={rows}", y, rows, 1e-5);
+        Compare($"linear (fused qkv) rows={rows}", y, rows, 1e-5);
     }
 
     /// <summary>
@@ -524,7 +505,6 @@ public sealed class OpChecks : IDisposable
     {
         _cpu.Dispose();
         _checkpoint.Dispose();
-        _wide?.Checkpoint.Dispose();
     }
 
     /// <summary>The same tensor on both backends.</summary>

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
 # benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
-# determinism, prefill, paths (the MoE paths kept for comparison, forced), baseline (transformers' generate), compiled
-# (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py). Default: all but paths, about 6 minutes on an H200
-# (the stages took 35, 40, 80, 50, 5, 60 and 85 s there on 2026-11-30), so that one device call measures ours and both
-# baselines on one machine.
+# lockstep (the bench with every prompt of a batch prefilled in one step, so that no request starts decoding before the
+# others, as sglang's bench_one_batch runs), determinism, prefill, paths (the MoE paths kept for comparison, forced),
+# baseline (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py).
+# Default: all but paths, about 7 minutes on an H200 (without lockstep the stages took 35, 40, 80, 50, 5, 60 and 85 s
+# there on 2026-11-30), so that one device call measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
@@ -14,7 +15,7 @@ tools/gpu/unpack.sh || { echo "could not unpack .gpu/moe-rag-inject.xz (run tool
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(check parity bench determinism prefill baseline compiled)
+[ ${#stages[@]} -eq 0 ] && stages=(check parity bench lockstep determinism prefill baseline compiled)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "=== $(date +%T) $*"; }
 
@@ -35,6 +36,12 @@ if has bench; then
   log "bench: Mixtral-8x7B shape, dummy weights"
   timeout ${BENCH_TIMEOUT:-400} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
     --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | grep -v "^  layer"
+fi
+if has lockstep; then
+  log "bench: the whole batch prefilled in one step (prefill budget batch x prompt), so that every decode step holds the whole batch"
+  timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
+    --modes off --input-len 128 --output-len 128 --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
+    --json --out "$out/bench-lockstep.json" 2>&1 | grep "batch\|bandwidth"
 fi
 if has determinism; then
   log "bench: --deterministic against the default, batch 1 and 64"

@@ -243,8 +243,8 @@ __device__ __forceinline__ void moe_wgmma_impl(const bf16* __restrict__ a, const
 MOE_WGMMA(16, 1, n16) MOE_WGMMA(32, 1, n32) MOE_WGMMA(64, 1, n64) MOE_WGMMA(128, 1, n128) MOE_WGMMA(256, 1, n256)
 MOE_WGMMA(64, 2, n64_m128) MOE_WGMMA(128, 2, n128_m128) MOE_WGMMA(256, 2, n256_m128)
 
-// ---- The TMA-fed, warp-specialised kernels (moe_tma_*): the same products, for the batch sizes where the kernels above
-// stall on their own loads (more than 128 rows).
+// ---- The TMA-fed, warp-specialised kernels (moe_tma_*): the same products, for decode batches from 8 rows (in the engine
+// they beat the kernels above there; below 64 rows, in a hot loop, not always: L2 then holds what a step would not).
 // A block is three warpgroups: one thread of the first issues the tensor-memory-access copies (cp.async.bulk.tensor) of
 // each k-tile into a ring of STAGES shared-memory stages, and the other two multiply (wgmma) against the same N group
 // rows; mbarriers hand each stage from copier to multipliers (full: the copies' bytes have landed) and back (empty: all
@@ -305,22 +305,10 @@ struct TmaStages
     static constexpr int value = raw > 8 ? 8 : raw;
 };
 
-// Row tiles of the groups (offsets null: one group of `rows` rows, read in place, as a projection).
-template <int N>
-__device__ __forceinline__ int tma_row_tiles(const int* __restrict__ offsets, int groups, int rows)
-{
-    if (offsets == nullptr) return (rows + N - 1) / N;
-    int tiles = 0;
-    for (int g = 0; g < groups; g++) tiles += (offsets[g + 1] - offsets[g] + N - 1) / N;
-    return tiles;
-}
-
 // A row tile's group and rows, in the order the groups' tiles come (as moe_wgmma_impl finds them).
 template <int N>
-__device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int groups, int rows, int tile, int& group, int& rowBegin,
-    int& rowEnd)
+__device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int groups, int tile, int& group, int& rowBegin, int& rowEnd)
 {
-    if (offsets == nullptr) { group = 0; rowBegin = tile * N; rowEnd = rows; return; }
     for (int g = 0; g < groups; g++)
     {
         const int begin = offsets[g], end = offsets[g + 1], tiles = (end - begin + N - 1) / N;
@@ -329,18 +317,9 @@ __device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int 
     }
 }
 
-// Tile t of the walk: split of k (slowest), feature tile, row tile (fastest), so that the blocks working at one time
-// share weight tiles' neighbours and the row tiles of one feature tile.
-struct TmaTile { int split, featureTile, rowTile; };
-__device__ __forceinline__ TmaTile tma_tile(int t, int rowTiles, int featureTiles)
-{
-    const int perSplit = rowTiles * featureTiles, r = t % perSplit;
-    return {t / perSplit, r / rowTiles, r % rowTiles};
-}
-
 template <int N, bool GATE_UP>
-__device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rowMap, const int* __restrict__ offsets,
-    int groups, int rows, int n, int k, int splits, long long splitStride, bf16* __restrict__ act, float* __restrict__ y)
+__device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rows, const int* __restrict__ offsets,
+    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
 {
     static_assert(!GATE_UP || N <= 128, "gate-up keeps two accumulator sets");
     constexpr int STAGES = TmaStages<N, GATE_UP>::value, W = TmaWeightRows<GATE_UP>::value;
@@ -351,8 +330,9 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     const unsigned full0 = shared_address(tileA + STAGES * N * GEMM_BK), empty0 = full0 + 8 * STAGES;
 
     const int tid = threadIdx.x, role = tid >> 7;
-    const int rowTiles = tma_row_tiles<N>(offsets, groups, rows), featureTiles = n / 128;
-    const int tiles = rowTiles * featureTiles * splits, kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
+    int rowTiles = 0;
+    for (int g = 0; g < groups; g++) rowTiles += (offsets[g + 1] - offsets[g] + N - 1) / N;
+    const int tiles = rowTiles * (n / 128), kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
     if (tid == 0)
     {
         for (int s = 0; s < STAGES; s++)
@@ -371,18 +351,17 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         unsigned phase = 0;
         for (int t = blockIdx.x; t < tiles; t += gridDim.x)
         {
-            const TmaTile tile = tma_tile(t, rowTiles, featureTiles);
             int group = 0, rowBegin = 0, rowEnd = 0;
-            tma_locate<N>(offsets, groups, rows, tile.rowTile, group, rowBegin, rowEnd);
-            const int weightRow = group * expertRows + tile.featureTile * 128;
-            for (int kt = tile.split * kTiles / splits; kt < (tile.split + 1) * kTiles / splits; kt++)
+            tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+            const int weightRow = group * expertRows + (t / rowTiles) * 128;
+            for (int kt = 0; kt < kTiles; kt++)
             {
                 barrier_wait(empty0 + 8 * stage, phase ^ 1);
                 const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * W * GEMM_BK);
                 barrier_expect(full, STAGE_BYTES);
                 tma_load(sw, weights, kt * GEMM_BK, weightRow, full);
                 if (GATE_UP) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + n, full);  // the same features' up rows
-                tma_load(shared_address(tileA + stage * N * GEMM_BK), rowMap, kt * GEMM_BK, rowBegin, full);
+                tma_load(shared_address(tileA + stage * N * GEMM_BK), rows, kt * GEMM_BK, rowBegin, full);
                 if (++stage == STAGES) { stage = 0; phase ^= 1; }
             }
         }
@@ -395,17 +374,16 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     float d[N / 2], u[GATE_UP ? N / 2 : 1];
     for (int t = blockIdx.x; t < tiles; t += gridDim.x)
     {
-        const TmaTile tile = tma_tile(t, rowTiles, featureTiles);
         int group = 0, rowBegin = 0, rowEnd = 0;
-        tma_locate<N>(offsets, groups, rows, tile.rowTile, group, rowBegin, rowEnd);
-        float* out = y + tile.split * splitStride;
+        tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+        const int featureTile = t / rowTiles;
 #pragma unroll
         for (int i = 0; i < N / 2; i++) d[i] = 0.f;
         if (GATE_UP)
 #pragma unroll
             for (int i = 0; i < N / 2; i++) u[i] = 0.f;
         int previous = -1;
-        for (int kt = tile.split * kTiles / splits; kt < (tile.split + 1) * kTiles / splits; kt++)
+        for (int kt = 0; kt < kTiles; kt++)
         {
             barrier_wait(full0 + 8 * stage, phase);
             // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups).
@@ -431,7 +409,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
 
         // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2q + e; 4i + 2 + e:
         // weight row 16·warp + g + 8.
-        const int feature = tile.featureTile * 128 + half * 64 + warp * 16 + g;
+        const int feature = featureTile * 128 + half * 64 + warp * 16 + g;
 #pragma unroll
         for (int i = 0; i < N / 8; i++)
 #pragma unroll
@@ -446,27 +424,24 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
                 }
                 else
                 {
-                    out[(long long)p * n + feature] = d[4 * i + e];
-                    out[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
+                    y[(long long)p * n + feature] = d[4 * i + e];
+                    y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
                 }
             }
     }
 }
 
-#define MOE_TMA_BODY(N, GATE_UP) moe_tma_impl<N, GATE_UP>(&weights, &rowMap, offsets, groups, rows, n, k, splits, splitStride, act, y);
+#define MOE_TMA_BODY(N, GATE_UP) moe_tma_impl<N, GATE_UP>(&weights, &rows, offsets, groups, n, k, act, y);
 #else
 #define MOE_TMA_BODY(N, GATE_UP) __trap();
 #endif
 
 // moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>: grid: a block a multiprocessor (at most the tiles' bound); block:
-// 384; dynamic shared memory: TmaStages · (weight rows + N) · 128 + 16 · TmaStages bytes. Down mode with offsets null is
-// a projection of `rows` rows (the linear of 17 to 256 rows); its k may be split in `splits` (each split's sums at
-// y + split · splitStride, added by gemm_split_sum), so that a few feature tiles still spread over every multiprocessor.
+// 384; dynamic shared memory: TmaStages · (weight rows + N) · 128 + 16 · TmaStages bytes.
 #define MOE_TMA_KERNEL(NAME, N, GATE_UP) \
     extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_##NAME##_n##N(const __grid_constant__ TensorMap weights, \
-        const __grid_constant__ TensorMap rowMap, const int* __restrict__ offsets, int groups, int rows, int n, int k, int splits, \
-        long long splitStride, bf16* __restrict__ act, float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP) }
+        const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
+        float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP) }
 
-MOE_TMA_KERNEL(gate_up, 16, true) MOE_TMA_KERNEL(gate_up, 32, true) MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 128, true)
-MOE_TMA_KERNEL(down, 16, false) MOE_TMA_KERNEL(down, 32, false) MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 128, false)
-MOE_TMA_KERNEL(down, 256, false)
+MOE_TMA_KERNEL(gate_up, 16, true) MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 128, true)
+MOE_TMA_KERNEL(down, 16, false) MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 128, false) MOE_TMA_KERNEL(down, 256, false)
