@@ -485,11 +485,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>
     /// Rows up to which the MoE block takes the wgmma kernel (gemm_wgmma.cu) on a Hopper card, above which the TMA-fed
-    /// kernels (<see cref="TmaMaxRows"/>). Measured on an H200 at Mixtral-8x7B's shape: at batch 8 the engine's decode step
-    /// took 21.42 and 21.49 ms with the TMA kernels (16-row tiles) against 21.84 and 21.85 with wgmma, in one call, though
-    /// in gemm-bench's hot loop wgmma was ahead there (0.489 against 0.524 ms a layer; L2 then holds what a step's
-    /// experts would not); at 64 and 128 rows the TMA kernels were ahead in both (0.685 against 0.715, 0.700 against 0.735;
-    /// docs/gpu-runs/8-gemm-bench-tma.txt, 9-gemm-bench.txt).
+    /// kernels (<see cref="TmaMaxRows"/>). Measured on an H200 at Mixtral-8x7B's shape, the engine's decode step with the
+    /// TMA kernels against wgmma in one call (docs/gpu-runs/9-ab-experts-projections.txt): batch 8 21.52 against 21.92 ms,
+    /// 16 23.04 against 23.93, 32 24.23 against 25.09; at batch 2 and 4 wgmma ahead, 12.04 against 12.17 and 16.50
+    /// against 17.22. In gemm-bench's hot loop wgmma looked ahead at 8 rows (0.489 against 0.524 ms a layer; L2 then holds
+    /// part of what a step reads from memory); at 64 and 128 rows the TMA kernels were ahead there too
+    /// (docs/gpu-runs/8-gemm-bench-tma.txt, 9-gemm-bench.txt).
     /// </summary>
     public const int WgmmaMaxRows = 7;
 
