@@ -8,7 +8,8 @@ using MoeRagInject.Rag;
 namespace MoeRagInject.Engine;
 
 /// <summary>One measured configuration: B concurrent requests of P prompt tokens generating N tokens each.</summary>
-/// <param name="PrefillSeconds">From submitting the requests until each had its first token (as its reader saw it).</param>
+/// <param name="PrefillSeconds">From submitting the requests until each had its first token (as its reader saw it): the last request's time to first token.</param>
+/// <param name="MeanFirstTokenSeconds">The requests' time to first token, from submission, on average.</param>
 /// <param name="DecodeTokensPerSecond">Tokens accepted in decode steps per second of decode-step time, measured in the engine loop.</param>
 /// <param name="StepMilliseconds">Mean time of a decode step, scheduling to results applied.</param>
 /// <param name="HostMicrosecondsPerStep">Of a decode step, the time spent outside the runner (the engine's own cost).</param>
@@ -17,7 +18,8 @@ namespace MoeRagInject.Engine;
 /// run, when the requests that began decoding first (their prompts prefilled in the first chunks) finish first.
 /// </param>
 public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, int NewTokens, double PrefillSeconds,
-    double DecodeTokensPerSecond, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep, double MeanDecodeBatch)
+    double MeanFirstTokenSeconds, double DecodeTokensPerSecond, int Retrievals, double StepMilliseconds, double HostMicrosecondsPerStep,
+    double MeanDecodeBatch)
 {
     /// <summary>Prompt tokens per second until every request had its first token.</summary>
     public double PrefillTokensPerSecond => BatchSize * PromptTokens / PrefillSeconds;
@@ -62,6 +64,8 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
         ["input_len"] = PromptTokens,
         ["output_len"] = NewTokens,
         ["prefill_tok_s"] = Math.Round(PrefillTokensPerSecond, 1),
+        ["ttft_ms_mean"] = Math.Round(MeanFirstTokenSeconds * 1e3, 2),
+        ["ttft_ms_last"] = Math.Round(PrefillSeconds * 1e3, 2),
         ["decode_tok_s"] = Math.Round(DecodeTokensPerSecond, 1),
         ["step_ms"] = Math.Round(StepMilliseconds, 4),
         ["host_us_per_step"] = Math.Round(HostMicrosecondsPerStep, 2),
@@ -138,7 +142,7 @@ public static class EngineBenchmark
                         $", {100 * atBatch:F1}% of the roofline {row.Roofline!.TokensPerSecond(batch):F0} tok/s ({100 * atMean:F1}% at the mean batch)")
                     : "";
                 progress.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s, decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}{roofline}"));
+                    $"  {row.Mode,-6} batch {batch,3}: prefill {row.PrefillTokensPerSecond,10:F1} tok/s (TTFT {1e3 * row.MeanFirstTokenSeconds:F1} ms mean, {1e3 * row.PrefillSeconds:F1} last), decode {row.DecodeTokensPerSecond,9:F1} tok/s, step {row.StepMilliseconds,8:F3} ms (host {row.HostMicrosecondsPerStep,7:F1} µs, {row.MeanDecodeBatch:F1} sequences), retrievals {row.Retrievals}{roofline}"));
             }
         }
         return rows;
@@ -162,8 +166,7 @@ public static class EngineBenchmark
         int newTokens, CancellationToken cancellationToken)
     {
         var start = Stopwatch.GetTimestamp();
-        var firstTokens = 0;
-        long prefillEnd = 0;
+        var firstTokenAt = new long[batch];
         var before = engine.Counters;
         var retrievals = 0;
         await Task.WhenAll(Enumerable.Range(0, batch).Select(async i =>
@@ -180,14 +183,15 @@ public static class EngineBenchmark
                 if (first && update.NewTokenIds.Count > 0)
                 {
                     first = false;
-                    if (Interlocked.Increment(ref firstTokens) == batch) prefillEnd = Stopwatch.GetTimestamp();
+                    firstTokenAt[i] = Stopwatch.GetTimestamp();
                 }
                 Interlocked.Add(ref retrievals, update.NewEvents.Count);
             }
         })).ConfigureAwait(false);
         var run = engine.Counters - before;
+        var firstTokenSeconds = firstTokenAt.Select(t => Stopwatch.GetElapsedTime(start, t).TotalSeconds).ToList();
         return new BenchmarkRow(mode.ToString().ToLowerInvariant(), batch, prompts[0].Length, newTokens,
-            Stopwatch.GetElapsedTime(start, prefillEnd).TotalSeconds, run.DecodeTokensPerSecond, retrievals,
+            firstTokenSeconds.Max(), firstTokenSeconds.Average(), run.DecodeTokensPerSecond, retrievals,
             run.DecodeStepMilliseconds, run.HostMicrosecondsPerDecodeStep, run.MeanDecodeBatch);
     }
 
@@ -197,14 +201,14 @@ public static class EngineBenchmark
         var text = new StringBuilder();
         text.AppendLine(CultureInfo.InvariantCulture, $"Machine: {machine}. Device: {device}. Model: {model}.");
         text.AppendLine();
-        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | decode tok/s | decode vs off | step ms | host µs/step | mean decode batch | retrievals |");
-        text.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|");
+        text.AppendLine("| mode | batch | prompt tokens | new tokens | prefill tok/s | TTFT ms (mean / last) | decode tok/s | decode vs off | step ms | host µs/step | mean decode batch | retrievals |");
+        text.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var row in rows)
         {
             var baseline = rows.FirstOrDefault(r => r.Mode == "off" && r.BatchSize == row.BatchSize);
             var ratio = baseline is null ? "—" : string.Create(CultureInfo.InvariantCulture, $"{row.DecodeTokensPerSecond / baseline.DecodeTokensPerSecond:F2}×");
             text.AppendLine(string.Create(CultureInfo.InvariantCulture,
-                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {row.DecodeTokensPerSecond:F1} | {ratio} | {row.StepMilliseconds:F3} | {row.HostMicrosecondsPerStep:F1} | {row.MeanDecodeBatch:F1} | {row.Retrievals} |"));
+                $"| {row.Mode} | {row.BatchSize} | {row.PromptTokens} | {row.NewTokens} | {row.PrefillTokensPerSecond:F1} | {1e3 * row.MeanFirstTokenSeconds:F1} / {1e3 * row.PrefillSeconds:F1} | {row.DecodeTokensPerSecond:F1} | {ratio} | {row.StepMilliseconds:F3} | {row.HostMicrosecondsPerStep:F1} | {row.MeanDecodeBatch:F1} | {row.Retrievals} |"));
         }
         return text.ToString();
     }

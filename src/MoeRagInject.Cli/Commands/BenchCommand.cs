@@ -28,7 +28,7 @@ public static class BenchCommand
         var command = new Command("bench",
             "Throughput of the engine on this machine: B concurrent greedy requests of P random prompt tokens generating N tokens "
             + "each, with RAG off and with triggers firing (latent RAG at threshold 0, once per request; with --device null, on "
-            + "--trigger-rate of tokens). Reports prefill and decode tokens/s, ms per decode step, and the engine's own µs per "
+            + "--trigger-rate of tokens). Reports prefill tokens/s, time to first token (mean and last), decode tokens/s, ms per decode step, and the engine's own µs per "
             + "step outside the runner. Prints a markdown table (--json: one JSON object); --out writes it to a file too.")
         {
             batchSizes, inputLen, outputLen, modes, triggerRate, nullStepMs, json, output,

@@ -1,0 +1,48 @@
+using MoeRagInject.Backend;
+using MoeRagInject.Rag;
+
+namespace MoeRagInject.Engine.Tests;
+
+/// <summary>
+/// The bench's time to first token, on the null device with steps of a fixed length: four prompts that the prefill budget
+/// admits one a step get their first tokens a step apart (the last one four steps in, the mean two and a half), and four
+/// admitted together get theirs in the same step (mean equal to the last).
+/// </summary>
+public sealed class BenchmarkTimingTests
+{
+    private const int StepMs = 25, Batch = 4, PromptTokens = 16;
+
+    private static async Task<BenchmarkRow> MeasureAsync(int prefillBudget)
+    {
+        var options = new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Runner = new NullRunnerFactory(0, TimeSpan.FromMilliseconds(StepMs)),
+            ChunkedPrefillSize = prefillBudget,
+            MaxPrefillTokens = prefillBudget,
+            MaxRunningRequests = Batch,
+        };
+        var rows = await EngineBenchmark.RunAsync(options, [Batch], [InjectionMode.Off], PromptTokens, newTokens: 4, TextWriter.Null,
+            CancellationToken.None);
+        return Assert.Single(rows);
+    }
+
+    [Fact]
+    public async Task PromptsPrefilledInTurnGetTheirFirstTokensStepsApart()
+    {
+        var row = await MeasureAsync(prefillBudget: PromptTokens);
+        // First tokens after steps 1, 2, 3 and 4: last ≈ 4 steps, mean ≈ 2.5 steps (ratio 1.6; host time shifts both).
+        Assert.InRange(row.PrefillSeconds, 4 * StepMs / 1e3, 10 * StepMs / 1e3);
+        Assert.InRange(row.PrefillSeconds / row.MeanFirstTokenSeconds, 1.3, 2.0);
+        Assert.Equal(Math.Round(row.MeanFirstTokenSeconds * 1e3, 2), (double)row.ToJson()["ttft_ms_mean"]!);
+        Assert.Equal(Math.Round(row.PrefillSeconds * 1e3, 2), (double)row.ToJson()["ttft_ms_last"]!);
+    }
+
+    [Fact]
+    public async Task PromptsPrefilledTogetherGetTheirFirstTokensInOneStep()
+    {
+        var row = await MeasureAsync(prefillBudget: Batch * PromptTokens);
+        Assert.InRange(row.PrefillSeconds, StepMs / 1e3, 4 * StepMs / 1e3);
+        Assert.InRange(row.PrefillSeconds / row.MeanFirstTokenSeconds, 1.0, 1.15);
+    }
+}
