@@ -549,7 +549,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             {
                 // Slots sorted by expert on the device; gate·up with silu·mul gathered through the sort; down; each row sums its own.
                 using (Op("  moe: sort"))
-                    Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                    LaunchSort(s, slots, e);
                 var touched = Math.Min(e, slots);
                 var perExpert = (slots + touched - 1) / touched;
                 using (Op("  moe: gate_up GEMM"))
@@ -557,13 +557,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 using (Op("  moe: down GEMM"))
                     GemmGrouped(gateUp: false, s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0, e, slots, topK, h, i, s.MoeOut.Pointer, perExpert);
                 using (Op("  moe: combine"))
-                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h, 1, 0L);
+                    LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
                 break;
             }
             case MoePath.Wgmma:
             {
                 using (Op("  moe: sort"))
-                    Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                    LaunchSort(s, slots, e);
                 if ((long)slots * Math.Max(h, i) >= int.MaxValue)
                     throw new NotSupportedException($"wgmma GEMM: {slots} routed rows of {Math.Max(h, i)} exceed 32-bit offsets");
                 var touched = Math.Min(e, slots);
@@ -581,16 +581,15 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                     LaunchWgmma(tile, gateUp: false, (rowTiles, tile.FeatureTiles(gateUp: false, h), (uint)splits),
                         s.MoeAct.Pointer, stack.Down.Pointer, s.Offsets.Pointer, 0UL, e, 0, topK, h, i, 0UL, downOut, splitStride);
                 using (Op("  moe: combine"))
-                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, downOut, s.PlaceOf, s.TopWeights, delta.Pointer,
-                        topK, h, splits, splitStride);
+                    LaunchCombine(s, downOut, delta, rows, topK, h, splits, splitStride);
                 break;
             }
             case MoePath.Tma:
             {
                 using (Op("  moe: sort"))
-                    Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
+                    LaunchSort(s, slots, e);
                 using (Op("  moe: gather"))
-                    Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, e, s.MoeInputs, topK, h);
+                    LaunchGather(s, input, slots, e, topK, h);
                 var touched = Math.Min(e, slots);
                 var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
@@ -603,8 +602,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                         MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeAct.ByteLength / (2 * i), i, n),
                         s.Offsets, e, h, i, 0UL, s.MoeOut);
                 using (Op("  moe: combine"))
-                    Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer,
-                        topK, h, 1, 0L);
+                    LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
                 break;
             }
             case MoePath.Dense:
@@ -619,6 +617,23 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 break;
         }
     }
+
+    /// <summary>moe_align: the routed slots sorted by expert on the device (group offsets, sorted slots, each slot's place).</summary>
+    private void LaunchSort(CudaStepBuffers s, int slots, int experts) =>
+        Launch("moe_align", 1, (uint)(32 * Math.Min(experts, 32)), s.TopIds, slots, experts, s.Offsets, s.Sorted, s.PlaceOf);
+
+    /// <summary>moe_gather: the input rows copied into MoeInputs in the sort's order.</summary>
+    private void LaunchGather(CudaStepBuffers s, CudaTensor input, int slots, int experts, int topK, int hidden) =>
+        Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, experts, s.MoeInputs, topK, hidden);
+
+    /// <summary>
+    /// moe_combine_grouped: each row's expert outputs (sorted slots at <paramref name="source"/>, k split in
+    /// <paramref name="splits"/> partial sums <paramref name="splitStride"/> floats apart) weighted by the routing into delta.
+    /// </summary>
+    private void LaunchCombine(CudaStepBuffers s, ulong source, CudaTensor delta, int rows, int topK, int hidden, int splits = 1,
+        long splitStride = 0) =>
+        Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(hidden), 1), 256, 0, source, s.PlaceOf, s.TopWeights, delta.Pointer,
+            topK, hidden, splits, splitStride);
 
     /// <summary>Whether the expert shape suits the moe_tma kernels (whole 128-feature tiles).</summary>
     private bool TmaFits(int hidden, int intermediate) => WgmmaFits(hidden, intermediate) && hidden % 128 == 0 && intermediate % 128 == 0;
@@ -815,8 +830,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var offsets = new int[e + 1];
         using (Op("  moe: sort, gather, read counts"))
         {
-            Launch("moe_align", 1, (uint)(32 * Math.Min(e, 32)), s.TopIds, slots, e, s.Offsets, s.Sorted, s.PlaceOf);
-            Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, e, s.MoeInputs, topK, h);
+            LaunchSort(s, slots, e);
+            LaunchGather(s, input, slots, e, topK, h);
             s.Offsets.Download<int>(offsets, Stream);
         }
         using (Op("  moe: gate_up GEMMs"))
@@ -839,7 +854,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                     stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
             }
         using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
-            Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.PlaceOf, s.TopWeights, delta.Pointer, topK, h, 1, 0L);
+            LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)
