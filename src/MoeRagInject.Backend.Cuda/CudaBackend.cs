@@ -249,19 +249,32 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>Blocks of 256 columns across a row: small batches still spread over the multiprocessors.</summary>
     private static uint ColumnBlocks(int columns) => (uint)((columns + 255) / 256);
 
-    /// <summary>Threads of a norm block: the whole row in one pass for small batches.</summary>
-    private const uint NormThreads = 1024;
+    /// <summary>
+    /// Threads of a norm or router block (one row a block, held in registers, ROW_HELD chunks of 4 a thread): 1,024 while
+    /// the rows are no more than the multiprocessors (the row's loads spread over as many threads as possible) and always
+    /// under --deterministic (the block size sets the order of a row's sums, which must not change with the batch); 256
+    /// above, so that several rows share a multiprocessor (the op profile on an H200 had the 1,024-thread norm and router
+    /// at 125 µs for a 1,969-row prefill chunk, 10 times what its bytes take). route and router_probe take the same count,
+    /// so their logits are the fused kernel's bit for bit.
+    /// </summary>
+    private uint NormThreads(int rows, int hidden)
+    {
+        if (hidden % 8 != 0 || hidden > 16 * 1024)
+            throw new NotSupportedException($"the norm and router kernels take rows of a multiple of 8 up to 16,384 elements, not {hidden}");
+        var threads = Deterministic || rows <= Device.MultiprocessorCount ? 1024 : 256;
+        return (uint)Math.Max(threads, (hidden / 16 + 31) / 32 * 32);
+    }
 
     public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows)
     {
         using var _ = Op("rms_norm");
-        Launch("rms_norm", (uint)rows, NormThreads, T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
+        Launch("rms_norm", (uint)rows, NormThreads(rows, T(x).Columns), T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
     }
 
     public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows)
     {
         using var _ = Op("add_rms_norm");
-        Launch("add_rms_norm", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
+        Launch("add_rms_norm", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
     }
 
     public void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows)
@@ -309,8 +322,14 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var kv = (CudaKvCache)cache;
         using var _ = Op("rope_kv_write");
-        Launch3("rope_kv_write", ((uint)rows, (uint)(shape.Heads + shape.KvHeads), 1), (uint)Math.Max(32, (shape.HeadDim / 2 + 31) / 32 * 32), 0, T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
-            shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth);
+        // A thread per rotated pair, as many heads of a row a block as make about 256 threads (a 2,048-row prefill chunk
+        // in 64-thread blocks, one a head, took 97 µs on an H200 against 6 µs at 64 rows).
+        var half = shape.HeadDim / 2;
+        var heads = shape.Heads + shape.KvHeads;
+        var perBlock = Math.Clamp(256 / half, 1, heads);
+        Launch3("rope_kv_write", ((uint)rows, (uint)((heads + perBlock - 1) / perBlock), 1), (uint)((perBlock * half + 31) / 32 * 32), 0,
+            T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
+            shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth, perBlock);
     }
 
     public void Attention(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, DeviceTensor output, int rows)
@@ -436,7 +455,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var w = T(routerWeight);
         using var _ = Op("route");
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
-        Launch("route", (uint)rows, RouterThreads, T(x).Pointer, w.Pointer, w.Columns, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights,
+        Launch("route", (uint)rows, NormThreads(rows, w.Columns), T(x).Pointer, w.Pointer, w.Columns, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights,
             s.RowEntropies, layer, s.Host.Layers);
     }
 
@@ -453,16 +472,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var w = T(routerWeight);
         using var _ = Op("add_rms_norm_route");
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
-        Launch("add_rms_norm_route", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
+        Launch("add_rms_norm_route", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
             T(residual).Columns, eps, w.Pointer, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights, s.RowEntropies, layer,
             s.Host.Layers);
     }
 
     /// <summary>MOE_RAG_INJECT_FUSE=0: the fused ops run as their parts, to measure the fusion against.</summary>
     private readonly bool _unfused = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_FUSE") == "0";
-
-    /// <summary>Threads of a router block: 32 warps, four to an expert of eight, so that a row's loads are all in flight at once.</summary>
-    private const uint RouterThreads = 1024;
 
     /// <summary>
     /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c> (mma.sync) and
@@ -607,8 +623,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             }
             case MoePath.Dense:
                 // Every expert on every row: [E, rows, 2I] = x · gate_upᵀ, silu·mul, [E, rows, H] = act · downᵀ; each row sums its own.
-                _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e);
-                Launch("moe_silu_mul", (uint)(e * rows), 256, s.MoeGateUp, s.MoeAct, i);
+                _cublas.GemmBf16Batched(rows, 2 * i, h, input.Pointer, 0, stack.GateUp.Pointer, 2L * i * h, s.MoeGateUp.Pointer, (long)rows * 2 * i, e,
+                    CudaDataType.R16BF);
+                LaunchSiluMul(s, e * rows, i);
                 _cublas.GemmBf16Batched(rows, h, i, s.MoeAct.Pointer, (long)rows * i, stack.Down.Pointer, (long)h * i, s.MoeOut.Pointer, (long)rows * h, e);
                 Launch3("moe_combine_dense", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, s.TopWeights, delta.Pointer, rows, topK, h);
                 break;
@@ -622,6 +639,16 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private void LaunchSort(CudaStepBuffers s, int slots, int experts) =>
         Launch("moe_align", 1, (uint)(32 * Math.Min(experts, 32)), s.TopIds, slots, experts, s.Offsets, s.Sorted, s.PlaceOf);
 
+    /// <summary>
+    /// moe_silu_mul over <paramref name="rows"/> rows of cuBLAS's gate-up product in bf16 (as a bf16 Linear rounds its
+    /// output; fp32 took twice the bytes to write and read: 238 µs a layer for a 2,048-token prefill chunk on an H200).
+    /// </summary>
+    private void LaunchSiluMul(CudaStepBuffers s, int rows, int intermediate)
+    {
+        if (intermediate % 8 != 0) throw new NotSupportedException($"silu·mul: the intermediate size {intermediate} is not a multiple of 8");
+        Launch3("moe_silu_mul", ((uint)rows, ColumnBlocks(intermediate / 8), 1), 256, 0, s.MoeGateUp, s.MoeAct, intermediate);
+    }
+
     /// <summary>moe_gather: the input rows copied into MoeInputs in the sort's order.</summary>
     private void LaunchGather(CudaStepBuffers s, CudaTensor input, int slots, int experts, int topK, int hidden) =>
         Launch("moe_gather", (uint)slots, 128, input.Pointer, s.Sorted, s.Offsets, experts, s.MoeInputs, topK, hidden);
@@ -632,7 +659,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// </summary>
     private void LaunchCombine(CudaStepBuffers s, ulong source, CudaTensor delta, int rows, int topK, int hidden, int splits = 1,
         long splitStride = 0) =>
-        Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(hidden), 1), 256, 0, source, s.PlaceOf, s.TopWeights, delta.Pointer,
+        Launch3("moe_combine_grouped", ((uint)rows, ColumnBlocks(hidden / 4), 1), 256, 0, source, s.PlaceOf, s.TopWeights, delta.Pointer,
             topK, hidden, splits, splitStride);
 
     /// <summary>Whether the expert shape suits the moe_tma kernels (whole 128-feature tiles).</summary>
@@ -840,11 +867,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = offsets[x + 1] - offsets[x];
                 if (n == 0) continue;
                 _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
-                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 4UL * (ulong)offsets[x] * 2 * (ulong)i);
+                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
+                    CudaDataType.R16BF);
             }
         var total = offsets[e];
         using (Op("  moe: silu_mul"))
-            if (total > 0) Launch("moe_silu_mul", (uint)total, 256, s.MoeGateUp, s.MoeAct, i);
+            if (total > 0) LaunchSiluMul(s, total, i);
         using (Op("  moe: down GEMMs"))
             for (var x = 0; x < e; x++)
             {
@@ -876,7 +904,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         }
         var s = S(step);
         using var _ = Op("add_injection_rms_norm");
-        Launch("add_injection_rms_norm", (uint)rows, NormThreads, T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
+        Launch("add_injection_rms_norm", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
             T(residual).Columns, eps, s.InjectionVectors, s.InjectionScales, s.InjectionStarts, s.InjectionEnds, s.Positions, s.RowSequence,
             s.SeqSlot, layer, s.Host.Layers);
     }
@@ -966,7 +994,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var weights = T(probe);
         if (w.Rows > 64) throw new NotSupportedException($"the router probe kernel handles at most 64 experts, not {w.Rows}");
         if (weights.IsBf16 || weights.Columns != w.Rows) throw new ArgumentException("router probe: fp32 weights [layers, experts] expected");
-        Launch("router_probe", (uint)rows, RouterThreads, T(x).Pointer, w.Pointer, w.Columns, w.Rows, weights.Pointer, s.RowSequence, s.SeqSlot,
+        Launch("router_probe", (uint)rows, NormThreads(rows, w.Columns), T(x).Pointer, w.Pointer, w.Columns, w.Rows, weights.Pointer, s.RowSequence, s.SeqSlot,
             s.QueryStart, s.RouterProbs, s.ProbeSums, s.OutProbe, layer, s.Host.Layers);
     }
 }

@@ -163,7 +163,10 @@ internal sealed class CudaStepBuffers : IStepBuffers
     public DeviceBuffer Offsets { get; }
     public DeviceBuffer Sorted { get; }
     public DeviceBuffer PlaceOf { get; }
-    /// <summary>MoE gate/up products, fp32 [rows, 2I] (dense: [E, rows, 2I]).</summary>
+    /// <summary>
+    /// The cuBLAS paths' gate/up products, bf16 [rows, 2I] (dense: [E, rows, 2I]); the wgmma path's fp32 down partials under
+    /// --deterministic (sized for fp32 gate/up products, which both fit).
+    /// </summary>
     public DeviceBuffer MoeGateUp { get; }
     /// <summary>silu(gate)·up, bf16 [rows, I].</summary>
     public DeviceBuffer MoeAct { get; }

@@ -27,17 +27,20 @@ public sealed class OpChecks : IDisposable
     private readonly MixtralWeights _weights;
     private readonly Random _rng;
     private readonly List<CheckResult> _results = [];
+    private readonly int _seed;
     private readonly Action<CheckResult>? _report;
 
     /// <param name="report">Told of each result as it is measured.</param>
-    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null)
+    /// <param name="hiddenSize">The check model's hidden size (the row ops' width); its other dimensions stay small.</param>
+    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null, int hiddenSize = 256)
     {
         _report = report;
         _device = device;
+        _seed = seed;
         _rng = new Random(seed);
         _config = new ModelConfig
         {
-            ModelType = "mixtral", VocabSize = 512, HiddenSize = 256, IntermediateSize = 384, NumLayers = 2, NumHeads = 8, NumKvHeads = 2,
+            ModelType = "mixtral", VocabSize = 512, HiddenSize = hiddenSize, IntermediateSize = 384, NumLayers = 2, NumHeads = 8, NumKvHeads = 2,
             HeadDim = 32, NumExperts = 8, NumExpertsPerToken = 2, MaxPositionEmbeddings = 512, RmsNormEps = 1e-5f, RopeTheta = 10000f,
         };
         _checkpoint = Checkpoint.CreateDummy(_config, DType.BF16, (ulong)seed);
@@ -47,18 +50,31 @@ public sealed class OpChecks : IDisposable
     public IReadOnlyList<CheckResult> Run()
     {
         Check("embed", [1, 7, 64], EmbedCase);
-        Check("rms_norm", [1, 33], RmsNormCase);
-        Check("add_rms_norm", [1, 33], AddRmsNormCase);
+        RunRowOps();
         Check("linear", [1, 5, 8, 20, 37, 130, 256, 300], LinearCase);
         Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
-        Check("route", [1, 40], RouteCase);
-        Check("add_rms_norm_route", [1, 40], AddRmsNormRouteCase);
-        Check("router_probe", [1, 40, 0], RouterProbeCase);
         // On Hopper: 8 and 16 rows take the TMA kernels with 16-row tiles, 40 and 100 with 64-row tiles, 200 with 128-row
         // tiles; 300 and 1,000 cuBLAS.
         Check("moe", [1, 8, 16, 40, 100, 200, 300, 1000], MoeCase);
-        Check("injection", [3], InjectionCase);
         Check("sample", [0, 1, 2, 3], SampleCase);
+        // The row ops again at Mixtral's width, where each thread of a norm block holds several chunks of its row.
+        using (var wide = new OpChecks(_device, _seed + 1, _report, hiddenSize: 4096))
+            _results.AddRange(wide.RunRowOps());
+        return _results;
+    }
+
+    /// <summary>
+    /// The ops that take a row a block (the norms, the router, the probe, the injection) at 1 to 200 rows: 200 is more than an
+    /// H200's 132 multiprocessors, where the CUDA backend's norm and router blocks have 256 threads instead of 1,024.
+    /// </summary>
+    private IReadOnlyList<CheckResult> RunRowOps()
+    {
+        Check("rms_norm", [1, 33, 200], RmsNormCase);
+        Check("add_rms_norm", [1, 33, 200], AddRmsNormCase);
+        Check("route", [1, 40, 200], RouteCase);
+        Check("add_rms_norm_route", [1, 40, 200], AddRmsNormRouteCase);
+        Check("router_probe", [1, 40, 0, 200], RouterProbeCase);
+        Check("injection", [3, 200], InjectionCase);
         return _results;
     }
 
@@ -473,6 +489,7 @@ public sealed class OpChecks : IDisposable
 
     private void Add(CheckResult result)
     {
+        if (_config.HiddenSize != 256) result = result with { Name = $"{result.Name} (hidden {_config.HiddenSize})" };
         _results.Add(result);
         _report?.Invoke(result);
     }

@@ -6,6 +6,8 @@ typedef unsigned short bf16;
 #define POS_INF __int_as_float(0x7f800000)
 
 struct alignas(16) u32x4 { unsigned x, y, z, w; };
+struct alignas(8) u32x2 { unsigned x, y; };
+struct alignas(16) f32x4 { float x, y, z, w; };
 
 // Every kernel's first statement. On Hopper and later the kernels are launched with programmatic dependent launch
 // (CudaKernels.cs): launch_dependents lets the next kernel in the stream be scheduled once every block of this one has
@@ -47,6 +49,18 @@ __device__ __forceinline__ float dot8(u32x4 w, u32x4 x)
     s = fmaf(hi_bf16(w.w), hi_bf16(x.w), s);
     return s;
 }
+
+// Four bf16 (an 8-byte load) as floats, and four floats rounded to bf16 (an 8-byte store).
+__device__ __forceinline__ f32x4 bf16x4_to_float(u32x2 v) { return f32x4{lo_bf16(v.x), hi_bf16(v.x), lo_bf16(v.y), hi_bf16(v.y)}; }
+__device__ __forceinline__ u32x2 float_to_bf16x4(f32x4 v)
+{
+    return u32x2{(unsigned)float_to_bf16(v.x) | ((unsigned)float_to_bf16(v.y) << 16), (unsigned)float_to_bf16(v.z) | ((unsigned)float_to_bf16(v.w) << 16)};
+}
+
+// A row split over a block (the norms and the router): thread t holds the row's 4-element chunks t, t + blockDim, ...,
+// at most ROW_HELD of them, in registers; the host picks blockDim ≥ hidden / (4 · ROW_HELD) (hidden a multiple of 8),
+// so rows of up to 16,384 at 1,024 threads.
+#define ROW_HELD 4
 
 __device__ __forceinline__ float warp_sum(float v)
 {

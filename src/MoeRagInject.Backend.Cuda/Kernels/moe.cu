@@ -31,32 +31,56 @@ __device__ __forceinline__ void collect_routed(const int* __restrict__ topIds, i
     __syncthreads();
 }
 
-// logits[e] = W_e · x in fp32 for one row, by the whole block: max(1, warps / experts) warps per expert, each summing an
-// interleaved share of the row with all its loads of a share in flight, then the shares added in order. route,
-// add_rms_norm_route and router_probe all sum this way, so they agree bit for bit; each row's logits are the same
-// whatever the batch. partial: 64 floats of shared memory. x is not __restrict__: add_rms_norm_route reads the row it has
-// just written (through the coherent path, after a barrier).
-__device__ __forceinline__ void router_logits(const bf16* x, const bf16* __restrict__ w, int hidden, int experts,
+// A bf16 row into the block's registers as ROW_HELD chunks a thread (zeros past the row).
+__device__ __forceinline__ void hold_bf16_row(const bf16* __restrict__ x, int hidden, f32x4 (&held)[ROW_HELD])
+{
+    const u32x2* row = (const u32x2*)x;
+#pragma unroll
+    for (int j = 0; j < ROW_HELD; j++)
+    {
+        const int c = threadIdx.x + j * blockDim.x;
+        held[j] = c < hidden / 4 ? bf16x4_to_float(row[c]) : f32x4{0.f, 0.f, 0.f, 0.f};
+    }
+}
+
+// logits[e] = W_e · x in fp32 for the row the block holds (ROW_HELD): each thread sums its chunks' products in chunk
+// order, each warp adds its lanes' sums (warp_sum), then the warps' sums are added in warp order. Every load of an expert's
+// weights is issued before its first product. route, add_rms_norm_route and router_probe all hold and sum a row this
+// way, so with the same block size they agree bit for bit; under --deterministic the block size is fixed, so each row's
+// logits are the same whatever the batch. partial: 32 · experts floats of shared memory.
+__device__ __forceinline__ void router_logits(const f32x4 (&x)[ROW_HELD], const bf16* __restrict__ w, int hidden, int experts,
     float* partial, float* logits)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int parts = max(1, warps / experts), chunks = hidden / 8;
-    const u32x4* xRow = (const u32x4*)x;
-    for (int job = warp; job < experts * parts; job += warps)
+#pragma unroll 2
+    for (int e = 0; e < experts; e++)
     {
-        const int e = job / parts, part = job % parts;
-        const u32x4* wRow = (const u32x4*)(w + (long long)e * hidden);
+        const u32x2* wRow = (const u32x2*)(w + (long long)e * hidden);
+        u32x2 wv[ROW_HELD];
+#pragma unroll
+        for (int j = 0; j < ROW_HELD; j++)
+        {
+            const int c = threadIdx.x + j * blockDim.x;
+            wv[j] = c < hidden / 4 ? wRow[c] : u32x2{0u, 0u};
+        }
         float s = 0.f;
-#pragma unroll 4
-        for (int c = part * 32 + lane; c < chunks; c += parts * 32) s += dot8(wRow[c], xRow[c]);
+#pragma unroll
+        for (int j = 0; j < ROW_HELD; j++)
+        {
+            const f32x4 v = bf16x4_to_float(wv[j]);
+            s = fmaf(v.x, x[j].x, s);
+            s = fmaf(v.y, x[j].y, s);
+            s = fmaf(v.z, x[j].z, s);
+            s = fmaf(v.w, x[j].w, s);
+        }
         s = warp_sum(s);
-        if (lane == 0) partial[job] = s;
+        if (lane == 0) partial[warp * experts + e] = s;
     }
     __syncthreads();
     if (threadIdx.x < experts)
     {
         float total = 0.f;
-        for (int part = 0; part < parts; part++) total += partial[threadIdx.x * parts + part];
+        for (int i = 0; i < warps; i++) total += partial[i * experts + threadIdx.x];
         logits[threadIdx.x] = total;
     }
     __syncthreads();
@@ -114,15 +138,17 @@ __device__ __forceinline__ void route_row(float* logits, int r, int experts, int
     for (int k = 0; k < topK; k++) weights[k] /= chosenSum;
 }
 
-// Router: route_row of router_logits for every row. Grid: rows; block: up to 1024 (more warps, more loads in flight).
-extern "C" __global__ void route(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts, int topK,
-    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds, float* __restrict__ topWeights,
-    float* __restrict__ entropies, int layer, int layers)
+// Router: route_row of router_logits for every row. Grid: rows; block: the norms' (up to 1024).
+extern "C" __global__ void __launch_bounds__(1024) route(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden,
+    int experts, int topK, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds,
+    float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers)
 {
     kernel_prologue();
-    __shared__ float partial[ROUTER_MAX_EXPERTS], logits[ROUTER_MAX_EXPERTS];
+    __shared__ float partial[32 * ROUTER_MAX_EXPERTS], logits[ROUTER_MAX_EXPERTS];
     const int r = blockIdx.x;
-    router_logits(x + (long long)r * hidden, w, hidden, experts, partial, logits);
+    f32x4 held[ROW_HELD];
+    hold_bf16_row(x + (long long)r * hidden, hidden, held);
+    router_logits(held, w, hidden, experts, partial, logits);
     if (threadIdx.x == 0)
         route_row(logits, r, experts, topK, seqSlot[rowSequence[r]] < 0, topIds, topWeights, entropies, layer, layers);
 }
@@ -292,15 +318,23 @@ extern "C" __global__ void moe_combine_slots(const float* __restrict__ out, cons
     }
 }
 
-// act[g, n] = silu(gu[g, n]) · gu[g, I + n] for every row g of a [groups·rows, 2I] fp32 gate/up product. Grid: row count;
+// act[g, n] = silu(gu[g, n]) · gu[g, I + n] for every row g of a [groups·rows, 2I] bf16 gate/up product (cuBLAS's, rounded
+// to bf16 as a bf16 Linear's output is), 8 features a thread (I a multiple of 8). Grid: (row count, ceil(I / 8 / 256));
 // block: 256.
-extern "C" __global__ void moe_silu_mul(const float* __restrict__ gateUp, bf16* __restrict__ act, int intermediate)
+extern "C" __global__ void moe_silu_mul(const bf16* __restrict__ gateUp, bf16* __restrict__ act, int intermediate)
 {
     kernel_prologue();
     const long long g = blockIdx.x;
-    const float* in = gateUp + g * 2 * intermediate;
-    bf16* o = act + g * intermediate;
-    for (int n = threadIdx.x; n < intermediate; n += blockDim.x) o[n] = float_to_bf16(silu(in[n]) * in[intermediate + n]);
+    const int chunk = blockIdx.y * blockDim.x + threadIdx.x;
+    if (chunk >= intermediate / 8) return;
+    const u32x4 gate = ((const u32x4*)(gateUp + g * 2 * intermediate))[chunk];
+    const u32x4 up = ((const u32x4*)(gateUp + g * 2 * intermediate + intermediate))[chunk];
+    const unsigned gw[4] = {gate.x, gate.y, gate.z, gate.w}, uw[4] = {up.x, up.y, up.z, up.w};
+    unsigned out[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++)
+        out[q] = pack_bf16x2(silu(lo_bf16(gw[q])) * lo_bf16(uw[q]), silu(hi_bf16(gw[q])) * hi_bf16(uw[q]));
+    ((u32x4*)(act + g * intermediate))[chunk] = u32x4{out[0], out[1], out[2], out[3]};
 }
 
 // Dense path: delta[r] = Σ_k w_{r,k} · out[e_{r,k}, r] over [E, rows, H] outputs of every expert on every row, in k order.
@@ -389,24 +423,29 @@ extern "C" __global__ void moe_gather(const bf16* __restrict__ x, const int* __r
 }
 
 // Grouped path: delta[r] = Σ_k w_{r,k} · out[place of (r, k)], in k order, where out[place] is the sum of the down GEMM's
-// k splits in split order (split z at out + z·splitStride). Grid: (rows, column blocks); block: 256.
+// k splits in split order (split z at out + z·splitStride), 4 columns a thread (hidden a multiple of 8).
+// Grid: (rows, ceil(hidden / 4 / 256)); block: 256.
 extern "C" __global__ void moe_combine_grouped(const float* __restrict__ out, const int* __restrict__ placeOf,
     const float* __restrict__ topWeights, float* __restrict__ delta, int topK, int hidden, int splits, long long splitStride)
 {
     kernel_prologue();
     const int r = blockIdx.x;
-    for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += gridDim.y * blockDim.x)
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= hidden / 4) return;
+    f32x4 sum{0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < topK; k++)
     {
-        float sum = 0.f;
-        for (int k = 0; k < topK; k++)
+        const int place = placeOf[r * topK + k];
+        if (place < 0) continue;
+        const f32x4* o = (const f32x4*)(out + (long long)place * hidden) + c;
+        f32x4 value = o[0];
+        for (int z = 1; z < splits; z++)
         {
-            const int place = placeOf[r * topK + k];
-            if (place < 0) continue;
-            const float* o = out + (long long)place * hidden + c;
-            float value = o[0];
-            for (int z = 1; z < splits; z++) value += o[z * splitStride];
-            sum += topWeights[r * topK + k] * value;
+            const f32x4 part = o[z * splitStride / 4];
+            value = f32x4{value.x + part.x, value.y + part.y, value.z + part.z, value.w + part.w};
         }
-        delta[(long long)r * hidden + c] = sum;
+        const float weight = topWeights[r * topK + k];
+        sum = f32x4{sum.x + weight * value.x, sum.y + weight * value.y, sum.z + weight * value.z, sum.w + weight * value.w};
     }
+    ((f32x4*)(delta + (long long)r * hidden))[c] = sum;
 }

@@ -5,17 +5,19 @@
 // reads and writes is device memory at fixed addresses (the weights too), so a captured graph replays it as it is.
 #define PROBE_MAX_EXPERTS 64
 
-// Grid: rows; block: up to 1024. probe: fp32 [layers, experts]; rowProbs: [rows, layers, experts]; rowSums: [rows];
-// outSums: [sequences]. Padding rows (slot −1) get probabilities and sums of 0.
-extern "C" __global__ void router_probe(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts,
+// Grid: rows; block: the norms' (up to 1024). probe: fp32 [layers, experts]; rowProbs: [rows, layers, experts]; rowSums:
+// [rows]; outSums: [sequences]. Padding rows (slot −1) get probabilities and sums of 0.
+extern "C" __global__ void __launch_bounds__(1024) router_probe(const bf16* __restrict__ x, const bf16* __restrict__ w, int hidden, int experts,
     const float* __restrict__ probe, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot,
     const int* __restrict__ queryStart, float* __restrict__ rowProbs, float* __restrict__ rowSums, float* __restrict__ outSums,
     int layer, int layers)
 {
     kernel_prologue();
-    __shared__ float partial[PROBE_MAX_EXPERTS], logits[PROBE_MAX_EXPERTS];
+    __shared__ float partial[32 * PROBE_MAX_EXPERTS], logits[PROBE_MAX_EXPERTS];
     const int r = blockIdx.x;
-    router_logits(x + (long long)r * hidden, w, hidden, experts, partial, logits);  // moe.cu: the route kernel's sum
+    f32x4 held[ROW_HELD];
+    hold_bf16_row(x + (long long)r * hidden, hidden, held);
+    router_logits(held, w, hidden, experts, partial, logits);  // moe.cu: the route kernel's sum
     if (threadIdx.x != 0) return;
     const int sequence = rowSequence[r];
     float* probs = rowProbs + ((long long)r * layers + layer) * experts;
