@@ -188,6 +188,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     public IKvCache CreateKvCache(int layers, int numBlocks, int blockSize, int kvHeads, int headDim)
     {
+        // The tensor-core attention kernels find a key's block by shifting its position.
+        if (!System.Numerics.BitOperations.IsPow2(blockSize))
+            throw new NotSupportedException($"the CUDA backend takes KV blocks of a power-of-two size, not {blockSize}");
         EnsureCurrent();
         var bytes = 2L * layers * numBlocks * blockSize * kvHeads * headDim;
         var keys = Device.Allocate(bytes);
@@ -665,11 +668,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>Whether the expert shape suits the moe_tma kernels (whole 128-feature tiles).</summary>
     private bool TmaFits(int hidden, int intermediate) => WgmmaFits(hidden, intermediate) && hidden % 128 == 0 && intermediate % 128 == 0;
 
-    /// <summary>Group rows a moe_tma tile takes for groups of about this many rows: one tile for most groups.</summary>
-    private static int TmaRows(int rowsPerGroup) => rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 96 ? 128 : 256;
+    /// <summary>
+    /// Group rows a moe_tma tile takes for groups of about this many rows: one tile for most groups, and no more rows than
+    /// that, since every tile row costs tensor-core time whether a group fills it or not (at batch 256, 64 rows a group on
+    /// average, 128-row tiles did half their products on padding).
+    /// </summary>
+    private static int TmaRows(int rowsPerGroup) =>
+        rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 64 ? 96 : rowsPerGroup <= 96 ? 128 : 256;
 
-    /// <summary>The moe_tma tile's group rows, forced (gemm-bench).</summary>
-    internal int? TmaNForced { get; set; }
+    /// <summary>The moe_tma tile's group rows, forced: by gemm-bench, or MOE_RAG_INJECT_TMA_N (16, 64, 96, 128 or 256; gate-up at most 128) for same-run comparisons.</summary>
+    internal int? TmaNForced { get; set; } =
+        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_N"), out var n) && n is 16 or 64 or 96 or 128 or 256 ? n : null;
 
     /// <summary>A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound.</summary>
     private void LaunchTma(bool gateUp, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)

@@ -115,7 +115,7 @@ public static class CudaGemmBench
                 {
                     backend.MoePathForced = CudaBackend.MoePath.Tma;
                     Moe("tma (chosen N)");
-                    foreach (var n in new[] { 16, 64, 128, 256 })
+                    foreach (var n in new[] { 16, 64, 96, 128, 256 })
                     {
                         if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding
                         backend.TmaNForced = n;

@@ -225,18 +225,26 @@ __device__ __forceinline__ int fa_swizzled(int r, int c)
     return r * D + ((c ^ (r & MASK)) << 3);
 }
 
+// Keys tileStart .. tileStart + BN − 1 (those ≤ hi; zeros past it) of the KV head into a [BN][D] tile each of K and V.
+// A thread copies the same 16-byte chunk of every (blockDim / (D / 8))-th key, so a key's cache address (its block-table
+// entry; the block size a power of two) is worked out once for all its chunks of a thread.
 template <int D, int BN>
 __device__ __forceinline__ void fa_load_tile(bf16* sK, bf16* sV, const bf16* __restrict__ kCache, const bf16* __restrict__ vCache,
     const int* table, int blockSize, int kvWidth, int kvHead, int tileStart, int hi)
 {
     constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < BN * CH; i += blockDim.x)
+    const int c = threadIdx.x % CH, keysPerPass = blockDim.x / CH, shift = __ffs(blockSize) - 1;
+    const unsigned kBase = shared_address(sK), vBase = shared_address(sV);
+    const bf16* kChunk = kCache + kvHead * D + c * 8;
+    const bf16* vChunk = vCache + kvHead * D + c * 8;
+    for (int key = threadIdx.x / CH; key < BN; key += keysPerPass)
     {
-        const int key = i / CH, c = i % CH, j = tileStart + key;
+        const int j = tileStart + key;
         const bool valid = j <= hi;
-        const long long offset = valid ? ((long long)table[j / blockSize] * blockSize + j % blockSize) * kvWidth + kvHead * D + c * 8 : 0;
-        copy_async16(shared_address(sK + fa_swizzled<D>(key, c)), kCache + offset, valid);
-        copy_async16(shared_address(sV + fa_swizzled<D>(key, c)), vCache + offset, valid);
+        const long long offset = valid ? (((long long)table[j >> shift] << shift) + (j & (blockSize - 1))) * kvWidth : 0;
+        const unsigned to = (unsigned)fa_swizzled<D>(key, c) * 2u;
+        copy_async16(kBase + to, kChunk + offset, valid);
+        copy_async16(vBase + to, vChunk + offset, valid);
     }
 }
 
@@ -264,7 +272,8 @@ __device__ __forceinline__ void fa_load_q(unsigned (&qf)[D / 16][4], unsigned (&
 // end), and O += P·V.
 template <int D, int BN>
 __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const unsigned (&ql)[D / 16][4], float (&o)[D / 8][4],
-    float (&m)[2], float (&l)[2], const bf16* k, const bf16* v, int tileStart, const int (&pos)[2], const int (&low)[2], int lane)
+    float (&m)[2], float (&l)[2], const bf16* k, const bf16* v, int tileStart, const int (&pos)[2], const int (&low)[2], int lane,
+    bool masked)
 {
     const int t = lane & 3, mat = lane >> 3;
     float s[BN / 8][4];
@@ -291,7 +300,7 @@ __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const u
         for (int e = 0; e < 4; e++)
         {
             const int i = e >> 1, j = tileStart + n * 8 + 2 * t + (e & 1);
-            if (j > pos[i] || j < low[i]) s[n][e] = NEG_INF;
+            if (masked && (j > pos[i] || j < low[i])) s[n][e] = NEG_INF;
             tileMax[i] = fmaxf(tileMax[i], s[n][e]);
         }
     float correction[2];
@@ -376,7 +385,14 @@ __device__ __forceinline__ void fa_run(const unsigned (&qf)[D / 16][4], const un
         if (STAGES == 1) copy_async_wait<0>(); else copy_async_wait<1>();
         __syncthreads();
         if (tileStart <= warpHi && tileStart + BN - 1 >= warpLo)
-            fa_tile<D, BN>(qf, ql, o, m, l, sK + stage * BN * D, sV + stage * BN * D, tileStart, pos, low, lane);
+        {
+            // The mask only where some row of the warp sees part of the tile (padding rows, pos −1, are never written).
+            bool whole = true;
+#pragma unroll
+            for (int i = 0; i < 2; i++) whole &= pos[i] < 0 || (low[i] <= tileStart && tileStart + BN - 1 <= pos[i]);
+            const bool masked = !__all_sync(0xffffffffu, whole);
+            fa_tile<D, BN>(qf, ql, o, m, l, sK + stage * BN * D, sV + stage * BN * D, tileStart, pos, low, lane, masked);
+        }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 #pragma unroll

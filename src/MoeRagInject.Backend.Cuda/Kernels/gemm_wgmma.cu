@@ -55,6 +55,14 @@ __device__ __forceinline__ void wgmma_m64n64k16(float* d, unsigned long long a, 
                  : "l"(a), "l"(b), "r"(accumulate));
 }
 
+__device__ __forceinline__ void wgmma_m64n96k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, %48, %49, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
 __device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a, unsigned long long b, int accumulate)
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -77,6 +85,7 @@ __device__ __forceinline__ void wgmma_step(float* d, unsigned long long a, unsig
     if (N == 16) wgmma_m64n16k16(d, a, b, 1);
     else if (N == 32) wgmma_m64n32k16(d, a, b, 1);
     else if (N == 64) wgmma_m64n64k16(d, a, b, 1);
+    else if (N == 96) wgmma_m64n96k16(d, a, b, 1);
     else if (N == 128) wgmma_m64n128k16(d, a, b, 1);
     else wgmma_m64n256k16(d, a, b, 1);
 }
@@ -443,5 +452,6 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
         float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP) }
 
-MOE_TMA_KERNEL(gate_up, 16, true) MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 128, true)
-MOE_TMA_KERNEL(down, 16, false) MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 128, false) MOE_TMA_KERNEL(down, 256, false)
+MOE_TMA_KERNEL(gate_up, 16, true) MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 96, true) MOE_TMA_KERNEL(gate_up, 128, true)
+MOE_TMA_KERNEL(down, 16, false) MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 96, false) MOE_TMA_KERNEL(down, 128, false)
+MOE_TMA_KERNEL(down, 256, false)
