@@ -104,10 +104,12 @@ public sealed record Roofline(long BytesPerStep, double CopyBandwidth)
 public static class EngineBenchmark
 {
     /// <param name="copyBandwidth">The card's copy rate (bytes/s) measured in this run, for the roofline fields; null on the CPU.</param>
+    /// <param name="repeats">Runs of each batch size and mode; each figure of a row is the median of its runs.</param>
     public static async Task<IReadOnlyList<BenchmarkRow>> RunAsync(EngineOptions options, IReadOnlyList<int> batchSizes,
         IReadOnlyList<InjectionMode> modes, int promptTokens, int newTokens, TextWriter progress, CancellationToken cancellationToken,
-        double? copyBandwidth = null)
+        double? copyBandwidth = null, int repeats = 1)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(repeats, 1);
         var maxBatch = batchSizes.Max();
         var nullDevice = options.Runner.Device == "null";
         await using var engine = InferenceEngine.Create(options with
@@ -129,7 +131,10 @@ public static class EngineBenchmark
             var prompts = Prompts(rng, vocab, batch, promptTokens);
             foreach (var mode in modes)
             {
-                var row = await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false);
+                var runs = new List<BenchmarkRow>();
+                for (var run = 0; run < repeats; run++)
+                    runs.Add(await MeasureAsync(engine, mode, batch, prompts, newTokens, cancellationToken).ConfigureAwait(false));
+                var row = Median(runs);
                 if (copyBandwidth is { } bandwidth)
                     row = row with
                     {
@@ -146,6 +151,25 @@ public static class EngineBenchmark
             }
         }
         return rows;
+    }
+
+    /// <summary>Each figure the median of the runs' (the middle run's, or the mean of the two middle ones).</summary>
+    internal static BenchmarkRow Median(IReadOnlyList<BenchmarkRow> runs)
+    {
+        double Of(Func<BenchmarkRow, double> field)
+        {
+            var sorted = runs.Select(field).Order().ToList();
+            return sorted.Count % 2 == 1 ? sorted[sorted.Count / 2] : (sorted[sorted.Count / 2 - 1] + sorted[sorted.Count / 2]) / 2;
+        }
+
+        var first = runs[0];
+        return first with
+        {
+            PrefillSeconds = Of(r => r.PrefillSeconds), MeanFirstTokenSeconds = Of(r => r.MeanFirstTokenSeconds),
+            DecodeTokensPerSecond = Of(r => r.DecodeTokensPerSecond), Retrievals = (int)Math.Round(Of(r => r.Retrievals)),
+            StepMilliseconds = Of(r => r.StepMilliseconds), HostMicrosecondsPerStep = Of(r => r.HostMicrosecondsPerStep),
+            MeanDecodeBatch = Of(r => r.MeanDecodeBatch),
+        };
     }
 
     private static List<int[]> Prompts(SplitMix64 rng, int vocab, int count, int length)

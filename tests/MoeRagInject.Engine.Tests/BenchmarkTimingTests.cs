@@ -12,7 +12,7 @@ public sealed class BenchmarkTimingTests
 {
     private const int StepMs = 25, Batch = 4, PromptTokens = 16;
 
-    private static async Task<BenchmarkRow> MeasureAsync(int prefillBudget)
+    private static async Task<BenchmarkRow> MeasureAsync(int prefillBudget, int repeats = 1)
     {
         var options = new EngineOptions
         {
@@ -23,7 +23,7 @@ public sealed class BenchmarkTimingTests
             MaxRunningRequests = Batch,
         };
         var rows = await EngineBenchmark.RunAsync(options, [Batch], [InjectionMode.Off], PromptTokens, newTokens: 4, TextWriter.Null,
-            CancellationToken.None);
+            CancellationToken.None, repeats: repeats);
         return Assert.Single(rows);
     }
 
@@ -36,6 +36,25 @@ public sealed class BenchmarkTimingTests
         Assert.InRange(row.PrefillSeconds / row.MeanFirstTokenSeconds, 1.3, 2.0);
         Assert.Equal(Math.Round(row.MeanFirstTokenSeconds * 1e3, 2), (double)row.ToJson()["ttft_ms_mean"]!);
         Assert.Equal(Math.Round(row.PrefillSeconds * 1e3, 2), (double)row.ToJson()["ttft_ms_last"]!);
+    }
+
+    [Fact]
+    public async Task RepeatedRunsReportOneRowOfTheSameTiming()
+    {
+        var row = await MeasureAsync(prefillBudget: PromptTokens, repeats: 3);
+        Assert.InRange(row.PrefillSeconds, 4 * StepMs / 1e3, 10 * StepMs / 1e3);
+        Assert.InRange(row.StepMilliseconds, StepMs, 3 * StepMs);
+    }
+
+    [Fact]
+    public void EachFigureIsTheMedianOfTheRuns()
+    {
+        BenchmarkRow Run(double ttft, double step, double tokensPerSecond) =>
+            new("off", Batch, PromptTokens, 4, ttft, ttft / 2, tokensPerSecond, 0, step, 10, Batch);
+        var odd = EngineBenchmark.Median([Run(0.30, 9, 400), Run(0.10, 11, 300), Run(0.20, 10, 500)]);
+        Assert.Equal((0.20, 0.10, 400.0, 10.0), (odd.PrefillSeconds, odd.MeanFirstTokenSeconds, odd.DecodeTokensPerSecond, odd.StepMilliseconds));
+        var even = EngineBenchmark.Median([Run(0.30, 9, 400), Run(0.10, 11, 300)]);
+        Assert.Equal((0.20, 10.0, 350.0), (even.PrefillSeconds, even.StepMilliseconds, even.DecodeTokensPerSecond));
     }
 
     [Fact]

@@ -51,9 +51,9 @@ if has determinism; then
   done
 fi
 if has prefill; then
-  log "bench: prefill of one 2048-token prompt"
+  log "bench: prefill of one 2048-token prompt (median of 5 runs)"
   timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
-    --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill.json" 2>&1 | grep "batch\|bandwidth"
+    --input-len 2048 --output-len 8 --max-running-requests 4 --repeats 5 --json --out "$out/bench-prefill.json" 2>&1 | grep "batch\|bandwidth"
 fi
 if has paths; then
   log "bench: the MoE paths kept for comparison (MOE_RAG_INJECT_MOE_PATH): dense cuBLAS at batch 8 and 64, cuBLAS per expert for prefill"

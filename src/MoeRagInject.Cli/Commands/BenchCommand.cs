@@ -21,6 +21,7 @@ public static class BenchCommand
         var triggerRate = CliOption.Double("--trigger-rate", "with --device null: share of tokens whose router entropies fire the trigger",
             "R", 0.05, min: 0, max: 1);
         var nullStepMs = CliOption.Double("--null-step-ms", "with --device null: how long a step lasts (as a device would take)", "MS", 0, min: 0);
+        var repeats = CliOption.Int("--repeats", "runs of each batch size and mode; each figure is the median of its runs", "N", 1, min: 1);
         var json = CliOption.Switch("--json", "print one JSON object instead of the table");
         var output = CliOption.OptionalText("--out", "also write the table (or JSON) to this file", "FILE");
         var engine = new EngineFlags();
@@ -31,18 +32,18 @@ public static class BenchCommand
             + "--trigger-rate of tokens). Reports prefill tokens/s, time to first token (mean and last), decode tokens/s, ms per decode step, and the engine's own µs per "
             + "step outside the runner. Prints a markdown table (--json: one JSON object); --out writes it to a file too.")
         {
-            batchSizes, inputLen, outputLen, modes, triggerRate, nullStepMs, json, output,
+            batchSizes, inputLen, outputLen, modes, triggerRate, nullStepMs, repeats, json, output,
         };
         engine.AddTo(command);
         command.SetAction((parse, _) => RunAsync(
             engine.ToOptions(parse, (float)parse.GetValue(triggerRate), TimeSpan.FromMilliseconds(parse.GetValue(nullStepMs))),
             parse.GetValue(batchSizes) ?? [1, 4, 16], parse.GetValue(inputLen), parse.GetValue(outputLen), parse.GetValue(modes),
-            parse.GetValue(json), parse.GetValue(output)));
+            parse.GetValue(repeats), parse.GetValue(json), parse.GetValue(output)));
         return command;
     }
 
     private static async Task<int> RunAsync(EngineOptions engineOptions, IReadOnlyList<int> batchSizes, int promptTokens, int newTokens,
-        IReadOnlyList<string>? modeNames, bool json, string? outputPath)
+        IReadOnlyList<string>? modeNames, int repeats, bool json, string? outputPath)
     {
         var options = engineOptions with { LogDir = Path.Combine(Path.GetTempPath(), "moe-rag-inject-bench-logs") };
         var modes = (modeNames ?? (options.Retriever is null ? ["off"] : ["off", "latent"]))
@@ -59,7 +60,7 @@ public static class BenchCommand
             bandwidth = Backend.Cuda.CudaRunnerFactory.MeasureCopyBandwidth(cuda.Ordinal);
             log.WriteLine(FormattableString.Invariant($"copy bandwidth (read + write): {bandwidth / 1e12:F2} TB/s"));
         }
-        var rows = await EngineBenchmark.RunAsync(options, batchSizes, modes, promptTokens, newTokens, log, CancellationToken.None, bandwidth)
+        var rows = await EngineBenchmark.RunAsync(options, batchSizes, modes, promptTokens, newTokens, log, CancellationToken.None, bandwidth, repeats)
             .ConfigureAwait(false);
         var machine = EngineBenchmark.DescribeMachine();
         var model = $"{Path.GetFileName(options.ModelPath)} ({options.LoadFormat} weights)";
