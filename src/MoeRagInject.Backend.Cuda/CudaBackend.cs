@@ -330,9 +330,14 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var half = shape.HeadDim / 2;
         var heads = shape.Heads + shape.KvHeads;
         var perBlock = Math.Clamp(256 / half, 1, heads);
+        // The step buffers' table of rotations where it was made for this shape's theta and head size (the op checks also
+        // run shapes of other models, which compute theirs).
+        var s = S(step);
+        var table = s.RopeTheta == shape.RopeTheta && s.RopeHeadDim == shape.HeadDim;
         Launch3("rope_kv_write", ((uint)rows, (uint)((heads + perBlock - 1) / perBlock), 1), (uint)((perBlock * half + 31) / 32 * 32), 0,
-            T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), S(step).Positions, S(step).KvSlots,
-            shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth, perBlock);
+            T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), s.Positions, s.KvSlots,
+            shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth, perBlock, table ? s.RopeTable.Pointer : 0UL,
+            table ? s.RopeRows : 0);
     }
 
     public void Attention(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, DeviceTensor output, int rows)

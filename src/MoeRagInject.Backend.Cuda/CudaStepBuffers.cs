@@ -91,6 +91,12 @@ internal sealed class CudaStepBuffers : IStepBuffers
         PromptMask = Own((long)_seqs * _vocab);
         PromptMask.Memset(0, backend.Stream);
         PromptIds = Own(4L * Math.Max(1, limits.ContextLength));
+        // The model's rotations at every position a sequence can reach, made once (rope_table).
+        RopeTheta = c.RopeTheta;
+        RopeHeadDim = c.HeadDim;
+        RopeRows = Math.Max(1, limits.ContextLength);
+        RopeTable = Own(8L * RopeRows * (c.HeadDim / 2));
+        backend.Launch("rope_table", (uint)(((long)RopeRows * (c.HeadDim / 2) + 255) / 256), 256, RopeTable, RopeRows, c.HeadDim, c.RopeTheta);
 
         var k = c.NumExpertsPerToken;
         var slots = (long)_rows * k;
@@ -117,13 +123,20 @@ internal sealed class CudaStepBuffers : IStepBuffers
         long rows = maxRows, seqs = maxSequences, slots = rows * c.NumExpertsPerToken;
         var moeRows = Math.Max(slots, (long)c.NumExperts * denseMaxRows);
         var io = 4 * (8 * rows + 13 * seqs + seqs * c.NumLayers);
-        var perSlot = seqs * (4L * (Math.Max(1, contextLength) / 16 + 1) + 4L * c.HiddenSize + 4L * c.NumLayers + 8 + 32 + 64 + 5L * c.VocabSize);
+        var perSlot = seqs * (4L * (Math.Max(1, contextLength) / 16 + 1) + 4L * c.HiddenSize + 4L * c.NumLayers + 8 + 32 + 64 + 5L * c.VocabSize)
+            + 8L * Math.Max(1, contextLength) * (c.HeadDim / 2);  // the RoPE table
         var scratch = 4 * rows * c.NumLayers * (1L + c.NumExperts) + 4 * rows + 12 * slots + moeRows * (8L * c.IntermediateSize + 2L * c.IntermediateSize + 4L * c.HiddenSize)
             + 2 * slots * c.HiddenSize + 4 * seqs * c.VocabSize;
         return 2 * io + perSlot + scratch;
     }
 
     public StepState Host { get; }
+
+    /// <summary>(cos, sin) of every position below <see cref="RopeRows"/> and rotated pair, for the config's RoPE theta and head size.</summary>
+    public DeviceBuffer RopeTable { get; }
+    public int RopeRows { get; }
+    public float RopeTheta { get; }
+    public int RopeHeadDim { get; }
 
     // The packed inputs, by device address.
     public ulong TokenIds => _in.Pointer + 4UL * (ulong)_offTokens;
