@@ -55,8 +55,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         Deterministic = deterministic;
         Stream = device.CreateStream();
         // Programmatic dependent launch by default; not under --deterministic, whose batch-1 step it slowed by 7% (9.37 →
-        // 10.02 ms in a same-run comparison on an H200) while the default step was unchanged or faster.
-        _kernels = new CudaKernels(device, progress, programmaticLaunch: !deterministic);
+        // 10.02 ms in a same-run comparison on an H200, three sessions ago) while the default step was unchanged or faster.
+        // MOE_RAG_INJECT_PDL=1 turns it on there too, to measure again (it changes no result: only when blocks start).
+        _kernels = new CudaKernels(device, progress,
+            programmaticLaunch: !deterministic || Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PDL") == "1");
         _cublas = device.CreateCublas();
         _workspace = device.Allocate(32L << 20);
         _cublas.SetWorkspace(_workspace);

@@ -50,7 +50,7 @@ internal sealed class CudaKernels : IDisposable
         }
         // Programmatic dependent launch (Hopper and later): a kernel's blocks are scheduled while the previous kernel's
         // last blocks still run, and wait in kernel_prologue; this hides the launch gap between the ~11 kernels a layer.
-        // MOE_RAG_INJECT_PDL=0 launches them plainly (for comparisons).
+        // MOE_RAG_INJECT_PDL=0 launches them plainly (for comparisons; =1 asks for it under --deterministic too, CudaBackend).
         ProgrammaticLaunch = programmaticLaunch && major >= 9 && Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PDL") != "0";
         _module = device.LoadModule(image, ProgrammaticLaunch);
         Architecture = arch;

@@ -2,10 +2,11 @@
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
 # benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
 # lockstep (the bench with every prompt of a batch prefilled in one step, so that no request starts decoding before the
-# others, as sglang's bench_one_batch runs), determinism, prefill, paths (the MoE paths kept for comparison, forced),
+# others, as sglang's bench_one_batch runs), determinism, det-pdl (--deterministic with and without programmatic dependent
+# launch), prefill, paths (the MoE paths kept for comparison, forced),
 # baseline (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py).
-# Default: all but paths, about 7 minutes on an H200 (without lockstep the stages took 35, 40, 80, 50, 5, 60 and 85 s
-# there on 2026-11-30), so that one device call measures ours and both baselines on one machine.
+# Default: all but paths and det-pdl, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
 cd "$(dirname "$0")/../.."
@@ -48,6 +49,13 @@ if has determinism; then
   for mode in "" --deterministic; do
     timeout ${DET_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 --modes off \
       --input-len 128 --output-len 32 --max-running-requests 64 $mode --json --out "$out/bench-det${mode:+-on}.json" 2>&1 | grep "batch\|bandwidth"
+  done
+fi
+if has det-pdl; then
+  log "bench: --deterministic with programmatic dependent launch (MOE_RAG_INJECT_PDL=1) against without, alternating, batch 1 and 64"
+  for pdl in 1 "" 1 ""; do
+    MOE_RAG_INJECT_PDL=$pdl timeout ${DET_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 \
+      --modes off --input-len 128 --output-len 32 --max-running-requests 64 --deterministic 2>&1 | grep " batch " | sed "s/^/pdl=${pdl:-off} /"
   done
 fi
 if has prefill; then
