@@ -34,6 +34,9 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     /// </summary>
     public Roofline? MeanBatchRoofline { get; init; }
 
+    /// <summary>With --repeats: every run's time to the last first token and decode step, in run order (the row holds their medians).</summary>
+    public IReadOnlyList<(double PrefillSeconds, double StepMilliseconds)> Runs { get; init; } = [];
+
     /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
     public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m && MeanDecodeBatch > 0
         ? (DecodeTokensPerSecond / r.TokensPerSecond(BatchSize), DecodeTokensPerSecond / m.TokensPerSecond(MeanDecodeBatch))
@@ -54,6 +57,11 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["mean_batch_bytes_per_step"] = m.BytesPerStep;
             json["mean_batch_roofline_share"] = Math.Round(shares.AtMeanBatch, 3);
         }
+        if (Runs.Count > 1)
+            json["runs"] = new JsonArray([.. Runs.Select(run => (JsonNode)new JsonObject
+            {
+                ["ttft_ms_last"] = Math.Round(run.PrefillSeconds * 1e3, 2), ["step_ms"] = Math.Round(run.StepMilliseconds, 4),
+            })]);
         return json;
     }
 
@@ -169,6 +177,7 @@ public static class EngineBenchmark
             DecodeTokensPerSecond = Of(r => r.DecodeTokensPerSecond), Retrievals = (int)Math.Round(Of(r => r.Retrievals)),
             StepMilliseconds = Of(r => r.StepMilliseconds), HostMicrosecondsPerStep = Of(r => r.HostMicrosecondsPerStep),
             MeanDecodeBatch = Of(r => r.MeanDecodeBatch),
+            Runs = [.. runs.Select(r => (r.PrefillSeconds, r.StepMilliseconds))],
         };
     }
 

@@ -55,6 +55,11 @@ public sealed class BenchmarkTimingTests
         Assert.Equal((0.20, 0.10, 400.0, 10.0), (odd.PrefillSeconds, odd.MeanFirstTokenSeconds, odd.DecodeTokensPerSecond, odd.StepMilliseconds));
         var even = EngineBenchmark.Median([Run(0.30, 9, 400), Run(0.10, 11, 300)]);
         Assert.Equal((0.20, 10.0, 350.0), (even.PrefillSeconds, even.StepMilliseconds, even.DecodeTokensPerSecond));
+        // Every run stays in the JSON, in run order.
+        var runs = odd.ToJson()["runs"]!.AsArray();
+        Assert.Equal([300.0, 100.0, 200.0], runs.Select(r => (double)r!["ttft_ms_last"]!));
+        Assert.Equal([9.0, 11.0, 10.0], runs.Select(r => (double)r!["step_ms"]!));
+        Assert.Null(Run(0.1, 9, 400).ToJson()["runs"]);
     }
 
     [Fact]
