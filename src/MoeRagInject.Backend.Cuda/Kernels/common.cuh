@@ -50,9 +50,21 @@ __device__ __forceinline__ float dot8(u32x4 w, u32x4 x)
     return s;
 }
 
+// Two floats as the two bf16 halves of a 32-bit word, the first in the low half (an mma operand register), rounded to
+// nearest even as float_to_bf16 rounds (one cvt instruction from sm_80 on; a NaN stays a NaN, not necessarily 0x7fc0).
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+#else
+    return (unsigned)float_to_bf16(lo) | ((unsigned)float_to_bf16(hi) << 16);
+#endif
+}
+
 // Four bf16 (an 8-byte load) as floats, and four floats rounded to bf16 (an 8-byte store).
 __device__ __forceinline__ f32x4 bf16x4_to_float(u32x2 v) { return f32x4{lo_bf16(v.x), hi_bf16(v.x), lo_bf16(v.y), hi_bf16(v.y)}; }
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi);
 __device__ __forceinline__ u32x2 float_to_bf16x4(f32x4 v) { return u32x2{pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w)}; }
 
 // A row split over a block (the norms and the router): thread t holds the row's 4-element chunks t, t + blockDim, ...,
@@ -137,17 +149,4 @@ __device__ __forceinline__ void load_matrix_x4_trans(unsigned address, unsigned*
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-
-// Two floats as the two bf16 halves of a 32-bit word, the first in the low half (an mma operand register), rounded to
-// nearest even as float_to_bf16 rounds (one cvt instruction from sm_80 on; a NaN stays a NaN, not necessarily 0x7fc0).
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-#else
-    return (unsigned)float_to_bf16(lo) | ((unsigned)float_to_bf16(hi) << 16);
-#endif
 }
