@@ -13,7 +13,7 @@ namespace MoeRagInject.Backend.Cuda;
 /// <see cref="TensorMaxRows"/>), cuBLAS per expert above); attention takes tensor-core
 /// kernels (flash-style for prompt rows, one warp per row and KV head for decode rows). <c>--deterministic</c> keeps to
 /// kernels whose every output is one fixed-order reduction whatever the batch (the tile kernels at every row count, k
-/// split by the weight's shape alone, the fp32 attention kernel unsplit).
+/// split by the weight's shape alone, the decode attention kernel for every row, its keys in a fixed number of splits).
 /// </summary>
 public sealed class CudaBackend : IBackend, IGraphCapable
 {
@@ -93,7 +93,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
         var activations = (long)maxRows * (4 * h + 2 * h + 4 * (q + 2 * kv) + 2 * q + 4 * h) + (long)maxSequences * (2 * h + 4L * config.VocabSize);
         return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (32L << 20)
-            + SplitWorkspaceBytes(config, maxRows, maxSequences);
+            + SplitWorkspaceBytes(config, maxRows, maxSequences) + AttentionPartialBound(config, maxRows, AttentionSplits);
     }
 
     /// <summary>Weights whose views carry no data are filled on the device with <see cref="Checkpoint.DummyValue"/>.</summary>
@@ -350,10 +350,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var group = shape.Heads / shape.KvHeads;
         var window = shape.SlidingWindow ?? 0;
         var scale = 1f / MathF.Sqrt(shape.HeadDim);
-        var tensorCores = !Deterministic && !_scalarAttentionForced && TensorAttentionFits(shape);
-        if (tensorCores && rows > s.Host.Sequences)
+        var tensorCores = !_scalarAttentionForced && TensorAttentionFits(shape);
+        if (tensorCores && !Deterministic && rows > s.Host.Sequences)
         {
-            // Prompt rows in the step: the flash-style kernel for every sequence of it.
+            // Prompt rows in the step: the flash-style kernel for every sequence of it. Not under --deterministic, where
+            // every row takes the decode kernel below: a row then sums its keys the same way whether it is a prompt row, a
+            // decode row beside a prompt's chunk, or one recomputed after preemption.
             var rowTiles = Math.Max(1, 4 / group);
             var perBlock = 16 * rowTiles;
             var name = $"attention_tc_d{shape.HeadDim}";
@@ -369,7 +371,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var partial = splits > 1 ? _attentionPartial!.Pointer : 0UL;
         if (tensorCores)
         {
-            // Decode rows only: one warp per (row, KV head, split), the group's query heads as its mma rows.
+            // Decode rows (every row under --deterministic): one warp per (row, KV head, split), the group's query heads as its
+            // mma rows.
             var name = $"attention_decode_tc_d{shape.HeadDim}";
             var bytes = (uint)(2 * 32 * shape.HeadDim * 2);
             Launch3(name, ((uint)rows, (uint)shape.KvHeads, (uint)splits), 32, bytes,
@@ -383,7 +386,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 shape.Heads, shape.KvHeads, shape.HeadDim, splits);
     }
 
-    /// <summary>attention_g*_d*: one 16-warp block per (row, KV head, split), fp32 throughout; --deterministic's kernel.</summary>
+    /// <summary>attention_g*_d*: one 16-warp block per (row, KV head, split), fp32 throughout; for shapes the tensor-core kernels do not take.</summary>
     private void ScalarAttention(DeviceTensor qkv, CudaKvCache kv, int layer, AttentionShape shape, CudaStepBuffers s, DeviceTensor output,
         int rows, int splits, ulong partial)
     {
@@ -410,11 +413,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>
     /// Shares each row's keys are cut into (decode kernels): enough blocks for <see cref="AttentionBlocksPerSm"/> per
-    /// multiprocessor when the rows and KV heads alone are too few, at most 16; one under --deterministic, so a row is
-    /// summed the same way at every batch size.
+    /// multiprocessor when the rows and KV heads alone are too few, at most 16; under --deterministic always
+    /// <see cref="DeterministicAttentionSplits"/>, so that a row's keys are shared out, and its splits merged, the same way
+    /// at every batch size (the shares depend on the row's own key count alone).
     /// </summary>
     private int AttentionSplits(int rows, int kvHeads) =>
-        Deterministic ? 1 : Math.Clamp((AttentionBlocksPerSm * Device.MultiprocessorCount + rows * kvHeads - 1) / (rows * kvHeads), 1, MaxAttentionSplits);
+        Deterministic ? DeterministicAttentionSplits : Math.Clamp((AttentionBlocksPerSm * Device.MultiprocessorCount + rows * kvHeads - 1) / (rows * kvHeads), 1, MaxAttentionSplits);
 
     /// <summary>
     /// Decode attention blocks (one warp each) aimed at per multiprocessor: 4, or MOE_RAG_INJECT_ATTENTION_BLOCKS_PER_SM
@@ -424,6 +428,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION_BLOCKS_PER_SM"), out var blocks) ? Math.Clamp(blocks, 1, 64) : 4;
 
     private const int MaxAttentionSplits = 16;
+
+    /// <summary>
+    /// --deterministic's split count, whatever the batch: at batch 1 four warps share a KV head's keys, and at batch 64
+    /// 2,048 warps run (the default takes 2 splits there); the split records cost 66 KB a row of Mixtral's shape.
+    /// </summary>
+    private const int DeterministicAttentionSplits = 4;
     private DeviceBuffer? _attentionPartial;
 
     private static long AttentionPartialBytes(int rows, AttentionShape shape, int splits) =>

@@ -112,6 +112,9 @@ public interface IRunnerFactory
     /// progress, and sizes the KV pool.
     /// </summary>
     IModelRunner Create(ModelConfig config, WeightSource weights, RunnerOptions options, Action<string>? progress = null);
+
+    /// <summary>The prefill chunk (--chunked-prefill-size) when none is given: 2,048 tokens unless the device says otherwise.</summary>
+    int DefaultChunkedPrefillSize => 2048;
 }
 
 /// <summary>Memory arithmetic every runner shares: what the weights and KV cache of a config take.</summary>

@@ -36,8 +36,9 @@ public sealed class EngineFlags
         "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts", min: 1);
     public Option<double> MemFractionStatic { get; } = CliOption.Double("--mem-fraction-static",
         "share of the device's memory for weights plus KV pool", "F", Defaults.MemFractionStatic, min: 0, max: 1);
-    public Option<int> ChunkedPrefillSize { get; } = CliOption.Int("--chunked-prefill-size",
-        "most prompt tokens one request prefills in a step (longer prompts are chunked)", "N", Defaults.ChunkedPrefillSize, min: 1);
+    public Option<int?> ChunkedPrefillSize { get; } = CliOption.OptionalInt("--chunked-prefill-size",
+        "most prompt tokens one request prefills in a step (longer prompts are chunked)", "N",
+        "2048; on a GPU by its memory, as sglang: 2048 under 35 GiB, 8192 under 160 GiB, 16384 above", min: 1);
     public Option<int> MaxPrefillTokens { get; } = CliOption.Int("--max-prefill-tokens",
         "most prompt tokens of all requests prefilled in one step", "N", Defaults.MaxPrefillTokens, min: 1);
     public Option<int?> Threads { get; } = CliOption.OptionalInt("--threads", "CPU threads for the forward pass", "N", "all cores", min: 1);

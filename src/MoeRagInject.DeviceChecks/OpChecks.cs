@@ -86,7 +86,9 @@ public sealed class OpChecks : IDisposable
     {
         Check("linear", [1, 37, 130], LinearCase);
         Check("moe", [1, 16, 100, 1000], MoeCase);
+        Check("attention", [0, 3, 4, 5, 7], AttentionCase);
         Check("invariance", [0], _ => InvarianceCase());
+        Check("attention invariance", [0], _ => AttentionInvarianceCase());
         return _results;
     }
 
@@ -399,6 +401,61 @@ public sealed class OpChecks : IDisposable
             Add(new CheckResult("op", $"{(moe ? "moe" : "linear")} batch invariance (rows of 700 == alone, x5)", differing == 0, differing, 0,
                 "outputs differing in any bit"));
         }
+    }
+
+    /// <summary>
+    /// Attention rows of one sequence computed among a step of prompt chunks and decode rows, then alone as its own prompt
+    /// chunk, then its last row alone as a decode row: the same bits each time (Mixtral's heads: 32 query, 8 KV, head_dim 128).
+    /// </summary>
+    private void AttentionInvarianceCase()
+    {
+        var shape = new AttentionShape(32, 8, 128, 1e6f, null);
+        var mixed = Scenario.Mixed(_config.VocabSize, _rng);  // sequence 1: 9 prompt rows from position 0, rows 1..9 of the step
+        const int First = 1, Length = 9, Slot = 1;
+        using var pair = new StepPair(this, mixed);
+        using var cache = _device.CreateKvCache(_config.NumLayers, pair.Limits.NumKvBlocks, pair.Limits.BlockSize, shape.KvHeads, shape.HeadDim);
+        using (var history = new StepPair(this, mixed.History(_rng)))
+        using (var hq = _device.Allocate(history.State.Rows, shape.QkvWidth))
+        {
+            _device.Upload(RandomValues(history.State.Rows * shape.QkvWidth), hq);
+            _device.RotaryAndCacheWrite(hq, cache, 0, shape, history.Device, history.State.Rows);
+        }
+        using var qkv = _device.Allocate(mixed.Rows, shape.QkvWidth);
+        _device.Upload(RandomValues(mixed.Rows * shape.QkvWidth), qkv);
+        _device.RotaryAndCacheWrite(qkv, cache, 0, shape, pair.Device, mixed.Rows);
+        var rotated = new float[mixed.Rows * shape.QkvWidth];
+        _device.Download(qkv, mixed.Rows, rotated);
+        var all = Attend(pair.Device, qkv, mixed.Rows);
+
+        var tokens = mixed.Tokens[First..(First + Length)];
+        var differing = 0;
+        foreach (var (alone, from) in new[]
+                 {
+                     (mixed with { Name = "alone", Slots = [Slot], Starts = [0], Lengths = [Length], Tokens = tokens }, 0),
+                     (mixed with { Name = "decode", Slots = [Slot], Starts = [Length - 1], Lengths = [1], Tokens = tokens[^1..] }, Length - 1),
+                 })
+        {
+            var rows = alone.Rows;
+            using var step = new StepPair(this, alone);
+            using var q = _device.Allocate(rows, shape.QkvWidth);
+            _device.Upload(rotated.AsSpan((First + from) * shape.QkvWidth, rows * shape.QkvWidth), q);
+            var part = Attend(step.Device, q, rows);
+            for (var i = 0; i < part.Length; i++)
+                if (BitConverter.SingleToUInt32Bits(part[i]) != BitConverter.SingleToUInt32Bits(all[(First + from) * shape.QWidth + i])) differing++;
+        }
+        Add(new CheckResult("op", "attention batch invariance (a prompt's rows among others == alone, its last row == as a decode row)",
+            differing == 0, differing, 0, "outputs differing in any bit"));
+
+        float[] Attend(IStepBuffers step, DeviceTensor input, int rows)
+        {
+            using var output = _device.Allocate(rows, shape.QWidth, ActivationKind.GemmInput);
+            _device.Attention(input, cache, 0, shape, step, output, rows);
+            var values = new float[rows * shape.QWidth];
+            _device.Download(output, rows, values);
+            return values;
+        }
+
+        float[] RandomValues(int count) => [.. Enumerable.Range(0, count).Select(_ => (float)(_rng.NextDouble() * 2 - 1))];
     }
 
     private void InjectionCase(int rows)

@@ -19,8 +19,11 @@ public sealed record EngineOptions
     public int? KvCacheTokens { get; init; }
     /// <summary>Share of the device's memory that weights plus KV pool may take (sglang's --mem-fraction-static).</summary>
     public double MemFractionStatic { get; init; } = 0.9;
-    /// <summary>Most prompt tokens one request prefills in a step; longer prompts are prefilled in chunks (sglang's --chunked-prefill-size).</summary>
-    public int ChunkedPrefillSize { get; init; } = 2048;
+    /// <summary>
+    /// Most prompt tokens one request prefills in a step; longer prompts are prefilled in chunks (sglang's
+    /// --chunked-prefill-size). Null takes the device's default (<see cref="IRunnerFactory.DefaultChunkedPrefillSize"/>).
+    /// </summary>
+    public int? ChunkedPrefillSize { get; init; }
     /// <summary>Most prompt tokens of all requests prefilled in one step (sglang's --max-prefill-tokens).</summary>
     public int MaxPrefillTokens { get; init; } = 16384;
     /// <summary>Largest decode batch replayed from a captured graph (GPU backends).</summary>
@@ -75,13 +78,16 @@ public sealed record EngineOptions
     public string ResolvedRouterProbePath => RouterProbePath ?? Path.Combine(ModelPath, RouterProbe.FileName);
 
     /// <summary>The prefill tokens one step may hold: a chunk of one prompt at most, and all prompts' share at most.</summary>
-    public int PrefillBudget => Math.Min(ChunkedPrefillSize, MaxPrefillTokens);
+    public int PrefillBudget => Math.Min(ResolvedChunkedPrefillSize, MaxPrefillTokens);
+
+    /// <summary><see cref="ChunkedPrefillSize"/>, or the device's default when none was given.</summary>
+    public int ResolvedChunkedPrefillSize => ChunkedPrefillSize ?? Runner.DefaultChunkedPrefillSize;
 
     /// <summary>Null when valid, else what is wrong.</summary>
     public string? Validate()
     {
         if (MaxRunningRequests < 1) return "max_running_requests must be >= 1";
-        if (ChunkedPrefillSize < 1) return "chunked_prefill_size must be >= 1";
+        if (ChunkedPrefillSize is < 1) return "chunked_prefill_size must be >= 1";
         if (MaxPrefillTokens < 1) return "max_prefill_tokens must be >= 1";
         if (!(MemFractionStatic > 0 && MemFractionStatic <= 1)) return "mem_fraction_static must be in (0, 1]";
         if (ContextLength is < 1) return "context_length must be >= 1";

@@ -105,7 +105,7 @@ public sealed class LlmEngine : IGenerationEngine
             Metrics, RagEvents, (sequence, outcome) => Post(() => Resume(sequence, outcome)));
         var limits = _runner.Limits;
         _scheduler = new Scheduler(new KvBlockManager(limits.NumKvBlocks, limits.BlockSize), limits.MaxSequences,
-            options.ChunkedPrefillSize, options.PrefillBudget);
+            options.ResolvedChunkedPrefillSize, options.PrefillBudget);
 
         Info = new ModelInfo(options.ModelPath, options.ModelPath, config.VocabSize, _contextLength, config.NumLayers, config.NumExperts, _runner.Device);
         _status = Snapshot();

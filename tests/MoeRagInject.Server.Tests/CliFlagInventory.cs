@@ -11,7 +11,8 @@ public sealed record CliFlag(string Command, string Name, string? ValueName, str
 /// Every flag of every command, written down from the hand-written parser (src/MoeRagInject.Cli/Flags, commit c01439b) by
 /// running each command's --help: the compatibility contract the System.CommandLine parser is checked against. Every
 /// command also took -h/--help. Two bench flags were already synonyms there (--prompt-tokens for --input-len,
-/// --new-tokens for --output-len).
+/// --new-tokens for --output-len). Changed since, on purpose: --chunked-prefill-size's default follows the GPU's memory
+/// as sglang's does (it was 2048 everywhere).
 /// </summary>
 public static class CliFlagInventory
 {
@@ -30,7 +31,7 @@ public static class CliFlagInventory
         new("serve", "--max-running-requests", "N", "16"),
         new("serve", "--kv-cache-tokens", "N", "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts"),
         new("serve", "--mem-fraction-static", "F", "0.9"),
-        new("serve", "--chunked-prefill-size", "N", "2048"),
+        new("serve", "--chunked-prefill-size", "N", "2048; on a GPU by its memory, as sglang: 2048 under 35 GiB, 8192 under 160 GiB, 16384 above"),
         new("serve", "--max-prefill-tokens", "N", "16384"),
         new("serve", "--threads", "N", "all cores"),
         new("serve", "--cuda-graph-max-bs", "N", "256"),
@@ -73,7 +74,7 @@ public static class CliFlagInventory
         new("generate", "--max-running-requests", "N", "16"),
         new("generate", "--kv-cache-tokens", "N", "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts"),
         new("generate", "--mem-fraction-static", "F", "0.9"),
-        new("generate", "--chunked-prefill-size", "N", "2048"),
+        new("generate", "--chunked-prefill-size", "N", "2048; on a GPU by its memory, as sglang: 2048 under 35 GiB, 8192 under 160 GiB, 16384 above"),
         new("generate", "--max-prefill-tokens", "N", "16384"),
         new("generate", "--threads", "N", "all cores"),
         new("generate", "--cuda-graph-max-bs", "N", "256"),
@@ -116,7 +117,7 @@ public static class CliFlagInventory
         new("bench", "--max-running-requests", "N", "16"),
         new("bench", "--kv-cache-tokens", "N", "what --mem-fraction-static leaves after the weights, up to max-running-requests full contexts"),
         new("bench", "--mem-fraction-static", "F", "0.9"),
-        new("bench", "--chunked-prefill-size", "N", "2048"),
+        new("bench", "--chunked-prefill-size", "N", "2048; on a GPU by its memory, as sglang: 2048 under 35 GiB, 8192 under 160 GiB, 16384 above"),
         new("bench", "--max-prefill-tokens", "N", "16384"),
         new("bench", "--threads", "N", "all cores"),
         new("bench", "--cuda-graph-max-bs", "N", "256"),

@@ -52,6 +52,17 @@ internal sealed unsafe class CudaDevice : IDisposable
         }
     }
 
+    /// <summary>Device <paramref name="ordinal"/>'s memory in bytes, read without making a context.</summary>
+    public static long TotalMemoryOf(int ordinal)
+    {
+        Initialize();
+        int device;
+        CudaCheck.Driver(Driver.cuDeviceGet(&device, ordinal));
+        nuint total;
+        CudaCheck.Driver(Driver.cuDeviceTotalMem_v2(&total, device));
+        return (long)total;
+    }
+
     /// <summary>The CUDA version the driver supports, as 1000·major + 10·minor (12080 for 12.8).</summary>
     public static int DriverVersion
     {

@@ -1,6 +1,6 @@
 // Causal grouped-query attention over each sequence's paged bf16 KV cache (written for this step's rows by rope_kv_write
-// before). Two kernels:
-//  - attention_g*_d* (decode steps, and every step under --deterministic): one block per (row, KV head, split) handles
+// before). Three kernels:
+//  - attention_g*_d* (every row of shapes the tensor-core kernels do not take): one block per (row, KV head, split) handles
 //    that head's group of query heads, so each key and value is read once for the group. Each warp takes every
 //    ATT_WARPS-th key of the block's share with a running (online) softmax; lanes split the head dimensions; the warps'
 //    partial results are merged at the end in a fixed order. With one split (grid z = 1) the block writes the output; with
@@ -8,6 +8,8 @@
 //    writes its unnormalised sums with their maximum and total into `partial`, which attention_combine merges in split
 //    order. A row's result depends only on its own keys and the split count, which the host derives from the step's rows.
 //  - attention_tc_d* (steps with prompt rows, default mode): flash-style, on the tensor cores; see below.
+//  - attention_decode_tc_d* (decode steps, and every row under --deterministic, in a fixed number of splits): one warp
+//    per (row, KV head, split) on the tensor cores; see below.
 // Instantiated for bounds on the group (query heads per KV head) and on the head dimensions per lane (headDim / 32); the
 // host picks the smallest that fit. Grid: (rows, kvHeads, splits); block: ATT_WARPS × 32; dynamic shared memory:
 // ATT_WARPS × group × headDim floats.

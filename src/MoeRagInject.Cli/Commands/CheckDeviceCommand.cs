@@ -72,6 +72,13 @@ public static class CheckDeviceCommand
                 using var ops = new OpChecks(backend, seed + 1, r => Console.Out.WriteLine(r));
                 results.AddRange(ops.RunBatchInvariance());
             }
+            else
+            {
+                // The CPU backend promises batch invariance in every mode.
+                using var backend = new CpuBackend(2);
+                using var ops = new OpChecks(backend, seed + 1, r => Console.Out.WriteLine(r));
+                results.AddRange(ops.RunBatchInvariance());
+            }
         }
         if (groups.Contains("gemm-bench") && factory is CudaRunnerFactory bench)
         {

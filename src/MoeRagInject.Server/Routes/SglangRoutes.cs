@@ -110,7 +110,7 @@ public static class SglangRoutes
                 Version: typeof(SglangRoutes).Assembly.GetName().Version?.ToString() ?? "0.0.0",
                 options.Host, port,
                 e?.ModelPath, e?.Runner.Device, engine?.Info.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens,
-                e?.ChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
+                e?.ResolvedChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
                 e is null ? null : RequestParsing.ModeName(e.Mode), e?.PromptRagRestart.ToString().ToLowerInvariant(),
                 e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
                 // The server's signal's threshold: router-probe's is the probe's own unless --entropy-threshold set it.
