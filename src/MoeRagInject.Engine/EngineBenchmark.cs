@@ -34,8 +34,14 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     /// </summary>
     public Roofline? MeanBatchRoofline { get; init; }
 
-    /// <summary>With --repeats: every run's time to the last first token and decode step, in run order (the row holds their medians).</summary>
-    public IReadOnlyList<(double PrefillSeconds, double StepMilliseconds)> Runs { get; init; } = [];
+    /// <summary>
+    /// The time the .NET runtime held this process's threads for garbage collection during the run (GC.GetTotalPauseDuration),
+    /// in ms: the engine loop cannot enqueue work then, so a pause inside a step shows as idle device time.
+    /// </summary>
+    public double GcPauseMilliseconds { get; init; }
+
+    /// <summary>With --repeats: every run's time to the last first token, decode step and GC pause, in run order (the row holds their medians).</summary>
+    public IReadOnlyList<(double PrefillSeconds, double StepMilliseconds, double GcPauseMilliseconds)> Runs { get; init; } = [];
 
     /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
     public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m && MeanDecodeBatch > 0
@@ -61,6 +67,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["runs"] = new JsonArray([.. Runs.Select(run => (JsonNode)new JsonObject
             {
                 ["ttft_ms_last"] = Math.Round(run.PrefillSeconds * 1e3, 2), ["step_ms"] = Math.Round(run.StepMilliseconds, 4),
+                ["gc_pause_ms"] = Math.Round(run.GcPauseMilliseconds, 2),
             })]);
         return json;
     }
@@ -79,6 +86,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
         ["host_us_per_step"] = Math.Round(HostMicrosecondsPerStep, 2),
         ["mean_decode_batch"] = Math.Round(MeanDecodeBatch, 1),
         ["retrievals"] = Retrievals,
+        ["gc_pause_ms"] = Math.Round(GcPauseMilliseconds, 2),
     };
 }
 
@@ -176,8 +184,8 @@ public static class EngineBenchmark
             PrefillSeconds = Of(r => r.PrefillSeconds), MeanFirstTokenSeconds = Of(r => r.MeanFirstTokenSeconds),
             DecodeTokensPerSecond = Of(r => r.DecodeTokensPerSecond), Retrievals = (int)Math.Round(Of(r => r.Retrievals)),
             StepMilliseconds = Of(r => r.StepMilliseconds), HostMicrosecondsPerStep = Of(r => r.HostMicrosecondsPerStep),
-            MeanDecodeBatch = Of(r => r.MeanDecodeBatch),
-            Runs = [.. runs.Select(r => (r.PrefillSeconds, r.StepMilliseconds))],
+            MeanDecodeBatch = Of(r => r.MeanDecodeBatch), GcPauseMilliseconds = Of(r => r.GcPauseMilliseconds),
+            Runs = [.. runs.Select(r => (r.PrefillSeconds, r.StepMilliseconds, r.GcPauseMilliseconds))],
         };
     }
 
@@ -198,6 +206,7 @@ public static class EngineBenchmark
     private static async Task<BenchmarkRow> MeasureAsync(LlmEngine engine, InjectionMode mode, int batch, List<int[]> prompts,
         int newTokens, CancellationToken cancellationToken)
     {
+        var gcBefore = GC.GetTotalPauseDuration();
         var start = Stopwatch.GetTimestamp();
         var firstTokenAt = new long[batch];
         var before = engine.Counters;
@@ -225,7 +234,10 @@ public static class EngineBenchmark
         var firstTokenSeconds = firstTokenAt.Select(t => Stopwatch.GetElapsedTime(start, t).TotalSeconds).ToList();
         return new BenchmarkRow(mode.ToString().ToLowerInvariant(), batch, prompts[0].Length, newTokens,
             firstTokenSeconds.Max(), firstTokenSeconds.Average(), run.DecodeTokensPerSecond, retrievals,
-            run.DecodeStepMilliseconds, run.HostMicrosecondsPerDecodeStep, run.MeanDecodeBatch);
+            run.DecodeStepMilliseconds, run.HostMicrosecondsPerDecodeStep, run.MeanDecodeBatch)
+        {
+            GcPauseMilliseconds = (GC.GetTotalPauseDuration() - gcBefore).TotalMilliseconds,
+        };
     }
 
     /// <summary>A markdown table, with each row's decode speed as a ratio of the RAG-off row of the same batch size.</summary>

@@ -50,7 +50,7 @@ public sealed class BenchmarkTimingTests
     public void EachFigureIsTheMedianOfTheRuns()
     {
         BenchmarkRow Run(double ttft, double step, double tokensPerSecond) =>
-            new("off", Batch, PromptTokens, 4, ttft, ttft / 2, tokensPerSecond, 0, step, 10, Batch);
+            new("off", Batch, PromptTokens, 4, ttft, ttft / 2, tokensPerSecond, 0, step, 10, Batch) { GcPauseMilliseconds = step / 10 };
         var odd = EngineBenchmark.Median([Run(0.30, 9, 400), Run(0.10, 11, 300), Run(0.20, 10, 500)]);
         Assert.Equal((0.20, 0.10, 400.0, 10.0), (odd.PrefillSeconds, odd.MeanFirstTokenSeconds, odd.DecodeTokensPerSecond, odd.StepMilliseconds));
         var even = EngineBenchmark.Median([Run(0.30, 9, 400), Run(0.10, 11, 300)]);
@@ -59,7 +59,28 @@ public sealed class BenchmarkTimingTests
         var runs = odd.ToJson()["runs"]!.AsArray();
         Assert.Equal([300.0, 100.0, 200.0], runs.Select(r => (double)r!["ttft_ms_last"]!));
         Assert.Equal([9.0, 11.0, 10.0], runs.Select(r => (double)r!["step_ms"]!));
+        Assert.Equal([0.9, 1.1, 1.0], runs.Select(r => (double)r!["gc_pause_ms"]!));
+        Assert.Equal(1.0, (double)odd.ToJson()["gc_pause_ms"]!);
         Assert.Null(Run(0.1, 9, 400).ToJson()["runs"]);
+    }
+
+    [Fact]
+    public async Task GarbageCollectionPausesDuringARunAreCounted()
+    {
+        // Blocking full collections while the run lasts: their pauses are the run's.
+        using var stop = new CancellationTokenSource();
+        var collector = Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+                await Task.Delay(5);
+            }
+        });
+        var row = await MeasureAsync(prefillBudget: PromptTokens);
+        await stop.CancelAsync();
+        await collector;
+        Assert.True(row.GcPauseMilliseconds > 0, $"gc pause {row.GcPauseMilliseconds} ms");
     }
 
     [Fact]
