@@ -40,8 +40,17 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     /// </summary>
     public double GcPauseMilliseconds { get; init; }
 
-    /// <summary>With --repeats: every run's time to the last first token, decode step and GC pause, in run order (the row holds their medians).</summary>
-    public IReadOnlyList<(double PrefillSeconds, double StepMilliseconds, double GcPauseMilliseconds)> Runs { get; init; } = [];
+    /// <summary>
+    /// Mean time of the run's steps that prefilled prompt rows, scheduling to results applied, and of that the time inside the
+    /// runner: with the time to first token they tell the device's share from the engine's and from waiting to be scheduled.
+    /// </summary>
+    public double PrefillStepMilliseconds { get; init; }
+
+    /// <inheritdoc cref="PrefillStepMilliseconds"/>
+    public double PrefillRunnerMilliseconds { get; init; }
+
+    /// <summary>With --repeats: every run's figures that vary most between runs, in run order (the row holds their medians).</summary>
+    public IReadOnlyList<BenchmarkRun> Runs { get; init; } = [];
 
     /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
     public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m && MeanDecodeBatch > 0
@@ -67,6 +76,7 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
             json["runs"] = new JsonArray([.. Runs.Select(run => (JsonNode)new JsonObject
             {
                 ["ttft_ms_last"] = Math.Round(run.PrefillSeconds * 1e3, 2), ["step_ms"] = Math.Round(run.StepMilliseconds, 4),
+                ["prefill_step_ms"] = Math.Round(run.PrefillStepMilliseconds, 3), ["prefill_runner_ms"] = Math.Round(run.PrefillRunnerMilliseconds, 3),
                 ["gc_pause_ms"] = Math.Round(run.GcPauseMilliseconds, 2),
             })]);
         return json;
@@ -86,9 +96,15 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
         ["host_us_per_step"] = Math.Round(HostMicrosecondsPerStep, 2),
         ["mean_decode_batch"] = Math.Round(MeanDecodeBatch, 1),
         ["retrievals"] = Retrievals,
+        ["prefill_step_ms"] = Math.Round(PrefillStepMilliseconds, 3),
+        ["prefill_runner_ms"] = Math.Round(PrefillRunnerMilliseconds, 3),
         ["gc_pause_ms"] = Math.Round(GcPauseMilliseconds, 2),
     };
 }
+
+/// <summary>One run of a repeated bench row: time to the last first token, decode step, prefill step and its runner time, GC pause.</summary>
+public readonly record struct BenchmarkRun(double PrefillSeconds, double StepMilliseconds, double PrefillStepMilliseconds,
+    double PrefillRunnerMilliseconds, double GcPauseMilliseconds);
 
 /// <summary>
 /// The memory-bandwidth limit of a decode step: the bytes it must read (every non-expert weight, the experts the batch's
@@ -185,7 +201,9 @@ public static class EngineBenchmark
             DecodeTokensPerSecond = Of(r => r.DecodeTokensPerSecond), Retrievals = (int)Math.Round(Of(r => r.Retrievals)),
             StepMilliseconds = Of(r => r.StepMilliseconds), HostMicrosecondsPerStep = Of(r => r.HostMicrosecondsPerStep),
             MeanDecodeBatch = Of(r => r.MeanDecodeBatch), GcPauseMilliseconds = Of(r => r.GcPauseMilliseconds),
-            Runs = [.. runs.Select(r => (r.PrefillSeconds, r.StepMilliseconds, r.GcPauseMilliseconds))],
+            PrefillStepMilliseconds = Of(r => r.PrefillStepMilliseconds), PrefillRunnerMilliseconds = Of(r => r.PrefillRunnerMilliseconds),
+            Runs = [.. runs.Select(r => new BenchmarkRun(r.PrefillSeconds, r.StepMilliseconds, r.PrefillStepMilliseconds, r.PrefillRunnerMilliseconds,
+                r.GcPauseMilliseconds))],
         };
     }
 
@@ -237,6 +255,7 @@ public static class EngineBenchmark
             run.DecodeStepMilliseconds, run.HostMicrosecondsPerDecodeStep, run.MeanDecodeBatch)
         {
             GcPauseMilliseconds = (GC.GetTotalPauseDuration() - gcBefore).TotalMilliseconds,
+            PrefillStepMilliseconds = run.PrefillStepMilliseconds, PrefillRunnerMilliseconds = run.PrefillRunnerMilliseconds,
         };
     }
 

@@ -41,6 +41,13 @@ public readonly record struct EngineCounters(long Steps, long StepTicks, long Ru
     /// <summary>Milliseconds per decode step, scheduling to results applied.</summary>
     public double DecodeStepMilliseconds => DecodeSteps == 0 ? 0 : DecodeTicks * 1e3 / Stopwatch.Frequency / DecodeSteps;
 
+    /// <summary>Milliseconds per step that was not a decode step (it prefilled some prompt rows), scheduling to results applied.</summary>
+    public double PrefillStepMilliseconds => Steps == DecodeSteps ? 0 : (StepTicks - DecodeTicks) * 1e3 / Stopwatch.Frequency / (Steps - DecodeSteps);
+
+    /// <summary>Of <see cref="PrefillStepMilliseconds"/>, the milliseconds inside the runner.</summary>
+    public double PrefillRunnerMilliseconds =>
+        Steps == DecodeSteps ? 0 : (RunnerTicks - DecodeRunnerTicks) * 1e3 / Stopwatch.Frequency / (Steps - DecodeSteps);
+
     /// <summary>Tokens per second of decode-step time.</summary>
     public double DecodeTokensPerSecond => DecodeTicks == 0 ? 0 : DecodeTokens * (double)Stopwatch.Frequency / DecodeTicks;
 }
