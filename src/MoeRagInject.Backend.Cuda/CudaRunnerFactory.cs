@@ -56,8 +56,8 @@ public sealed class CudaRunnerFactory(int ordinal = 0) : IRunnerFactory
 
     /// <summary>
     /// sglang's rule for the prefill chunk by the card's memory: 2,048 tokens under 35 GiB, 8,192 under 160 GiB (an H100 or
-    /// H200), 16,384 above. On an H200 8,192 let batch 256's 128-token prompts in four steps instead of sixteen, so its
-    /// requests decoded at a mean batch of 252 instead of 240 (docs/performance.md); 2,048 where CUDA is missing, so
+    /// H200), 16,384 above. On an H200 8,192 prefills batch 256's 128-token prompts in four steps instead of sixteen, so
+    /// its requests decoded at a mean batch of 252 instead of 240 (docs/performance.md); 2,048 where CUDA is missing, so
     /// that the error comes from <see cref="Create"/>.
     /// </summary>
     public int DefaultChunkedPrefillSize => _defaultChunk.Value;

@@ -54,6 +54,15 @@ public sealed class CudaTests
         AssertAll(checks.RunBatchInvariance());
     }
 
+    /// <summary>The invariance checks on the CPU backend (which every backend's ops are compared against): runs everywhere.</summary>
+    [Fact]
+    public void TheCpuBackendIsBatchInvariant()
+    {
+        using var backend = new MoeRagInject.Backend.Cpu.CpuBackend(2);
+        using var checks = new OpChecks(backend, seed: 9);
+        AssertAll(checks.RunInvariance());
+    }
+
     [CudaFact]
     public void GraphReplayEqualsOpByOpSteps() => AssertAll([ModelChecks.GraphReplay(new CudaRunnerFactory(), Demo)]);
 
