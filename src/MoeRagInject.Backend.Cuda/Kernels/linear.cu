@@ -1,7 +1,8 @@
 // y[t, n] = Σ_k x[t, k] · W[n, k] for a few rows: one warp per output feature reads its weight row once (16-byte loads,
 // lanes striding over the row) and dots it with every row of x. Memory-bound on the weights, so it reads them at close to
-// the card's bandwidth when few rows share them; each output is one fixed-order reduction, whatever the number of rows,
-// which makes it batch-invariant (--deterministic uses it at every batch size). Instantiated for GEMV_T rows per pass
+// the card's bandwidth when few rows share them; each output is one fixed-order reduction, whatever the number of rows
+// (--deterministic nonetheless takes the wgmma kernel, whose sums are fixed in the same way at every batch size and which
+// many rows share better). Instantiated for GEMV_T rows per pass
 // (1, 2, 4, 8: fewer accumulators, more warps resident). Grid: (ceil(N / 8), ceil(rows / GEMV_T)); block: 256.
 template <int GEMV_T>
 __device__ __forceinline__ void linear_rows_impl(const bf16* __restrict__ x, const bf16* __restrict__ w,
