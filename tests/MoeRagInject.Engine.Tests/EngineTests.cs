@@ -1,5 +1,6 @@
 using System.Net;
 using System.Net.Sockets;
+using System.Text;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Rag;
 
@@ -459,9 +460,18 @@ public sealed class EngineTests : IDisposable
                     using var client = await _listener.AcceptTcpClientAsync();
                     var stream = client.GetStream();
                     var buffer = new byte[4096];
+                    // "Connected" once the request has arrived: a connection the client opened but has not yet sent on
+                    // goes back to its pool when the request is cancelled, and is not closed.
+                    var received = new List<byte>();
+                    int read;
+                    while ((read = await stream.ReadAsync(buffer)) > 0)
+                    {
+                        received.AddRange(buffer.AsSpan(0, read));
+                        if (Encoding.ASCII.GetString([.. received]).Contains("\r\n\r\n", StringComparison.Ordinal)) break;
+                    }
                     _connected.TrySetResult();
                     // Read until the client closes the connection (Read returns 0) or resets it.
-                    while (await stream.ReadAsync(buffer) > 0)
+                    while (read > 0 && await stream.ReadAsync(buffer) > 0)
                     {
                     }
                 }
