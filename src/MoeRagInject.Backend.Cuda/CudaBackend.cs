@@ -335,7 +335,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         // The step buffers' table of rotations where it was made for this shape's theta and head size (the op checks also
         // run shapes of other models, which compute theirs).
         var s = S(step);
-        var table = s.RopeTheta == shape.RopeTheta && s.RopeHeadDim == shape.HeadDim;
+        var table = s.Host.Config.RopeTheta == shape.RopeTheta && s.Host.Config.HeadDim == shape.HeadDim;
         Launch3("rope_kv_write", ((uint)rows, (uint)((heads + perBlock - 1) / perBlock), 1), (uint)((perBlock * half + 31) / 32 * 32), 0,
             T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), s.Positions, s.KvSlots,
             shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth, perBlock, table ? s.RopeTable.Pointer : 0UL,

@@ -92,8 +92,6 @@ internal sealed class CudaStepBuffers : IStepBuffers
         PromptMask.Memset(0, backend.Stream);
         PromptIds = Own(4L * Math.Max(1, limits.ContextLength));
         // The model's rotations at every position a sequence can reach, made once (rope_table).
-        RopeTheta = c.RopeTheta;
-        RopeHeadDim = c.HeadDim;
         RopeRows = Math.Max(1, limits.ContextLength);
         RopeTable = Own(8L * RopeRows * (c.HeadDim / 2));
         backend.Launch("rope_table", (uint)(((long)RopeRows * (c.HeadDim / 2) + 255) / 256), 256, RopeTable, RopeRows, c.HeadDim, c.RopeTheta);
@@ -135,8 +133,6 @@ internal sealed class CudaStepBuffers : IStepBuffers
     /// <summary>(cos, sin) of every position below <see cref="RopeRows"/> and rotated pair, for the config's RoPE theta and head size.</summary>
     public DeviceBuffer RopeTable { get; }
     public int RopeRows { get; }
-    public float RopeTheta { get; }
-    public int RopeHeadDim { get; }
 
     // The packed inputs, by device address.
     public ulong TokenIds => _in.Pointer + 4UL * (ulong)_offTokens;

@@ -49,8 +49,8 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
     /// <inheritdoc cref="PrefillStepMilliseconds"/>
     public double PrefillRunnerMilliseconds { get; init; }
 
-    /// <summary>With --repeats: every run's figures that vary most between runs, in run order (the row holds their medians).</summary>
-    public IReadOnlyList<BenchmarkRun> Runs { get; init; } = [];
+    /// <summary>With --repeats: every run, in run order (the row holds their medians; the JSON lists the figures that vary most).</summary>
+    public IReadOnlyList<BenchmarkRow> Runs { get; init; } = [];
 
     /// <summary>Decode tokens/s over the roofline at the batch size, and over the roofline at the mean decode batch.</summary>
     public (double AtBatch, double AtMeanBatch)? RooflineShares => Roofline is { } r && MeanBatchRoofline is { } m && MeanDecodeBatch > 0
@@ -101,10 +101,6 @@ public sealed record BenchmarkRow(string Mode, int BatchSize, int PromptTokens, 
         ["gc_pause_ms"] = Math.Round(GcPauseMilliseconds, 2),
     };
 }
-
-/// <summary>One run of a repeated bench row: time to the last first token, decode step, prefill step and its runner time, GC pause.</summary>
-public readonly record struct BenchmarkRun(double PrefillSeconds, double StepMilliseconds, double PrefillStepMilliseconds,
-    double PrefillRunnerMilliseconds, double GcPauseMilliseconds);
 
 /// <summary>
 /// The memory-bandwidth limit of a decode step: the bytes it must read (every non-expert weight, the experts the batch's
@@ -202,8 +198,7 @@ public static class EngineBenchmark
             StepMilliseconds = Of(r => r.StepMilliseconds), HostMicrosecondsPerStep = Of(r => r.HostMicrosecondsPerStep),
             MeanDecodeBatch = Of(r => r.MeanDecodeBatch), GcPauseMilliseconds = Of(r => r.GcPauseMilliseconds),
             PrefillStepMilliseconds = Of(r => r.PrefillStepMilliseconds), PrefillRunnerMilliseconds = Of(r => r.PrefillRunnerMilliseconds),
-            Runs = [.. runs.Select(r => new BenchmarkRun(r.PrefillSeconds, r.StepMilliseconds, r.PrefillStepMilliseconds, r.PrefillRunnerMilliseconds,
-                r.GcPauseMilliseconds))],
+            Runs = runs,
         };
     }
 
