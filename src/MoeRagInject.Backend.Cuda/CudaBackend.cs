@@ -363,7 +363,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
             Launch3(name, ((uint)((rows + perBlock - 1) / perBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(32 * group * rowTiles), bytes,
                 T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
-                s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth);
+                s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
+                _attentionGridOrder ? 0 : 1);
             return;
         }
         var splits = AttentionSplits(rows, shape.KvHeads);
@@ -403,6 +404,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, shape.HeadDim,
             shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth, partial);
     }
+
+    /// <summary>MOE_RAG_INJECT_ATTENTION_ORDER=grid: prompt attention blocks in grid order instead of heaviest first, to measure against.</summary>
+    private readonly bool _attentionGridOrder = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION_ORDER") is "grid";
 
     /// <summary>MOE_RAG_INJECT_ATTENTION=scalar: the fp32 kernel for every row, to measure the tensor-core kernels against.</summary>
     private readonly bool _scalarAttentionForced = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION") is "scalar";
