@@ -488,12 +488,22 @@ def _define_mixtral():
             half = x.shape[-1] // 2
             return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
-        def forward(self, ids, inject=None, exact=False):
-            """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha.
-            Returns the final-normed hidden states [B, T, H] (logits = hidden @ lm_head.T)."""
+        def forward(self, ids, inject=None, exact=False, soft=None, pre_norm=False):
+            """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha;
+            soft: None or (e [B, k, H], at [B]): positions at .. at + k - 1 take e's rows as their input embeddings in
+            place of their tokens' (soft tokens, xRAG's form; the engine has no such input yet).
+            Returns the final-normed hidden states [B, T, H] (logits = hidden @ lm_head.T), or with pre_norm the residual
+            stream after the last layer."""
             B, T = ids.shape
             dev = ids.device
             x = F.embedding(ids, self.embed)
+            if soft is not None:
+                e, at = soft
+                k = e.shape[1]
+                offset = torch.arange(T, device=dev)[None, :] - at[:, None]  # [B, T]
+                inside = (offset >= 0) & (offset < k)
+                rows = torch.gather(e, 1, offset.clamp(0, k - 1)[:, :, None].expand(B, T, e.shape[2]))
+                x = torch.where(inside[:, :, None], rows.to(x.dtype), x)
             cos, sin = self.rope(T, dev)
             mask = None
             add = None
@@ -535,7 +545,7 @@ def _define_mixtral():
                 if add is not None and l in layers:
                     y = y + add  # the engine adds v to the MoE output, then that to the residual stream
                 x = x + y
-            return self.rms(x, self.norm)
+            return x if pre_norm else self.rms(x, self.norm)
 
         def logits(self, hidden):
             return hidden @ self.lm_head.T
@@ -548,11 +558,12 @@ def _define_mixtral():
 
 
 def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(EOS,), batch=256, exact=False,
-           forced_prefixes=None):
+           forced_prefixes=None, soft=None):
     """Greedy decoding without a KV cache (right-padded rows; each step reads each row's own last position).
     inject: None or (v [N, H], layers); start_offsets: per prompt, the answer index j from which the injection applies
     (position len(prompt) - 1 + j), as the engine's trigger at answer token j; forced_prefixes: per prompt, answer tokens
-    emitted as they are (the model's own tokens before a trigger) before greedy decoding goes on.
+    emitted as they are (the model's own tokens before a trigger) before greedy decoding goes on; soft: None or
+    (e [N, k, H], at: per prompt the first of its k soft positions), as the forward's soft.
     -> list of generated id lists (the stop token excluded)."""
     import torch
     dev = next(iter(model.parameters())).device
@@ -576,10 +587,13 @@ def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(E
             v, layers = inject
             offs = torch.tensor([start_offsets[i] if start_offsets else 0 for i in idx], device=dev)
             inj = (v[torch.tensor(idx, device=dev)], lens - 1 + offs, layers)
+        sft = None
+        if soft is not None:
+            sft = (soft[0][torch.tensor(idx, device=dev)], torch.tensor([soft[1][i] for i in idx], device=dev))
         with torch.no_grad():
             for step in range(max_new):
                 L = int(cur.max())
-                hidden = model(buf[:, :L], inject=inj, exact=exact)
+                hidden = model(buf[:, :L], inject=inj, exact=exact, soft=sft)
                 nxt = model.logits(hidden[rows, cur - 1]).argmax(-1)
                 if step < width:
                     nxt = torch.where(forced[:, step] >= 0, forced[:, step], nxt)
