@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the repository root, after tools/gpu/publish.sh here and with .gpu carried: checks, parity and
-# benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), the log to stdout. Stages: check, parity, bench,
-# lockstep (the bench with every prompt of a batch prefilled in one step, so that no request starts decoding before the
-# others, as sglang's bench_one_batch runs), determinism, det-pdl (--deterministic with and without programmatic dependent
-# launch), prefill, paths (the MoE paths kept for comparison, forced),
-# baseline (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py).
+# benchmarks in one go. JSON results go to $OUT (or /tmp/gpu-out), packed at the end into results.tgz; the log to
+# stdout. Stages: check, parity, bench, lockstep (the bench with every prompt of a batch prefilled in one step, so that
+# no request starts decoding before the others, as sglang's bench_one_batch runs), determinism, det-pdl (--deterministic
+# with and without programmatic dependent launch), prefill, paths (the MoE paths kept for comparison, forced), baseline
+# (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py).
 # Default: all but paths and det-pdl, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
@@ -80,4 +80,8 @@ if has compiled; then
   timeout ${COMPILED_TIMEOUT:-240} python3 tools/gpu/baseline_compiled.py ${COMPILED_ARGS:---batch-sizes 1,8,64,256} --input-len 128 --output-len 128 \
     --json "$out/baseline-compiled.json" 2>&1
 fi
+# The device tool returns at most 8 files from $OUT (the first in name order): every result besides the log moves into
+# one archive (tar xzf results.tgz where they come back).
+(cd "$out" && find . -maxdepth 1 -type f ! -name run.log ! -name results.tgz -printf '%P\n' | sort \
+  | tar czf results.tgz --remove-files -T -) && echo "packed into $out/results.tgz: $(tar tzf "$out/results.tgz" | tr '\n' ' ')"
 log "done"
