@@ -18,9 +18,12 @@ Token F1 against the gold answer as eval scores it; recovery = (F1 - F1 none) / 
 Items: the projector training's validation split (train_projector.Data, seed --seed): reading-only taught terms, which
 the model was shown only in passages, and invented terms, which it cannot know. Nothing of eval's held-out split is used.
 
-On the GPU machine, in the repository root (about 2-3 minutes on an H200):
-    PYTHONUNBUFFERED=1 python3 tools/projector/vector_oracle.py --out "$OUT"
-writes $OUT/vector_oracle.json and $OUT/vector_oracle.run.log. On a CPU: --device cpu --items 16 --steps 20 for a trial.
+In the repository root, on the GPU machine or on a CPU (the demo model is small: on the 2-core development machine,
+with Debian's PyTorch 1.13 as /usr/bin/python3, 64 items a group and 100 steps took 10 minutes for add at 3 rates and
+15 for soft1 and soft4 at 2; docs/eval/vector-oracle.md):
+    PYTHONUNBUFFERED=1 python3 tools/projector/vector_oracle.py --device cpu --items 64 --steps 100 --forms add \
+        --lrs 0.003,0.01,0.03 --out OUT
+writes OUT/vector_oracle.json and OUT/vector_oracle.run.log.
 """
 
 import argparse
