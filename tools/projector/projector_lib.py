@@ -488,12 +488,13 @@ def _define_mixtral():
             half = x.shape[-1] // 2
             return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
-        def forward(self, ids, inject=None, exact=False, soft=None, pre_norm=False):
+        def forward(self, ids, inject=None, exact=False, soft=None, pre_norm=False, upto=None):
             """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha;
             soft: None or (e [B, k, H], at [B]): positions at .. at + k - 1 take e's rows as their input embeddings in
             place of their tokens' (soft tokens, xRAG's form; the engine has no such input yet).
             Returns the final-normed hidden states [B, T, H] (logits = hidden @ lm_head.T), or with pre_norm the residual
-            stream after the last layer."""
+            stream after the last layer; with upto = L the residual stream after the first L layers (L = 0: the input
+            embeddings)."""
             B, T = ids.shape
             dev = ids.device
             x = F.embedding(ids, self.embed)
@@ -515,6 +516,8 @@ def _define_mixtral():
             if exact:
                 causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             for l, m in enumerate(self.layers):
+                if upto is not None and l >= upto:
+                    return x
                 h = self.rms(x, m.input_norm)
                 q = (h @ m.q.T).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                 k = (h @ m.k.T).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -545,10 +548,27 @@ def _define_mixtral():
                 if add is not None and l in layers:
                     y = y + add  # the engine adds v to the MoE output, then that to the residual stream
                 x = x + y
-            return x if pre_norm else self.rms(x, self.norm)
+            return x if pre_norm or upto is not None else self.rms(x, self.norm)
 
         def logits(self, hidden):
             return hidden @ self.lm_head.T
+
+        def mean_hidden(self, bags, layer, batch=256):
+            """c per bag from the model's own states: [BOS] + the bag's tokens through the first `layer` layers, the
+            residual stream averaged over the bag's positions (not BOS). An experiment (train_projector --context
+            hidden-mean:L); the engine computes only embed-mean."""
+            dev = self.embed.device
+            out = []
+            for s in range(0, len(bags), batch):
+                chunk = [[BOS] + list(b) for b in bags[s:s + batch]]
+                L = max(len(b) for b in chunk)
+                ids = torch.tensor([b + [0] * (L - len(b)) for b in chunk], dtype=torch.long, device=dev)
+                lengths = torch.tensor([len(b) for b in chunk], device=dev)
+                x = self(ids, upto=layer)
+                positions = torch.arange(L, device=dev)[None, :]
+                mask = ((positions >= 1) & (positions < lengths[:, None])).to(x.dtype)[:, :, None]
+                out.append((x * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+            return torch.cat(out)
 
         def mean_embedding(self, flat_ids, offsets):
             """c per bag: mean of embedding rows (ContextInjector's c). flat_ids [N], offsets [bags]."""

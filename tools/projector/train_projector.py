@@ -372,7 +372,10 @@ def prepare(model, tok, data, items, index, args, rng, dev, own_cache, force_j=N
     lengths = [len(b) for b in bags]
     starts = torch.tensor([0] + lengths[:-1], dtype=torch.long, device=dev).cumsum(0)
     with torch.no_grad():
-        c = model.mean_embedding(flat, starts)
+        if args.context == "embed-mean":
+            c = model.mean_embedding(flat, starts)
+        else:  # hidden-mean:L, an experiment the engine does not compute
+            c = model.mean_hidden(bags, int(args.context.split(":")[1]))
     c[torch.tensor([n == 0 for n in lengths], device=dev)] = 0.0  # no passages: the engine injects nothing
     seqs, starts_pos, loss_from, golds_match = [], [], [], 0
     for p, o, j, a in zip(prompts, own, js, answers):
@@ -595,8 +598,9 @@ def train(args, data):
     tensors = proj.export()
     meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
     path = os.path.join(out_model, "projector.safetensors")
-    pl.write_safetensors(path, tensors, pl.projector_metadata(args.arch, layers, args.alpha,
-                                                                "silu" if args.arch == "mlp" else None, meta_extra))
+    metadata = pl.projector_metadata(args.arch, layers, args.alpha, "silu" if args.arch == "mlp" else None, meta_extra)
+    metadata["context"] = args.context  # the engine refuses a file whose context it does not compute
+    pl.write_safetensors(path, tensors, metadata)
     size = os.path.getsize(path)
     back = pl.load_tensors(path)
     probe = torch.cat([p.c[:256] for p in val_preps.values()]).float().cpu()
@@ -615,7 +619,9 @@ def train(args, data):
         "projector": {"file": os.path.join(MODEL_REL, "projector.safetensors"), "bytes": size, "kind": args.arch,
                       "inner": args.inner if args.arch == "mlp" else None, "activation": "silu" if args.arch == "mlp" else None,
                       "parameters": n_params, "layers": layers, "alpha": args.alpha,
-                      "context": "embed-mean: mean of the embedding rows of tokenize('\\n'.join(top-k passages))",
+                      "context": "embed-mean: mean of the embedding rows of tokenize('\\n'.join(top-k passages))"
+                                 if args.context == "embed-mean" else f"{args.context}: the passages' residual stream after "
+                                 "that many layers, averaged over their positions (not computed by the engine)",
                       "injection": "added to the MoE output of each layer in `layers` (the residual stream after it) at every "
                                    "position from the one that predicts answer token j on",
                       "v_norm_val": {"mean": round(float(v_norms.mean()), 4), "max": round(float(v_norms.max()), 4)},
@@ -652,6 +658,9 @@ def main():
     ap.add_argument("--layers", default="0,1,2,3", help="injection layers (the file names them; eval injects there)")
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
     ap.add_argument("--top-k", type=int, default=3, help="passages per retrieval (eval's --top-k)")
+    ap.add_argument("--context", default="embed-mean",
+                    help="c: embed-mean (the engine's: mean of the passages' token embeddings) or hidden-mean:L (an "
+                         "experiment the engine does not compute: the passages' residual stream after L layers, averaged)")
     ap.add_argument("--offsets", default="0:0.4,1:0.15,2:0.15,3:0.1,5:0.1,8:0.1",
                     help="answer token j at which the trigger fires, with weights")
     ap.add_argument("--mix", default="invented:0.5,reading_only:0.3,closed_book:0.2", help="share of each group in a batch")
