@@ -687,6 +687,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="data, splits and retrieval only (no torch)")
     ap.add_argument("--write-retrieval-fixture", default=None, help="with --dry-run: write the retrieval parity fixture here")
     args = ap.parse_args()
+    if args.context != "embed-mean" and not (args.context.startswith("hidden-mean:") and args.context[12:].isdigit()):
+        ap.error(f"--context {args.context}: embed-mean or hidden-mean:L (L a number of layers)")
     args.offsets_map = parse_weights(args.offsets, int)
     args.mix_map = parse_weights(args.mix, str)
     args.out = os.path.abspath(args.out)
