@@ -75,18 +75,17 @@ def optimise(model, make_inputs, init, lr, steps, batch):
     params = init.clone().requires_grad_(True)
     opt = torch.optim.Adam([params], lr=lr)
     n = params.shape[0]
+    chunks = [torch.arange(s, min(n, s + batch), device=params.device) for s in range(0, n, batch)]
+    tokens = 0  # answer tokens over all items: each chunk's loss is divided by it, so the step is the full batch's mean
+    for rows in chunks:
+        _, lengths, loss_from, _, _ = make_inputs(rows, params)
+        tokens += int((lengths - 1 - loss_from).clamp_min(0).sum())
     final = float("nan")
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         total, count = 0.0, 0
-        chunks = [torch.arange(s, min(n, s + batch), device=params.device) for s in range(0, n, batch)]
-        tokens = 0
-        for rows in chunks:
-            ids, lengths, loss_from, _, _ = make_inputs(rows, params)
-            positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
-            tokens += int(((positions >= loss_from[:, None]) & (positions < lengths[:, None] - 1)).sum())
         for rows in chunks:
             ids, lengths, loss_from, inject, soft = make_inputs(rows, params)
             loss, k = answer_nll(model, ids, lengths, loss_from, inject, soft)
