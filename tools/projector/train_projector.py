@@ -301,6 +301,15 @@ def check_forward(model_dir, log_fn):
     return worst
 
 
+CONTEXTS = {
+    "embed-mean": "embed-mean: mean of the embedding rows of tokenize('\\n'.join(top-k passages))",
+    "embed-seq": "embed-seq:T: the embedding rows of the first T tokens of tokenize('\\n'.join(top-k passages)) side by "
+                 "side, zeros after the end (not computed by the engine)",
+    "hidden-mean": "hidden-mean:L: the passages' residual stream after L layers, averaged over their positions (not "
+                   "computed by the engine)",
+}
+
+
 def make_projector(kind, hidden, inner, mu, sigma):
     import torch
 
@@ -312,11 +321,12 @@ def make_projector(kind, hidden, inner, mu, sigma):
             self.kind = kind
             self.register_buffer("mu", mu.clone())
             self.register_buffer("sigma", sigma.clone())
+            inputs = mu.numel()  # hidden, or length * hidden for embed-seq
             if kind == "mlp":
-                self.inp = torch.nn.Linear(hidden, inner)
+                self.inp = torch.nn.Linear(inputs, inner)
                 self.out = torch.nn.Linear(inner, hidden)
             else:
-                self.out = torch.nn.Linear(hidden, hidden)
+                self.out = torch.nn.Linear(inputs, hidden)
             torch.nn.init.zeros_(self.out.weight)
             torch.nn.init.zeros_(self.out.bias)
 
@@ -349,6 +359,21 @@ def apply_exported(tensors, c):
     return h @ tensors["mlp.out.weight"].T + tensors["mlp.out.bias"]
 
 
+def embedding_sequence(model, bags, length, dev):
+    """c per bag in order: the embedding rows of the bag's first `length` tokens side by side ([bags, length * hidden]),
+    zeros after a shorter bag's end. Unlike the mean it keeps which word stands where (--context embed-seq:T)."""
+    import torch
+    import torch.nn.functional as F
+    ids = torch.zeros(len(bags), length, dtype=torch.long)
+    mask = torch.zeros(len(bags), length)
+    for k, b in enumerate(bags):
+        b = list(b)[:length]
+        ids[k, :len(b)] = torch.tensor(b, dtype=torch.long)
+        mask[k, :len(b)] = 1.0
+    rows = F.embedding(ids.to(dev), model.embed) * mask.to(dev)[:, :, None]
+    return rows.reshape(len(bags), -1)
+
+
 class Prepared:
     """Token ids, prefixes, passages, c and padded training sequences of one group of items."""
 
@@ -374,6 +399,8 @@ def prepare(model, tok, data, items, index, args, rng, dev, own_cache, force_j=N
     with torch.no_grad():
         if args.context == "embed-mean":
             c = model.mean_embedding(flat, starts)
+        elif args.context.startswith("embed-seq:"):  # an experiment the engine does not compute (yet)
+            c = embedding_sequence(model, bags, int(args.context.split(":")[1]), dev)
         else:  # hidden-mean:L, an experiment the engine does not compute
             c = model.mean_hidden(bags, int(args.context.split(":")[1]))
     c[torch.tensor([n == 0 for n in lengths], device=dev)] = 0.0  # no passages: the engine injects nothing
@@ -531,7 +558,9 @@ def train(args, data):
     log(f"data prepared in {time.time() - t:.1f}s")
 
     all_c = torch.cat([p.c for p in train_preps.values()])
-    mu, sigma = all_c.mean(0), all_c.std(0).clamp_min(1e-6)
+    mu, sigma = all_c.mean(0), all_c.std(0)
+    # embed-seq: a position few bags reach has a tiny spread; a floor at 1% of the mean keeps it from blowing up
+    sigma = sigma.clamp_min(1e-6 if args.context == "embed-mean" else 0.01 * float(sigma.mean()))
     proj = make_projector(args.arch, hidden, args.inner, mu, sigma).to(dev)
     n_params = sum(p.numel() for p in proj.parameters())
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
@@ -619,9 +648,7 @@ def train(args, data):
         "projector": {"file": os.path.join(MODEL_REL, "projector.safetensors"), "bytes": size, "kind": args.arch,
                       "inner": args.inner if args.arch == "mlp" else None, "activation": "silu" if args.arch == "mlp" else None,
                       "parameters": n_params, "layers": layers, "alpha": args.alpha,
-                      "context": "embed-mean: mean of the embedding rows of tokenize('\\n'.join(top-k passages))"
-                                 if args.context == "embed-mean" else f"{args.context}: the passages' residual stream after "
-                                 "that many layers, averaged over their positions (not computed by the engine)",
+                      "context": CONTEXTS[args.context.split(":")[0]],
                       "injection": "added to the MoE output of each layer in `layers` (the residual stream after it) at every "
                                    "position from the one that predicts answer token j on",
                       "v_norm_val": {"mean": round(float(v_norms.mean()), 4), "max": round(float(v_norms.max()), 4)},
@@ -659,8 +686,9 @@ def main():
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
     ap.add_argument("--top-k", type=int, default=3, help="passages per retrieval (eval's --top-k)")
     ap.add_argument("--context", default="embed-mean",
-                    help="c: embed-mean (the engine's: mean of the passages' token embeddings) or hidden-mean:L (an "
-                         "experiment the engine does not compute: the passages' residual stream after L layers, averaged)")
+                    help="c: embed-mean (the engine's: mean of the passages' token embeddings); experiments the engine does "
+                         "not compute: embed-seq:T (the first T tokens' embeddings side by side) or hidden-mean:L (the "
+                         "passages' residual stream after L layers, averaged)")
     ap.add_argument("--offsets", default="0:0.4,1:0.15,2:0.15,3:0.1,5:0.1,8:0.1",
                     help="answer token j at which the trigger fires, with weights")
     ap.add_argument("--mix", default="invented:0.5,reading_only:0.3,closed_book:0.2", help="share of each group in a batch")
@@ -687,8 +715,9 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="data, splits and retrieval only (no torch)")
     ap.add_argument("--write-retrieval-fixture", default=None, help="with --dry-run: write the retrieval parity fixture here")
     args = ap.parse_args()
-    if args.context != "embed-mean" and not (args.context.startswith("hidden-mean:") and args.context[12:].isdigit()):
-        ap.error(f"--context {args.context}: embed-mean or hidden-mean:L (L a number of layers)")
+    kind, _, number = args.context.partition(":")
+    if kind not in CONTEXTS or (kind == "embed-mean") != (number == "") or (number and not number.isdigit()):
+        ap.error(f"--context {args.context}: embed-mean, embed-seq:T (T tokens) or hidden-mean:L (L layers)")
     args.offsets_map = parse_weights(args.offsets, int)
     args.mix_map = parse_weights(args.mix, str)
     args.out = os.path.abspath(args.out)
