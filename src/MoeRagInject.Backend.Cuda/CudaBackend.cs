@@ -327,16 +327,19 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         var kv = (CudaKvCache)cache;
         using var _ = Op("rope_kv_write");
-        // A thread per rotated pair, as many heads of a row a block as make about 256 threads (a 2,048-row prefill chunk
-        // in 64-thread blocks, one a head, took 97 µs on an H200 against 6 µs at 64 rows).
+        // A thread per 4 rotated pairs (per pair where half a head is not a multiple of 4), as many heads of a row a block as
+        // make about 256 threads (a 2,048-row prefill chunk in 64-thread blocks, one a head, took 97 µs on an H200 against
+        // 6 µs at 64 rows).
         var half = shape.HeadDim / 2;
+        var pairs = half % 4 == 0 ? 4 : 1;
         var heads = shape.Heads + shape.KvHeads;
-        var perBlock = Math.Clamp(256 / half, 1, heads);
+        var perBlock = Math.Clamp(256 / (half / pairs), 1, heads);
         // The step buffers' table of rotations where it was made for this shape's theta and head size (the op checks also
         // run shapes of other models, which compute theirs).
         var s = S(step);
         var table = s.Host.Config.RopeTheta == shape.RopeTheta && s.Host.Config.HeadDim == shape.HeadDim;
-        Launch3("rope_kv_write", ((uint)rows, (uint)((heads + perBlock - 1) / perBlock), 1), (uint)((perBlock * half + 31) / 32 * 32), 0,
+        Launch3(pairs == 4 ? "rope_kv_write_x4" : "rope_kv_write", ((uint)rows, (uint)((heads + perBlock - 1) / perBlock), 1),
+            (uint)((perBlock * half / pairs + 31) / 32 * 32), 0,
             T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), s.Positions, s.KvSlots,
             shape.Heads, shape.KvHeads, shape.HeadDim, shape.RopeTheta, shape.QkvWidth, perBlock, table ? s.RopeTable.Pointer : 0UL,
             table ? s.RopeRows : 0);
@@ -661,7 +664,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>moe_align: the routed slots sorted by expert on the device (group offsets, sorted slots, each slot's place).</summary>
     private void LaunchSort(CudaStepBuffers s, int slots, int experts) =>
-        Launch("moe_align", 1, (uint)(32 * Math.Min(experts, 32)), s.TopIds, slots, experts, s.Offsets, s.Sorted, s.PlaceOf);
+        Launch("moe_align", 1, (uint)Math.Clamp((slots + 31) / 32 * 32, 64, 1024), s.TopIds, slots, experts, s.Offsets, s.Sorted, s.PlaceOf);
 
     /// <summary>
     /// moe_silu_mul over <paramref name="rows"/> rows of cuBLAS's gate-up product in bf16 (as a bf16 Linear rounds its
@@ -887,9 +890,11 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         var offsets = new int[e + 1];
         using (Op("  moe: sort, gather, read counts"))
         {
+            // The offsets' copy is enqueued before the gather, so that the host's wait for it overlaps the gather.
             LaunchSort(s, slots, e);
+            s.CopyGroupOffsets(e);
             LaunchGather(s, input, slots, e, topK, h);
-            s.Offsets.Download<int>(offsets, Stream);
+            s.WaitGroupOffsets(e).CopyTo(offsets);
         }
         using (Op("  moe: gate_up GEMMs"))
             for (var x = 0; x < e; x++)

@@ -18,6 +18,8 @@ internal sealed class CudaStepBuffers : IStepBuffers
     private readonly CudaBackend _backend;
     private readonly int _rows, _seqs, _layers, _vocab, _hidden, _maxBlocks, _updateCapacity;
     private readonly PinnedBuffer<int> _inPinned, _outPinned;
+    private readonly PinnedBuffer<int> _offsetsPinned;
+    private readonly CudaEvent _offsetsCopied;
     private readonly DeviceBuffer _in, _out;
     private readonly List<DeviceBuffer> _owned = [];
     private readonly List<(int Slot, int First, int Count)> _blockChanges = [];
@@ -105,6 +107,8 @@ internal sealed class CudaStepBuffers : IStepBuffers
         TopIds = Own(4 * slots);
         TopWeights = Own(4 * slots);
         Offsets = Own(4L * (c.NumExperts + 1));
+        _offsetsPinned = device.AllocatePinned<int>(c.NumExperts + 1);
+        _offsetsCopied = device.CreateEvent();
         Sorted = Own(4 * slots);
         PlaceOf = Own(4 * slots);
         MoeGateUp = Own(4 * moeRows * 2 * c.IntermediateSize);
@@ -299,6 +303,23 @@ internal sealed class CudaStepBuffers : IStepBuffers
         MemoryMarshal.Cast<int, float>(o.Slice(_outProbe, seqs)).CopyTo(s.OutProbeLogit);
     }
 
+    /// <summary>
+    /// Enqueues the copy of the group offsets (moe_align's) to page-locked host memory; <see cref="WaitGroupOffsets"/> then
+    /// waits for it alone, so that the work enqueued between the two (the gather of the rows) runs while the host waits.
+    /// </summary>
+    public void CopyGroupOffsets(int experts)
+    {
+        Offsets.DownloadPinned(_offsetsPinned, experts + 1, _backend.Stream);
+        _offsetsCopied.Record(_backend.Stream);
+    }
+
+    /// <summary>Waits for the copy <see cref="CopyGroupOffsets"/> enqueued and returns the offsets (valid until the next copy).</summary>
+    public ReadOnlySpan<int> WaitGroupOffsets(int experts)
+    {
+        _offsetsCopied.Synchronize();
+        return _offsetsPinned.Span[..(experts + 1)];
+    }
+
     public void DownloadRowEntropies()
     {
         var s = Host;
@@ -312,5 +333,7 @@ internal sealed class CudaStepBuffers : IStepBuffers
         foreach (var buffer in _owned) buffer.Dispose();
         _inPinned.Dispose();
         _outPinned.Dispose();
+        _offsetsPinned.Dispose();
+        _offsetsCopied.Dispose();
     }
 }

@@ -357,23 +357,26 @@ extern "C" __global__ void moe_combine_dense(const float* __restrict__ out, cons
 }
 
 // Grouped path: the (row, k) slots sorted by expert, stable (slot order within an expert): offsets[E + 1], sorted[slots],
-// and each slot's place in that order (−1 for padding). One warp per expert counts, then fills with ballots. Grid: 1;
-// block: 32 · min(E, 32).
-extern "C" __global__ void moe_align(const int* __restrict__ topIds, int slots, int experts, int* __restrict__ offsets,
-    int* __restrict__ sorted, int* __restrict__ placeOf)
+// and each slot's place in that order (−1 for padding). A thread a slot: first the counts (each warp's lanes of one expert
+// found by __match_any_sync, one shared atomic a group), then the slots a block's width at a time, each placed at its
+// expert's running start plus the counts of its expert in the warps before its own and its rank among its warp's lanes.
+// (One warp an expert scanning every slot took about 55 µs for the 4,096 slots of a 2,048-row prefill on an H200.)
+// Grid: 1; block: a multiple of 32, at most 1024.
+extern "C" __global__ void __launch_bounds__(1024) moe_align(const int* __restrict__ topIds, int slots, int experts,
+    int* __restrict__ offsets, int* __restrict__ sorted, int* __restrict__ placeOf)
 {
     kernel_prologue();
-    __shared__ int counts[ROUTER_MAX_EXPERTS + 1];
+    __shared__ int next[ROUTER_MAX_EXPERTS];               // each expert's first unused place
+    __shared__ int before[32][ROUTER_MAX_EXPERTS];         // a chunk's counts a warp, then where each warp's slots start
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int e = warp; e < experts; e += warps)
+    const unsigned below = (1u << lane) - 1u;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) next[e] = 0;
+    __syncthreads();
+    for (int base = 0; base < slots; base += blockDim.x)
     {
-        int n = 0;
-        for (int base = 0; base < slots; base += 32)
-        {
-            const int s = base + lane;
-            n += __popc(__ballot_sync(0xffffffffu, s < slots && topIds[s] == e));
-        }
-        if (lane == 0) counts[e] = n;
+        const int s = base + threadIdx.x, e = s < slots ? topIds[s] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && (same & below) == 0) atomicAdd(&next[e], __popc(same));
     }
     __syncthreads();
     if (threadIdx.x == 0)
@@ -382,31 +385,44 @@ extern "C" __global__ void moe_align(const int* __restrict__ topIds, int slots, 
         for (int e = 0; e < experts; e++)
         {
             offsets[e] = running;
-            const int n = counts[e];
-            counts[e] = running;
+            const int n = next[e];
+            next[e] = running;
             running += n;
         }
         offsets[experts] = running;
     }
     __syncthreads();
-    for (int s = threadIdx.x; s < slots; s += blockDim.x)
-        if (topIds[s] < 0) placeOf[s] = -1;
-    for (int e = warp; e < experts; e += warps)
+    for (int base = 0; base < slots; base += blockDim.x)
     {
-        int next = counts[e];
-        for (int base = 0; base < slots; base += 32)
+        const int s = base + threadIdx.x, e = s < slots ? topIds[s] : -1;
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        for (int x = lane; x < experts; x += 32) before[warp][x] = 0;
+        __syncwarp();
+        if (e >= 0 && (same & below) == 0) before[warp][e] = __popc(same);
+        __syncthreads();
+        if (threadIdx.x < experts)
         {
-            const int s = base + lane;
-            const bool mine = s < slots && topIds[s] == e;
-            const unsigned mask = __ballot_sync(0xffffffffu, mine);
-            if (mine)
+            int running = next[threadIdx.x];
+            for (int w = 0; w < warps; w++)
             {
-                const int place = next + __popc(mask & ((1u << lane) - 1u));
+                const int n = before[w][threadIdx.x];
+                before[w][threadIdx.x] = running;
+                running += n;
+            }
+            next[threadIdx.x] = running;
+        }
+        __syncthreads();
+        if (s < slots)
+        {
+            if (e < 0) placeOf[s] = -1;
+            else
+            {
+                const int place = before[warp][e] + __popc(same & below);
                 sorted[place] = s;
                 placeOf[s] = place;
             }
-            next += __popc(mask);
         }
+        __syncthreads();  // every warp has read `before` before the next chunk writes it
     }
 }
 
