@@ -92,8 +92,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     {
         long h = config.HiddenSize, q = (long)config.NumHeads * config.HeadDim, kv = (long)config.NumKvHeads * config.HeadDim;
         var activations = (long)maxRows * (4 * h + 2 * h + 4 * (q + 2 * kv) + 2 * q + 4 * h) + (long)maxSequences * (2 * h + 4L * config.VocabSize);
-        // 32 MiB a cuBLAS workspace: the backend's, and the second expert stream's (PerExpert).
-        return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (64L << 20)
+        return activations + CudaStepBuffers.Bytes(config, maxRows, maxSequences, config.MaxPositionEmbeddings, DenseMaxRows) + (32L << 20)
             + SplitWorkspaceBytes(config, maxRows, maxSequences) + AttentionPartialBound(config, maxRows, AttentionSplits);
     }
 
@@ -898,73 +897,27 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             s.WaitGroupOffsets(e).CopyTo(offsets);
         }
         using (Op("  moe: gate_up GEMMs"))
-            PerExpert(offsets, (blas, x, n) => blas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
-                stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
-                CudaDataType.R16BF));
+            for (var x = 0; x < e; x++)
+            {
+                var n = offsets[x + 1] - offsets[x];
+                if (n == 0) continue;
+                _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
+                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
+                    CudaDataType.R16BF);
+            }
         var total = offsets[e];
         using (Op("  moe: silu_mul"))
             if (total > 0) LaunchSiluMul(s, total, i);
         using (Op("  moe: down GEMMs"))
-            PerExpert(offsets, (blas, x, n) => blas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
-                stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h));
+            for (var x = 0; x < e; x++)
+            {
+                var n = offsets[x + 1] - offsets[x];
+                if (n == 0) continue;
+                _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
+                    stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
+            }
         using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
             LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
-    }
-
-    /// <summary>
-    /// One cuBLAS GEMM per expert with rows (<paramref name="gemm"/>(handle, expert, rows)), over two streams: each to the
-    /// stream with fewer rows so far, the second stream forked from and joined back into the backend's. A GEMM's last
-    /// wave of tiles leaves multiprocessors idle (a 512-row gate-up GEMM of Mixtral-8x7B is 3.4 waves of 128×256 tiles on
-    /// an H200); the other stream's GEMM fills them. MOE_RAG_INJECT_EXPERT_STREAMS=1: one stream, to measure against.
-    /// </summary>
-    private void PerExpert(int[] offsets, Action<CublasContext, int, int> gemm)
-    {
-        var side = ExpertSide();
-        if (side is not null)
-        {
-            side.Value.Fork.Record(Stream);
-            side.Value.Stream.Wait(side.Value.Fork);
-        }
-        long mainRows = 0, sideRows = 0;
-        for (var x = 0; x + 1 < offsets.Length; x++)
-        {
-            var n = offsets[x + 1] - offsets[x];
-            if (n == 0) continue;
-            if (side is null || mainRows <= sideRows)
-            {
-                gemm(_cublas, x, n);
-                mainRows += n;
-            }
-            else
-            {
-                gemm(side.Value.Cublas, x, n);
-                sideRows += n;
-            }
-        }
-        if (side is not null)
-        {
-            side.Value.Join.Record(side.Value.Stream);
-            Stream.Wait(side.Value.Join);
-        }
-    }
-
-    private (CudaStream Stream, CublasContext Cublas, DeviceBuffer Workspace, CudaEvent Fork, CudaEvent Join)? _expertSide;
-    private readonly bool _oneExpertStream = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_EXPERT_STREAMS") == "1";
-
-    /// <summary>The second stream of <see cref="PerExpert"/>, with its own cuBLAS handle and workspace (made at first use).</summary>
-    private (CudaStream Stream, CublasContext Cublas, DeviceBuffer Workspace, CudaEvent Fork, CudaEvent Join)? ExpertSide()
-    {
-        if (_oneExpertStream) return null;
-        if (_expertSide is null)
-        {
-            var stream = Device.CreateStream();
-            var blas = Device.CreateCublas();
-            var workspace = Device.Allocate(32L << 20);
-            blas.SetWorkspace(workspace);
-            blas.SetStream(stream);
-            _expertSide = (stream, blas, workspace, Device.CreateEvent(), Device.CreateEvent());
-        }
-        return _expertSide;
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)
@@ -1059,15 +1012,6 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         }
         _cublas.Dispose();
         _workspace.Dispose();
-        if (_expertSide is { } side)
-        {
-            side.Stream.Synchronize();
-            side.Cublas.Dispose();
-            side.Workspace.Dispose();
-            side.Fork.Dispose();
-            side.Join.Dispose();
-            side.Stream.Dispose();
-        }
         _splitWorkspace?.Dispose();
         _attentionPartial?.Dispose();
         foreach (var map in _tensorMaps.Values) map.Dispose();
