@@ -24,4 +24,4 @@ run mean --context embed-mean &
 run seq32 --context embed-seq:32 &
 run seq32-256 --context embed-seq:32 --inner 256 &
 wait
-grep -h "validation F1" "$out"/*.log
+grep -h "validation F1" "$out"/{mean,seq32,seq32-256}.log
