@@ -638,11 +638,11 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
                 using (Op("  moe: gate_up GEMM"))
                     LaunchTma(gateUp: true, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
-                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeInputs.ByteLength / (2 * h), h, nGateUp),
+                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
                         s.Offsets, e, i, h, s.MoeAct, 0UL);
                 using (Op("  moe: down GEMM"))
                     LaunchTma(gateUp: false, n, ((slots + n - 1) / n + touched) * (h / 128),
-                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeAct.ByteLength / (2 * i), i, n),
+                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
                         s.Offsets, e, h, i, 0UL, s.MoeOut);
                 using (Op("  moe: combine"))
                     LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
@@ -896,10 +896,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             LaunchGather(s, input, slots, e, topK, h);
             s.WaitGroupOffsets(e).CopyTo(offsets);
         }
+        WarmExpertGemms(stack, s);
+        int Padded(int x) => offsets[x + 1] == offsets[x] ? 0 : ExpertGemmRows(offsets[x + 1] - offsets[x]);
         using (Op("  moe: gate_up GEMMs"))
             for (var x = 0; x < e; x++)
             {
-                var n = offsets[x + 1] - offsets[x];
+                var n = Padded(x);
                 if (n == 0) continue;
                 _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
                     stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
@@ -911,13 +913,50 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         using (Op("  moe: down GEMMs"))
             for (var x = 0; x < e; x++)
             {
-                var n = offsets[x + 1] - offsets[x];
+                var n = Padded(x);
                 if (n == 0) continue;
                 _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
                     stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
             }
         using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
             LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
+    }
+
+    /// <summary>
+    /// The rows a cuBLAS expert GEMM runs over for a group of <paramref name="rows"/>: rounded up to a multiple of 32 (of 64
+    /// past 256 rows), at most <see cref="CudaStepBuffers.ExpertRowSlack"/> − 1 more. The extra rows read the next group's
+    /// inputs and write rows that the next group's GEMM, queued after it on the stream, overwrites (or rows past the last
+    /// group). cuBLAS chooses an algorithm for every new shape, at a host cost of tens of microseconds, and caches it by
+    /// shape: with exact sizes nearly every GEMM of a new prompt was a new shape (on an H200 a 2,048-token prefill took
+    /// 107–123 ms with group sizes not seen before against 98–102 rounded, same call), while rounded sizes are few and warmed
+    /// once (<see cref="WarmExpertGemms"/>). MOE_RAG_INJECT_EXPERT_ROWS=exact keeps exact sizes, to measure against.
+    /// </summary>
+    internal static int ExpertGemmRows(int rows) =>
+        s_exactExpertRows ? rows : rows <= 256 ? (rows + 31) / 32 * 32 : (rows + 63) / 64 * 64;
+
+    private static readonly bool s_exactExpertRows = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_EXPERT_ROWS") is "exact";
+
+    /// <summary>Rounded group sizes up to which <see cref="WarmExpertGemms"/> runs each GEMM once; past it a GEMM takes milliseconds and cuBLAS's choice is a small part.</summary>
+    private const int WarmedExpertRows = 4096;
+
+    private readonly HashSet<(int Hidden, int Intermediate)> _expertShapesWarmed = [];
+
+    /// <summary>
+    /// Before a shape's first grouped step: both expert GEMMs once at every rounded group size a step can give (up to
+    /// <see cref="WarmedExpertRows"/>), on the first expert's weights into the step's scratch rows (the step's own GEMMs,
+    /// queued after, overwrite them), so that cuBLAS has chosen and cached its algorithm for each. At Mixtral-8x7B's shape
+    /// about 47 TFLOP (tens of milliseconds on an H200), once per process.
+    /// </summary>
+    private void WarmExpertGemms(CudaExpertStack stack, CudaStepBuffers s)
+    {
+        int h = stack.Hidden, i = stack.Intermediate;
+        if (s_exactExpertRows || !_expertShapesWarmed.Add((h, i))) return;
+        var largest = ExpertGemmRows(Math.Min(s.Host.Limits.MaxRows, WarmedExpertRows));
+        for (var n = ExpertGemmRows(1); n <= largest; n = ExpertGemmRows(n + 1))
+        {
+            _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer, stack.GateUp.Pointer, s.MoeGateUp.Pointer, CudaDataType.R16BF);
+            _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer, stack.Down.Pointer, s.MoeOut.Pointer);
+        }
     }
 
     public void AddInjection(DeviceTensor x, int layer, IStepBuffers step, int rows)

@@ -111,10 +111,13 @@ internal sealed class CudaStepBuffers : IStepBuffers
         _offsetsCopied = device.CreateEvent();
         Sorted = Own(4 * slots);
         PlaceOf = Own(4 * slots);
-        MoeGateUp = Own(4 * moeRows * 2 * c.IntermediateSize);
-        MoeAct = Own(2 * moeRows * c.IntermediateSize);
-        MoeOut = Own(4 * moeRows * _hidden);
-        MoeInputs = Own(2 * slots * _hidden);
+        MoeRows = moeRows;
+        MoeSlots = slots;
+        // Each with ExpertRowSlack rows to spare: the cuBLAS path's GEMMs run over rounded row counts (CudaBackend.ExpertGemmRows).
+        MoeGateUp = Own(4 * (moeRows + ExpertRowSlack) * 2 * c.IntermediateSize);
+        MoeAct = Own(2 * (moeRows + ExpertRowSlack) * c.IntermediateSize);
+        MoeOut = Own(4 * (moeRows + ExpertRowSlack) * _hidden);
+        MoeInputs = Own(2 * (slots + ExpertRowSlack) * _hidden);
         SampleWork = Own(4L * _seqs * _vocab);
         backend.Stream.Synchronize();
     }
@@ -127,8 +130,9 @@ internal sealed class CudaStepBuffers : IStepBuffers
         var io = 4 * (8 * rows + 13 * seqs + seqs * c.NumLayers);
         var perSlot = seqs * (4L * (Math.Max(1, contextLength) / 16 + 1) + 4L * c.HiddenSize + 4L * c.NumLayers + 8 + 32 + 64 + 5L * c.VocabSize)
             + 8L * Math.Max(1, contextLength) * (c.HeadDim / 2);  // the RoPE table
-        var scratch = 4 * rows * c.NumLayers * (1L + c.NumExperts) + 4 * rows + 12 * slots + moeRows * (8L * c.IntermediateSize + 2L * c.IntermediateSize + 4L * c.HiddenSize)
-            + 2 * slots * c.HiddenSize + 4 * seqs * c.VocabSize;
+        var scratch = 4 * rows * c.NumLayers * (1L + c.NumExperts) + 4 * rows + 12 * slots
+            + (moeRows + ExpertRowSlack) * (8L * c.IntermediateSize + 2L * c.IntermediateSize + 4L * c.HiddenSize)
+            + 2 * (slots + ExpertRowSlack) * c.HiddenSize + 4 * seqs * c.VocabSize;
         return 2 * io + perSlot + scratch;
     }
 
@@ -187,6 +191,12 @@ internal sealed class CudaStepBuffers : IStepBuffers
     public DeviceBuffer MoeOut { get; }
     /// <summary>The grouped path's inputs sorted by expert, bf16 [slots, H].</summary>
     public DeviceBuffer MoeInputs { get; }
+    /// <summary>Rows of <see cref="MoeAct"/> and <see cref="MoeOut"/> a step may fill, and slots of <see cref="MoeInputs"/> (each buffer has <see cref="ExpertRowSlack"/> more).</summary>
+    public long MoeRows { get; }
+    public long MoeSlots { get; }
+
+    /// <summary>Rows past <see cref="MoeRows"/> and <see cref="MoeSlots"/> in the MoE buffers: at least what <see cref="CudaBackend.ExpertGemmRows"/> adds to a group.</summary>
+    public const int ExpertRowSlack = 64;
     public DeviceBuffer SampleWork { get; }
 
     private DeviceBuffer Own(long bytes)
