@@ -350,6 +350,132 @@ def make_projector(kind, hidden, inner, mu, sigma):
     return Projector()
 
 
+READERS = ("attn", "poswise")  # --arch choices for --context embed-seq:T only; the engine cannot run them
+READER_NOTES = {
+    "attn": "c as T rows, each standardised per dimension (statistics shared by all positions), plus a learned position "
+            "embedding, rows past the end masked; pre-LayerNorm transformer encoder, attention pooling by learned "
+            "queries (concatenated), a linear map to hidden (zero-initialised)",
+    "poswise": "c as T rows, each standardised per dimension (statistics shared by all positions), rows past the end "
+               "masked; v = sum_t a_t * (W z_t) + b with W [hidden, hidden] shared by the positions (zero-initialised) "
+               "and a per-position, per-dimension gain a_t (initialised to 1/T)",
+}
+
+
+def make_reader(kind, hidden, length, mu, sigma, args):
+    """A projector with a reading bias over c = embed-seq:T, read as T rows of `hidden` (--arch attn or poswise).
+    Each row is standardised with one mean and deviation per dimension, shared by all positions (so a token gives the
+    same input wherever it stands); rows past the passages' end are masked. embedding_sequence zero-fills them, and no
+    embedding row of the demo model is all zeros, so a row is present exactly when it is not all zeros. A bag without
+    any row (no passages) gets v = 0, as the engine injects nothing then. The output layer starts at zero, so training
+    starts from the model without injection.
+      attn     a small pre-LayerNorm transformer encoder over the rows (a learned position embedding, --attn-layers
+               layers of width --attn-width with --attn-heads heads, feed-forward 2 x width with SiLU, dropout
+               --dropout), then attention pooling by --attn-queries learned queries, concatenated, and a linear map to
+               `hidden`.
+      poswise  v = sum_t a_t * (W z_t) + b: one W [hidden, hidden] shared by all positions and a per-position,
+               per-dimension gain a_t (a diagonal gain on W's output), so position t's row counts by a_t."""
+    import torch
+    import torch.nn.functional as F
+
+    def row_mask(c):
+        rows = c.reshape(c.shape[0], length, hidden)
+        present = rows.abs().amax(-1) > 0  # [bags, T]
+        return rows, present
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self, width, heads, dropout):
+            super().__init__()
+            self.heads = heads
+            self.qkv = torch.nn.Linear(width, 3 * width)
+            self.proj = torch.nn.Linear(width, width)
+            self.drop = torch.nn.Dropout(dropout)
+
+        def forward(self, h, keep):
+            n, t, w = h.shape
+            q, k, v = self.qkv(h).reshape(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(w // self.heads)  # [n, heads, t, t]
+            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+            att = self.drop(torch.softmax(scores, -1))
+            return self.proj((att @ v).transpose(1, 2).reshape(n, t, w))
+
+    class Block(torch.nn.Module):
+        def __init__(self, width, heads, dropout):
+            super().__init__()
+            self.norm1 = torch.nn.LayerNorm(width)
+            self.att = SelfAttention(width, heads, dropout)
+            self.norm2 = torch.nn.LayerNorm(width)
+            self.ff1 = torch.nn.Linear(width, 2 * width)
+            self.ff2 = torch.nn.Linear(2 * width, width)
+            self.drop = torch.nn.Dropout(dropout)
+
+        def forward(self, h, keep):
+            h = h + self.drop(self.att(self.norm1(h), keep))
+            return h + self.drop(self.ff2(F.silu(self.ff1(self.norm2(h)))))
+
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kind = kind
+            self.register_buffer("mu", mu.clone())  # [hidden]
+            self.register_buffer("sigma", sigma.clone())
+            if kind == "attn":
+                width, heads, queries = args.attn_width, args.attn_heads, args.attn_queries
+                if width % heads:
+                    raise SystemExit(f"--attn-width {width} is not a multiple of --attn-heads {heads}")
+                self.inp = torch.nn.Linear(hidden, width)
+                self.pos = torch.nn.Parameter(0.02 * torch.randn(length, width))
+                self.blocks = torch.nn.ModuleList([Block(width, heads, args.dropout) for _ in range(args.attn_layers)])
+                self.norm = torch.nn.LayerNorm(width)
+                self.queries = torch.nn.Parameter(torch.randn(queries, width) / math.sqrt(width))
+                self.key = torch.nn.Linear(width, width)
+                self.value = torch.nn.Linear(width, width)
+                self.out = torch.nn.Linear(queries * width, hidden)
+            elif kind == "poswise":
+                self.gain = torch.nn.Parameter(torch.full((length, hidden), 1.0 / length))
+                self.out = torch.nn.Linear(hidden, hidden)  # W and b
+            else:
+                raise ValueError(kind)
+            torch.nn.init.zeros_(self.out.weight)
+            torch.nn.init.zeros_(self.out.bias)
+
+        def forward(self, c):
+            rows, present = row_mask(c)
+            nonempty = present.any(-1)
+            keep = present | ~nonempty[:, None]  # an empty bag attends to its zero rows; its v is zeroed below
+            z = (rows - self.mu) / self.sigma * present[:, :, None].to(rows.dtype)
+            if self.kind == "poswise":
+                v = torch.einsum("nth,th->nh", F.linear(z, self.out.weight), self.gain) + self.out.bias
+            else:
+                h = self.inp(z) + self.pos
+                for block in self.blocks:
+                    h = block(h, keep)
+                h = self.norm(h)
+                scores = torch.einsum("ntw,qw->nqt", self.key(h), self.queries) / math.sqrt(h.shape[-1])
+                att = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), -1)
+                pooled = torch.einsum("nqt,ntw->nqw", att, self.value(h)).reshape(c.shape[0], -1)
+                v = self.out(pooled)
+            return v * nonempty[:, None].to(v.dtype)
+
+    return Reader()
+
+
+def reader_row_stats(cs, length, hidden):
+    """Per-dimension mean and deviation of the present rows (not all zeros) of the embed-seq c's in `cs`, over all
+    positions, accumulated in chunks (no copy of all c at once)."""
+    import torch
+    total, total_sq, count = 0.0, 0.0, 0
+    for c in cs:
+        for s in range(0, c.shape[0], 8192):
+            rows = c[s:s + 8192].reshape(-1, hidden).double()
+            rows = rows[rows.abs().amax(-1) > 0]
+            total = total + rows.sum(0)
+            total_sq = total_sq + (rows * rows).sum(0)
+            count += rows.shape[0]
+    mu = total / max(count, 1)
+    var = (total_sq / max(count, 1) - mu * mu) * count / max(count - 1, 1)
+    return mu.float(), var.clamp_min(1e-12).sqrt().float(), count
+
+
 def apply_exported(tensors, c):
     """The exported file's function, as ContextInjector computes it (for the round-trip check)."""
     import torch
@@ -450,6 +576,8 @@ def batch_loss(model, proj, parts, layers, alpha, dev, amp):
 def evaluate_loss(model, proj, preps, layers, alpha, dev, amp, batch):
     import torch
     out = {}
+    was_training = proj.training
+    proj.eval()  # no dropout (--arch attn) while measuring
     with torch.no_grad():
         for group, prep in preps.items():
             total, count = 0.0, 0
@@ -460,6 +588,7 @@ def evaluate_loss(model, proj, preps, layers, alpha, dev, amp, batch):
                 total += float(loss)
                 count += k
             out[group] = total / max(count, 1)
+    proj.train(was_training)
     return out
 
 
@@ -557,12 +686,24 @@ def train(args, data):
             log(f"prepared {name}/{g}: {json.dumps(prep_stats[f'{name}/{g}'])}")
     log(f"data prepared in {time.time() - t:.1f}s")
 
-    all_c = torch.cat([p.c for p in train_preps.values()])
-    mu, sigma = all_c.mean(0), all_c.std(0)
-    # embed-seq: a position few bags reach has a tiny spread; a floor at 1% of the mean keeps it from blowing up
-    sigma = sigma.clamp_min(1e-6 if args.context == "embed-mean" else 0.01 * float(sigma.mean()))
-    proj = make_projector(args.arch, hidden, args.inner, mu, sigma).to(dev)
+    if args.arch in READERS:
+        length = int(args.context.split(":")[1])
+        mu, sigma, n_rows = reader_row_stats([p.c for p in train_preps.values()], length, hidden)
+        sigma = sigma.clamp_min(1e-6)
+        log(f"{args.arch}: c read as {length} rows of {hidden}, standardised per dimension over the {n_rows} present rows "
+            f"of the training c's (mean rows a bag {n_rows / sum(p.c.shape[0] for p in train_preps.values()):.1f})")
+        proj = make_reader(args.arch, hidden, length, mu.to(dev), sigma.to(dev), args).to(dev)
+    else:
+        all_c = torch.cat([p.c for p in train_preps.values()])
+        mu, sigma = all_c.mean(0), all_c.std(0)
+        # embed-seq: a position few bags reach has a tiny spread; a floor at 1% of the mean keeps it from blowing up
+        sigma = sigma.clamp_min(1e-6 if args.context == "embed-mean" else 0.01 * float(sigma.mean()))
+        del all_c
+        proj = make_projector(args.arch, hidden, args.inner, mu, sigma).to(dev)
     n_params = sum(p.numel() for p in proj.parameters())
+    param_counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in proj.named_children()}
+    param_counts.update({name: p.numel() for name, p in proj.named_parameters(recurse=False)})
+    log(f"projector parameters: {n_params} ({', '.join(f'{k} {v}' for k, v in param_counts.items())})")
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     groups = list(train_preps)
     mix = {g: args.mix_map.get(g, 0.0) for g in groups}
@@ -624,30 +765,40 @@ def train(args, data):
     proj.load_state_dict(best_state)
     proj.eval()
 
-    tensors = proj.export()
-    meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
     path = os.path.join(out_model, "projector.safetensors")
-    metadata = pl.projector_metadata(args.arch, layers, args.alpha, "silu" if args.arch == "mlp" else None, meta_extra)
-    metadata["context"] = args.context  # the engine refuses a file whose context it does not compute
-    pl.write_safetensors(path, tensors, metadata)
-    size = os.path.getsize(path)
-    back = pl.load_tensors(path)
-    probe = torch.cat([p.c[:256] for p in val_preps.values()]).float().cpu()
+    if args.arch in READERS:
+        path, size, roundtrip = None, None, None
+        log(f"export skipped: ContextInjector's file format has no {args.arch} projector and the engine does not "
+            f"compute {args.context} (an experiment); the training facts are still written")
+    else:
+        tensors = proj.export()
+        meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
+        metadata = pl.projector_metadata(args.arch, layers, args.alpha, "silu" if args.arch == "mlp" else None, meta_extra)
+        metadata["context"] = args.context  # the engine refuses a file whose context it does not compute
+        pl.write_safetensors(path, tensors, metadata)
+        size = os.path.getsize(path)
+        back = pl.load_tensors(path)
+        probe = torch.cat([p.c[:256] for p in val_preps.values()]).float().cpu()
+        with torch.no_grad():
+            expected = proj.cpu()(probe)
+            got = apply_exported(back, probe)
+        proj.to(dev)
+        roundtrip = float((expected - got).abs().max() / expected.abs().max().clamp_min(1e-12))
+        log(f"wrote {path} ({size} bytes); exported file vs module: max relative difference {roundtrip:.2e}")
+        if not roundtrip < 1e-4:
+            raise SystemExit("the exported projector does not compute what was trained")
     with torch.no_grad():
-        expected = proj.cpu()(probe)
-        got = apply_exported(back, probe)
-    proj.to(dev)
-    roundtrip = float((expected - got).abs().max() / expected.abs().max().clamp_min(1e-12))
-    log(f"wrote {path} ({size} bytes); exported file vs module: max relative difference {roundtrip:.2e}")
-    if not roundtrip < 1e-4:
-        raise SystemExit("the exported projector does not compute what was trained")
-    v_norms = (args.alpha * proj(torch.cat([p.c for p in val_preps.values()]))).norm(dim=-1)
+        v_norms = (args.alpha * proj(torch.cat([p.c for p in val_preps.values()]))).norm(dim=-1)
     f1, samples = final_f1(model, proj, tok, data, {g: (val_preps[g], val0_preps[g]) for g in val_preps}, layers, args.alpha, dev, args)
 
     facts.update({
-        "projector": {"file": os.path.join(MODEL_REL, "projector.safetensors"), "bytes": size, "kind": args.arch,
+        "projector": {"file": os.path.join(MODEL_REL, "projector.safetensors") if path else None, "bytes": size, "kind": args.arch,
                       "inner": args.inner if args.arch == "mlp" else None, "activation": "silu" if args.arch == "mlp" else None,
-                      "parameters": n_params, "layers": layers, "alpha": args.alpha,
+                      "parameters": n_params, "parameters_by_part": param_counts, "layers": layers, "alpha": args.alpha,
+                      **({"reader": READER_NOTES[args.arch], "export": "skipped: the engine cannot run this projector",
+                          **({"attn_layers": args.attn_layers, "attn_width": args.attn_width, "attn_heads": args.attn_heads,
+                              "attn_queries": args.attn_queries, "dropout": args.dropout} if args.arch == "attn" else {})}
+                         if args.arch in READERS else {}),
                       "context": CONTEXTS[args.context.split(":")[0]],
                       "injection": "added to the MoE output of each layer in `layers` (the residual stream after it) at every "
                                    "position from the one that predicts answer token j on",
@@ -680,8 +831,16 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, MODEL_REL))
     ap.add_argument("--corpus", default=os.path.join(ROOT, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"))
     ap.add_argument("--qa", default=os.path.join(ROOT, "assets", "eval", "wordnet-qa.jsonl"))
-    ap.add_argument("--arch", choices=("mlp", "linear"), default="mlp")
+    ap.add_argument("--arch", choices=("mlp", "linear") + READERS, default="mlp",
+                    help="mlp or linear (the engine's kinds); with --context embed-seq:T only, experiments the engine "
+                         "cannot run (not exported): attn (a small attention encoder over the T rows, attention pooling) "
+                         "or poswise (v = sum_t a_t * (W x_t) + b, W shared by the positions)")
     ap.add_argument("--inner", type=int, default=1024, help="MLP width")
+    ap.add_argument("--attn-layers", type=int, default=2, help="--arch attn: encoder layers")
+    ap.add_argument("--attn-width", type=int, default=256, help="--arch attn: encoder width")
+    ap.add_argument("--attn-heads", type=int, default=4, help="--arch attn: heads of each encoder layer")
+    ap.add_argument("--attn-queries", type=int, default=4, help="--arch attn: learned pooling queries (concatenated)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="--arch attn: dropout in the encoder")
     ap.add_argument("--layers", default="0,1,2,3", help="injection layers (the file names them; eval injects there)")
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
     ap.add_argument("--top-k", type=int, default=3, help="passages per retrieval (eval's --top-k)")
@@ -718,6 +877,8 @@ def main():
     kind, _, number = args.context.partition(":")
     if kind not in CONTEXTS or (kind == "embed-mean") != (number == "") or (number and not number.isdigit()):
         ap.error(f"--context {args.context}: embed-mean, embed-seq:T (T tokens) or hidden-mean:L (L layers)")
+    if args.arch in READERS and kind != "embed-seq":
+        ap.error(f"--arch {args.arch} reads the ordered rows of --context embed-seq:T; it cannot take --context {args.context}")
     args.offsets_map = parse_weights(args.offsets, int)
     args.mix_map = parse_weights(args.mix, str)
     args.out = os.path.abspath(args.out)
