@@ -12,6 +12,7 @@ tools/gpu/unpack.sh
 bin=.gpu/bin/moe-rag-inject
 model=tests/data/reference/tiny-mixtral
 out=${OUT:-/tmp}
+mkdir -p "$out"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 # The device server runs --deterministic (DETERMINISTIC=0: not): a seeded sample must not depend on what decodes beside it.
