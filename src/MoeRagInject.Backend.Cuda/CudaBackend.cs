@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Globalization;
 using MoeRagInject.Backend.Cuda.Interop;
 using MoeRagInject.Model;
@@ -38,7 +39,9 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     [ThreadStatic] private static CudaBackend? t_current;
     private readonly CudaKernels _kernels;
     private readonly CublasContext _cublas;
+    private readonly CublasLtGemms _expertGemms;
     private readonly DeviceBuffer _workspace;
+    private readonly Action<string>? _progress;
     private readonly HashSet<string> _sharedRaised = [];
     private Dictionary<string, (int Index, bool IsNorm)>? _dummyNumbers;
     private ulong _dummySeed;
@@ -63,6 +66,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         _workspace = device.Allocate(32L << 20);
         _cublas.SetWorkspace(_workspace);
         _cublas.SetStream(Stream);
+        _expertGemms = device.CreateCublasLt(Stream, _workspace);
+        _progress = progress;
         _profile = OpProfile.FromEnvironment(device, Stream);
         Description = string.Create(CultureInfo.InvariantCulture,
             $"cuda:{device.Ordinal} {device.Name} ({_kernels.Architecture}, {device.TotalMemoryBytes / 1e9:F0} GB, {device.MultiprocessorCount} SMs){(deterministic ? ", deterministic" : "")}");
@@ -896,62 +901,109 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             LaunchGather(s, input, slots, e, topK, h);
             s.WaitGroupOffsets(e).CopyTo(offsets);
         }
-        WarmExpertGemms(stack, s);
-        int Padded(int x) => offsets[x + 1] == offsets[x] ? 0 : ExpertGemmRows(offsets[x + 1] - offsets[x]);
+        int Rows(int x) => offsets[x + 1] - offsets[x];
+        if (s_expertGemms == ExpertGemms.Planned) PrepareExpertGemms(stack, s);
+        else WarmExpertGemms(stack, s);
         using (Op("  moe: gate_up GEMMs"))
             for (var x = 0; x < e; x++)
-            {
-                var n = Padded(x);
-                if (n == 0) continue;
-                _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
-                    stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
-                    CudaDataType.R16BF);
-            }
+                if (Rows(x) > 0)
+                    ExpertGemm(ExpertGemmRows(Rows(x)), 2 * i, h, s.MoeInputs.Pointer + 2UL * (ulong)offsets[x] * (ulong)h,
+                        stack.GateUp.Pointer + 2UL * (ulong)x * 2 * (ulong)i * (ulong)h, s.MoeGateUp.Pointer + 2UL * (ulong)offsets[x] * 2 * (ulong)i,
+                        CudaDataType.R16BF);
         var total = offsets[e];
         using (Op("  moe: silu_mul"))
             if (total > 0) LaunchSiluMul(s, total, i);
         using (Op("  moe: down GEMMs"))
             for (var x = 0; x < e; x++)
-            {
-                var n = Padded(x);
-                if (n == 0) continue;
-                _cublas.GemmBf16(n, h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
-                    stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h);
-            }
+                if (Rows(x) > 0)
+                    ExpertGemm(ExpertGemmRows(Rows(x)), h, i, s.MoeAct.Pointer + 2UL * (ulong)offsets[x] * (ulong)i,
+                        stack.Down.Pointer + 2UL * (ulong)x * (ulong)h * (ulong)i, s.MoeOut.Pointer + 4UL * (ulong)offsets[x] * (ulong)h, CudaDataType.R32F);
         using (Op($"  moe: combine (largest group {100 * offsets.Zip(offsets.Skip(1), (a, b) => b - a).Max() / Math.Max(1, total) / 10 * 10}%+ of slots)"))
             LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
     }
 
+    /// <summary>How the cuBLAS grouped path runs its per-expert GEMMs (MOE_RAG_INJECT_EXPERT_GEMMS; the others kept to measure against).</summary>
+    private enum ExpertGemms
+    {
+        /// <summary>Default: exact group sizes through cuBLASLt, each size's algorithm chosen in advance (<see cref="PrepareExpertGemms"/>).</summary>
+        Planned,
+        /// <summary>"rounded": cublasGemmEx over group sizes rounded up (<see cref="ExpertGemmRows"/>), each rounded size run once in advance.</summary>
+        Rounded,
+        /// <summary>"exact": cublasGemmEx over exact group sizes, cuBLAS's heuristic asked for each new size during the step.</summary>
+        Exact,
+    }
+
+    private static readonly ExpertGemms s_expertGemms = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_EXPERT_GEMMS") switch
+    {
+        "rounded" => ExpertGemms.Rounded,
+        "exact" => ExpertGemms.Exact,
+        _ => ExpertGemms.Planned,
+    };
+
+    private void ExpertGemm(int m, int n, int k, ulong a, ulong b, ulong c, CudaDataType cType)
+    {
+        if (s_expertGemms == ExpertGemms.Planned) _expertGemms.GemmBf16(m, n, k, a, b, c, cType);
+        else _cublas.GemmBf16(m, n, k, a, b, c, cType);
+    }
+
     /// <summary>
-    /// The rows a cuBLAS expert GEMM runs over for a group of <paramref name="rows"/>: rounded up to a multiple of 32 (of 64
-    /// past 256 rows), at most <see cref="CudaStepBuffers.ExpertRowSlack"/> − 1 more. The extra rows read the next group's
-    /// inputs and write rows that the next group's GEMM, queued after it on the stream, overwrites (or rows past the last
-    /// group). cuBLAS chooses an algorithm for every new shape, at a host cost of tens of microseconds, and caches it by
-    /// shape: with exact sizes nearly every GEMM of a new prompt was a new shape (on an H200 a 2,048-token prefill took
-    /// 107–123 ms with group sizes not seen before against 98–102 rounded, same call), while rounded sizes are few and warmed
-    /// once (<see cref="WarmExpertGemms"/>). MOE_RAG_INJECT_EXPERT_ROWS=exact keeps exact sizes, to measure against.
+    /// The rows an expert GEMM runs over for a group of <paramref name="rows"/>: the group's own, except with
+    /// MOE_RAG_INJECT_EXPERT_GEMMS=rounded, where they are rounded up to a multiple of 32 (of 64 past 256 rows), at most
+    /// <see cref="CudaStepBuffers.ExpertRowSlack"/> − 1 more. The extra rows read the next group's inputs and write rows
+    /// that the next group's GEMM, queued after it on the stream, overwrites (or rows past the last group).
     /// </summary>
+    /// <remarks>
+    /// Why not cublasGemmEx over exact sizes: cuBLAS chooses an algorithm for every new shape, at a host cost of tens of
+    /// microseconds while the GPU waits, and nearly every GEMM of a new prompt is a new shape. Measured on an H200, seven
+    /// 2,048-token prefills with fresh prompts, medians of two processes each (docs/performance.md, session 15): exact
+    /// sizes 99.6 and 102.6 ms, spread 95.6 to 111.9 (the fast runs late in a process, when most sizes had been seen);
+    /// rounded 101.4 and 101.1, spread 99.2 to 102.7 after the first run: no host cost, but the padded rows cost about as
+    /// much GPU time as they saved. Choosing each exact size's algorithm in advance has neither cost.
+    /// </remarks>
     internal static int ExpertGemmRows(int rows) =>
-        s_exactExpertRows ? rows : rows <= 256 ? (rows + 31) / 32 * 32 : (rows + 63) / 64 * 64;
+        s_expertGemms != ExpertGemms.Rounded ? rows : rows <= 256 ? (rows + 31) / 32 * 32 : (rows + 63) / 64 * 64;
 
-    private static readonly bool s_exactExpertRows = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_EXPERT_ROWS") is "exact";
+    /// <summary>Group sizes up to which the GEMMs are prepared in advance (rounded: run once); past it a GEMM takes milliseconds and the choice is a small part.</summary>
+    private const int PreparedExpertRows = 4096;
 
-    /// <summary>Rounded group sizes up to which <see cref="WarmExpertGemms"/> runs each GEMM once; past it a GEMM takes milliseconds and cuBLAS's choice is a small part.</summary>
-    private const int WarmedExpertRows = 4096;
-
-    private readonly HashSet<(int Hidden, int Intermediate)> _expertShapesWarmed = [];
+    private readonly HashSet<(int Hidden, int Intermediate)> _expertShapesPrepared = [];
 
     /// <summary>
-    /// Before a shape's first grouped step: both expert GEMMs once at every rounded group size a step can give (up to
-    /// <see cref="WarmedExpertRows"/>), on the first expert's weights into the step's scratch rows (the step's own GEMMs,
-    /// queued after, overwrite them), so that cuBLAS has chosen and cached its algorithm for each. At Mixtral-8x7B's shape
-    /// about 47 TFLOP (tens of milliseconds on an H200), once per process.
+    /// Before a shape's first grouped step: cuBLASLt's algorithm for both expert GEMMs at every group size a step can give up
+    /// to <see cref="PreparedExpertRows"/> (larger sizes are chosen when they come), and each distinct kernel among them run once.
+    /// </summary>
+    private void PrepareExpertGemms(CudaExpertStack stack, CudaStepBuffers s)
+    {
+        int h = stack.Hidden, i = stack.Intermediate;
+        if (!_expertShapesPrepared.Add((h, i))) return;
+        var started = Stopwatch.GetTimestamp();
+        // A group holds at most one slot of each row (a row's top-k experts are distinct).
+        var largest = Math.Min(s.Host.Limits.MaxRows, PreparedExpertRows);
+        // Every row count's algorithm chosen (host work only), then each distinct kernel run once, on the first expert's weights into the step's scratch rows (the step's own GEMMs,
+        // queued after, overwrite every row it reads): its first launch loads it, a millisecond or more, which would
+        // otherwise fall inside the first prompts' prefills. MOE_RAG_INJECT_EXPERT_WARM=0 leaves it out, to measure against.
+        var gateUpRows = _expertGemms.FirstRowsOfEachAlgorithm(2 * i, h, CudaDataType.R16BF, largest);
+        var downRows = _expertGemms.FirstRowsOfEachAlgorithm(h, i, CudaDataType.R32F, largest);
+        if (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_EXPERT_WARM") != "0")
+        {
+            foreach (var m in gateUpRows) _expertGemms.GemmBf16(m, 2 * i, h, s.MoeInputs.Pointer, stack.GateUp.Pointer, s.MoeGateUp.Pointer, CudaDataType.R16BF);
+            foreach (var m in downRows) _expertGemms.GemmBf16(m, h, i, s.MoeAct.Pointer, stack.Down.Pointer, s.MoeOut.Pointer, CudaDataType.R32F);
+        }
+        _progress?.Invoke(string.Create(CultureInfo.InvariantCulture,
+            $"cuBLASLt: algorithms of the expert GEMMs ({h}→{2 * i}, {i}→{h}) chosen for 1..{largest} rows in {Stopwatch.GetElapsedTime(started).TotalSeconds:F2} s ({gateUpRows.Count} and {downRows.Count} distinct)"));
+    }
+
+    /// <summary>
+    /// With MOE_RAG_INJECT_EXPERT_GEMMS=rounded, before a shape's first grouped step: both expert GEMMs once at every rounded
+    /// group size a step can give (up to <see cref="PreparedExpertRows"/>), on the first expert's weights into the step's
+    /// scratch rows (the step's own GEMMs, queued after, overwrite them), so that cuBLAS has chosen and cached its algorithm
+    /// for each. At Mixtral-8x7B's shape about 47 TFLOP (tens of milliseconds on an H200), once per process.
     /// </summary>
     private void WarmExpertGemms(CudaExpertStack stack, CudaStepBuffers s)
     {
         int h = stack.Hidden, i = stack.Intermediate;
-        if (s_exactExpertRows || !_expertShapesWarmed.Add((h, i))) return;
-        var largest = ExpertGemmRows(Math.Min(s.Host.Limits.MaxRows, WarmedExpertRows));
+        if (s_expertGemms != ExpertGemms.Rounded || !_expertShapesPrepared.Add((h, i))) return;
+        var largest = ExpertGemmRows(Math.Min(s.Host.Limits.MaxRows, PreparedExpertRows));
         for (var n = ExpertGemmRows(1); n <= largest; n = ExpertGemmRows(n + 1))
         {
             _cublas.GemmBf16(n, 2 * i, h, s.MoeInputs.Pointer, stack.GateUp.Pointer, s.MoeGateUp.Pointer, CudaDataType.R16BF);
@@ -1049,6 +1101,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             Console.Error.Write(_profile.Report());
             _profile.Dispose();
         }
+        _expertGemms.Dispose();
         _cublas.Dispose();
         _workspace.Dispose();
         _splitWorkspace?.Dispose();

@@ -185,6 +185,14 @@ internal sealed unsafe class CudaDevice : IDisposable
         return new CublasContext(new CublasHandle(cublas, context));
     }
 
+    public CublasLtGemms CreateCublasLt(CudaStream stream, DeviceBuffer workspace)
+    {
+        var context = Context;
+        nint handle;
+        CudaCheck.Cublas(CublasLt.cublasLtCreate(&handle));
+        return new CublasLtGemms(new CublasLtHandle(handle, context), stream, workspace);
+    }
+
     /// <summary>Drops this object's reference on the primary context; buffers, streams and modules made from it keep their own.</summary>
     public void Dispose() => _context.Dispose();
 

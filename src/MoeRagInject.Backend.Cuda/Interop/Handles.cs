@@ -93,6 +93,35 @@ internal sealed class CublasHandle(nint cublas, CudaContextHandle context) : Con
     protected override bool Release(nint value) => Cublas.cublasDestroy_v2(value) == CublasStatus.Success;
 }
 
+/// <summary>A cublasLtHandle_t, created in (and destroyed with current) the primary context.</summary>
+internal sealed class CublasLtHandle(nint cublasLt, CudaContextHandle context) : ContextBoundHandle(cublasLt, context)
+{
+    protected override bool Release(nint value) => CublasLt.cublasLtDestroy(value) == CublasStatus.Success;
+}
+
+/// <summary>A cuBLASLt descriptor: host memory only, bound to no context.</summary>
+internal sealed class CublasLtDescriptorHandle : SafeHandle
+{
+    internal enum Kind { Matmul, Layout, Preference }
+
+    private readonly Kind _kind;
+
+    internal CublasLtDescriptorHandle(nint value, Kind kind) : base(0, ownsHandle: true)
+    {
+        _kind = kind;
+        SetHandle(value);
+    }
+
+    public override bool IsInvalid => handle == 0;
+
+    protected override bool ReleaseHandle() => (_kind switch
+    {
+        Kind.Matmul => CublasLt.cublasLtMatmulDescDestroy(handle),
+        Kind.Layout => CublasLt.cublasLtMatrixLayoutDestroy(handle),
+        _ => CublasLt.cublasLtMatmulPreferenceDestroy(handle),
+    }) == CublasStatus.Success;
+}
+
 /// <summary>A cuMemAlloc allocation: its CUdeviceptr and byte length.</summary>
 internal sealed class DeviceMemoryHandle(ulong address, long byteLength, CudaContextHandle context)
     : ContextBoundHandle((nint)(nuint)address, context)
