@@ -5,7 +5,7 @@ using System.Numerics.Tensors;
 
 namespace MoeRagInject.Rag;
 
-/// <summary>Rows of the model's token embedding table, read as fp32 (the injector mean-pools them).</summary>
+/// <summary>Rows of the model's token embedding table, read as fp32 (the injector mean-pools them, or an attn projector reads them in order).</summary>
 public interface ITokenEmbeddings
 {
     int HiddenSize { get; }
@@ -26,18 +26,29 @@ public enum ProjectorArchitecture
     Linear,
     /// <summary>v = W_out·act(W_in·c + b_in) + b_out: "mlp.in.weight" [inner, hidden], "mlp.out.weight" [hidden, inner], optional biases.</summary>
     Mlp,
+    /// <summary>
+    /// An attention reader over the embedding rows of the passages' first T tokens in order (context "embed-seq:T"): each
+    /// present row standardised, (row − μ)/σ, mapped to the width and given a learned position embedding; pre-LayerNorm
+    /// encoder blocks (multi-head self-attention over the present rows, a SiLU feed-forward); a final LayerNorm; attention
+    /// pooling by learned queries; a linear map of the pooled rows side by side to hidden. tools/projector/train_projector.py
+    /// --arch attn trains and writes it; tensors "attn.*" (tools/projector/README.md lists them).
+    /// </summary>
+    Attn,
 }
 
 /// <summary>
 /// The original's ContextInjector: c = mean of the embedding rows of the retrieved text's tokens,
 /// v = α·f(c) with f a hidden×hidden matrix P (random with a fixed seed, identity, or read from a safetensors file)
-/// or a small MLP read from a file (a projector trained through the frozen model by tools/projector).
+/// or a small MLP read from a file (a projector trained through the frozen model by tools/projector); or, from an attn
+/// file, v = α·f(rows) with f an attention reader over the embedding rows of the text's first T tokens in order.
 /// </summary>
 /// <remarks>
 /// A projector file is safetensors. Its optional "__metadata__" says what it holds (see the *Key constants): "kind"
-/// (linear or mlp; without it, mlp when the MLP tensors are present), "activation" (silu or relu), "context" (how c
-/// is computed; only embed-mean, this class's), "layers" (the layers it was trained to be added after, e.g. "0,1,2,3")
-/// and "alpha" (the α it was trained with). A linear file with a bias gives v = α·(P·c + b). Safe to call from
+/// (linear, mlp or attn; without it, attn or mlp when their tensors are present, else linear), "activation" (silu or
+/// relu; attn: silu), "context" (how c is computed: embed-mean for linear and mlp, embed-seq:T for attn, which it
+/// requires), "layers" (the layers it was trained to be added after, e.g. "0,1,2,3") and "alpha" (the α it was trained
+/// with); an attn file also states "heads", "encoder_layers" and "layer_norm_eps" (and may repeat "width" and
+/// "queries", which its tensors' shapes give). A linear file with a bias gives v = α·(P·c + b). Safe to call from
 /// several threads at once.
 /// </remarks>
 public sealed class ContextInjector
@@ -58,20 +69,23 @@ public sealed class ContextInjector
     public const string ContextKey = "context";
     public const string LayersKey = "layers";
     public const string AlphaKey = "alpha";
-    /// <summary>The only context this injector computes: the mean of the embedding rows of the passages' tokens.</summary>
+    /// <summary>The context of linear and mlp projectors: the mean of the embedding rows of the passages' tokens.</summary>
     public const string EmbedMeanContext = "embed-mean";
+    /// <summary>The context of attn projectors, "embed-seq:T": the embedding rows of the passages' first T tokens in order, zero rows past the end.</summary>
+    public const string EmbedSeqContextPrefix = "embed-seq:";
 
     private readonly ITokenEmbeddings _embeddings;
     private readonly int _hidden;
     private readonly float[]? _projection; // row-major [hidden(out), hidden(in)]; null for identity and MLP
     private readonly float[]? _bias;
     private readonly MlpWeights? _mlp;
+    private readonly AttentionReader? _reader;
 
     /// <summary>Row-major weights of an MLP projector; biases may be null (zero).</summary>
     private sealed record MlpWeights(int Inner, float[] In, float[]? InBias, float[] Out, float[]? OutBias, bool Relu);
 
     private ContextInjector(ITokenEmbeddings embeddings, ProjectionKind kind, float[]? projection, float[]? bias, string description,
-        MlpWeights? mlp = null, IReadOnlyList<int>? layers = null, float? alpha = null)
+        MlpWeights? mlp = null, IReadOnlyList<int>? layers = null, float? alpha = null, AttentionReader? reader = null)
     {
         _embeddings = embeddings;
         _hidden = embeddings.HiddenSize;
@@ -79,6 +93,8 @@ public sealed class ContextInjector
         _projection = projection;
         _bias = bias;
         _mlp = mlp;
+        _reader = reader;
+        Architecture = reader is not null ? ProjectorArchitecture.Attn : mlp is not null ? ProjectorArchitecture.Mlp : ProjectorArchitecture.Linear;
         Description = description;
         Layers = layers;
         Alpha = alpha;
@@ -110,8 +126,9 @@ public sealed class ContextInjector
 
     /// <summary>
     /// Reads a projector from a safetensors file (f32/f16/bf16): a linear one ("proj" [hidden, hidden], optional "bias"
-    /// [hidden]) or an MLP ("mlp.in.weight" [inner, hidden], "mlp.out.weight" [hidden, inner], optional "mlp.in.bias"
-    /// [inner] and "mlp.out.bias" [hidden]), with the metadata the class remarks describe.
+    /// [hidden]), an MLP ("mlp.in.weight" [inner, hidden], "mlp.out.weight" [hidden, inner], optional "mlp.in.bias"
+    /// [inner] and "mlp.out.bias" [hidden]) or an attention reader (<see cref="ProjectorArchitecture.Attn"/>: every
+    /// "attn.*" tensor of tools/projector/README.md, no other), with the metadata the class remarks describe.
     /// </summary>
     /// <exception cref="FileNotFoundException">The file does not exist.</exception>
     /// <exception cref="InvalidDataException">
@@ -129,9 +146,18 @@ public sealed class ContextInjector
 
         using var file = new MoeRagInject.Model.SafeTensorsFile(path);
         var metadata = file.Metadata;
-        var (architecture, layers, alpha) = ReadMetadata(path, file);
+        var ((architecture, layers, alpha), sequenceLength) = ReadMetadataAndLength(path, file);
         string extras = (layers is null ? "" : $", layers {string.Join(",", layers)}")
             + (alpha is { } al ? string.Create(CultureInfo.InvariantCulture, $", α {al:G6}") : "");
+        if (architecture == ProjectorArchitecture.Attn)
+        {
+            var reader = AttentionReader.Load(file, hidden, sequenceLength!.Value,
+                (name, shape) => ReadTensor(path, file, name, shape, null), problem => Bad(path, problem));
+            string attnDescription = string.Create(CultureInfo.InvariantCulture,
+                $"file:{Path.GetFullPath(path)} (attn {file.Tensors[AttentionReader.InWeightName].DType.SafetensorsName()} [{reader.Length} rows, width {reader.Width}, {reader.Heads} heads, {reader.Queries} queries, {reader.EncoderLayers} layers], {EmbedSeqContextPrefix}{reader.Length}{extras})");
+            return new ContextInjector(embeddings, ProjectionKind.File, null, null, attnDescription, null, layers, alpha, reader);
+        }
+
         if (architecture == ProjectorArchitecture.Mlp)
         {
             var mlp = ReadMlp(path, file, hidden, metadata);
@@ -164,10 +190,11 @@ public sealed class ContextInjector
         }
 
         using var file = new MoeRagInject.Model.SafeTensorsFile(path);
-        return ReadMetadata(path, file);
+        return ReadMetadataAndLength(path, file).Info;
     }
 
-    private static ProjectorFileInfo ReadMetadata(string path, MoeRagInject.Model.SafeTensorsFile file)
+    /// <summary>The file's metadata, and T of its context embed-seq:T (attn files only; null for embed-mean).</summary>
+    private static (ProjectorFileInfo Info, int? SequenceLength) ReadMetadataAndLength(string path, MoeRagInject.Model.SafeTensorsFile file)
     {
         var metadata = file.Metadata;
         if (metadata.TryGetValue(FormatKey, out var format) && format != FormatName)
@@ -175,9 +202,13 @@ public sealed class ContextInjector
             throw Bad(path, $"metadata \"{FormatKey}\" is \"{format}\", expected \"{FormatName}\"");
         }
 
+        int? sequenceLength = null;
         if (metadata.TryGetValue(ContextKey, out var context) && context != EmbedMeanContext)
         {
-            throw Bad(path, $"metadata \"{ContextKey}\" is \"{context}\"; this engine computes only \"{EmbedMeanContext}\" (the mean of the passages' embedding rows)");
+            sequenceLength = context.StartsWith(EmbedSeqContextPrefix, StringComparison.Ordinal)
+                && int.TryParse(context.AsSpan(EmbedSeqContextPrefix.Length), NumberStyles.None, CultureInfo.InvariantCulture, out var t) && t > 0
+                ? t
+                : throw Bad(path, $"metadata \"{ContextKey}\" is \"{context}\"; this engine computes \"{EmbedMeanContext}\" (the mean of the passages' embedding rows: linear and mlp) and \"{EmbedSeqContextPrefix}T\" (their first T rows in order: attn)");
         }
 
         ProjectorArchitecture architecture;
@@ -187,12 +218,25 @@ public sealed class ContextInjector
             {
                 "linear" => ProjectorArchitecture.Linear,
                 "mlp" => ProjectorArchitecture.Mlp,
-                _ => throw Bad(path, $"metadata \"{KindKey}\" is \"{kind}\"; expected \"linear\" or \"mlp\""),
+                "attn" => ProjectorArchitecture.Attn,
+                _ => throw Bad(path, $"metadata \"{KindKey}\" is \"{kind}\"; expected \"linear\", \"mlp\" or \"attn\""),
             };
         }
         else
         {
-            architecture = file.Tensors.ContainsKey(MlpInWeightName) ? ProjectorArchitecture.Mlp : ProjectorArchitecture.Linear;
+            architecture = file.Tensors.ContainsKey(AttentionReader.InWeightName) ? ProjectorArchitecture.Attn
+                : file.Tensors.ContainsKey(MlpInWeightName) ? ProjectorArchitecture.Mlp
+                : ProjectorArchitecture.Linear;
+        }
+
+        if (architecture == ProjectorArchitecture.Attn && sequenceLength is null)
+        {
+            throw Bad(path, $"metadata \"{ContextKey}\" is {(context is null ? "missing" : $"\"{context}\"")}; an attn projector reads \"{EmbedSeqContextPrefix}T\" (the passages' first T embedding rows in order)");
+        }
+
+        if (architecture != ProjectorArchitecture.Attn && sequenceLength is not null)
+        {
+            throw Bad(path, $"metadata \"{ContextKey}\" is \"{context}\"; this is {(architecture == ProjectorArchitecture.Linear ? "a linear" : "an mlp")} projector, which reads only \"{EmbedMeanContext}\" (\"{EmbedSeqContextPrefix}T\" is for attn projectors)");
         }
 
         IReadOnlyList<int>? layers = metadata.TryGetValue(LayersKey, out var layerList) ? ParseLayers(path, layerList) : null;
@@ -204,7 +248,7 @@ public sealed class ContextInjector
                 : throw Bad(path, $"metadata \"{AlphaKey}\" is \"{alphaText}\", not a finite number");
         }
 
-        return new ProjectorFileInfo(architecture, layers, alpha);
+        return (new ProjectorFileInfo(architecture, layers, alpha), sequenceLength);
     }
 
     private static MlpWeights ReadMlp(string path, MoeRagInject.Model.SafeTensorsFile file, int hidden, IReadOnlyDictionary<string, string> metadata)
@@ -350,7 +394,10 @@ public sealed class ContextInjector
     public int HiddenSize => _hidden;
 
     /// <summary>The function of a file projector (linear for random and identity).</summary>
-    public ProjectorArchitecture Architecture => _mlp is null ? ProjectorArchitecture.Linear : ProjectorArchitecture.Mlp;
+    public ProjectorArchitecture Architecture { get; }
+
+    /// <summary>T of an attn projector's context embed-seq:T (it reads the first T token ids); null for the others, which read all.</summary>
+    public int? SequenceLength => _reader?.Length;
 
     /// <summary>The layers a projector file was trained to be added after (its "layers" metadata); null when it names none.</summary>
     public IReadOnlyList<int>? Layers { get; }
@@ -358,8 +405,14 @@ public sealed class ContextInjector
     /// <summary>The α a projector file was trained with (its "alpha" metadata); null when it names none.</summary>
     public float? Alpha { get; }
 
-    /// <summary>Writes α·f(mean(embed(tokenIds))) (f = P, or the MLP) into <paramref name="destination"/> (length hidden); returns its L2 norm.</summary>
-    /// <remarks>No token ids: the zero vector and norm 0. Token ids outside the vocabulary are an <see cref="ArgumentOutOfRangeException"/>.</remarks>
+    /// <summary>
+    /// Writes α·f(mean(embed(tokenIds))) (f = P, or the MLP), or for an attn projector α·f(embed(tokenIds[..T])) (the first
+    /// T rows in order), into <paramref name="destination"/> (length hidden); returns its L2 norm.
+    /// </summary>
+    /// <remarks>
+    /// No token ids: the zero vector and norm 0 (also an attn projector's when every row it reads is all zeros). Token ids
+    /// outside the vocabulary are an <see cref="ArgumentOutOfRangeException"/>, past T too.
+    /// </remarks>
     public double ComputeInjection(ReadOnlySpan<int> tokenIds, float scale, Span<float> destination)
     {
         if (destination.Length != _hidden)
@@ -380,6 +433,12 @@ public sealed class ContextInjector
         {
             destination.Clear();
             return 0;
+        }
+
+        if (_reader is not null)
+        {
+            _reader.Apply(_embeddings, tokenIds, scale, destination);
+            return Norm(destination);
         }
 
         float[] rented = ArrayPool<float>.Shared.Rent(_hidden);
@@ -422,8 +481,13 @@ public sealed class ContextInjector
             ArrayPool<float>.Shared.Return(rented);
         }
 
+        return Norm(destination);
+    }
+
+    private static double Norm(ReadOnlySpan<float> vector)
+    {
         double sumSquares = 0;
-        foreach (float v in destination)
+        foreach (float v in vector)
         {
             sumSquares += (double)v * v;
         }

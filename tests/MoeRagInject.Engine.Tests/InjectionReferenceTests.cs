@@ -20,6 +20,16 @@ public sealed class InjectionReferenceFactAttribute : FactAttribute
     }
 }
 
+/// <summary>A theory that runs once tools/projector/make_injection_reference.py's output is committed.</summary>
+public sealed class InjectionReferenceTheoryAttribute : TheoryAttribute
+{
+    public InjectionReferenceTheoryAttribute()
+    {
+        if (!InjectionReference.Available)
+            Skip = new InjectionReferenceFactAttribute().Skip;
+    }
+}
+
 /// <summary>tests/data/reference/demo-injection: PyTorch's log-probabilities of the demo model with a projector's injection.</summary>
 public sealed class InjectionReference : IDisposable
 {
@@ -37,6 +47,7 @@ public sealed class InjectionReference : IDisposable
             c["projector"]?.GetValue<string>(),
             Ints(c["layers"]!),
             c["alpha"]!.GetValue<float>(),
+            c["context"]?.GetValue<string>(),
             c["question"]!.GetValue<string>(),
             Ints(c["prompt_ids"]!),
             [.. c["passages"]!.AsArray().Select(p => p!.GetValue<string>())],
@@ -57,13 +68,14 @@ public sealed class InjectionReference : IDisposable
     public void Dispose() => _tensors.Dispose();
 }
 
-public sealed record InjectionCase(string Name, string? Projector, int[] Layers, float Alpha, string Question, int[] PromptIds,
+/// <summary>One case of reference.json; <see cref="Context"/> is null for embed-mean (the cases from before attn projectors).</summary>
+public sealed record InjectionCase(string Name, string? Projector, int[] Layers, float Alpha, string? Context, string Question, int[] PromptIds,
     string[] Passages, string PassageText, int[] PassageIds, int AnswerIndex, int StartPosition, int[] GeneratedIds, int[] FullIds);
 
 /// <summary>
 /// The engine's latent injection equals the PyTorch forward that tools/projector trains through (issue 9): the same
-/// checkpoint, projector files and passages give the same log-probabilities within 1e-4 at every position, and the engine's
-/// own generation, its trigger firing at the first answer token, gives PyTorch's tokens.
+/// checkpoint, projector files (mlp, linear and attn) and passages give the same log-probabilities within 1e-4 at every
+/// position, and the engine's own generation, its trigger firing at the first answer token, gives PyTorch's tokens.
 /// </summary>
 public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper output)
 {
@@ -92,6 +104,8 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
             if (c.Projector is { } file)
             {
                 var injector = ContextInjector.LoadFromFile(loaded.Embeddings, Path.Combine(InjectionReference.Folder, file));
+                Assert.Equal(c.Context ?? ContextInjector.EmbedMeanContext,
+                    injector.SequenceLength is { } t ? ContextInjector.EmbedSeqContextPrefix + t : ContextInjector.EmbedMeanContext);
                 Assert.Equal(c.Layers, injector.Layers);
                 Assert.Equal(c.Alpha, injector.Alpha);
                 var vector = new float[config.HiddenSize];
@@ -99,6 +113,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 var scale = Math.Max(1.0, expectedVector.Max(v => Math.Abs(v)));
                 for (var h = 0; h < vector.Length; h++)
                     Assert.True(Math.Abs(vector[h] - expectedVector[h]) <= 1e-5 * scale, $"{c.Name}: v[{h}] = {vector[h]} vs {expectedVector[h]}");
+                output.WriteLine($"{c.Name}: {injector.Description}: max |Δ v| = {vector.Zip(expectedVector, (a, b) => Math.Abs(a - b)).Max():E3}");
                 runner.SetInjection(0, vector, c.Layers, c.StartPosition, int.MaxValue);
             }
             else
@@ -117,7 +132,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 rows[row] = Sampler.LogSoftmax(forward.LogitRow(row));
                 for (var v = 0; v < vocab; v++) worst = Math.Max(worst, Math.Abs(rows[row][v] - theirs[row * vocab + v]));
             }
-            output.WriteLine($"{c.Name}: max |Δ logprob| = {worst:E3} over {c.FullIds.Length} positions × {vocab}");
+            output.WriteLine($"{c.Name}: max |Δ logprob| = {worst:E3} over {c.FullIds.Length} positions × {vocab}, {c.PassageIds.Length} passage tokens");
             Assert.True(worst < 1e-4, $"{c.Name}: max |Δ logprob| = {worst:E3}");
             // Greedy: each generated token is the engine's argmax with the injection too (the last case reuses the first's tokens).
             for (var k = 0; k < (c.Projector is null ? 0 : c.GeneratedIds.Length); k++)
@@ -125,21 +140,25 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
             logprobs.Add(rows);
         }
 
-        // The reference is sensitive: the same tokens without injection (the last case) differ from the first case from its
+        // The reference is sensitive: the same tokens without injection (case "plain") differ from the first case from its
         // start position on, and not before it.
         var injected = logprobs[0];
-        var plain = logprobs[^1];
-        Assert.Equal(reference.Cases[0].FullIds, reference.Cases[^1].FullIds);
+        var plainIndex = reference.Cases.ToList().FindIndex(x => x.Name == "plain");
+        var plain = logprobs[plainIndex];
+        Assert.Equal(reference.Cases[0].FullIds, reference.Cases[plainIndex].FullIds);
         var start = reference.Cases[0].StartPosition;
         for (var row = 0; row < start; row++) Assert.Equal(plain[row], injected[row]);
         Assert.True(Enumerable.Range(start, injected.Length - start).Max(r => injected[r].Zip(plain[r], (a, b) => Math.Abs(a - b)).Max()) > 0.5);
     }
 
-    [InjectionReferenceFact]
-    public async Task TheEngineGeneratesPyTorchsTokensWhenItsTriggerFiresAtTheFirstAnswerToken()
+    [InjectionReferenceTheory]
+    [InlineData("mlp-heldout-j0")]
+    [InlineData("attn-heldout-j0")]
+    public async Task TheEngineGeneratesPyTorchsTokensWhenItsTriggerFiresAtTheFirstAnswerToken(string name)
     {
         using var reference = new InjectionReference();
-        var c = reference.Cases.First(x => x.Projector is not null && x.AnswerIndex == 0);
+        var c = reference.Cases.Single(x => x.Name == name);
+        Assert.True(c.Projector is not null && c.AnswerIndex == 0, $"{name} is not a case with a projector and a trigger at answer token 0");
         using var retriever = new FixedPassagesServer(c.Passages);
         var temp = Directory.CreateTempSubdirectory("moe-rag-injection-").FullName;
         try

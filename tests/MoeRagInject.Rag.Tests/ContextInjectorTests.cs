@@ -424,6 +424,221 @@ public class ContextInjectorTests
         Assert.Throws<ArgumentException>(() => ContextInjector.SaveMlp(dir.File("x"), 4, 3, new float[12], null, new float[12], null, "tanh"));
     }
 
+    /// <summary>The tensors and metadata of a valid attn projector (tools/projector's layout), random from <paramref name="seed"/>.</summary>
+    private static (List<(string Name, int[] Shape, float[] Data)> Tensors, Dictionary<string, string> Metadata) AttnFile(
+        int hidden, int length, int width, int heads, int queries, int layers, uint seed)
+    {
+        var tensors = new List<(string, int[], float[])>();
+        uint next = seed;
+        void Add(string name, int[] shape, float scale = 1f, float offset = 0f)
+        {
+            int count = shape.Aggregate(1, (a, b) => a * b);
+            var values = ArrayEmbeddings.Random(1, count, next++).Table.Select(v => offset + (scale * v)).ToArray();
+            tensors.Add(("attn." + name, shape, values));
+        }
+
+        Add("mu", [hidden], 0.1f);
+        Add("sigma", [hidden], 0.2f, 1f);
+        Add("in.weight", [width, hidden]);
+        Add("in.bias", [width]);
+        Add("pos", [length, width]);
+        for (int b = 0; b < layers; b++)
+        {
+            string p = $"blocks.{b}.";
+            Add(p + "norm1.weight", [width], 0.2f, 1f);
+            Add(p + "norm1.bias", [width], 0.1f);
+            Add(p + "qkv.weight", [3 * width, width]);
+            Add(p + "qkv.bias", [3 * width], 0.1f);
+            Add(p + "proj.weight", [width, width]);
+            Add(p + "proj.bias", [width], 0.1f);
+            Add(p + "norm2.weight", [width], 0.2f, 1f);
+            Add(p + "norm2.bias", [width], 0.1f);
+            Add(p + "ff1.weight", [2 * width, width]);
+            Add(p + "ff1.bias", [2 * width], 0.1f);
+            Add(p + "ff2.weight", [width, 2 * width]);
+            Add(p + "ff2.bias", [width], 0.1f);
+        }
+
+        Add("norm.weight", [width], 0.2f, 1f);
+        Add("norm.bias", [width], 0.1f);
+        Add("queries", [queries, width]);
+        Add("key.weight", [width, width]);
+        Add("key.bias", [width], 0.1f);
+        Add("value.weight", [width, width]);
+        Add("value.bias", [width], 0.1f);
+        Add("out.weight", [hidden, queries * width]);
+        Add("out.bias", [hidden], 0.1f);
+        var metadata = new Dictionary<string, string>(StringComparer.Ordinal)
+        {
+            ["format"] = ContextInjector.FormatName,
+            ["kind"] = "attn",
+            ["activation"] = "silu",
+            ["context"] = $"embed-seq:{length}",
+            ["layers"] = "0,2",
+            ["alpha"] = "0.8",
+            ["width"] = $"{width}",
+            ["heads"] = $"{heads}",
+            ["queries"] = $"{queries}",
+            ["encoder_layers"] = $"{layers}",
+            ["layer_norm_eps"] = "1e-05",
+        };
+        return (tensors, metadata);
+    }
+
+    [Fact]
+    public void AttnProjectorFileLoadsAndReadsTheFirstTPresentRows()
+    {
+        using var dir = new TempDir();
+        const int Hidden = 10;
+        const int Length = 6;
+        var embeddings = ArrayEmbeddings.Random(20, Hidden, 31);
+        Array.Clear(embeddings.Table, 7 * Hidden, Hidden); // token 7's row is all zeros: an absent row
+        var (tensors, metadata) = AttnFile(Hidden, Length, width: 8, heads: 2, queries: 3, layers: 2, seed: 40);
+        string path = dir.File("attn.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+
+        var injector = ContextInjector.LoadFromFile(embeddings, path);
+        Assert.Equal(ProjectionKind.File, injector.Kind);
+        Assert.Equal(ProjectorArchitecture.Attn, injector.Architecture);
+        Assert.Equal(Length, injector.SequenceLength);
+        Assert.Equal([0, 2], injector.Layers);
+        Assert.Equal(0.8f, injector.Alpha);
+        Assert.Contains("attn F32 [6 rows, width 8, 2 heads, 3 queries, 2 layers], embed-seq:6", injector.Description, StringComparison.Ordinal);
+        var info = ContextInjector.ReadFileInfo(path);
+        Assert.Equal(ProjectorArchitecture.Attn, info.Architecture);
+        Assert.Equal([0, 2], info.Layers);
+        Assert.Equal(0.8f, info.Alpha);
+        Assert.Null(ContextInjector.CreateIdentity(embeddings).SequenceLength);
+
+        float[] Inject(int[] ids, float scale = 1f)
+        {
+            var v = new float[Hidden];
+            double norm = injector.ComputeInjection(ids, scale, v);
+            Assert.Equal(Math.Sqrt(v.Sum(x => (double)x * x)), norm, 1e-9);
+            return v;
+        }
+
+        var full = Inject([1, 2, 3, 4, 5, 6]);
+        Assert.Contains(full, x => Math.Abs(x) > 1e-3f);
+        // Ids past T are not read (but are still checked against the vocabulary).
+        Assert.Equal(full, Inject([1, 2, 3, 4, 5, 6, 9, 11, 19]));
+        Assert.Throws<ArgumentOutOfRangeException>(() => injector.ComputeInjection([1, 2, 3, 4, 5, 6, 20], 1f, new float[Hidden]));
+        // Order matters (positions), and an absent row at the end is as no row.
+        Assert.NotEqual(full, Inject([6, 5, 4, 3, 2, 1]));
+        Assert.Equal(Inject([1, 2, 3]), Inject([1, 2, 3, 7]));
+        Assert.NotEqual(Inject([1, 2, 3]), Inject([7, 1, 2, 3]));
+        // Scale is linear; only absent rows give v = 0 and norm 0.
+        var scaled = Inject([1, 2, 3, 4, 5, 6], -2f);
+        for (int i = 0; i < Hidden; i++)
+        {
+            Assert.Equal(-2f * full[i], scaled[i], 1e-5f);
+        }
+
+        var destination = Enumerable.Repeat(3f, Hidden).ToArray();
+        Assert.Equal(0, injector.ComputeInjection([7, 7], 1f, destination));
+        Assert.All(destination, x => Assert.Equal(0f, x));
+        // No shared scratch: threads at once give the same vectors.
+        var results = new float[16][];
+        Parallel.For(0, results.Length, k => results[k] = Inject([1 + (k % 5), 2, 3, 4, 5, 6, 8]));
+        for (int k = 0; k < results.Length; k++)
+        {
+            Assert.Equal(Inject([1 + (k % 5), 2, 3, 4, 5, 6, 8]), results[k]);
+        }
+    }
+
+    [Theory]
+    [InlineData("context", null, "embed-seq:T")]
+    [InlineData("context", "embed-mean", "embed-seq:T")]
+    [InlineData("context", "embed-seq:0", "\"context\"")]
+    [InlineData("context", "embed-seq:x", "\"context\"")]
+    [InlineData("context", "embed-seq:5", "\"attn.pos\"")]
+    [InlineData("heads", null, "\"heads\"")]
+    [InlineData("heads", "3", "does not divide")]
+    [InlineData("heads", "0", "\"heads\"")]
+    [InlineData("encoder_layers", null, "\"encoder_layers\"")]
+    [InlineData("encoder_layers", "3", "block 2 lacks")]
+    [InlineData("encoder_layers", "1", "\"attn.blocks.1.")]
+    [InlineData("layer_norm_eps", null, "\"layer_norm_eps\"")]
+    [InlineData("layer_norm_eps", "-1", "\"layer_norm_eps\"")]
+    [InlineData("activation", "relu", "silu")]
+    [InlineData("width", "16", "\"width\"")]
+    [InlineData("queries", "2", "\"queries\"")]
+    [InlineData("kind", "mlp", "mlp projector, which reads only")]
+    public void AttnFilesWithMetadataThisEngineCannotHonourAreRejected(string key, string? value, string mentioned)
+    {
+        using var dir = new TempDir();
+        var embeddings = ArrayEmbeddings.Random(10, 6, 1);
+        var (tensors, metadata) = AttnFile(6, 4, width: 8, heads: 2, queries: 3, layers: 2, seed: 50);
+        if (value is null) metadata.Remove(key);
+        else metadata[key] = value;
+        string path = dir.File("bad.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+        var ex = Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, path));
+        Assert.Contains(path, ex.Message, StringComparison.Ordinal);
+        Assert.Contains(mentioned, ex.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void AttnFilesWithMissingOrMisshapenTensorsAreRejected()
+    {
+        using var dir = new TempDir();
+        var embeddings = ArrayEmbeddings.Random(10, 6, 1);
+        var (valid, metadata) = AttnFile(6, 4, width: 8, heads: 2, queries: 3, layers: 1, seed: 60);
+        string ok = dir.File("ok.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(ok, valid, metadata: metadata);
+        Assert.Equal(ProjectorArchitecture.Attn, ContextInjector.LoadFromFile(embeddings, ok).Architecture);
+
+        (string Name, int[]? Shape, string Mentioned)[] cases =
+        [
+            ("attn.mu", null, "\"attn.mu\""),
+            ("attn.out.bias", null, "\"attn.out.bias\""),
+            ("attn.blocks.0.ff2.weight", null, "block 0 lacks \"attn.blocks.0.ff2.weight\""),
+            ("attn.in.weight", [8, 5], "\"attn.in.weight\""),
+            ("attn.in.weight", [8], "\"attn.in.weight\""),
+            ("attn.pos", [4, 7], "\"attn.pos\""),
+            ("attn.blocks.0.qkv.weight", [16, 8], "\"attn.blocks.0.qkv.weight\""),
+            ("attn.blocks.0.ff2.weight", [8, 8], "\"attn.blocks.0.ff2.weight\""),
+            ("attn.queries", [2, 8], "\"queries\" is \"3\""),
+            ("attn.out.weight", [6, 16], "\"attn.out.weight\""),
+            ("attn.norm.bias", [6], "\"attn.norm.bias\""),
+        ];
+        for (int i = 0; i < cases.Length; i++)
+        {
+            var (name, shape, mentioned) = cases[i];
+            var tensors = valid.Where(t => t.Name != name).ToList();
+            if (shape is not null)
+            {
+                tensors.Add((name, shape, new float[shape.Aggregate(1, (a, b) => a * b)]));
+            }
+
+            string path = dir.File($"bad{i}.safetensors");
+            MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+            var ex = Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, path));
+            Assert.Contains(mentioned, ex.Message, StringComparison.Ordinal);
+        }
+
+        // A deviation of 0 would divide by zero; a non-finite weight is refused as in the other kinds.
+        foreach (var (name, value, mentioned) in new[] { ("attn.sigma", 0f, "must be positive"), ("attn.key.weight", float.NaN, "non-finite") })
+        {
+            var tensors = valid.Select(t => t.Name == name ? (t.Name, t.Shape, t.Data.Select(_ => value).ToArray()) : t).ToList();
+            string path = dir.File($"{name}.safetensors");
+            MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+            Assert.Contains(mentioned, Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, path)).Message, StringComparison.Ordinal);
+        }
+
+        // Without "kind", the attn tensors make it an attn projector; linear and mlp files cannot read embed-seq:T.
+        metadata.Remove("kind");
+        string implicitAttn = dir.File("implicit.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(implicitAttn, valid, metadata: metadata);
+        Assert.Equal(ProjectorArchitecture.Attn, ContextInjector.ReadFileInfo(implicitAttn).Architecture);
+        string linear = dir.File("linear.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(linear, [("proj", [6, 6], new float[36])], metadata: new Dictionary<string, string> { ["kind"] = "linear", ["context"] = "embed-seq:4" });
+        Assert.Contains("a linear projector, which reads only \"embed-mean\"", Assert.Throws<InvalidDataException>(() => ContextInjector.LoadFromFile(embeddings, linear)).Message, StringComparison.Ordinal);
+        string mlp = dir.File("mlp.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(mlp, [("mlp.in.weight", [3, 6], new float[18]), ("mlp.out.weight", [6, 3], new float[18])], metadata: new Dictionary<string, string> { ["context"] = "embed-seq:4" });
+        Assert.Contains("mlp projector, which reads only", Assert.Throws<InvalidDataException>(() => ContextInjector.ReadFileInfo(mlp)).Message, StringComparison.Ordinal);
+    }
+
     private static void WriteRaw(string path, string header, byte[] data)
     {
         byte[] headerBytes = Encoding.UTF8.GetBytes(header);

@@ -9,14 +9,22 @@ what the engine runs. The forward is projector_lib's, which train_projector.py a
 The projectors are small and seeded, written by this script (not the trained one, which changes when it is retrained):
     projector-mlp.safetensors     mlp 256 -> 32 -> 256, silu, layers 0,1,2,3, alpha 1
     projector-linear.safetensors  linear proj + bias, layers 1,3, alpha 0.5
-Cases (reference.json "cases"; tensors logprobs.<i> [T, V], vector.<i> [hidden], c.<i> [hidden]):
+    projector-attn.safetensors    attn over embed-seq:32 (width 64, 2 heads, 2 queries, 2 encoder layers), layers 0,2,
+                                  alpha 0.8 (its own RNG, so the other two files and cases 0-2 stay as they were)
+Cases (reference.json "cases"; tensors logprobs.<i> [T, V], vector.<i> [hidden], c.<i> [hidden], or [32, hidden] for attn):
     0 mlp, a held-out term's question, its passage and two taught ones, trigger at answer token 0
     1 linear, a taught term's question, two passages, trigger at answer token 2 (the first two tokens un-injected), alpha 0.5
     2 the tokens of case 0 without any injection (so the test sees what the injection changed)
-Each case's tokens are the prompt plus 12 greedy tokens generated with the injection as the engine applies it.
+    3 attn, a held-out term's question, its passage and two taught ones (more than 32 tokens: the reader reads the first
+      32), trigger at answer token 0
+    4 attn, a taught term's question, one passage of fewer than 32 tokens (the rows past its end are masked), trigger at
+      answer token 1
+Each case's tokens are the prompt plus 12 greedy tokens generated with the injection as the engine applies it. An attn
+case's v is computed twice from the file's tensors, by train_projector.make_reader's module and by projector_lib's
+functional apply_attn_file, which must agree; its injection must move some log-probability by more than 0.5.
 
 Output under --out in the repository's layout: tests/data/reference/demo-injection/{projector-mlp.safetensors,
-projector-linear.safetensors, reference.json, reference.safetensors}. Runs on the CPU in about a minute.
+projector-linear.safetensors, projector-attn.safetensors, reference.json, reference.safetensors}. Runs on the CPU in about a minute.
     python3 tools/projector/make_injection_reference.py --out "$OUT"
 """
 
@@ -33,10 +41,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 import projector_lib as pl  # noqa: E402
+import train_projector as tp  # noqa: E402
 
 REL = os.path.join("tests", "data", "reference", "demo-injection")
 NEW_TOKENS = 12
 MIN_GAP = 0.05
+ATTN_LENGTH = 32  # T of the seeded attn projector's context embed-seq:T
 
 
 def log(*parts):
@@ -73,6 +83,55 @@ def seeded_projectors(out_dir, hidden, c_scale):
     return {name: fn for name, (fn, _, _) in files.items()}
 
 
+def seeded_attn_projector(out_dir, embed):
+    """A seeded attn reader (train_projector.make_reader's layout) whose output norm is a few units, with LayerNorm weights
+    and biases away from 1 and 0 and mu, sigma the embedding table's per-dimension statistics. Its own RNG."""
+    rng = random.Random(20261201)
+    hidden = embed.shape[1]
+    width, heads, queries, layers = 64, 2, 2, 2
+
+    def norm(prefix):
+        return {prefix + ".weight": ([width], [1.0 + g for g in gauss(rng, width, 0.2)]), prefix + ".bias": ([width], gauss(rng, width, 0.1))}
+
+    def linear(prefix, rows, cols, std):
+        return {prefix + ".weight": ([rows, cols], gauss(rng, rows * cols, std)), prefix + ".bias": ([rows], gauss(rng, rows, 0.05))}
+
+    p = pl.ATTN_PREFIX
+    tensors = {p + "mu": embed.mean(0), p + "sigma": embed.std(0)}
+    tensors.update(linear(p + "in", width, hidden, 1.0 / math.sqrt(hidden)))
+    tensors[p + "pos"] = ([ATTN_LENGTH, width], gauss(rng, ATTN_LENGTH * width, 0.5))
+    for b in range(layers):
+        q = f"{p}blocks.{b}."
+        tensors.update(norm(q + "norm1"))
+        tensors.update(linear(q + "qkv", 3 * width, width, 1.5 / math.sqrt(width)))
+        tensors.update(linear(q + "proj", width, width, 1.0 / math.sqrt(width)))
+        tensors.update(norm(q + "norm2"))
+        tensors.update(linear(q + "ff1", 2 * width, width, 1.0 / math.sqrt(width)))
+        tensors.update(linear(q + "ff2", width, 2 * width, 1.0 / math.sqrt(2 * width)))
+    tensors.update(norm(p + "norm"))
+    tensors[p + "queries"] = ([queries, width], gauss(rng, queries * width, 2.0))
+    tensors.update(linear(p + "key", width, width, 1.0 / math.sqrt(width)))
+    tensors.update(linear(p + "value", width, width, 1.0 / math.sqrt(width)))
+    tensors.update(linear(p + "out", hidden, queries * width, 0.6 / math.sqrt(queries * width)))
+    fn = "projector-attn.safetensors"
+    meta = pl.attn_metadata([0, 2], 0.8, ATTN_LENGTH, width, heads, queries, layers,
+                            extra={"trained_by": "make_injection_reference.py (seeded)"})
+    pl.write_safetensors(os.path.join(out_dir, fn), tensors, meta)
+    return fn
+
+
+def attn_vector(tensors, meta, c):
+    """f(c) of an attn file by make_reader's module loaded with the file's tensors, checked against the functional path."""
+    import torch
+    with torch.no_grad():
+        module = tp.load_attn_reader(tensors, meta)(c[None])[0]
+        functional = pl.apply_attn_file(tensors, meta, c[None])[0]
+    diff = float((module - functional).abs().max())
+    if not diff <= 1e-6 * max(1.0, float(module.abs().max())):
+        raise SystemExit(f"make_reader's module and apply_attn_file differ by {diff:.2e}")
+    return module
+
+
 def project(tensors, c):
     """ContextInjector's f(c) in float32 from the file's tensors."""
     import torch
@@ -87,15 +146,20 @@ def run_case(model, tok, spec, out_dir):
     prompt = tok.encode(spec["question"])
     passage_text = "\n".join(spec["passages"])
     passage_ids = tok.encode(passage_text, False)
+    context = spec.get("context", "embed-mean")
     with torch.no_grad():
-        c = model.embed[torch.tensor(passage_ids)].mean(0)
-    v = torch.zeros_like(c)
+        if context == "embed-mean":
+            c = model.embed[torch.tensor(passage_ids)].mean(0)
+        else:  # embed-seq:T as train_projector builds it: the first T rows, zero rows after the end
+            c = tp.embedding_sequence(model, [passage_ids], int(context.split(":")[1]), torch.device("cpu"))[0]
+    v = torch.zeros(model.hidden)
     if spec["projector"]:
         tensors = pl.load_tensors(os.path.join(out_dir, spec["projector"]))
         _, meta, _ = pl.read_safetensors_header(os.path.join(out_dir, spec["projector"]))
         assert [int(x) for x in meta["layers"].split(",")] == spec["layers"] and float(meta["alpha"]) == spec["alpha"]
+        assert meta["context"] == context
         with torch.no_grad():
-            v = spec["alpha"] * project(tensors, c)
+            v = spec["alpha"] * (attn_vector(tensors, meta, c) if meta["kind"] == "attn" else project(tensors, c))
     j = spec["answer_index"]
     start = len(prompt) - 1 + j
     inject = (v[None], spec["layers"]) if spec["projector"] else None
@@ -110,8 +174,14 @@ def run_case(model, tok, spec, out_dir):
     top2 = steps.topk(2, -1).values
     gap = float((top2[:, 0] - top2[:, 1]).min())
     argmax_ok = steps.argmax(-1).tolist() == generated
+    with torch.no_grad():
+        plain = torch.log_softmax(model.logits(model(ids, exact=True))[0], -1)
+    changed = float((logprobs[start:] - plain[start:]).abs().max())
+    if context != "embed-mean":
+        c = c.reshape(-1, model.hidden)
     return {"prompt": prompt, "passage_ids": passage_ids, "passage_text": passage_text, "c": c, "v": v, "start": start,
-            "generated": generated, "full": full, "logprobs": logprobs, "min_gap": gap, "argmax_ok": argmax_ok}
+            "generated": generated, "full": full, "logprobs": logprobs, "min_gap": gap, "argmax_ok": argmax_ok,
+            "changed": changed}
 
 
 def main():
@@ -134,15 +204,17 @@ def main():
     taught = sorted((r for r in corpus if r["split"] == "taught" and not r.get("reading_only")), key=lambda r: r["term"])
     c_scale = float(model.embed.detach().std())
     files = seeded_projectors(out_dir, model.hidden, c_scale)
+    files["attn"] = seeded_attn_projector(out_dir, model.embed.detach())
 
-    def first_with_gap(candidates, make):
-        """The first candidate whose greedy tokens have a top-2 margin of at least MIN_GAP at every step."""
+    def first_with_gap(candidates, make, min_change=0.0):
+        """The first candidate whose greedy tokens have a top-2 margin of at least MIN_GAP at every step (and whose
+        injection moves some log-probability by more than min_change)."""
         for r in candidates:
             spec = make(r)
             result = run_case(model, tok, spec, out_dir)
-            if result["min_gap"] >= MIN_GAP and result["argmax_ok"]:
+            if result["min_gap"] >= MIN_GAP and result["argmax_ok"] and result["changed"] > min_change:
                 return spec, result
-            log(f"  skipped {r['term']}: min top-2 gap {result['min_gap']:.4f}")
+            log(f"  skipped {r['term']}: min top-2 gap {result['min_gap']:.4f}, injection changed {result['changed']:.3f}")
         raise SystemExit("no candidate with clear greedy margins")
 
     rng = random.Random(5)
@@ -162,6 +234,20 @@ def main():
     plain = dict(specs[0], name="plain", projector=None, layers=[], alpha=0.0, generated=results[0]["generated"])
     specs.append(plain)
     results.append(run_case(model, tok, plain, out_dir))
+    # attn: the candidates and their RNG are new, so that cases 0-2 stay as they were.
+    attn = {"projector": files["attn"], "layers": [0, 2], "alpha": 0.8, "context": f"embed-seq:{ATTN_LENGTH}"}
+    spec, result = first_with_gap(heldout[40:80], lambda r: {
+        "name": "attn-heldout-j0", **attn, "answer_index": 0, "question": f"What is {r['term']}?",
+        "passages": [r["text"]] + [d["text"] for d in random.Random(r["term"]).sample(taught, 2)]}, min_change=0.5)
+    assert len(result["passage_ids"]) > ATTN_LENGTH, "the long attn case must exceed T"
+    specs.append(spec)
+    results.append(result)
+    short = [r for r in random.Random(6).sample(taught, 400) if len(tok.encode(r["text"], False)) <= ATTN_LENGTH - 8]
+    spec, result = first_with_gap(short[:40], lambda r: {
+        "name": "attn-taught-short-j1", **attn, "answer_index": 1, "question": f"What is {r['term']}?",
+        "passages": [r["text"]]}, min_change=0.5)
+    specs.append(spec)
+    results.append(result)
 
     tensors = {}
     cases = []
@@ -170,13 +256,15 @@ def main():
         tensors[f"vector.{i}"] = r["v"].contiguous()
         tensors[f"c.{i}"] = r["c"].contiguous()
         cases.append({"name": spec["name"], "projector": spec["projector"], "layers": spec["layers"], "alpha": spec["alpha"],
+                      **({"context": spec["context"]} if "context" in spec else {}),
                       "question": spec["question"], "prompt_ids": r["prompt"], "passages": spec["passages"],
                       "passage_text": r["passage_text"], "passage_ids": r["passage_ids"], "answer_index": spec["answer_index"],
                       "start_position": r["start"], "generated_ids": r["generated"], "generated_text": tok.decode(r["generated"]),
                       "full_ids": r["full"], "min_top2_gap": round(r["min_gap"], 6),
                       "injection_norm": round(float(r["v"].norm()), 6)})
         log(f"case {i} {spec['name']}: {spec['question']!r} start {r['start']} |v| {float(r['v'].norm()):.3f} "
-            f"-> {tok.decode(r['generated'])!r} (min gap {r['min_gap']:.3f})")
+            f"{len(r['passage_ids'])} passage tokens -> {tok.decode(r['generated'])!r} (min gap {r['min_gap']:.3f}, "
+            f"injection changed {r['changed']:.3f})")
     changed = float((results[0]["logprobs"] - results[2]["logprobs"]).abs().max())
     before = float((results[0]["logprobs"][:results[0]["start"]] - results[2]["logprobs"][:results[0]["start"]]).abs().max())
     log(f"case 0 against no injection: max |d logprob| {changed:.3f} from the start position on, {before:.2e} before it")
@@ -188,7 +276,9 @@ def main():
         "note": ("log_softmax of the logits at every position of full_ids, float32 on the CPU from the checkpoint's bf16 "
                  "weights upcast (tools/projector/projector_lib.py forward); the injection vector alpha * f(c) is added "
                  "to the residual stream after each layer in `layers` at every position >= start_position; "
-                 "c = mean of the embedding rows of passage_ids = tokenize(passage_text) without <s>"),
+                 "c = mean of the embedding rows of passage_ids = tokenize(passage_text) without <s> (context embed-mean, "
+                 "the default), or with context embed-seq:T the embedding rows of the first T passage_ids in order, zero "
+                 "rows after the end"),
         "new_tokens": NEW_TOKENS,
         "cases": cases,
         "tensors": {k: list(v.shape) for k, v in tensors.items()},

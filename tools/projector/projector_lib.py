@@ -2,12 +2,13 @@
 
 Everything here follows a piece of the C# engine, named beside it, so that what is trained is what runs:
     safetensors I/O        MoeRagInject.Model/SafeTensors.cs (no safetensors package needed)
-    projector files        MoeRagInject.Rag/ContextInjector.cs (kinds linear and mlp, the __metadata__ keys)
+    projector files        MoeRagInject.Rag/ContextInjector.cs (kinds linear, mlp and attn, the __metadata__ keys)
     tokenizer              the `tokenizers` package when installed; else a pure-Python encoder/decoder for the demo's
                            Mistral-legacy layout (byte-fallback BPE), for machines without it
     retrieval              MoeRagInject.Rag/SqliteFtsRetriever.cs + FtsQuery.cs + CorpusIndex.cs (SQLite FTS5, BM25 with
                            the title weighted 2, the query's words OR-ed, English stop words dropped)
     c                      ContextInjector.ComputeInjection: mean of the embedding rows of tokenize("\\n".join(passages))
+                           (embed-mean), or the first T of those rows in order (embed-seq:T, read by an attn projector)
     forward + injection    MoeRagInject.Backend/MixtralModel.cs: v is added to the MoE output of each injection layer
                            (so to the residual stream after that layer) at every position >= start, scaled by alpha
     answer metric          MoeRagInject.Evaluation/Metrics.cs (SQuAD token F1)
@@ -104,8 +105,8 @@ def write_safetensors(path, tensors, metadata=None):
 FORMAT_NAME = "moe-rag-inject.projector"
 
 
-def projector_metadata(kind, layers, alpha, activation=None, extra=None):
-    meta = {"format": FORMAT_NAME, "kind": kind, "context": "embed-mean",
+def projector_metadata(kind, layers, alpha, activation=None, extra=None, context="embed-mean"):
+    meta = {"format": FORMAT_NAME, "kind": kind, "context": context,
             "layers": ",".join(str(x) for x in layers), "alpha": repr(float(alpha))}
     if activation:
         meta["activation"] = activation
@@ -133,6 +134,61 @@ def apply_projector_python(weights, kind, c, activation="silu"):
     h = add("mlp.in.bias", matvec("mlp.in.weight", c))
     h = [max(z, 0.0) for z in h] if activation == "relu" else [silu(z) for z in h]
     return add("mlp.out.bias", matvec("mlp.out.weight", h))
+
+
+# An attn projector file (kind "attn", context "embed-seq:T"): the reader of train_projector.make_reader, tensor by tensor.
+ATTN_PREFIX = "attn."
+ATTN_SHAPE_KEYS = ("width", "heads", "queries", "encoder_layers", "layer_norm_eps")  # __metadata__ besides the common keys
+
+
+def attn_metadata(layers, alpha, length, width, heads, queries, encoder_layers, eps=1e-5, extra=None):
+    """The __metadata__ of an attn projector file (ContextInjector.ProjectorArchitecture.Attn)."""
+    meta = projector_metadata("attn", layers, alpha, "silu", extra, context=f"embed-seq:{length}")
+    meta.update({"width": str(width), "heads": str(heads), "queries": str(queries), "encoder_layers": str(encoder_layers),
+                 "layer_norm_eps": repr(float(eps))})
+    return meta
+
+
+def apply_attn_file(tensors, metadata, c):
+    """An attn projector file's function from its tensors and metadata alone, in torch's functional ops (not the training
+    module): c [bags, T * hidden] (embed-seq:T, zero rows past the passages' end) -> v [bags, hidden], before alpha.
+    A row is present when it is not all zeros; z = (row - mu) / sigma on present rows, 0 elsewhere; h = in(z) + pos;
+    pre-LayerNorm blocks (softmax attention over the present rows, feed-forward with SiLU); final LayerNorm; each query
+    pools softmax(key(h) . query / sqrt(width)) over the present rows of value(h); v = out(the pooled rows side by side).
+    A bag without present rows gives v = 0. ContextInjector.ComputeInjection computes the same."""
+    import math
+    import torch
+    import torch.nn.functional as F
+    t = {k[len(ATTN_PREFIX):]: v for k, v in tensors.items() if k.startswith(ATTN_PREFIX)}
+    length = int(metadata["context"].split(":")[1])
+    heads, eps = int(metadata["heads"]), float(metadata["layer_norm_eps"])
+    width, hidden = t["in.weight"].shape
+    n = c.shape[0]
+    rows = c.reshape(n, length, hidden)
+    present = rows.abs().amax(-1) > 0
+    nonempty = present.any(-1)
+    keep = present | ~nonempty[:, None]
+    z = torch.where(present[:, :, None], (rows - t["mu"]) / t["sigma"], torch.zeros_like(rows))
+    h = F.linear(z, t["in.weight"], t["in.bias"]) + t["pos"]
+    hd = width // heads
+    for b in range(int(metadata["encoder_layers"])):
+        p = f"blocks.{b}."
+        x = F.layer_norm(h, (width,), t[p + "norm1.weight"], t[p + "norm1.bias"], eps)
+        q, k, v = F.linear(x, t[p + "qkv.weight"], t[p + "qkv.bias"]).split(width, -1)
+        q, k, v = (y.reshape(n, length, heads, hd).transpose(1, 2) for y in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~keep[:, None, None, :], float("-inf"))
+        a = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(n, length, width)
+        h = h + F.linear(a, t[p + "proj.weight"], t[p + "proj.bias"])
+        x = F.layer_norm(h, (width,), t[p + "norm2.weight"], t[p + "norm2.bias"], eps)
+        h = h + F.linear(F.silu(F.linear(x, t[p + "ff1.weight"], t[p + "ff1.bias"])), t[p + "ff2.weight"], t[p + "ff2.bias"])
+    h = F.layer_norm(h, (width,), t["norm.weight"], t["norm.bias"], eps)
+    keys = F.linear(h, t["key.weight"], t["key.bias"])
+    values = F.linear(h, t["value.weight"], t["value.bias"])
+    scores = (keys @ t["queries"].T).transpose(1, 2) / math.sqrt(width)  # [n, Q, T]
+    att = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), -1)
+    pooled = (att @ values).reshape(n, -1)  # query-major: [query 0's width values, query 1's, ...]
+    v = F.linear(pooled, t["out.weight"], t["out.bias"])
+    return v * nonempty[:, None].to(v.dtype)
 
 
 # ----------------------------------------------------------------------------

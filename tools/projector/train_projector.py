@@ -26,8 +26,9 @@ trained projector, and with the passages in the prompt (prompt RAG), and the tok
 
 Outputs under --out (the repository layout, so that `cp -r OUT/. REPO/` puts each file in place):
     assets/models/moe-wordnet-demo/projector.safetensors   the projector in ContextInjector's format (metadata: kind,
-                                                            activation, layers, alpha, context); the input
-                                                            standardisation is folded into the first layer
+                                                            activation, layers, alpha, context; attn adds its shape);
+                                                            the input standardisation is folded into the first layer
+                                                            (mlp, linear) or stored as attn.mu and attn.sigma (attn)
     assets/models/moe-wordnet-demo/projector_training.json the training facts (data, settings, history, validation F1)
     tools/projector/train_projector.run.log                 everything printed
 
@@ -304,7 +305,7 @@ def check_forward(model_dir, log_fn):
 CONTEXTS = {
     "embed-mean": "embed-mean: mean of the embedding rows of tokenize('\\n'.join(top-k passages))",
     "embed-seq": "embed-seq:T: the embedding rows of the first T tokens of tokenize('\\n'.join(top-k passages)) side by "
-                 "side, zeros after the end (not computed by the engine)",
+                 "side, zeros after the end (the engine computes it for an attn projector only)",
     "hidden-mean": "hidden-mean:L: the passages' residual stream after L layers, averaged over their positions (not "
                    "computed by the engine)",
 }
@@ -350,7 +351,7 @@ def make_projector(kind, hidden, inner, mu, sigma):
     return Projector()
 
 
-READERS = ("attn", "poswise")  # --arch choices for --context embed-seq:T only; the engine cannot run them
+READERS = ("attn", "poswise")  # --arch choices for --context embed-seq:T only; the engine runs attn, not poswise
 READER_NOTES = {
     "attn": "c as T rows, each standardised per dimension (statistics shared by all positions), plus a learned position "
             "embedding, rows past the end masked; pre-LayerNorm transformer encoder, attention pooling by learned "
@@ -373,7 +374,8 @@ def make_reader(kind, hidden, length, mu, sigma, args):
                --dropout), then attention pooling by --attn-queries learned queries, concatenated, and a linear map to
                `hidden`.
       poswise  v = sum_t a_t * (W z_t) + b: one W [hidden, hidden] shared by all positions and a per-position,
-               per-dimension gain a_t (a diagonal gain on W's output), so position t's row counts by a_t."""
+               per-dimension gain a_t (a diagonal gain on W's output), so position t's row counts by a_t.
+    attn is exported (export(), attn_metadata()) as ContextInjector's kind "attn"; poswise is not (an experiment)."""
     import torch
     import torch.nn.functional as F
 
@@ -456,7 +458,46 @@ def make_reader(kind, hidden, length, mu, sigma, args):
                 v = self.out(pooled)
             return v * nonempty[:, None].to(v.dtype)
 
+        def export(self):
+            """The attn reader's tensors under their file names (attn_file_name), mu and sigma included (not folded:
+            a masked row's input is in.bias, which folding (row - mu) / sigma into in.weight would change)."""
+            if self.kind != "attn":
+                raise ValueError(f"a {self.kind} reader is not exported")
+            return {attn_file_name(k): v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+
+        def attn_metadata(self, layers, alpha, extra=None):
+            return pl.attn_metadata(layers, alpha, length, self.pos.shape[1], args.attn_heads, self.queries.shape[0],
+                                    len(self.blocks), self.norm.eps, extra)
+
     return Reader()
+
+
+def attn_file_name(state_key):
+    """The file name of an attn reader's state_dict entry: "inp.weight" -> "attn.in.weight", "blocks.0.att.qkv.weight"
+    -> "attn.blocks.0.qkv.weight", "mu" -> "attn.mu"."""
+    name = "in." + state_key[len("inp."):] if state_key.startswith("inp.") else state_key
+    return pl.ATTN_PREFIX + name.replace(".att.", ".")
+
+
+def load_attn_reader(tensors, metadata):
+    """make_reader's attn module holding an attn projector file's tensors (eval mode), for checks against the file."""
+    import types
+    import torch
+    length = int(metadata["context"].split(":")[1])
+    width, hidden = tensors[pl.ATTN_PREFIX + "in.weight"].shape
+    shape = types.SimpleNamespace(attn_width=int(width), attn_heads=int(metadata["heads"]),
+                                  attn_queries=int(tensors[pl.ATTN_PREFIX + "queries"].shape[0]),
+                                  attn_layers=int(metadata["encoder_layers"]), dropout=0.0)
+    reader = make_reader("attn", int(hidden), length, tensors[pl.ATTN_PREFIX + "mu"], tensors[pl.ATTN_PREFIX + "sigma"], shape)
+    state = {k: tensors[attn_file_name(k)] for k in reader.state_dict()}
+    unused = sorted(set(tensors) - {attn_file_name(k) for k in state})
+    if unused:
+        raise ValueError(f"tensors the attn reader has no place for: {unused}")
+    reader.load_state_dict(state)
+    for module in reader.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = float(metadata["layer_norm_eps"])
+    return reader.eval()
 
 
 def reader_row_stats(cs, length, hidden):
@@ -476,9 +517,12 @@ def reader_row_stats(cs, length, hidden):
     return mu.float(), var.clamp_min(1e-12).sqrt().float(), count
 
 
-def apply_exported(tensors, c):
-    """The exported file's function, as ContextInjector computes it (for the round-trip check)."""
+def apply_exported(tensors, c, metadata=None):
+    """The exported file's function, as ContextInjector computes it (for the round-trip check); an attn file needs its
+    metadata (the heads, encoder layers, LayerNorm eps and T)."""
     import torch
+    if metadata is not None and metadata.get("kind") == "attn":
+        return pl.apply_attn_file(tensors, metadata, c)
     if "proj" in tensors:
         return c @ tensors["proj"].T + tensors["bias"]
     h = torch.nn.functional.silu(c @ tensors["mlp.in.weight"].T + tensors["mlp.in.bias"])
@@ -766,22 +810,26 @@ def train(args, data):
     proj.eval()
 
     path = os.path.join(out_model, "projector.safetensors")
-    if args.arch in READERS:
+    if args.arch == "poswise":
         path, size, roundtrip = None, None, None
-        log(f"export skipped: ContextInjector's file format has no {args.arch} projector and the engine does not "
-            f"compute {args.context} (an experiment); the training facts are still written")
+        log("export skipped: ContextInjector's file format has no poswise projector (an experiment); the training facts "
+            "are still written")
     else:
         tensors = proj.export()
         meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
-        metadata = pl.projector_metadata(args.arch, layers, args.alpha, "silu" if args.arch == "mlp" else None, meta_extra)
+        if args.arch == "attn":
+            metadata = proj.attn_metadata(layers, args.alpha, meta_extra)
+        else:
+            metadata = pl.projector_metadata(args.arch, layers, args.alpha, "silu" if args.arch == "mlp" else None, meta_extra)
         metadata["context"] = args.context  # the engine refuses a file whose context it does not compute
         pl.write_safetensors(path, tensors, metadata)
         size = os.path.getsize(path)
         back = pl.load_tensors(path)
+        _, back_metadata, _ = pl.read_safetensors_header(path)
         probe = torch.cat([p.c[:256] for p in val_preps.values()]).float().cpu()
         with torch.no_grad():
             expected = proj.cpu()(probe)
-            got = apply_exported(back, probe)
+            got = apply_exported(back, probe, back_metadata)
         proj.to(dev)
         roundtrip = float((expected - got).abs().max() / expected.abs().max().clamp_min(1e-12))
         log(f"wrote {path} ({size} bytes); exported file vs module: max relative difference {roundtrip:.2e}")
@@ -795,7 +843,9 @@ def train(args, data):
         "projector": {"file": os.path.join(MODEL_REL, "projector.safetensors") if path else None, "bytes": size, "kind": args.arch,
                       "inner": args.inner if args.arch == "mlp" else None, "activation": "silu" if args.arch == "mlp" else None,
                       "parameters": n_params, "parameters_by_part": param_counts, "layers": layers, "alpha": args.alpha,
-                      **({"reader": READER_NOTES[args.arch], "export": "skipped: the engine cannot run this projector",
+                      **({"reader": READER_NOTES[args.arch],
+                          "export": "kind attn, ContextInjector computes it" if args.arch == "attn"
+                          else "skipped: the engine cannot run this projector",
                           **({"attn_layers": args.attn_layers, "attn_width": args.attn_width, "attn_heads": args.attn_heads,
                               "attn_queries": args.attn_queries, "dropout": args.dropout} if args.arch == "attn" else {})}
                          if args.arch in READERS else {}),
@@ -832,9 +882,9 @@ def main():
     ap.add_argument("--corpus", default=os.path.join(ROOT, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"))
     ap.add_argument("--qa", default=os.path.join(ROOT, "assets", "eval", "wordnet-qa.jsonl"))
     ap.add_argument("--arch", choices=("mlp", "linear") + READERS, default="mlp",
-                    help="mlp or linear (the engine's kinds); with --context embed-seq:T only, experiments the engine "
-                         "cannot run (not exported): attn (a small attention encoder over the T rows, attention pooling) "
-                         "or poswise (v = sum_t a_t * (W x_t) + b, W shared by the positions)")
+                    help="mlp or linear (over embed-mean); with --context embed-seq:T only: attn (a small attention "
+                         "encoder over the T rows, attention pooling; exported as the engine's kind attn) or poswise "
+                         "(v = sum_t a_t * (W x_t) + b, W shared by the positions; an experiment, not exported)")
     ap.add_argument("--inner", type=int, default=1024, help="MLP width")
     ap.add_argument("--attn-layers", type=int, default=2, help="--arch attn: encoder layers")
     ap.add_argument("--attn-width", type=int, default=256, help="--arch attn: encoder width")
@@ -845,9 +895,10 @@ def main():
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
     ap.add_argument("--top-k", type=int, default=3, help="passages per retrieval (eval's --top-k)")
     ap.add_argument("--context", default="embed-mean",
-                    help="c: embed-mean (the engine's: mean of the passages' token embeddings); experiments the engine does "
-                         "not compute: embed-seq:T (the first T tokens' embeddings side by side) or hidden-mean:L (the "
-                         "passages' residual stream after L layers, averaged)")
+                    help="c: embed-mean (the engine's for linear and mlp: mean of the passages' token embeddings); "
+                         "embed-seq:T (the first T tokens' embeddings side by side; the engine computes it for --arch attn "
+                         "only); an experiment the engine does not compute: hidden-mean:L (the passages' residual stream "
+                         "after L layers, averaged)")
     ap.add_argument("--offsets", default="0:0.4,1:0.15,2:0.15,3:0.1,5:0.1,8:0.1",
                     help="answer token j at which the trigger fires, with weights")
     ap.add_argument("--mix", default="invented:0.5,reading_only:0.3,closed_book:0.2", help="share of each group in a batch")
