@@ -22,9 +22,9 @@ for server in cpu:30101 "${DEVICE:-cuda}:30102"; do
     $([ "$port" = 30102 ] && [ "${DETERMINISTIC:-1}" = 1 ] && echo --deterministic) > "$out/serve-$port.log" 2>&1 &
   pids+=($!)
 done
-python3 - "$model" "$out" <<'PY'
-import json, math, sys, time, urllib.request
-model, out = sys.argv[1], sys.argv[2]
+python3 - "$model" "$out" "${pids[@]}" <<'PY'
+import json, math, os, sys, time, urllib.request
+model, out, pids = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
 servers = {"cpu": "http://127.0.0.1:30101", "cuda": "http://127.0.0.1:30102"}
 
 def call(base, path, body=None):
@@ -33,11 +33,19 @@ def call(base, path, body=None):
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
 
-for base in servers.values():
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+for (device, base), pid in zip(servers.items(), pids):
     for _ in range(600):
         try:
             call(base, "/health"); break
         except Exception:
+            if not alive(pid): sys.exit(f"the {device} server exited before it became healthy (see serve-{base[-5:]}.log in {out})")
             time.sleep(0.5)
     else:
         sys.exit(f"{base} did not become healthy")
