@@ -64,7 +64,7 @@ MAX_ANSWER_TOKENS = 48  # eval's --max-new-tokens
 NEWLINE_TOKEN = "<0x0A>"
 CONS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
-REPLACE_RATES = (0.0, 0.3, 0.6)
+REPLACE_RATES = (0.0, 0.3, 0.6)  # --replace-rates' default
 EXAMPLE_P = 0.23  # share of corpus passages with an example sentence
 
 
@@ -155,8 +155,14 @@ class Data:
             items = []
             for k in range(n):
                 base = irng.choice(taught_records)
-                rate = irng.choice(REPLACE_RATES)
-                definition = " ".join(w if irng.random() >= rate else irng.choice(self.def_words) for w in base["definition"].split())
+                rate = irng.choice(args.replace_rates)
+                words = base["definition"].split()
+                if args.invented_definitions == "splice":
+                    # The head of one taught definition and the tail of another: a sentence the model has not learnt by
+                    # heart, made of phrases it reads fluently (a replaced-word definition at rate 0 is a taught one).
+                    other = irng.choice(taught_records)["definition"].split()
+                    words = words[:irng.randint(1, max(1, len(words) - 1))] + other[irng.randint(min(1, len(other) - 1), len(other) - 1):]
+                definition = " ".join(w if irng.random() >= rate else irng.choice(self.def_words) for w in words)
                 word = nonce_word(irng, banned)
                 example = irng.choice(self.examples) if irng.random() < EXAMPLE_P else None
                 pid = f"invented-{split}-{k}"
@@ -855,7 +861,8 @@ def train(args, data):
                       "v_norm_val": {"mean": round(float(v_norms.mean()), 4), "max": round(float(v_norms.max()), 4)},
                       "export_roundtrip_max_rel_diff": roundtrip},
         "data": {**data.counts(), "prepared": prep_stats, "top_k": args.top_k, "offsets": args.offsets_map,
-                 "mix": {g: round(w, 4) for g, w in mix.items()}, "invented_replace_rates": list(REPLACE_RATES),
+                 "mix": {g: round(w, 4) for g, w in mix.items()}, "invented_replace_rates": list(args.replace_rates),
+                 "invented_definitions": args.invented_definitions,
                  "retrieval": "SQLite FTS5 replica of the engine's (projector_lib), over the taught and invented passages only",
                  "target": "the rest of the gold answer after the model's own first j tokens when they are the gold ones, "
                            "else the whole gold answer; then </s>; answers cut at 48 tokens"},
@@ -903,6 +910,13 @@ def main():
                     help="answer token j at which the trigger fires, with weights")
     ap.add_argument("--mix", default="invented:0.5,reading_only:0.3,closed_book:0.2", help="share of each group in a batch")
     ap.add_argument("--invented", type=int, default=100000, help="invented terms for training")
+    ap.add_argument("--invented-definitions", choices=("replace", "splice"), default="replace",
+                    help="an invented term's definition: a taught term's with words replaced (replace), or the head of one "
+                         "taught definition and the tail of another, then words replaced (splice: not a definition the "
+                         "model has learnt)")
+    ap.add_argument("--replace-rates", default=",".join(str(r) for r in REPLACE_RATES),
+                    help="share of an invented definition's words replaced by words of taught definitions, one of these "
+                         "chosen per term")
     ap.add_argument("--val-invented", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--eval-batch", type=int, default=1024)
@@ -930,6 +944,13 @@ def main():
         ap.error(f"--context {args.context}: embed-mean, embed-seq:T (T tokens) or hidden-mean:L (L layers)")
     if args.arch in READERS and kind != "embed-seq":
         ap.error(f"--arch {args.arch} reads the ordered rows of --context embed-seq:T; it cannot take --context {args.context}")
+    text = args.replace_rates
+    try:
+        args.replace_rates = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        ap.error(f"--replace-rates {text}: comma-separated shares such as 0,0.3,0.6")
+    if any(not 0 <= r <= 1 for r in args.replace_rates):
+        ap.error(f"--replace-rates {text}: each share must lie in 0..1")
     args.offsets_map = parse_weights(args.offsets, int)
     args.mix_map = parse_weights(args.mix, str)
     args.out = os.path.abspath(args.out)
