@@ -59,7 +59,7 @@ public sealed class EngineFlags
     public Option<string> LogDir { get; } = CliOption.Text("--log-dir", "where rag-events.jsonl is written", "DIR", Defaults.LogDir);
     public Option<bool> LogFsync { get; } = CliOption.Switch("--log-fsync", "force each RAG event line to disk before its request goes on");
     public Option<string> RagMode { get; } = CliOption.Choice("--rag-mode",
-        "off: measure only; latent: add α·P·mean(embed(passages)) to the hidden states; prompt: put passages ahead of the prompt",
+        "off: measure only; latent: add α·f(passages) to the hidden states (f: P·mean(embed(passages)), or a projector file's MLP or attention reader); prompt: put passages ahead of the prompt",
         Lower(Defaults.Mode), "off", "latent", "prompt");
     public Option<string> PromptRagRestart { get; } = CliOption.Choice("--prompt-rag-restart",
         $"prompt mode firing within the first {EngineOptions.PromptRestartWindowTokens} answer tokens: answer drops the answer so far and generates it again after the rebuilt context (those tokens are held back until then); continue keeps it (FLARE's)",

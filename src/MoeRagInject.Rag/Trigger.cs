@@ -5,7 +5,7 @@ public enum InjectionMode
 {
     /// <summary>Entropy measured and reported; nothing retrieved.</summary>
     Off,
-    /// <summary>α·P·mean(embed(passages)) added to the residual stream (the original's ContextInjector).</summary>
+    /// <summary>α·f(passages) added to the residual stream: the original's ContextInjector, f = P·mean(embed(passages)), or a trained projector (ContextInjector).</summary>
     Latent,
     /// <summary>Passages placed ahead of the prompt and the KV cache rebuilt (FLARE-style).</summary>
     Prompt,
