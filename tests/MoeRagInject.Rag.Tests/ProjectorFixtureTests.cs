@@ -3,8 +3,8 @@ using System.Text.Json.Nodes;
 namespace MoeRagInject.Rag.Tests;
 
 /// <summary>
-/// Files that tools/projector writes (Python) read by the engine as they were meant: projector files against a Python
-/// double-precision oracle, and the retriever against the Python replica that picks the training passages.
+/// Files that tools/projector writes (Python) read by the engine as they were meant: projector files (linear, mlp and an
+/// attention reader over 3 rows, one case cut at them) against a Python double-precision oracle, and the retriever against the Python replica that picks the training passages.
 /// </summary>
 public sealed class ProjectorFixtureTests
 {
@@ -33,12 +33,13 @@ public sealed class ProjectorFixtureTests
         float[] table = [.. fixture["embeddings"]!.AsArray().Select(v => (float)v!.GetValue<double>())];
         var embeddings = new ArrayEmbeddings(table, vocab, hidden);
         var cases = fixture["cases"]!.AsArray();
-        Assert.Equal(6, cases.Count);
+        Assert.Equal(9, cases.Count);
         foreach (var c in cases)
         {
             var file = c!["file"]!.GetValue<string>();
             var injector = ContextInjector.LoadFromFile(embeddings, Path.Combine(s_fixtures, file));
-            Assert.Equal(c["kind"]!.GetValue<string>() == "mlp" ? ProjectorArchitecture.Mlp : ProjectorArchitecture.Linear, injector.Architecture);
+            var kind = c["kind"]!.GetValue<string>();
+            Assert.Equal(kind switch { "mlp" => ProjectorArchitecture.Mlp, "attn" => ProjectorArchitecture.Attn, _ => ProjectorArchitecture.Linear }, injector.Architecture);
             Assert.Equal(c["layers"]!.AsArray().Select(x => x!.GetValue<int>()), injector.Layers!);
             float alpha = (float)c["alpha"]!.GetValue<double>();
             Assert.Equal(alpha, injector.Alpha);

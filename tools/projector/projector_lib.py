@@ -18,6 +18,7 @@ torch is imported only inside the functions that need it, so that --dry-run and 
 
 import array
 import json
+import math
 import os
 import re
 import sqlite3
@@ -189,6 +190,66 @@ def apply_attn_file(tensors, metadata, c):
     pooled = (att @ values).reshape(n, -1)  # query-major: [query 0's width values, query 1's, ...]
     v = F.linear(pooled, t["out.weight"], t["out.bias"])
     return v * nonempty[:, None].to(v.dtype)
+
+
+def apply_attn_python(weights, metadata, rows):
+    """Pure-Python double-precision attn reader (the format fixture's oracle), written from the description of
+    apply_attn_file, not from it: weights name -> (shape, flat list); rows: T lists of `hidden` values, all zeros past
+    the passages' end -> v before alpha. Absent rows are never keys, so only present rows are computed."""
+    t = {k[len(ATTN_PREFIX):]: v for k, v in weights.items() if k.startswith(ATTN_PREFIX)}
+    heads, eps = int(metadata["heads"]), float(metadata["layer_norm_eps"])
+    (width, hidden), _ = t["in.weight"]
+    hd = width // heads
+
+    def lin(name, x):
+        (n_out, n_in), w = t[name + ".weight"]
+        b = t[name + ".bias"][1]
+        return [b[r] + sum(w[r * n_in + k] * x[k] for k in range(n_in)) for r in range(n_out)]
+
+    def layer_norm(name, x):
+        mean = sum(x) / len(x)
+        scale = 1.0 / math.sqrt(sum((a - mean) ** 2 for a in x) / len(x) + eps)
+        g, b = t[name + ".weight"][1], t[name + ".bias"][1]
+        return [(a - mean) * scale * g[i] + b[i] for i, a in enumerate(x)]
+
+    def softmax(xs):
+        top = max(xs)
+        e = [math.exp(a - top) for a in xs]
+        return [a / sum(e) for a in e]
+
+    def plus(x, y):
+        return [a + b for a, b in zip(x, y)]
+
+    present = [r for r, row in enumerate(rows) if any(v != 0 for v in row)]
+    if not present:
+        return [0.0] * hidden
+    mu, sigma, pos = t["mu"][1], t["sigma"][1], t["pos"][1]
+    h = {r: plus(lin("in", [(rows[r][d] - mu[d]) / sigma[d] for d in range(hidden)]), pos[r * width:(r + 1) * width])
+         for r in present}
+    for b in range(int(metadata["encoder_layers"])):
+        p = f"blocks.{b}."
+        qkv = {r: lin(p + "qkv", layer_norm(p + "norm1", h[r])) for r in present}
+        mixed = {}
+        for r in present:
+            out = []
+            for head in range(heads):
+                q = qkv[r][head * hd:(head + 1) * hd]
+                w = softmax([sum(q[d] * qkv[s][width + head * hd + d] for d in range(hd)) / math.sqrt(hd) for s in present])
+                out += [sum(w[j] * qkv[s][2 * width + head * hd + d] for j, s in enumerate(present)) for d in range(hd)]
+            mixed[r] = out
+        for r in present:
+            h[r] = plus(h[r], lin(p + "proj", mixed[r]))
+            h[r] = plus(h[r], lin(p + "ff2", [silu(z) for z in lin(p + "ff1", layer_norm(p + "norm2", h[r]))]))
+    h = {r: layer_norm("norm", h[r]) for r in present}
+    keys = {r: lin("key", h[r]) for r in present}
+    values = {r: lin("value", h[r]) for r in present}
+    (n_queries, _), queries = t["queries"]
+    pooled = []
+    for qi in range(n_queries):
+        q = queries[qi * width:(qi + 1) * width]
+        w = softmax([sum(q[c] * keys[r][c] for c in range(width)) / math.sqrt(width) for r in present])
+        pooled += [sum(w[j] * values[r][c] for j, r in enumerate(present)) for c in range(width)]
+    return lin("out", pooled)
 
 
 # ----------------------------------------------------------------------------
@@ -695,7 +756,7 @@ def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(E
 # ----------------------------------------------------------------------------
 
 def write_format_fixture(out_dir):
-    """Two tiny projector files written by this module and the injections a double-precision Python oracle gives for
+    """Three tiny projector files (linear, mlp, attn) written by this module and the injections a double-precision Python oracle gives for
     them, for ContextInjectorTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format round-trips."""
     import random
     rng = random.Random(11)
@@ -711,11 +772,33 @@ def write_format_fixture(out_dir):
         "format-linear.safetensors": ("linear", None, [1], 1.0, {
             "proj": ([hidden, hidden], values(hidden * hidden, 0.5)), "bias": ([hidden], values(hidden, 0.3))}),
     }
+    # An attention reader over the first `length` rows: 2 encoder layers of width 4 with 2 heads, 2 pooling queries.
+    length, width, heads, queries, blocks = 3, 4, 2, 2, 2
+    attn = {"attn.mu": ([hidden], values(hidden, 0.3)),
+            "attn.sigma": ([hidden], [round(0.5 + abs(x), 6) for x in values(hidden, 0.5)]),
+            "attn.in.weight": ([width, hidden], values(width * hidden, 0.6)), "attn.in.bias": ([width], values(width, 0.2)),
+            "attn.pos": ([length, width], values(length * width, 0.5))}
+    for b in range(blocks):
+        p = f"attn.blocks.{b}."
+        attn.update({p + "norm1.weight": ([width], [round(1 + x, 6) for x in values(width, 0.2)]), p + "norm1.bias": ([width], values(width, 0.1)),
+                     p + "qkv.weight": ([3 * width, width], values(3 * width * width, 0.7)), p + "qkv.bias": ([3 * width], values(3 * width, 0.1)),
+                     p + "proj.weight": ([width, width], values(width * width, 0.5)), p + "proj.bias": ([width], values(width, 0.1)),
+                     p + "norm2.weight": ([width], [round(1 + x, 6) for x in values(width, 0.2)]), p + "norm2.bias": ([width], values(width, 0.1)),
+                     p + "ff1.weight": ([2 * width, width], values(2 * width * width, 0.5)), p + "ff1.bias": ([2 * width], values(2 * width, 0.1)),
+                     p + "ff2.weight": ([width, 2 * width], values(2 * width * width, 0.5)), p + "ff2.bias": ([width], values(width, 0.1))})
+    attn.update({"attn.norm.weight": ([width], [round(1 + x, 6) for x in values(width, 0.2)]), "attn.norm.bias": ([width], values(width, 0.1)),
+                 "attn.queries": ([queries, width], values(queries * width, 0.8)),
+                 "attn.key.weight": ([width, width], values(width * width, 0.6)), "attn.key.bias": ([width], values(width, 0.1)),
+                 "attn.value.weight": ([width, width], values(width * width, 0.6)), "attn.value.bias": ([width], values(width, 0.1)),
+                 "attn.out.weight": ([hidden, queries * width], values(hidden * queries * width, 0.6)), "attn.out.bias": ([hidden], values(hidden, 0.2))})
+    files["format-attn.safetensors"] = ("attn", "silu", [0, 1], 0.5, attn)
     bags = [[0], [3, 1, 3, 6], [5, 2]]
     cases = []
     os.makedirs(out_dir, exist_ok=True)
     for fn, (kind, activation, layers, alpha, tensors) in files.items():
-        write_safetensors(os.path.join(out_dir, fn), tensors, projector_metadata(kind, layers, alpha, activation))
+        metadata = (attn_metadata(layers, alpha, length, width, heads, queries, blocks) if kind == "attn"
+                    else projector_metadata(kind, layers, alpha, activation))
+        write_safetensors(os.path.join(out_dir, fn), tensors, metadata)
         # The oracle reads back what was written (float32), so that it computes exactly the file's function.
         header, meta, start = read_safetensors_header(os.path.join(out_dir, fn))
         with open(os.path.join(out_dir, fn), "rb") as f:
@@ -727,8 +810,12 @@ def write_format_fixture(out_dir):
             a.frombytes(blob[start + b:start + e])
             stored[name] = (info["shape"], list(a))
         for ids in bags:
-            c = [sum(table[i * hidden + d] for i in ids) / len(ids) for d in range(hidden)]
-            v = [alpha * x for x in apply_projector_python(stored, kind, c, activation or "silu")]
+            if kind == "attn":  # embed-seq:length: the first rows in order, zero rows past the end ([3, 1, 3, 6] is cut)
+                rows = [table[i * hidden:(i + 1) * hidden] for i in ids[:length]] + [[0.0] * hidden] * max(0, length - len(ids))
+                v = [alpha * x for x in apply_attn_python(stored, metadata, rows)]
+            else:
+                c = [sum(table[i * hidden + d] for i in ids) / len(ids) for d in range(hidden)]
+                v = [alpha * x for x in apply_projector_python(stored, kind, c, activation or "silu")]
             cases.append({"file": fn, "kind": kind, "layers": layers, "alpha": alpha, "token_ids": ids, "expected": v})
     fixture = {"note": "written by tools/projector/projector_lib.py --write-format-fixture (pure Python, double precision)",
                "vocab": vocab, "hidden": hidden, "embeddings": table, "cases": cases}
