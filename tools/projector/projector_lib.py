@@ -756,8 +756,9 @@ def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(E
 # ----------------------------------------------------------------------------
 
 def write_format_fixture(out_dir):
-    """Three tiny projector files (linear, mlp, attn) written by this module and the injections a double-precision Python oracle gives for
-    them, for ContextInjectorTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format round-trips."""
+    """Three tiny projector files (linear, mlp, attn) written by this module and the injections a double-precision Python
+    oracle gives for them, for ProjectorFixtureTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format
+    round-trips."""
     import random
     rng = random.Random(11)
     hidden, inner, vocab = 6, 5, 7
