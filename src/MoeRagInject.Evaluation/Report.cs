@@ -267,6 +267,7 @@ public static class Report
         md.AppendLine();
         foreach (var r in result.Modes.Values) md.AppendLine($"- `{r.Mode}`: {r.Description} ({r.Settings})");
         md.AppendLine();
+        AppendHeldoutRetrieval(md, result);
 
         md.AppendLine("## Trigger quality (from the none run)").AppendLine();
         if (result.Trigger is { } t)
@@ -365,6 +366,35 @@ public static class Report
     }
 
     /// <summary>Per-question token F1 of the held-out questions (the runs and F1 lists share their order).</summary>
+    /// <summary>
+    /// Per retrieving mode, what happened on the held-out questions: how many retrieved, how many of those got their gold
+    /// passage, their F1 in the mode and without RAG, and the answer token of the first retrieval. It tells a retrieval that
+    /// misses from an injection that does not carry the passage.
+    /// </summary>
+    private static void AppendHeldoutRetrieval(StringBuilder md, EvaluationResult result)
+    {
+        var modes = result.Modes.Values.Where(r => r.Runs.Any(x => x.Events.Count > 0)).ToList();
+        if (modes.Count == 0 || !modes[0].Runs.Any(x => x.Item.Split == "heldout")) return;
+        var noneF1 = result.Modes.TryGetValue(EvalModes.None, out var none)
+            ? none.Runs.Select((x, i) => (x.Item.Id, F1: none.TokenF1[i])).ToDictionary(x => x.Id, x => x.F1)
+            : null;
+        md.AppendLine("## Retrieval on held-out questions").AppendLine();
+        md.AppendLine("For each mode that retrieves, on the held-out questions: the share that retrieved at all, the share of those whose gold passage was among the retrieved ones (any retrieval), the F1 of those with their gold passage in this mode and in none (the same questions), and the answer token at which the first retrieval fired (j = 0: the forward pass of the last prompt position), with the number of questions. A low gold share is retrieval missing; a high one with a low F1 is the mode not using the passage.");
+        md.AppendLine();
+        md.AppendLine("| mode | held-out questions | retrieving | gold passage among them | F1 with the gold passage | none's F1 on them | first retrieval at answer token j: questions |");
+        md.AppendLine("|---|---|---|---|---|---|---|");
+        foreach (var r in modes)
+        {
+            var held = Enumerable.Range(0, r.Runs.Count).Where(i => r.Runs[i].Item.Split == "heldout").ToList();
+            var retrieving = held.Where(i => r.Runs[i].Events.Count > 0).ToList();
+            var gold = retrieving.Where(i => r.Runs[i].Item.PassageId is { } id && r.Runs[i].Events.Any(e => e.SnippetIds.Contains(id))).ToList();
+            var firsts = string.Join(", ", retrieving.GroupBy(i => r.Runs[i].Events[0].TokenIndex).OrderBy(g => g.Key).Select(g => Inv($"{g.Key}: {g.Count()}")));
+            var goldNone = noneF1 is null ? double.NaN : Stats.Mean([.. gold.Select(i => noneF1.GetValueOrDefault(r.Runs[i].Item.Id, double.NaN))]);
+            md.AppendLine(Inv($"| {r.Mode} | {held.Count} | {F(retrieving.Count / (double)Math.Max(1, held.Count), "F3")} | {F(gold.Count / (double)Math.Max(1, retrieving.Count), "F3")} | {F(Stats.Mean([.. gold.Select(i => r.TokenF1[i])]))} | {F(goldNone)} | {firsts} |"));
+        }
+        md.AppendLine();
+    }
+
     private static List<double> HeldoutF1s(ModeResult r) =>
         [.. r.Runs.Select((run, i) => (run.Item.Split, F1: r.TokenF1[i])).Where(x => x.Split == "heldout").Select(x => x.F1)];
 

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Engine;
@@ -134,6 +135,25 @@ public sealed class DemoModelTests : IDisposable
         Assert.Equal(output.Threshold, result.Threshold, 5);
         Assert.All(result.Modes[EvalModes.PromptTrigger].Runs.SelectMany(r => r.Events), e => Assert.Equal("output-entropy", e.Signal));
         Assert.Contains("trigger signal of prompt_trigger and the latent modes: `output-entropy`", File.ReadAllText(result.MarkdownPath));
+
+        // The report's held-out retrieval table, recomputed from the predictions file for prompt_always (every question
+        // retrieves once, at j = 0) and latent_trained.
+        var predictions = File.ReadLines(result.PredictionsPath).Select(l => JsonNode.Parse(l)!).ToList();
+        var noneF1ById = predictions.Where(p => p["mode"]!.GetValue<string>() == EvalModes.None)
+            .ToDictionary(p => p["id"]!.GetValue<string>(), p => p["token_f1"]!.GetValue<double>());
+        foreach (var mode in new[] { EvalModes.PromptAlways, EvalModes.LatentTrained })
+        {
+            var held = predictions.Where(p => p["mode"]!.GetValue<string>() == mode && p["split"]!.GetValue<string>() == "heldout").ToList();
+            var retrieving = held.Where(p => p["retrievals"]!.GetValue<int>() > 0).ToList();
+            var gold = retrieving.Where(p => p["gold_retrieved"]!.GetValue<bool>()).ToList();
+            string Share(int part, int whole) => (part / (double)Math.Max(1, whole)).ToString("F3", CultureInfo.InvariantCulture);
+            string Mean(IEnumerable<double> xs) => xs.Any() ? xs.Average().ToString("F3", CultureInfo.InvariantCulture) : "n/a";
+            var firsts = string.Join(", ", retrieving.GroupBy(p => p["trigger_tokens"]![0]!.GetValue<int>()).OrderBy(g => g.Key).Select(g => $"{g.Key}: {g.Count()}"));
+            var row = $"| {mode} | {held.Count} | {Share(retrieving.Count, held.Count)} | {Share(gold.Count, retrieving.Count)} | " +
+                $"{Mean(gold.Select(p => p["token_f1"]!.GetValue<double>()))} | {Mean(gold.Select(p => noneF1ById[p["id"]!.GetValue<string>()]))} | {firsts} |";
+            if (retrieving.Count > 0) Assert.Contains(row, File.ReadAllText(result.MarkdownPath));
+            if (mode == EvalModes.PromptAlways) Assert.StartsWith($"| {mode} | {held.Count} | 1.000 | ", row);
+        }
 
         // Every question: each mode's answer and F1 (recomputed here from the answer and the gold), the none run's signals.
         var questions = json["questions"]!.AsArray().Select(q => q!.AsObject()).ToList();
