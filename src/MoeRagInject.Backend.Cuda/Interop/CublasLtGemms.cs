@@ -54,9 +54,6 @@ internal sealed unsafe class CublasLtGemms : IDisposable
         CudaCheck.Cublas(CublasLt.cublasLtMatmulPreferenceSetAttribute(preference, CublasLtPreferenceAttribute.MaxWorkspaceBytes, &bytes, sizeof(ulong)));
     }
 
-    /// <summary>Shapes whose algorithm has been chosen.</summary>
-    public int PlannedShapes => _plans.Count;
-
     /// <summary>
     /// For each distinct algorithm among the planned row counts 1..<paramref name="maxRows"/> of (n, k), the smallest row count
     /// that uses it: running those once loads every kernel the sizes need (CUDA loads a library's kernels at their first
