@@ -642,11 +642,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
                 using (Op("  moe: gate_up GEMM"))
-                    LaunchTma(gateUp: true, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
+                    LaunchTma(gateUp: true, wide: false, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
                         MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
                         s.Offsets, e, i, h, s.MoeAct, 0UL);
+                var wide = TmaDownWide(n, h);
                 using (Op("  moe: down GEMM"))
-                    LaunchTma(gateUp: false, n, ((slots + n - 1) / n + touched) * (h / 128),
+                    LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)),
                         MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
                         s.Offsets, e, h, i, 0UL, s.MoeOut);
                 using (Op("  moe: combine"))
@@ -709,12 +710,24 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     internal int? TmaNForced { get; set; } =
         int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_N"), out var n) && n is 16 or 64 or 96 or 128 or 256 ? n : null;
 
+    /// <summary>
+    /// Whether the down product takes the wide moe_tma kernel (256 features a tile, so each group row copied serves twice
+    /// the weight rows) for a tile of <paramref name="n"/> group rows: from 64 rows where the hidden size is a multiple of
+    /// 256, unless MOE_RAG_INJECT_TMA_DOWN=narrow (kept to measure against) or gemm-bench forces one form.
+    /// </summary>
+    private bool TmaDownWide(int n, int hidden) => (TmaDownWideForced ?? !s_tmaDownNarrow) && (n is 64 or 96 or 128) && hidden % 256 == 0;
+
+    private static readonly bool s_tmaDownNarrow = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_DOWN") is "narrow";
+
+    /// <summary>The down product's moe_tma form, forced (gemm-bench): true wide, false narrow, null the default.</summary>
+    internal bool? TmaDownWideForced { get; set; }
+
     /// <summary>A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound.</summary>
-    private void LaunchTma(bool gateUp, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)
+    private void LaunchTma(bool gateUp, bool wide, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)
     {
-        var name = $"moe_tma_{(gateUp ? "gate_up" : "down")}_n{n}";
+        var name = $"moe_tma_{(gateUp ? "gate_up" : wide ? "down_wide" : "down")}_n{n}";
         // TmaWeightRows and TmaStages in gemm_wgmma.cu: 256 or 128 weight rows a stage, as many stages as fit in 200 KB (≤ 8).
-        var stageBytes = ((gateUp ? 256 : 128) + n) * 128;
+        var stageBytes = ((gateUp || wide ? 256 : 128) + n) * 128;
         var stages = Math.Min(8, 200 * 1024 / stageBytes);
         var shared = (uint)(stages * (stageBytes + 16));
         if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);

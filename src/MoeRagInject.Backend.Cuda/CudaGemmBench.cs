@@ -119,7 +119,15 @@ public static class CudaGemmBench
                     {
                         if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding
                         backend.TmaNForced = n;
-                        Moe($"tma n{n}");
+                        if (n is 64 or 96 or 128 && h % 256 == 0)
+                            foreach (var wide in new[] { false, true })
+                            {
+                                backend.TmaDownWideForced = wide;
+                                Moe($"tma n{n} down {(wide ? "wide" : "narrow")}");
+                            }
+                        else
+                            Moe($"tma n{n}");
+                        backend.TmaDownWideForced = null;
                     }
                     backend.TmaNForced = null;
                 }

@@ -263,9 +263,12 @@ MOE_WGMMA(64, 2, n64_m128) MOE_WGMMA(128, 2, n128_m128) MOE_WGMMA(256, 2, n256_m
 // Weights come through a 2-D tensor map over all experts' rows ([experts · rows an expert, k], boxes of 128 rows):
 // gate-up tiles are 128 features, a stage their 128 gate rows then their 128 up rows, and each multiplying warpgroup
 // keeps two accumulator sets, gate and up of its 64 features, so that silu(gate) · up pairs register with register
-// (hence N ≤ 128 there); down tiles are 128 features, 64 a warpgroup. The group rows come through a 2-D map over a
-// sorted bf16 buffer (moe_gather's for gate-up, the activations for down), box N rows, rows past the buffer read as
-// zeros. n must be a multiple of 128, k of 64.
+// (hence N ≤ 128 there); down tiles are 128 features, 64 a warpgroup, or in the wide form (moe_tma_down_wide_*) 256
+// features, a stage two boxes of 128 weight rows and each warpgroup two accumulator sets as in gate-up, so that every
+// group row copied into shared memory serves twice the weight rows (at batch 256 a narrow down tile copies 96 rows of
+// 14,336 activations for its 128 weight rows: three quarters of its weight bytes again). The group rows come through a
+// 2-D map over a sorted bf16 buffer (moe_gather's for gate-up, the activations for down), box N rows, rows past the
+// buffer read as zeros. n must be a multiple of 128 (of 256 for the wide form), k of 64.
 
 // A CUtensorMap (cuTensorMapEncodeTiled): 128 opaque bytes, passed by value as a __grid_constant__ parameter.
 struct alignas(64) TensorMap { unsigned long long opaque[16]; };
@@ -304,13 +307,14 @@ __device__ __forceinline__ void tma_load(unsigned destination, const TensorMap* 
                  ::"r"(destination), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(barrier) : "memory");
 }
 
-// Weight rows a stage: 128 features' gate and up rows, or 128 down rows. Stages: as many as fit in 200 KB, at most 8.
-template <bool GATE_UP>
-struct TmaWeightRows { static constexpr int value = GATE_UP ? 256 : 128; };
-template <int N, bool GATE_UP>
+// Weight rows a stage: two boxes of 128 (gate-up: 128 features' gate and up rows; wide down: 256 features' rows), or
+// one (128 down rows). Stages: as many as fit in 200 KB, at most 8.
+template <bool TWO_BOXES>
+struct TmaWeightRows { static constexpr int value = TWO_BOXES ? 256 : 128; };
+template <int N, bool TWO_BOXES>
 struct TmaStages
 {
-    static constexpr int raw = 200 * 1024 / ((TmaWeightRows<GATE_UP>::value + N) * 128);
+    static constexpr int raw = 200 * 1024 / ((TmaWeightRows<TWO_BOXES>::value + N) * 128);
     static constexpr int value = raw > 8 ? 8 : raw;
 };
 
@@ -326,12 +330,14 @@ __device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int 
     }
 }
 
-template <int N, bool GATE_UP>
+template <int N, bool GATE_UP, bool WIDE>
 __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rows, const int* __restrict__ offsets,
     int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
 {
-    static_assert(!GATE_UP || N <= 128, "gate-up keeps two accumulator sets");
-    constexpr int STAGES = TmaStages<N, GATE_UP>::value, W = TmaWeightRows<GATE_UP>::value;
+    constexpr bool TWO = GATE_UP || WIDE;  // two boxes of weight rows a stage, two accumulator sets a warpgroup
+    static_assert(!(GATE_UP && WIDE), "the wide form is a down product");
+    static_assert(!TWO || N <= 128, "two accumulator sets");
+    constexpr int STAGES = TmaStages<N, TWO>::value, W = TmaWeightRows<TWO>::value, FEATURES = WIDE ? 256 : 128;
     constexpr unsigned STAGE_BYTES = (W + N) * GEMM_BK * 2;
     extern __shared__ __align__(1024) unsigned char tma_shared[];
     bf16* tileW = (bf16*)tma_shared;                  // [STAGES][W][64], 128-byte swizzled by the copies
@@ -341,7 +347,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     const int tid = threadIdx.x, role = tid >> 7;
     int rowTiles = 0;
     for (int g = 0; g < groups; g++) rowTiles += (offsets[g + 1] - offsets[g] + N - 1) / N;
-    const int tiles = rowTiles * (n / 128), kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
+    const int tiles = rowTiles * (n / FEATURES), kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
     if (tid == 0)
     {
         for (int s = 0; s < STAGES; s++)
@@ -362,14 +368,15 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         {
             int group = 0, rowBegin = 0, rowEnd = 0;
             tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
-            const int weightRow = group * expertRows + (t / rowTiles) * 128;
+            const int weightRow = group * expertRows + (t / rowTiles) * FEATURES;
             for (int kt = 0; kt < kTiles; kt++)
             {
                 barrier_wait(empty0 + 8 * stage, phase ^ 1);
                 const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * W * GEMM_BK);
                 barrier_expect(full, STAGE_BYTES);
                 tma_load(sw, weights, kt * GEMM_BK, weightRow, full);
-                if (GATE_UP) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + n, full);  // the same features' up rows
+                // The second box: the same features' up rows (gate-up), or the next 128 features' rows (wide down).
+                if (TWO) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + (GATE_UP ? n : 128), full);
                 tma_load(shared_address(tileA + stage * N * GEMM_BK), rows, kt * GEMM_BK, rowBegin, full);
                 if (++stage == STAGES) { stage = 0; phase ^= 1; }
             }
@@ -380,7 +387,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     const int half = role - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
     int stage = 0;
     unsigned phase = 0;
-    float d[N / 2], u[GATE_UP ? N / 2 : 1];
+    float d[N / 2], u[TWO ? N / 2 : 1];
     for (int t = blockIdx.x; t < tiles; t += gridDim.x)
     {
         int group = 0, rowBegin = 0, rowEnd = 0;
@@ -388,20 +395,20 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         const int featureTile = t / rowTiles;
 #pragma unroll
         for (int i = 0; i < N / 2; i++) d[i] = 0.f;
-        if (GATE_UP)
+        if (TWO)
 #pragma unroll
             for (int i = 0; i < N / 2; i++) u[i] = 0.f;
         int previous = -1;
         for (int kt = 0; kt < kTiles; kt++)
         {
             barrier_wait(full0 + 8 * stage, phase);
-            // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups).
+            // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups; wide down: 64 of each box).
             const bf16* mine = tileW + stage * W * GEMM_BK + half * 64 * GEMM_BK;
             const unsigned long long dw = wgmma_descriptor(mine), da = wgmma_descriptor(tileA + stage * N * GEMM_BK);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(d, dw + 2 * kk, da + 2 * kk);
-            if (GATE_UP)
+            if (TWO)
             {
                 const unsigned long long du = wgmma_descriptor(mine + 128 * GEMM_BK);
 #pragma unroll
@@ -417,8 +424,8 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
 
         // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2q + e; 4i + 2 + e:
-        // weight row 16·warp + g + 8.
-        const int feature = featureTile * 128 + half * 64 + warp * 16 + g;
+        // weight row 16·warp + g + 8 (u: the same rows of the second box).
+        const int feature = featureTile * FEATURES + half * 64 + warp * 16 + g;
 #pragma unroll
         for (int i = 0; i < N / 8; i++)
 #pragma unroll
@@ -435,23 +442,31 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
                 {
                     y[(long long)p * n + feature] = d[4 * i + e];
                     y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
+                    if (WIDE)
+                    {
+                        y[(long long)p * n + feature + 128] = u[4 * i + e];
+                        y[(long long)p * n + feature + 136] = u[4 * i + 2 + e];
+                    }
                 }
             }
     }
 }
 
-#define MOE_TMA_BODY(N, GATE_UP) moe_tma_impl<N, GATE_UP>(&weights, &rows, offsets, groups, n, k, act, y);
+#define MOE_TMA_BODY(N, GATE_UP, WIDE) moe_tma_impl<N, GATE_UP, WIDE>(&weights, &rows, offsets, groups, n, k, act, y);
 #else
-#define MOE_TMA_BODY(N, GATE_UP) __trap();
+#define MOE_TMA_BODY(N, GATE_UP, WIDE) __trap();
 #endif
 
-// moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>: grid: a block a multiprocessor (at most the tiles' bound); block:
-// 384; dynamic shared memory: TmaStages · (weight rows + N) · 128 + 16 · TmaStages bytes.
-#define MOE_TMA_KERNEL(NAME, N, GATE_UP) \
+// moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>, moe_tma_down_wide_n<N> (N ≤ 128, n a multiple of 256): grid: a
+// block a multiprocessor (at most the tiles' bound); block: 384; dynamic shared memory: TmaStages · (weight rows + N) ·
+// 128 + 16 · TmaStages bytes.
+#define MOE_TMA_KERNEL(NAME, N, GATE_UP, WIDE) \
     extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_##NAME##_n##N(const __grid_constant__ TensorMap weights, \
         const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP) }
+        float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE) }
 
-MOE_TMA_KERNEL(gate_up, 16, true) MOE_TMA_KERNEL(gate_up, 64, true) MOE_TMA_KERNEL(gate_up, 96, true) MOE_TMA_KERNEL(gate_up, 128, true)
-MOE_TMA_KERNEL(down, 16, false) MOE_TMA_KERNEL(down, 64, false) MOE_TMA_KERNEL(down, 96, false) MOE_TMA_KERNEL(down, 128, false)
-MOE_TMA_KERNEL(down, 256, false)
+MOE_TMA_KERNEL(gate_up, 16, true, false) MOE_TMA_KERNEL(gate_up, 64, true, false) MOE_TMA_KERNEL(gate_up, 96, true, false)
+MOE_TMA_KERNEL(gate_up, 128, true, false)
+MOE_TMA_KERNEL(down, 16, false, false) MOE_TMA_KERNEL(down, 64, false, false) MOE_TMA_KERNEL(down, 96, false, false)
+MOE_TMA_KERNEL(down, 128, false, false) MOE_TMA_KERNEL(down, 256, false, false)
+MOE_TMA_KERNEL(down_wide, 64, false, true) MOE_TMA_KERNEL(down_wide, 96, false, true) MOE_TMA_KERNEL(down_wide, 128, false, true)
