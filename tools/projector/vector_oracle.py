@@ -111,6 +111,8 @@ def main():
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--invented-definitions", choices=("replace", "splice"), default="replace",
+                    help="how the invented terms' definitions are made (train_projector.py's option of the same name)")
     args = ap.parse_args()
     import torch
     torch.manual_seed(args.seed)
@@ -118,7 +120,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log(f"vector_oracle.py {' '.join(sys.argv[1:])}; device {dev}; torch {torch.__version__}")
 
-    data_args = argparse.Namespace(seed=args.seed, invented=0, val_invented=args.items, limit=0)
+    data_args = argparse.Namespace(seed=args.seed, invented=0, val_invented=args.items, limit=0,
+                                   invented_definitions=args.invented_definitions, replace_rates=tp.REPLACE_RATES)
     data = tp.Data(tp.load_jsonl(args.corpus), tp.load_jsonl(args.qa), data_args)
     problems = data.check_no_test_data()
     if problems:
