@@ -606,7 +606,10 @@ def _define_mixtral():
             return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
         def forward(self, ids, inject=None, exact=False, soft=None, pre_norm=False, upto=None):
-            """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha;
+            """ids [B, T] (right-padded); inject: None or (v [B, H], start [B], layers) with v already scaled by alpha,
+            added at every position from start on; or (v [B, K, H], start [B], layers, base [B]): one vector an answer
+            position (an experiment the engine does not run), row i added at position base + i (from start on; none past
+            base + K - 1);
             soft: None or (e [B, k, H], at [B]): positions at .. at + k - 1 take e's rows as their input embeddings in
             place of their tokens' (soft tokens, xRAG's form; the engine has no such input yet).
             Returns the final-normed hidden states [B, T, H] (logits = hidden @ lm_head.T), or with pre_norm the residual
@@ -626,9 +629,15 @@ def _define_mixtral():
             mask = None
             add = None
             if inject is not None:
-                v, start, layers = inject
+                v, start, layers = inject[:3]
                 positions = torch.arange(T, device=dev)[None, :]
-                add = (positions >= start[:, None]).to(v.dtype)[:, :, None] * v[:, None, :]  # [B, T, H]
+                if v.dim() == 3:  # one vector an answer position
+                    offset = positions - inject[3][:, None]  # [B, T]
+                    rows = torch.gather(v, 1, offset.clamp(0, v.shape[1] - 1)[:, :, None].expand(B, T, v.shape[2]))
+                    inside = (positions >= start[:, None]) & (offset >= 0) & (offset < v.shape[1])
+                    add = inside.to(v.dtype)[:, :, None] * rows  # [B, T, H]
+                else:
+                    add = (positions >= start[:, None]).to(v.dtype)[:, :, None] * v[:, None, :]  # [B, T, H]
                 layers = set(layers)
             if exact:
                 causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
@@ -697,7 +706,8 @@ def _define_mixtral():
 def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(EOS,), batch=256, exact=False,
            forced_prefixes=None, soft=None):
     """Greedy decoding without a KV cache (right-padded rows; each step reads each row's own last position).
-    inject: None or (v [N, H], layers); start_offsets: per prompt, the answer index j from which the injection applies
+    inject: None or (v [N, H], layers), or (v [N, K, H], layers): row i for answer token i (added at position
+    len(prompt) - 1 + i); start_offsets: per prompt, the answer index j from which the injection applies
     (position len(prompt) - 1 + j), as the engine's trigger at answer token j; forced_prefixes: per prompt, answer tokens
     emitted as they are (the model's own tokens before a trigger) before greedy decoding goes on; soft: None or
     (e [N, k, H], at: per prompt the first of its k soft positions), as the forward's soft.
@@ -723,7 +733,7 @@ def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(E
         if inject is not None:
             v, layers = inject
             offs = torch.tensor([start_offsets[i] if start_offsets else 0 for i in idx], device=dev)
-            inj = (v[torch.tensor(idx, device=dev)], lens - 1 + offs, layers)
+            inj = (v[torch.tensor(idx, device=dev)], lens - 1 + offs, layers, lens - 1)
         sft = None
         if soft is not None:
             sft = (soft[0][torch.tensor(idx, device=dev)], torch.tensor([soft[1][i] for i in idx], device=dev))

@@ -434,7 +434,9 @@ def make_reader(kind, hidden, length, mu, sigma, args):
                 self.pos = torch.nn.Parameter(0.02 * torch.randn(length, width))
                 self.blocks = torch.nn.ModuleList([Block(width, heads, args.dropout) for _ in range(args.attn_layers)])
                 self.norm = torch.nn.LayerNorm(width)
-                self.queries = torch.nn.Parameter(torch.randn(queries, width) / math.sqrt(width))
+                # --answer-positions K: a set of queries for each answer position (one vector each, an experiment)
+                self.positions = max(1, getattr(args, "answer_positions", 0))
+                self.queries = torch.nn.Parameter(torch.randn(self.positions * queries, width) / math.sqrt(width))
                 self.key = torch.nn.Linear(width, width)
                 self.value = torch.nn.Linear(width, width)
                 self.out = torch.nn.Linear(queries * width, hidden)
@@ -460,8 +462,11 @@ def make_reader(kind, hidden, length, mu, sigma, args):
                 h = self.norm(h)
                 scores = torch.einsum("ntw,qw->nqt", self.key(h), self.queries) / math.sqrt(h.shape[-1])
                 att = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), -1)
-                pooled = torch.einsum("nqt,ntw->nqw", att, self.value(h)).reshape(c.shape[0], -1)
-                v = self.out(pooled)
+                pooled = torch.einsum("nqt,ntw->nqw", att, self.value(h))
+                if getattr(args, "answer_positions", 0):
+                    v = self.out(pooled.reshape(c.shape[0], self.positions, -1))  # [n, K, hidden]
+                    return v * nonempty[:, None, None].to(v.dtype)
+                v = self.out(pooled.reshape(c.shape[0], -1))
             return v * nonempty[:, None].to(v.dtype)
 
         def export(self):
@@ -580,7 +585,7 @@ def prepare(model, tok, data, items, index, args, rng, dev, own_cache, force_j=N
         else:  # hidden-mean:L, an experiment the engine does not compute
             c = model.mean_hidden(bags, int(args.context.split(":")[1]))
     c[torch.tensor([n == 0 for n in lengths], device=dev)] = 0.0  # no passages: the engine injects nothing
-    seqs, starts_pos, loss_from, golds_match = [], [], [], 0
+    seqs, starts_pos, bases, loss_from, golds_match = [], [], [], [], 0
     for p, o, j, a in zip(prompts, own, js, answers):
         # The answer and </s>; an answer longer than eval's 48 tokens is cut there, without </s>.
         a = a[:MAX_ANSWER_TOKENS] if len(a) > MAX_ANSWER_TOKENS else a + [pl.EOS]
@@ -589,6 +594,7 @@ def prepare(model, tok, data, items, index, args, rng, dev, own_cache, force_j=N
         seq = p + o[:j] + target
         seqs.append(seq)
         starts_pos.append(len(p) - 1 + j)
+        bases.append(len(p) - 1)
     L = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs], dtype=torch.long)
     out = Prepared()
@@ -599,6 +605,7 @@ def prepare(model, tok, data, items, index, args, rng, dev, own_cache, force_j=N
     out.ids = ids.to(dev)
     out.lengths = torch.tensor([len(s) for s in seqs], device=dev)
     out.start = torch.tensor(starts_pos, device=dev)
+    out.base = torch.tensor(bases, device=dev)  # the position that predicts answer token 0
     out.prefix_is_gold = golds_match / max(len(items), 1)
     out.newline = newline
     return out
@@ -612,9 +619,10 @@ def batch_loss(model, proj, parts, layers, alpha, dev, amp):
     L = int(lengths.max())
     ids = torch.cat([F.pad(p.ids[i, :L], (0, max(0, L - p.ids.shape[1]))) for p, i in parts])
     start = torch.cat([p.start[i] for p, i in parts])
+    base = torch.cat([p.base[i] for p, i in parts])
     v = alpha * proj(torch.cat([p.c[i] for p, i in parts]))
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-        hidden = model(ids, inject=(v, start, layers))
+        hidden = model(ids, inject=(v, start, layers, base))
     positions = torch.arange(L, device=dev)[None, :]
     mask = (positions >= start[:, None]) & (positions < lengths[:, None] - 1)
     h = hidden[:, :-1][mask[:, :-1]]
@@ -816,10 +824,10 @@ def train(args, data):
     proj.eval()
 
     path = os.path.join(out_model, "projector.safetensors")
-    if args.arch == "poswise":
+    if args.arch == "poswise" or args.answer_positions:
         path, size, roundtrip = None, None, None
-        log("export skipped: ContextInjector's file format has no poswise projector (an experiment); the training facts "
-            "are still written")
+        log("export skipped: ContextInjector's file format has no poswise projector nor one vector an answer position (experiments); "
+            "the training facts are still written")
     else:
         tensors = proj.export()
         meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
@@ -897,6 +905,9 @@ def main():
     ap.add_argument("--attn-width", type=int, default=256, help="--arch attn: encoder width")
     ap.add_argument("--attn-heads", type=int, default=4, help="--arch attn: heads of each encoder layer")
     ap.add_argument("--attn-queries", type=int, default=4, help="--arch attn: learned pooling queries (concatenated)")
+    ap.add_argument("--answer-positions", type=int, default=0,
+                    help="--arch attn: K > 0 makes one vector for each of the first K answer tokens (its own queries), "
+                         "added at the position that predicts that token, none after (an experiment the engine does not run)")
     ap.add_argument("--dropout", type=float, default=0.1, help="--arch attn: dropout in the encoder")
     ap.add_argument("--layers", default="0,1,2,3", help="injection layers (the file names them; eval injects there)")
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
@@ -944,6 +955,8 @@ def main():
         ap.error(f"--context {args.context}: embed-mean, embed-seq:T (T tokens) or hidden-mean:L (L layers)")
     if args.arch in READERS and kind != "embed-seq":
         ap.error(f"--arch {args.arch} reads the ordered rows of --context embed-seq:T; it cannot take --context {args.context}")
+    if args.answer_positions and args.arch != "attn":
+        ap.error("--answer-positions needs --arch attn")
     text = args.replace_rates
     try:
         args.replace_rates = tuple(float(r) for r in text.split(","))
