@@ -14,8 +14,11 @@ namespace MoeRagInject.Rag;
 /// z = (row − μ)/σ; h = W_in·z + b_in + pos[t]; per block (pre-LayerNorm) h += proj(attention(LN1(h))) and
 /// h += W_ff2·silu(W_ff1·LN2(h) + b_ff1) + b_ff2, the attention softmax(q·k/√(width/heads)) over the present rows; h = LN(h);
 /// each learned query q pools p_q = Σ_t softmax_t(key(h_t)·q/√width)·value(h_t); v = W_out·[p_0, p_1, …] + b_out. An
-/// absent row is never a key, so its own values reach nothing and it is skipped; no present row gives v = 0. Runs in fp32
-/// on the host once per retrieval; allocates nothing that outlives a call, so several threads may use one reader.
+/// absent row is never a key, so its own values reach nothing and it is skipped; no present row gives v = 0. A file with
+/// K &gt; 1 answer positions (metadata "answer_positions", train_projector.py --answer-positions) holds K sets of queries,
+/// position by position, and gives K vectors, v_i = W_out·[p_(i,0), p_(i,1), …] + b_out with W_out shared: one for each of
+/// the first K answer tokens. Runs in fp32 on the host once per retrieval; allocates nothing that outlives a call, so
+/// several threads may use one reader.
 /// </remarks>
 internal sealed class AttentionReader
 {
@@ -26,6 +29,7 @@ internal sealed class AttentionReader
     public const string LayerNormEpsKey = "layer_norm_eps";
     public const string WidthKey = "width";
     public const string QueriesKey = "queries";
+    public const string AnswerPositionsKey = "answer_positions";
 
     private sealed record Block(float[] Norm1Weight, float[] Norm1Bias, float[] QkvWeight, float[] QkvBias, float[] ProjWeight,
         float[] ProjBias, float[] Norm2Weight, float[] Norm2Bias, int FeedForward, float[] Ff1Weight, float[] Ff1Bias,
@@ -41,7 +45,7 @@ internal sealed class AttentionReader
     private readonly int _feedForwardMax;
     private readonly float[] _normWeight;
     private readonly float[] _normBias;
-    private readonly float[] _queries; // [queries, width]
+    private readonly float[] _queries; // [answer positions · queries, width]
     private readonly float[] _keyWeight;
     private readonly float[] _keyBias;
     private readonly float[] _valueWeight;
@@ -52,12 +56,17 @@ internal sealed class AttentionReader
     public int Length { get; }
     public int Width { get; }
     public int Heads { get; }
+    /// <summary>Pooling queries of one vector.</summary>
     public int Queries { get; }
+
+    /// <summary>Vectors the reader makes, one for each of the first K answer tokens (1: one vector for every position).</summary>
+    public int AnswerPositions { get; }
+
     public int EncoderLayers => _blocks.Length;
     public float LayerNormEps { get; }
 
     private AttentionReader(Func<string, int[], float[]> read, float[] sigma, Block[] blocks, int hidden, int length, int width, int heads,
-        int queries, float eps)
+        int queries, int answerPositions, float eps)
     {
         _mu = read(Prefix + "mu", [hidden]);
         _sigma = sigma;
@@ -66,7 +75,7 @@ internal sealed class AttentionReader
         _position = read(Prefix + "pos", [length, width]);
         _normWeight = read(Prefix + "norm.weight", [width]);
         _normBias = read(Prefix + "norm.bias", [width]);
-        _queries = read(Prefix + "queries", [queries, width]);
+        _queries = read(Prefix + "queries", [answerPositions * queries, width]);
         _keyWeight = read(Prefix + "key.weight", [width, width]);
         _keyBias = read(Prefix + "key.bias", [width]);
         _valueWeight = read(Prefix + "value.weight", [width, width]);
@@ -80,6 +89,7 @@ internal sealed class AttentionReader
         Width = width;
         Heads = heads;
         Queries = queries;
+        AnswerPositions = answerPositions;
         LayerNormEps = eps;
     }
 
@@ -107,7 +117,14 @@ internal sealed class AttentionReader
         }
 
         int width = Leading(file, InWeightName, bad, $"[width, {hidden}]");
-        int queries = Leading(file, Prefix + "queries", bad, "[queries, width]");
+        int answerPositions = metadata.ContainsKey(AnswerPositionsKey) ? PositiveInt(metadata, AnswerPositionsKey, bad) : 1;
+        int queryRows = Leading(file, Prefix + "queries", bad, "[answer positions · queries, width]");
+        if (queryRows % answerPositions != 0)
+        {
+            throw bad($"tensor \"{Prefix}queries\" has {queryRows} rows, which metadata \"{AnswerPositionsKey}\" {answerPositions} does not divide (a set of queries for each answer position)");
+        }
+
+        int queries = queryRows / answerPositions;
         int heads = PositiveInt(metadata, HeadsKey, bad);
         if (width % heads != 0)
         {
@@ -160,12 +177,20 @@ internal sealed class AttentionReader
             throw bad($"tensor \"{Prefix}sigma\" holds {sigma[notPositive]} at index {notPositive}; a deviation must be positive");
         }
 
-        return new AttentionReader(read, sigma, blocks, hidden, length, width, heads, queries, eps);
+        return new AttentionReader(read, sigma, blocks, hidden, length, width, heads, queries, answerPositions, eps);
     }
 
-    /// <summary>Writes scale·v for the first <see cref="Length"/> of <paramref name="tokenIds"/> (ids already checked against the vocabulary).</summary>
+    /// <summary>
+    /// Writes scale·v for the first <see cref="Length"/> of <paramref name="tokenIds"/> (ids already checked against the
+    /// vocabulary): <see cref="AnswerPositions"/> vectors of the hidden size one after the other.
+    /// </summary>
     public void Apply(ITokenEmbeddings embeddings, ReadOnlySpan<int> tokenIds, float scale, Span<float> destination)
     {
+        if (destination.Length != AnswerPositions * _hidden)
+        {
+            throw new ArgumentException($"The destination has {destination.Length} values; the reader makes {AnswerPositions} vector(s) of {_hidden}.", nameof(destination));
+        }
+
         int w = Width;
         int rowsMax = Math.Min(tokenIds.Length, Length);
         int ffMax = _feedForwardMax;
@@ -242,26 +267,30 @@ internal sealed class AttentionReader
             }
 
             float invSqrtWidth = 1f / MathF.Sqrt(w);
-            for (int q = 0; q < Queries; q++)
+            for (int position = 0; position < AnswerPositions; position++)
             {
-                var query = _queries.AsSpan(q * w, w);
-                var s = scores[..n];
-                for (int j = 0; j < n; j++)
+                for (int q = 0; q < Queries; q++)
                 {
-                    s[j] = TensorPrimitives.Dot(x.Slice(j * w, w), query) * invSqrtWidth;
+                    var query = _queries.AsSpan(((position * Queries) + q) * w, w);
+                    var s = scores[..n];
+                    for (int j = 0; j < n; j++)
+                    {
+                        s[j] = TensorPrimitives.Dot(x.Slice(j * w, w), query) * invSqrtWidth;
+                    }
+
+                    Softmax(s);
+                    var p = pooled.Slice(q * w, w);
+                    p.Clear();
+                    for (int j = 0; j < n; j++)
+                    {
+                        TensorPrimitives.MultiplyAdd(attended.Slice(j * w, w), s[j], p, p);
+                    }
                 }
 
-                Softmax(s);
-                var p = pooled.Slice(q * w, w);
-                p.Clear();
-                for (int j = 0; j < n; j++)
-                {
-                    TensorPrimitives.MultiplyAdd(attended.Slice(j * w, w), s[j], p, p);
-                }
+                var v = destination.Slice(position * _hidden, _hidden);
+                Linear(_outWeight, _outBias, pooled, v);
+                TensorPrimitives.Multiply(v, scale, v);
             }
-
-            Linear(_outWeight, _outBias, pooled, destination);
-            TensorPrimitives.Multiply(destination, scale, destination);
         }
         finally
         {

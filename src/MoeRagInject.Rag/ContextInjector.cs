@@ -154,7 +154,7 @@ public sealed class ContextInjector
             var reader = AttentionReader.Load(file, hidden, sequenceLength!.Value,
                 (name, shape) => ReadTensor(path, file, name, shape, null), problem => Bad(path, problem));
             string attnDescription = string.Create(CultureInfo.InvariantCulture,
-                $"file:{Path.GetFullPath(path)} (attn {file.Tensors[AttentionReader.InWeightName].DType.SafetensorsName()} [{reader.Length} rows, width {reader.Width}, {reader.Heads} heads, {reader.Queries} queries, {reader.EncoderLayers} layers], {EmbedSeqContextPrefix}{reader.Length}{extras})");
+                $"file:{Path.GetFullPath(path)} (attn {file.Tensors[AttentionReader.InWeightName].DType.SafetensorsName()} [{reader.Length} rows, width {reader.Width}, {reader.Heads} heads, {reader.Queries} queries, {reader.EncoderLayers} layers{(reader.AnswerPositions > 1 ? $", {reader.AnswerPositions} answer positions" : "")}], {EmbedSeqContextPrefix}{reader.Length}{extras})");
             return new ContextInjector(embeddings, ProjectionKind.File, null, null, attnDescription, null, layers, alpha, reader);
         }
 
@@ -399,6 +399,13 @@ public sealed class ContextInjector
     /// <summary>T of an attn projector's context embed-seq:T (it reads the first T token ids); null for the others, which read all.</summary>
     public int? SequenceLength => _reader?.Length;
 
+    /// <summary>
+    /// Vectors the projector makes: 1 (added at every position from the trigger on), or K for an attn reader with one
+    /// vector for each of the first K answer tokens (metadata "answer_positions"), which <see cref="ComputeInjection"/>
+    /// writes one after the other.
+    /// </summary>
+    public int AnswerPositions => _reader?.AnswerPositions ?? 1;
+
     /// <summary>The layers a projector file was trained to be added after (its "layers" metadata); null when it names none.</summary>
     public IReadOnlyList<int>? Layers { get; }
 
@@ -407,7 +414,8 @@ public sealed class ContextInjector
 
     /// <summary>
     /// Writes α·f(mean(embed(tokenIds))) (f = P, or the MLP), or for an attn projector α·f(embed(tokenIds[..T])) (the first
-    /// T rows in order), into <paramref name="destination"/> (length hidden); returns its L2 norm.
+    /// T rows in order), into <paramref name="destination"/> (length <see cref="AnswerPositions"/> × hidden); returns its
+    /// L2 norm (of all its vectors together).
     /// </summary>
     /// <remarks>
     /// No token ids: the zero vector and norm 0 (also an attn projector's when every row it reads is all zeros). Token ids
@@ -415,9 +423,12 @@ public sealed class ContextInjector
     /// </remarks>
     public double ComputeInjection(ReadOnlySpan<int> tokenIds, float scale, Span<float> destination)
     {
-        if (destination.Length != _hidden)
+        if (destination.Length != AnswerPositions * _hidden)
         {
-            throw new ArgumentException($"The destination has {destination.Length} values; the hidden size is {_hidden}.", nameof(destination));
+            throw new ArgumentException(AnswerPositions == 1
+                ? $"The destination has {destination.Length} values; the hidden size is {_hidden}."
+                : $"The destination has {destination.Length} values; the projector makes {AnswerPositions} vectors of the hidden size {_hidden}.",
+                nameof(destination));
         }
 
         int vocab = _embeddings.VocabSize;

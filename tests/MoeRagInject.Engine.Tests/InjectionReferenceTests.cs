@@ -83,6 +83,43 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         c => new RunnerOptions { MaxSequences = 1, MaxRows = 256, ContextLength = 256, KvCacheTokens = 256 });
 
     [InjectionReferenceFact]
+    public void AProjectorWithAnswerPositionsIsRefusedUntilTheEngineInjectsThem()
+    {
+        // The reference's attn reader rewritten with a second set of queries: one vector for each of 2 answer tokens.
+        var temp = Directory.CreateTempSubdirectory("moe-rag-positions-").FullName;
+        try
+        {
+            string path = Path.Combine(temp, "positions.safetensors");
+            using (var file = new SafeTensorsFile(Path.Combine(InjectionReference.Folder, "projector-attn.safetensors")))
+            {
+                var tensors = file.Tensors.Values.Select(t => t.Name == "attn.queries"
+                    ? (t.Name, new[] { 2 * t.Shape[0], t.Shape[1] }, (float[])[.. t.ToFloatArray(), .. t.ToFloatArray()])
+                    : (t.Name, t.Shape, t.ToFloatArray())).ToList();
+                var metadata = new Dictionary<string, string>(file.Metadata) { ["answer_positions"] = "2" };
+                SafeTensorsFile.Write(path, tensors, metadata: metadata);
+            }
+
+            var options = new EngineOptions
+            {
+                ModelPath = TestPaths.DemoModel,
+                Runner = new CpuRunnerFactory(1),
+                Mode = InjectionMode.Latent,
+                Projection = ProjectionKind.File,
+                ProjectionPath = path,
+                Notices = TextWriter.Null,
+                KvCacheTokens = 256,
+            };
+            var ex = Assert.Throws<NotSupportedException>(() => InferenceEngine.Create(options));
+            Assert.Contains(path, ex.Message, StringComparison.Ordinal);
+            Assert.Contains("first 2 answer tokens", ex.Message, StringComparison.Ordinal);
+        }
+        finally
+        {
+            Directory.Delete(temp, recursive: true);
+        }
+    }
+
+    [InjectionReferenceFact]
     public void LogprobsWithTheInjectionMatchPyTorchWithin1e4()
     {
         using var reference = new InjectionReference();

@@ -546,6 +546,45 @@ public class ContextInjectorTests
         }
     }
 
+    [Fact]
+    public void AnAttnFileWithAnswerPositionsGivesOneVectorForEachFromItsOwnQueries()
+    {
+        using var dir = new TempDir();
+        const int Hidden = 10;
+        var embeddings = ArrayEmbeddings.Random(20, Hidden, 33);
+        var (tensors, metadata) = AttnFile(Hidden, 6, width: 8, heads: 2, queries: 3, layers: 1, seed: 70);
+        string single = dir.File("single.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(single, tensors, metadata: metadata);
+        // The same reader with 2 answer positions: position 0 keeps the file's 3 queries, position 1 gets 3 others.
+        var queries = tensors.Single(t => t.Name == "attn.queries").Data;
+        float[] other = [.. queries.Select((q, i) => q * -0.7f + (0.05f * i))];
+        var two = tensors.Select(t => t.Name == "attn.queries" ? (t.Name, new[] { 6, 8 }, (float[])[.. queries, .. other]) : t).ToList();
+        var twoMetadata = new Dictionary<string, string>(metadata) { ["answer_positions"] = "2" };
+        string positions = dir.File("positions.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(positions, two, metadata: twoMetadata);
+
+        var one = ContextInjector.LoadFromFile(embeddings, single);
+        var each = ContextInjector.LoadFromFile(embeddings, positions);
+        Assert.Equal(1, one.AnswerPositions);
+        Assert.Equal(2, each.AnswerPositions);
+        Assert.Contains("3 queries, 1 layers, 2 answer positions]", each.Description, StringComparison.Ordinal);
+        int[] ids = [1, 2, 3, 4];
+        var v = new float[Hidden];
+        one.ComputeInjection(ids, 0.5f, v);
+        var both = new float[2 * Hidden];
+        double norm = each.ComputeInjection(ids, 0.5f, both);
+        Assert.Equal(Math.Sqrt(both.Sum(x => (double)x * x)), norm, 1e-9);
+        // Position 0 pools with the single file's queries and shares its output map: the same vector.
+        Assert.Equal(v, both[..Hidden]);
+        Assert.NotEqual(v, both[Hidden..]);
+        var ex = Assert.Throws<ArgumentException>(() => each.ComputeInjection(ids, 1f, new float[Hidden]));
+        Assert.Contains("2 vectors of the hidden size 10", ex.Message, StringComparison.Ordinal);
+        // No present row: every vector is zero.
+        Array.Clear(embeddings.Table, 5 * Hidden, Hidden);
+        Assert.Equal(0, each.ComputeInjection([5], 1f, both));
+        Assert.All(both, x => Assert.Equal(0f, x));
+    }
+
     [Theory]
     [InlineData("context", null, "embed-seq:T")]
     [InlineData("context", "embed-mean", "embed-seq:T")]
@@ -563,6 +602,10 @@ public class ContextInjectorTests
     [InlineData("activation", "relu", "silu")]
     [InlineData("width", "16", "\"width\"")]
     [InlineData("queries", "2", "\"queries\"")]
+    [InlineData("answer_positions", "0", "\"answer_positions\"")]
+    [InlineData("answer_positions", "two", "\"answer_positions\"")]
+    [InlineData("answer_positions", "2", "\"answer_positions\" 2 does not divide")]
+    [InlineData("answer_positions", "3", "\"queries\" is \"3\"")]
     [InlineData("kind", "mlp", "mlp projector, which reads only")]
     public void AttnFilesWithMetadataThisEngineCannotHonourAreRejected(string key, string? value, string mentioned)
     {

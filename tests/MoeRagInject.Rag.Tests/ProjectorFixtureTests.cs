@@ -3,8 +3,9 @@ using System.Text.Json.Nodes;
 namespace MoeRagInject.Rag.Tests;
 
 /// <summary>
-/// Files that tools/projector writes (Python) read by the engine as they were meant: projector files (linear, mlp and an
-/// attention reader over 3 rows, one case cut at them) against a Python double-precision oracle, and the retriever against the Python replica that picks the training passages.
+/// Files that tools/projector writes (Python) read by the engine as they were meant: projector files (linear, mlp, an
+/// attention reader over 3 rows, one case cut at them, and the same reader with one vector for each of 2 answer
+/// positions) against a Python double-precision oracle, and the retriever against the Python replica that picks the training passages.
 /// </summary>
 public sealed class ProjectorFixtureTests
 {
@@ -33,7 +34,7 @@ public sealed class ProjectorFixtureTests
         float[] table = [.. fixture["embeddings"]!.AsArray().Select(v => (float)v!.GetValue<double>())];
         var embeddings = new ArrayEmbeddings(table, vocab, hidden);
         var cases = fixture["cases"]!.AsArray();
-        Assert.Equal(9, cases.Count);
+        Assert.Equal(12, cases.Count);
         foreach (var c in cases)
         {
             var file = c!["file"]!.GetValue<string>();
@@ -44,10 +45,13 @@ public sealed class ProjectorFixtureTests
             float alpha = (float)c["alpha"]!.GetValue<double>();
             Assert.Equal(alpha, injector.Alpha);
             int[] ids = [.. c["token_ids"]!.AsArray().Select(x => x!.GetValue<int>())];
-            var actual = new float[hidden];
+            int positions = c["answer_positions"]!.GetValue<int>();
+            Assert.Equal(positions, injector.AnswerPositions);
+            var actual = new float[positions * hidden];
             injector.ComputeInjection(ids, alpha, actual);
             var expected = c["expected"]!.AsArray().Select(x => x!.GetValue<double>()).ToArray();
-            for (int i = 0; i < hidden; i++)
+            Assert.Equal(actual.Length, expected.Length);
+            for (int i = 0; i < actual.Length; i++)
             {
                 Assert.True(Math.Abs(expected[i] - actual[i]) < 1e-5 * Math.Max(1, Math.Abs(expected[i])), $"{file} {string.Join(",", ids)}: v[{i}] = {actual[i]}, oracle {expected[i]}");
             }

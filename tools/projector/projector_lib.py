@@ -142,17 +142,27 @@ ATTN_PREFIX = "attn."
 ATTN_SHAPE_KEYS = ("width", "heads", "queries", "encoder_layers", "layer_norm_eps")  # __metadata__ besides the common keys
 
 
-def attn_metadata(layers, alpha, length, width, heads, queries, encoder_layers, eps=1e-5, extra=None):
-    """The __metadata__ of an attn projector file (ContextInjector.ProjectorArchitecture.Attn)."""
+def attn_metadata(layers, alpha, length, width, heads, queries, encoder_layers, eps=1e-5, extra=None, answer_positions=1):
+    """The __metadata__ of an attn projector file (ContextInjector.ProjectorArchitecture.Attn). queries: pooling queries
+    of one vector; answer_positions K > 1 (written only then): one vector for each of the first K answer tokens, the
+    tensor attn.queries holding K sets of `queries` rows, position by position."""
     meta = projector_metadata("attn", layers, alpha, "silu", extra, context=f"embed-seq:{length}")
     meta.update({"width": str(width), "heads": str(heads), "queries": str(queries), "encoder_layers": str(encoder_layers),
                  "layer_norm_eps": repr(float(eps))})
+    if answer_positions > 1:
+        meta["answer_positions"] = str(answer_positions)
     return meta
+
+
+def attn_answer_positions(metadata):
+    """K of an attn file's metadata: 1 (one vector) unless "answer_positions" says more."""
+    return int(metadata.get("answer_positions", "1"))
 
 
 def apply_attn_file(tensors, metadata, c):
     """An attn projector file's function from its tensors and metadata alone, in torch's functional ops (not the training
-    module): c [bags, T * hidden] (embed-seq:T, zero rows past the passages' end) -> v [bags, hidden], before alpha.
+    module): c [bags, T * hidden] (embed-seq:T, zero rows past the passages' end) -> v [bags, hidden], before alpha
+    ([bags, K, hidden] for a file with K > 1 answer positions: each position pools with its own queries).
     A row is present when it is not all zeros; z = (row - mu) / sigma on present rows, 0 elsewhere; h = in(z) + pos;
     pre-LayerNorm blocks (softmax attention over the present rows, feed-forward with SiLU); final LayerNorm; each query
     pools softmax(key(h) . query / sqrt(width)) over the present rows of value(h); v = out(the pooled rows side by side).
@@ -187,15 +197,17 @@ def apply_attn_file(tensors, metadata, c):
     values = F.linear(h, t["value.weight"], t["value.bias"])
     scores = (keys @ t["queries"].T).transpose(1, 2) / math.sqrt(width)  # [n, Q, T]
     att = torch.softmax(scores.masked_fill(~keep[:, None, :], float("-inf")), -1)
-    pooled = (att @ values).reshape(n, -1)  # query-major: [query 0's width values, query 1's, ...]
-    v = F.linear(pooled, t["out.weight"], t["out.bias"])
-    return v * nonempty[:, None].to(v.dtype)
+    k = attn_answer_positions(metadata)
+    pooled = (att @ values).reshape(n, k, -1)  # per position, query-major: [query 0's width values, query 1's, ...]
+    v = F.linear(pooled, t["out.weight"], t["out.bias"]) * nonempty[:, None, None].to(values.dtype)
+    return v if k > 1 else v[:, 0]
 
 
 def apply_attn_python(weights, metadata, rows):
     """Pure-Python double-precision attn reader (the format fixture's oracle), written from the description of
     apply_attn_file, not from it: weights name -> (shape, flat list); rows: T lists of `hidden` values, all zeros past
-    the passages' end -> v before alpha. Absent rows are never keys, so only present rows are computed."""
+    the passages' end -> v before alpha (with K > 1 answer positions, the K vectors one after the other). Absent rows
+    are never keys, so only present rows are computed."""
     t = {k[len(ATTN_PREFIX):]: v for k, v in weights.items() if k.startswith(ATTN_PREFIX)}
     heads, eps = int(metadata["heads"]), float(metadata["layer_norm_eps"])
     (width, hidden), _ = t["in.weight"]
@@ -220,9 +232,10 @@ def apply_attn_python(weights, metadata, rows):
     def plus(x, y):
         return [a + b for a, b in zip(x, y)]
 
+    positions = attn_answer_positions(metadata)
     present = [r for r, row in enumerate(rows) if any(v != 0 for v in row)]
     if not present:
-        return [0.0] * hidden
+        return [0.0] * (hidden * positions)
     mu, sigma, pos = t["mu"][1], t["sigma"][1], t["pos"][1]
     h = {r: plus(lin("in", [(rows[r][d] - mu[d]) / sigma[d] for d in range(hidden)]), pos[r * width:(r + 1) * width])
          for r in present}
@@ -244,12 +257,16 @@ def apply_attn_python(weights, metadata, rows):
     keys = {r: lin("key", h[r]) for r in present}
     values = {r: lin("value", h[r]) for r in present}
     (n_queries, _), queries = t["queries"]
-    pooled = []
-    for qi in range(n_queries):
-        q = queries[qi * width:(qi + 1) * width]
-        w = softmax([sum(q[c] * keys[r][c] for c in range(width)) / math.sqrt(width) for r in present])
-        pooled += [sum(w[j] * values[r][c] for j, r in enumerate(present)) for c in range(width)]
-    return lin("out", pooled)
+    per_position = n_queries // positions
+    out = []
+    for position in range(positions):
+        pooled = []
+        for qi in range(position * per_position, (position + 1) * per_position):
+            q = queries[qi * width:(qi + 1) * width]
+            w = softmax([sum(q[c] * keys[r][c] for c in range(width)) / math.sqrt(width) for r in present])
+            pooled += [sum(w[j] * values[r][c] for j, r in enumerate(present)) for c in range(width)]
+        out += lin("out", pooled)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -766,8 +783,8 @@ def greedy(model, prompts, max_new, inject=None, start_offsets=None, stop_ids=(E
 # ----------------------------------------------------------------------------
 
 def write_format_fixture(out_dir):
-    """Three tiny projector files (linear, mlp, attn) written by this module and the injections a double-precision Python
-    oracle gives for them, for ProjectorFixtureTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format
+    """Four tiny projector files (linear, mlp, attn, and attn with 2 answer positions) written by this module and the
+    injections a double-precision Python oracle gives for them, for ProjectorFixtureTests.PythonWrittenProjectorsGiveThePythonOraclesInjection: the format
     round-trips."""
     import random
     rng = random.Random(11)
@@ -803,11 +820,16 @@ def write_format_fixture(out_dir):
                  "attn.value.weight": ([width, width], values(width * width, 0.6)), "attn.value.bias": ([width], values(width, 0.1)),
                  "attn.out.weight": ([hidden, queries * width], values(hidden * queries * width, 0.6)), "attn.out.bias": ([hidden], values(hidden, 0.2))})
     files["format-attn.safetensors"] = ("attn", "silu", [0, 1], 0.5, attn)
+    # The same reader with one vector for each of the first 2 answer positions: its own 2 queries each.
+    positions = 2
+    files["format-attn-positions.safetensors"] = ("attn", "silu", [1], 0.8, {
+        **attn, "attn.queries": ([positions * queries, width], values(positions * queries * width, 0.8))})
     bags = [[0], [3, 1, 3, 6], [5, 2]]
     cases = []
     os.makedirs(out_dir, exist_ok=True)
     for fn, (kind, activation, layers, alpha, tensors) in files.items():
-        metadata = (attn_metadata(layers, alpha, length, width, heads, queries, blocks) if kind == "attn"
+        metadata = (attn_metadata(layers, alpha, length, width, heads, queries, blocks,
+                                  answer_positions=positions if "positions" in fn else 1) if kind == "attn"
                     else projector_metadata(kind, layers, alpha, activation))
         write_safetensors(os.path.join(out_dir, fn), tensors, metadata)
         # The oracle reads back what was written (float32), so that it computes exactly the file's function.
@@ -827,7 +849,8 @@ def write_format_fixture(out_dir):
             else:
                 c = [sum(table[i * hidden + d] for i in ids) / len(ids) for d in range(hidden)]
                 v = [alpha * x for x in apply_projector_python(stored, kind, c, activation or "silu")]
-            cases.append({"file": fn, "kind": kind, "layers": layers, "alpha": alpha, "token_ids": ids, "expected": v})
+            cases.append({"file": fn, "kind": kind, "layers": layers, "alpha": alpha, "token_ids": ids,
+                          "answer_positions": attn_answer_positions(metadata), "expected": v})
     fixture = {"note": "written by tools/projector/projector_lib.py --write-format-fixture (pure Python, double precision)",
                "vocab": vocab, "hidden": hidden, "embeddings": table, "cases": cases}
     with open(os.path.join(out_dir, "format-fixture.json"), "w", encoding="utf-8") as f:

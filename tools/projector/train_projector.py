@@ -477,8 +477,8 @@ def make_reader(kind, hidden, length, mu, sigma, args):
             return {attn_file_name(k): v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
 
         def attn_metadata(self, layers, alpha, extra=None):
-            return pl.attn_metadata(layers, alpha, length, self.pos.shape[1], args.attn_heads, self.queries.shape[0],
-                                    len(self.blocks), self.norm.eps, extra)
+            return pl.attn_metadata(layers, alpha, length, self.pos.shape[1], args.attn_heads, self.queries.shape[0] // self.positions,
+                                    len(self.blocks), self.norm.eps, extra, answer_positions=self.positions)
 
     return Reader()
 
@@ -496,9 +496,11 @@ def load_attn_reader(tensors, metadata):
     import torch
     length = int(metadata["context"].split(":")[1])
     width, hidden = tensors[pl.ATTN_PREFIX + "in.weight"].shape
+    positions = pl.attn_answer_positions(metadata)
     shape = types.SimpleNamespace(attn_width=int(width), attn_heads=int(metadata["heads"]),
-                                  attn_queries=int(tensors[pl.ATTN_PREFIX + "queries"].shape[0]),
-                                  attn_layers=int(metadata["encoder_layers"]), dropout=0.0)
+                                  attn_queries=int(tensors[pl.ATTN_PREFIX + "queries"].shape[0]) // positions,
+                                  attn_layers=int(metadata["encoder_layers"]), dropout=0.0,
+                                  answer_positions=positions if positions > 1 else 0)
     reader = make_reader("attn", int(hidden), length, tensors[pl.ATTN_PREFIX + "mu"], tensors[pl.ATTN_PREFIX + "sigma"], shape)
     state = {k: tensors[attn_file_name(k)] for k in reader.state_dict()}
     unused = sorted(set(tensors) - {attn_file_name(k) for k in state})
@@ -824,10 +826,10 @@ def train(args, data):
     proj.eval()
 
     path = os.path.join(out_model, "projector.safetensors")
-    if args.arch == "poswise" or args.answer_positions:
+    if args.arch == "poswise":
         path, size, roundtrip = None, None, None
-        log("export skipped: ContextInjector's file format has no poswise projector nor one vector an answer position (experiments); "
-            "the training facts are still written")
+        log("export skipped: ContextInjector's file format has no poswise projector (an experiment); the training facts "
+            "are still written")
     else:
         tensors = proj.export()
         meta_extra = {"trained_by": "tools/projector/train_projector.py", "best_step": best_step}
@@ -907,7 +909,8 @@ def main():
     ap.add_argument("--attn-queries", type=int, default=4, help="--arch attn: learned pooling queries (concatenated)")
     ap.add_argument("--answer-positions", type=int, default=0,
                     help="--arch attn: K > 0 makes one vector for each of the first K answer tokens (its own queries), "
-                         "added at the position that predicts that token, none after (an experiment the engine does not run)")
+                         "added at the position that predicts that token, none after (the engine reads such a file but "
+                         "does not inject it yet)")
     ap.add_argument("--dropout", type=float, default=0.1, help="--arch attn: dropout in the encoder")
     ap.add_argument("--layers", default="0,1,2,3", help="injection layers (the file names them; eval injects there)")
     ap.add_argument("--alpha", type=float, default=1.0, help="alpha in v = alpha * f(c) during training (written to the file)")
@@ -957,6 +960,8 @@ def main():
         ap.error(f"--arch {args.arch} reads the ordered rows of --context embed-seq:T; it cannot take --context {args.context}")
     if args.answer_positions and args.arch != "attn":
         ap.error("--answer-positions needs --arch attn")
+    if args.answer_positions == 1 or args.answer_positions < 0:
+        ap.error(f"--answer-positions {args.answer_positions}: 0 (one vector for every position) or K >= 2")
     text = args.replace_rates
     try:
         args.replace_rates = tuple(float(r) for r in text.split(","))
