@@ -25,8 +25,13 @@ public interface IModelRunner : IDisposable
     /// <summary>Writes KV block ids into the slot's block table from entry <paramref name="firstIndex"/> on.</summary>
     void SetBlocks(int slot, int firstIndex, ReadOnlySpan<int> blocks);
 
-    /// <summary>Adds <paramref name="vector"/> (already scaled) after <paramref name="layers"/> at positions [start, end) of the slot's sequence.</summary>
-    void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end);
+    /// <summary>
+    /// Adds <paramref name="vector"/> (already scaled) after <paramref name="layers"/> at positions [start, end) of the slot's
+    /// sequence. With K vectors of the hidden size one after the other (a projector with one vector an answer position),
+    /// vector p − <paramref name="answerBase"/> at position p, none from answerBase + K on; each step then holds at most one
+    /// row of the slot at those positions (decode rows), and the runner writes that row's vector into the slot's injection.
+    /// </summary>
+    void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end, int answerBase = -1);
 
     void ClearInjection(int slot);
 

@@ -128,10 +128,23 @@ public sealed class ModelRunner : IModelRunner
         _step.BlocksChanged(slot, firstIndex, blocks.Length);
     }
 
-    public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end)
+    public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end, int answerBase = -1)
     {
         CheckSlot(slot);
-        if (vector.Length != Config.HiddenSize) throw new ArgumentException($"the injection vector has {vector.Length} values; the hidden size is {Config.HiddenSize}");
+        var hidden = Config.HiddenSize;
+        if (vector.Length == 0 || vector.Length % hidden != 0)
+            throw new ArgumentException($"the injection has {vector.Length} values; it must be one or more vectors of the hidden size {hidden}");
+        _positionVectors.Remove(slot);
+        if (vector.Length > hidden)
+        {
+            var count = vector.Length / hidden;
+            if (answerBase < 0 || start < answerBase)
+                throw new ArgumentException($"{count} injection vectors (one an answer position) need the answer's base position at or before the start {start}, not {answerBase}");
+            end = Math.Min(end, answerBase + count);
+            var first = Math.Min(start - answerBase, count - 1);
+            _positionVectors[slot] = new PositionVectors(vector.ToArray(), answerBase) { Current = first };
+            vector = vector.Slice(first * hidden, hidden);
+        }
         vector.CopyTo(State.InjectionVector(slot));
         var scales = State.InjectionScale(slot);
         scales.Clear();
@@ -152,8 +165,46 @@ public sealed class ModelRunner : IModelRunner
         _step.SlotChanged(slot);
     }
 
+    /// <summary>A slot's injection with one vector an answer position: all K vectors, and the position of vector 0.</summary>
+    private sealed record PositionVectors(float[] Vectors, int AnswerBase)
+    {
+        public int Current { get; set; } = -1;
+    }
+
+    private readonly Dictionary<int, PositionVectors> _positionVectors = [];
+
+    /// <summary>
+    /// For slots injecting one vector an answer position: the vector of the step's row of the slot (by its position) goes
+    /// into the slot's injection, uploaded with the step. A step may hold only one such row a slot.
+    /// </summary>
+    private void SelectPositionVectors()
+    {
+        if (_positionVectors.Count == 0) return;
+        var s = State;
+        var hidden = Config.HiddenSize;
+        for (var i = 0; i < s.Sequences; i++)
+        {
+            var slot = s.SeqSlot[i];
+            if (slot < 0 || !_positionVectors.TryGetValue(slot, out var vectors)) continue;
+            int start = s.InjectionStart[slot], end = s.InjectionEnd[slot], chosen = -1;
+            for (var r = s.QueryStart[i]; r < s.QueryStart[i + 1]; r++)
+            {
+                var position = s.Positions[r];
+                if (position < start || position >= end) continue;
+                if (chosen >= 0)
+                    throw new InvalidOperationException($"slot {slot} injects one vector an answer position, but the step holds several of its rows at positions {start}..{end - 1}");
+                chosen = position - vectors.AnswerBase;
+            }
+            if (chosen < 0 || chosen == vectors.Current) continue;
+            vectors.Vectors.AsSpan(chosen * hidden, hidden).CopyTo(s.InjectionVector(slot));
+            vectors.Current = chosen;
+            _step.SlotChanged(slot);
+        }
+    }
+
     private void ClearInjectionState(int slot)
     {
+        _positionVectors.Remove(slot);
         State.InjectionScale(slot).Clear();
         State.InjectionStart[slot] = int.MaxValue;
         State.InjectionEnd[slot] = int.MaxValue;
@@ -190,6 +241,7 @@ public sealed class ModelRunner : IModelRunner
             var real = s.Sequences;
             Pad(bucket);
             PrepareRows();
+            SelectPositionVectors();
             _step.Upload();
             if (!_captured.TryGetValue(bucket, out var graph))
             {
@@ -203,6 +255,7 @@ public sealed class ModelRunner : IModelRunner
             return;
         }
         PrepareRows();
+        SelectPositionVectors();
         _step.Upload();
         _model.Step(_buffers, _cache, _step, s.Rows, s.Sequences, StepProbe);
         _step.Download();
@@ -283,6 +336,7 @@ public sealed class ModelRunner : IModelRunner
         s.Rows = row;
         s.QueryStart[sequences.Count] = row;
         PrepareRows();
+        SelectPositionVectors();
         _step.Upload();
 
         var hidden = Config.HiddenSize;

@@ -41,7 +41,8 @@ public sealed class NullRunner : IModelRunner
 
     public void SetBlocks(int slot, int firstIndex, ReadOnlySpan<int> blocks) => blocks.CopyTo(State.BlockTable(slot)[firstIndex..]);
 
-    public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end) => vector.CopyTo(State.InjectionVector(slot));
+    public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end, int answerBase = -1) =>
+        vector[..State.HiddenSize].CopyTo(State.InjectionVector(slot));
 
     public void ClearInjection(int slot)
     {

@@ -30,10 +30,6 @@ public static class InferenceEngine
                     options.ProjectionPath ?? throw new ArgumentException("a projection file is needed for --injector-proj file")),
                 _ => ContextInjector.CreateRandom(loaded.Embeddings, options.ProjectionSeed),
             };
-            if (injector.AnswerPositions > 1)
-                throw new NotSupportedException(
-                    $"{options.ProjectionPath}: the projector makes one vector for each of the first {injector.AnswerPositions} answer tokens " +
-                    "(metadata \"answer_positions\"); the engine does not inject such vectors yet (docs/eval/answer-positions.md)");
             if (options.Retriever is { } spec)
                 retriever = RetrieverFactory.Create(spec, Path.Combine(Path.GetTempPath(), "moe-rag-inject", "index-cache"));
             return new LlmEngine(options, loaded, retriever, injector, probe);

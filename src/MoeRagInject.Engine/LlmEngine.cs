@@ -85,6 +85,8 @@ public sealed class LlmEngine : IGenerationEngine
     private int _accepted;
     /// <summary>When the current step's results were ready: the time stamp its tokens carry.</summary>
     private long _resultsTicks;
+    /// <summary>Whether a latent trigger restarts the answer: the projector makes one vector an answer position.</summary>
+    private readonly bool _latentRestart;
     private volatile EngineStatus _status;
 
     internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector, RouterProbe? probe = null)
@@ -95,6 +97,7 @@ public sealed class LlmEngine : IGenerationEngine
         RouterProbe = probe;
         _runner = loaded.Runner;
         Tokenizer = loaded.Tokenizer;
+        _latentRestart = injector.AnswerPositions > 1;
         foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers),
                      ("the projector's injection layer", injector.Layers) })
             foreach (var layer in layers ?? [])
@@ -488,13 +491,14 @@ public sealed class LlmEngine : IGenerationEngine
     }
 
     /// <summary>
-    /// Gives an accepted token to the request's output, or holds it back while a prompt-mode trigger may still restart the
-    /// answer (the first <see cref="EngineOptions.PromptRestartWindowTokens"/> tokens), so that no token the client got is
-    /// ever dropped. Held tokens go out, in order, as soon as no restart can come.
+    /// Gives an accepted token to the request's output, or holds it back while a prompt-mode trigger, or a latent one with
+    /// one vector an answer position, may still restart the answer (the first
+    /// <see cref="EngineOptions.PromptRestartWindowTokens"/> tokens), so that no token the client got is ever dropped. Held
+    /// tokens go out, in order, as soon as no restart can come.
     /// </summary>
     private void Emit(Sequence s, in TokenOutput token, ReadOnlySpan<float> entropies)
     {
-        if (s.Mode == InjectionMode.Prompt && _options.PromptRagRestart == PromptRagRestart.Answer
+        if ((s.Mode == InjectionMode.Prompt && _options.PromptRagRestart == PromptRagRestart.Answer || s.Mode == InjectionMode.Latent && _latentRestart)
             && s.Generated.Count < EngineOptions.PromptRestartWindowTokens)
         {
             s.Held.Add((token, entropies.ToArray()));
@@ -564,7 +568,24 @@ public sealed class LlmEngine : IGenerationEngine
         s.Output.AddEvent(outcome.Event);
         if (outcome.Vector is { } vector)
         {
-            _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, outcome.Position, outcome.InjectionEnd);
+            // With one vector an answer position, vector i goes at the position that predicts answer token i.
+            var answerBase = s.Context.Count - 1;
+            if (outcome.RestartAnswer)
+            {
+                // The answer starts again from its first token with vector 0: its held tokens were never sent, its
+                // penalties start afresh, and the last context position is computed again with the injection.
+                s.Generated.Clear();
+                s.Held.Clear();
+                s.Trigger.RestartAnswer();
+                _runner.BindSlot(s.Slot, ToSlotSampling(s.Sampling), s.OriginalPrompt);
+                _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, answerBase, outcome.InjectionEnd, answerBase);
+                s.InjectionStart = answerBase;
+                s.Computed = answerBase;
+                s.RecomputeTokenIndex = -1;
+                _scheduler.Resume(s);
+                return;
+            }
+            _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, outcome.Position, outcome.InjectionEnd, answerBase);
             s.InjectionStart = outcome.Position;
         }
         else if (outcome.Context is { } context)

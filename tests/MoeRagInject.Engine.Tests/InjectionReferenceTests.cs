@@ -83,43 +83,6 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         c => new RunnerOptions { MaxSequences = 1, MaxRows = 256, ContextLength = 256, KvCacheTokens = 256 });
 
     [InjectionReferenceFact]
-    public void AProjectorWithAnswerPositionsIsRefusedUntilTheEngineInjectsThem()
-    {
-        // The reference's attn reader rewritten with a second set of queries: one vector for each of 2 answer tokens.
-        var temp = Directory.CreateTempSubdirectory("moe-rag-positions-").FullName;
-        try
-        {
-            string path = Path.Combine(temp, "positions.safetensors");
-            using (var file = new SafeTensorsFile(Path.Combine(InjectionReference.Folder, "projector-attn.safetensors")))
-            {
-                var tensors = file.Tensors.Values.Select(t => t.Name == "attn.queries"
-                    ? (t.Name, new[] { 2 * t.Shape[0], t.Shape[1] }, (float[])[.. t.ToFloatArray(), .. t.ToFloatArray()])
-                    : (t.Name, t.Shape, t.ToFloatArray())).ToList();
-                var metadata = new Dictionary<string, string>(file.Metadata) { ["answer_positions"] = "2" };
-                SafeTensorsFile.Write(path, tensors, metadata: metadata);
-            }
-
-            var options = new EngineOptions
-            {
-                ModelPath = TestPaths.DemoModel,
-                Runner = new CpuRunnerFactory(1),
-                Mode = InjectionMode.Latent,
-                Projection = ProjectionKind.File,
-                ProjectionPath = path,
-                Notices = TextWriter.Null,
-                KvCacheTokens = 256,
-            };
-            var ex = Assert.Throws<NotSupportedException>(() => InferenceEngine.Create(options));
-            Assert.Contains(path, ex.Message, StringComparison.Ordinal);
-            Assert.Contains("first 2 answer tokens", ex.Message, StringComparison.Ordinal);
-        }
-        finally
-        {
-            Directory.Delete(temp, recursive: true);
-        }
-    }
-
-    [InjectionReferenceFact]
     public void LogprobsWithTheInjectionMatchPyTorchWithin1e4()
     {
         using var reference = new InjectionReference();
@@ -145,13 +108,15 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                     injector.SequenceLength is { } t ? ContextInjector.EmbedSeqContextPrefix + t : ContextInjector.EmbedMeanContext);
                 Assert.Equal(c.Layers, injector.Layers);
                 Assert.Equal(c.Alpha, injector.Alpha);
-                var vector = new float[config.HiddenSize];
+                // A reader with one vector an answer position makes K vectors (vector k for answer token k).
+                var vector = new float[injector.AnswerPositions * config.HiddenSize];
+                Assert.Equal(expectedVector.Length, vector.Length);
                 injector.ComputeInjection(c.PassageIds, c.Alpha, vector);
                 var scale = Math.Max(1.0, expectedVector.Max(v => Math.Abs(v)));
                 for (var h = 0; h < vector.Length; h++)
                     Assert.True(Math.Abs(vector[h] - expectedVector[h]) <= 1e-5 * scale, $"{c.Name}: v[{h}] = {vector[h]} vs {expectedVector[h]}");
                 output.WriteLine($"{c.Name}: {injector.Description}: max |Δ v| = {vector.Zip(expectedVector, (a, b) => Math.Abs(a - b)).Max():E3}");
-                runner.SetInjection(0, vector, c.Layers, c.StartPosition, int.MaxValue);
+                runner.SetInjection(0, vector, c.Layers, c.StartPosition, int.MaxValue, answerBase: c.PromptIds.Length - 1);
             }
             else
             {
@@ -159,14 +124,14 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 runner.ClearInjection(0);
             }
 
-            var forward = runner.Forward(c.FullIds);
+            var logits = LogitRows(runner, c, positionVectors: expectedVector.Length > config.HiddenSize);
             var theirs = reference.Tensor("logprobs", i);
             var vocab = config.VocabSize;
             var rows = new double[c.FullIds.Length][];
             double worst = 0;
             for (var row = 0; row < c.FullIds.Length; row++)
             {
-                rows[row] = Sampler.LogSoftmax(forward.LogitRow(row));
+                rows[row] = Sampler.LogSoftmax(logits[row]);
                 for (var v = 0; v < vocab; v++) worst = Math.Max(worst, Math.Abs(rows[row][v] - theirs[row * vocab + v]));
             }
             output.WriteLine($"{c.Name}: max |Δ logprob| = {worst:E3} over {c.FullIds.Length} positions × {vocab}, {c.PassageIds.Length} passage tokens");
@@ -188,9 +153,24 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         Assert.True(Enumerable.Range(start, injected.Length - start).Max(r => injected[r].Zip(plain[r], (a, b) => Math.Abs(a - b)).Max()) > 0.5);
     }
 
+    /// <summary>
+    /// Every position's logits, in one step; with one vector an answer position, the positions from the injection's start
+    /// one step each (as the engine decodes them), since a step may hold only one injected row of such a slot.
+    /// </summary>
+    private static float[][] LogitRows(IModelRunner runner, InjectionCase c, bool positionVectors)
+    {
+        var split = positionVectors ? c.StartPosition : c.FullIds.Length;
+        var forward = runner.Forward(c.FullIds[..split]);
+        var rows = Enumerable.Range(0, split).Select(r => forward.LogitRow(r).ToArray()).ToList();
+        for (var p = split; p < c.FullIds.Length; p++)
+            rows.Add(runner.Forward([c.FullIds[p]], start: p).LogitRow(0).ToArray());
+        return [.. rows];
+    }
+
     [InjectionReferenceTheory]
     [InlineData("mlp-heldout-j0")]
     [InlineData("attn-heldout-j0")]
+    [InlineData("attnpos-heldout-j0")]
     public async Task TheEngineGeneratesPyTorchsTokensWhenItsTriggerFiresAtTheFirstAnswerToken(string name)
     {
         using var reference = new InjectionReference();
@@ -237,6 +217,8 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
             Assert.Equal(c.Passages, e.Snippets);
             var expectedNorm = Math.Sqrt(reference.Tensor("vector", reference.Cases.ToList().IndexOf(c)).Sum(v => (double)v * v));
             Assert.Equal(expectedNorm, e.InjectionNorm, 3);
+            // One vector an answer position restarts the answer (none to drop here: the trigger fired at its first token).
+            Assert.Equal(name.StartsWith("attnpos", StringComparison.Ordinal) ? "answer" : null, e.Restart);
             Assert.Equal(c.GeneratedIds, tokens);
         }
         finally

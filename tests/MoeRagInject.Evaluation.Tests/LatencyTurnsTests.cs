@@ -109,8 +109,8 @@ public sealed class LatencyTurnsTests : IDisposable
             public StepState State => inner.State;
             public void BindSlot(int slot, SlotSampling sampling, ReadOnlySpan<int> promptIds) => inner.BindSlot(slot, sampling, promptIds);
             public void SetBlocks(int slot, int firstIndex, ReadOnlySpan<int> blocks) => inner.SetBlocks(slot, firstIndex, blocks);
-            public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end) =>
-                inner.SetInjection(slot, vector, layers, start, end);
+            public void SetInjection(int slot, ReadOnlySpan<float> vector, IReadOnlyList<int> layers, int start, int end, int answerBase = -1) =>
+                inner.SetInjection(slot, vector, layers, start, end, answerBase);
             public void ClearInjection(int slot) => inner.ClearInjection(slot);
             public void AcceptToken(int slot, int token) => inner.AcceptToken(slot, token);
 

@@ -11,6 +11,8 @@ The projectors are small and seeded, written by this script (not the trained one
     projector-linear.safetensors  linear proj + bias, layers 1,3, alpha 0.5
     projector-attn.safetensors    attn over embed-seq:32 (width 64, 2 heads, 2 queries, 2 encoder layers), layers 0,2,
                                   alpha 0.8 (its own RNG, so the other two files and cases 0-2 stay as they were)
+    projector-attn-positions.safetensors  the attn reader with one vector for each of the first 6 answer tokens (its
+                                  own RNG's queries for every position)
 Cases (reference.json "cases"; tensors logprobs.<i> [T, V], vector.<i> [hidden], c.<i> [hidden], or [32, hidden] for attn):
     0 mlp, a held-out term's question, its passage and two taught ones, trigger at answer token 0
     1 linear, a taught term's question, two passages, trigger at answer token 2 (the first two tokens un-injected), alpha 0.5
@@ -19,12 +21,15 @@ Cases (reference.json "cases"; tensors logprobs.<i> [T, V], vector.<i> [hidden],
       32), trigger at answer token 0
     4 attn, a taught term's question, one passage of fewer than 32 tokens (the rows past its end are masked), trigger at
       answer token 1
+    5 attn with 6 answer positions, a held-out term's question, its passage and two taught ones, trigger at answer token
+      0 (vector.5 [6, hidden]: vector k at the position that predicts answer token k; none from token 6 on)
 Each case's tokens are the prompt plus 12 greedy tokens generated with the injection as the engine applies it. An attn
 case's v is computed twice from the file's tensors, by train_projector.make_reader's module and by projector_lib's
 functional apply_attn_file, which must agree; its injection must move some log-probability by more than 0.5.
 
 Output under --out in the repository's layout: tests/data/reference/demo-injection/{projector-mlp.safetensors,
-projector-linear.safetensors, projector-attn.safetensors, reference.json, reference.safetensors}. Runs on the CPU in about a minute.
+projector-linear.safetensors, projector-attn.safetensors, projector-attn-positions.safetensors, reference.json,
+reference.safetensors}. Runs on the CPU in about a minute.
     python3 tools/projector/make_injection_reference.py --out "$OUT"
 """
 
@@ -120,6 +125,26 @@ def seeded_attn_projector(out_dir, embed):
     return fn
 
 
+ATTN_POSITIONS = 6  # K of the seeded attn reader with one vector an answer position (fewer than NEW_TOKENS: the cut shows)
+
+
+def seeded_attn_positions_projector(out_dir, attn_file):
+    """The seeded attn reader with one vector for each of the first ATTN_POSITIONS answer tokens: its tensors, and its
+    own RNG's queries for every position (so the other files and cases stay as they were)."""
+    rng = random.Random(20261202)
+    tensors = pl.load_tensors(os.path.join(out_dir, attn_file))
+    _, meta, _ = pl.read_safetensors_header(os.path.join(out_dir, attn_file))
+    queries, width = tensors[pl.ATTN_PREFIX + "queries"].shape
+    tensors = {k: ([int(x) for x in v.shape], v.flatten().tolist()) for k, v in tensors.items()}
+    tensors[pl.ATTN_PREFIX + "queries"] = ([ATTN_POSITIONS * queries, width], gauss(rng, ATTN_POSITIONS * queries * width, 2.0))
+    fn = "projector-attn-positions.safetensors"
+    positions_meta = pl.attn_metadata([0, 2], 0.8, ATTN_LENGTH, int(width), int(meta["heads"]), int(queries), int(meta["encoder_layers"]),
+                                      float(meta["layer_norm_eps"]), extra={"trained_by": "make_injection_reference.py (seeded)"},
+                                      answer_positions=ATTN_POSITIONS)
+    pl.write_safetensors(os.path.join(out_dir, fn), tensors, positions_meta)
+    return fn
+
+
 def attn_vector(tensors, meta, c):
     """f(c) of an attn file by make_reader's module loaded with the file's tensors, checked against the functional path."""
     import torch
@@ -162,13 +187,14 @@ def run_case(model, tok, spec, out_dir):
             v = spec["alpha"] * (attn_vector(tensors, meta, c) if meta["kind"] == "attn" else project(tensors, c))
     j = spec["answer_index"]
     start = len(prompt) - 1 + j
+    base = len(prompt) - 1  # one vector an answer position (v [K, hidden]): vector i at the position that predicts token i
     inject = (v[None], spec["layers"]) if spec["projector"] else None
     generated = spec.get("generated") or pl.greedy(model, [prompt], NEW_TOKENS, inject=inject, start_offsets=[j],
                                                    stop_ids=(), exact=True)[0]
     full = prompt + generated
     with torch.no_grad():
         ids = torch.tensor([full])
-        injection = (v[None], torch.tensor([start]), spec["layers"]) if spec["projector"] else None
+        injection = (v[None], torch.tensor([start]), spec["layers"], torch.tensor([base])) if spec["projector"] else None
         logprobs = torch.log_softmax(model.logits(model(ids, inject=injection, exact=True))[0], -1)
     steps = logprobs[len(prompt) - 1:len(full) - 1]
     top2 = steps.topk(2, -1).values
@@ -205,6 +231,7 @@ def main():
     c_scale = float(model.embed.detach().std())
     files = seeded_projectors(out_dir, model.hidden, c_scale)
     files["attn"] = seeded_attn_projector(out_dir, model.embed.detach())
+    files["attn_positions"] = seeded_attn_positions_projector(out_dir, files["attn"])
 
     def first_with_gap(candidates, make, min_change=0.0):
         """The first candidate whose greedy tokens have a top-2 margin of at least MIN_GAP at every step (and whose
@@ -248,6 +275,13 @@ def main():
         "passages": [r["text"]]}, min_change=0.5)
     specs.append(spec)
     results.append(result)
+    # attn with one vector for each of the first ATTN_POSITIONS answer tokens, trigger at the first answer token.
+    spec, result = first_with_gap(heldout[80:120], lambda r: {
+        "name": "attnpos-heldout-j0", **attn, "projector": files["attn_positions"], "answer_index": 0,
+        "question": f"What is {r['term']}?",
+        "passages": [r["text"]] + [d["text"] for d in random.Random(r["term"]).sample(taught, 2)]}, min_change=0.5)
+    specs.append(spec)
+    results.append(result)
 
     tensors = {}
     cases = []
@@ -278,7 +312,8 @@ def main():
                  "to the residual stream after each layer in `layers` at every position >= start_position; "
                  "c = mean of the embedding rows of passage_ids = tokenize(passage_text) without <s> (context embed-mean, "
                  "the default), or with context embed-seq:T the embedding rows of the first T passage_ids in order, zero "
-                 "rows after the end"),
+                 "rows after the end; a projector with answer_positions K makes K vectors (vector.<i> [K, hidden]), vector "
+                 "k added at position len(prompt_ids) - 1 + k (from start_position on; none past the K-th)"),
         "new_tokens": NEW_TOKENS,
         "cases": cases,
         "tensors": {k: list(v.shape) for k, v in tensors.items()},

@@ -10,7 +10,8 @@ internal sealed record RagTrigger(TriggerDecision Decision, int TokenIndex, int 
     InjectionMode Mode, float Scale, double Threshold, int GeneratedCount);
 
 /// <summary>What a retrieval brings back to the loop: the event, and a vector to inject or a context to rebuild (or neither).</summary>
-/// <param name="RestartAnswer">With <see cref="Context"/>: drop the answer generated so far and generate it again after the context.</param>
+/// <param name="RestartAnswer">With <see cref="Context"/>: drop the answer generated so far and generate it again after the
+/// context; with <see cref="Vector"/> (one vector an answer position): drop it and generate it again with the vectors.</param>
 internal sealed record RagOutcome(RagEvent Event, int TokenIndex, int Position, float[]? Vector, IReadOnlyList<int> InjectionLayers,
     int InjectionEnd, List<int>? Context, bool RestartAnswer = false);
 
@@ -125,7 +126,7 @@ internal sealed class RagCoordinator(
                 {
                     // --injection-layers, else the layers a trained projector was trained for, else the layers that fired.
                     layers = options.InjectionLayers ?? injector.Layers ?? t.Decision.FiredLayers;
-                    vector = new float[hiddenSize];
+                    vector = new float[injector.AnswerPositions * hiddenSize];
                     norm = injector.ComputeInjection(tokenizer.Encode(string.Join("\n", snippets), addSpecialTokens: false), t.Scale, vector);
                     options.Faults?.CorruptInjection(s.Rid, vector);
                     end = options.InjectionTokens is { } n ? t.Position + n : int.MaxValue;
@@ -143,11 +144,15 @@ internal sealed class RagCoordinator(
                 norm = 0;
             }
         }
-        // Prompt mode restarts the answer when it fires within the tokens the loop holds back (PromptRagRestart.Answer).
-        var restart = t.Mode != InjectionMode.Prompt ? null
-            : options.PromptRagRestart == PromptRagRestart.Answer && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue";
+        // Prompt mode restarts the answer when it fires within the tokens the loop holds back (PromptRagRestart.Answer), and
+        // so does latent mode with one vector an answer position (whose vector 0 is for the answer's first token).
+        var restart = t.Mode == InjectionMode.Prompt
+            ? options.PromptRagRestart == PromptRagRestart.Answer && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
+            : t.Mode == InjectionMode.Latent && injector.AnswerPositions > 1
+                ? t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
+                : null;
         return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets) with { Restart = restart },
-            t.TokenIndex, t.Position, vector, layers, end, context, context is not null && restart == "answer");
+            t.TokenIndex, t.Position, vector, layers, end, context, (context is not null || vector is not null) && restart == "answer");
     }
 
     /// <summary>Prompt-mode RAG: the passages go ahead of the prompt, and the whole context will be prefilled again.</summary>
