@@ -578,7 +578,9 @@ public sealed class LlmEngine : IGenerationEngine
                 s.Held.Clear();
                 s.Trigger.RestartAnswer();
                 _runner.BindSlot(s.Slot, ToSlotSampling(s.Sampling), s.OriginalPrompt);
-                _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, answerBase, outcome.InjectionEnd, answerBase);
+                // --injection-tokens counts from where the injection now starts.
+                var end = outcome.InjectionEnd == int.MaxValue ? int.MaxValue : answerBase + (outcome.InjectionEnd - outcome.Position);
+                _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, answerBase, end, answerBase);
                 s.InjectionStart = answerBase;
                 s.Computed = answerBase;
                 s.RecomputeTokenIndex = -1;
