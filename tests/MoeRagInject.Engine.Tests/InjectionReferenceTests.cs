@@ -227,6 +227,80 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         }
     }
 
+    /// <summary>
+    /// With one vector an answer position, a trigger that fires a few tokens into the answer drops them and restarts it:
+    /// the engine's tokens are PyTorch's with the injection from the first answer token on (the case's own tokens).
+    /// The output-entropy threshold is set between the entropies of the model's own first answer tokens, so that it fires
+    /// first at token j > 0.
+    /// </summary>
+    [InjectionReferenceFact]
+    public async Task ALatentTriggerAFewTokensInRestartsTheAnswerWithVectorZero()
+    {
+        using var reference = new InjectionReference();
+        var c = reference.Cases.Single(x => x.Name == "attnpos-heldout-j0");
+        // The model's own answer without injection and the output entropy of each of its first tokens.
+        var entropies = new List<double>();
+        using (var loaded = Load())
+        {
+            var runner = loaded.Runner;
+            runner.Bind(0);
+            var ids = c.PromptIds.ToList();
+            for (var k = 0; k < 5; k++)
+            {
+                var logprobs = Sampler.LogSoftmax(runner.Forward(ids).LogitRow(ids.Count - 1));
+                entropies.Add(-logprobs.Sum(l => Math.Exp(l) * l));
+                ids.Add(Array.IndexOf(logprobs, logprobs.Max()));
+            }
+        }
+        var j = Enumerable.Range(1, entropies.Count - 1).First(k => entropies[k] > entropies.Take(k).Max());
+        var threshold = (entropies[j] + entropies.Take(j).Max()) / 2;
+        output.WriteLine($"output entropies {string.Join(", ", entropies.Select(e => e.ToString("F3")))}: threshold {threshold:F3} fires at token {j}");
+
+        using var retriever = new FixedPassagesServer(c.Passages);
+        var temp = Directory.CreateTempSubdirectory("moe-rag-restart-").FullName;
+        try
+        {
+            await using var engine = InferenceEngine.Create(new EngineOptions
+            {
+                ModelPath = TestPaths.DemoModel,
+                Runner = new CpuRunnerFactory(2),
+                Retriever = retriever.Url,
+                RetrievalTopK = c.Passages.Length,
+                Trigger = new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, MaxRetrievalsPerRequest = 1 },
+                Mode = InjectionMode.Latent,
+                Projection = ProjectionKind.File,
+                ProjectionPath = Path.Combine(InjectionReference.Folder, c.Projector!),
+                InjectionScale = c.Alpha,
+                LogDir = temp,
+                Notices = TextWriter.Null,
+                KvCacheTokens = 512,
+                MaxRunningRequests = 2,
+            });
+            var request = new GenerationRequest
+            {
+                PromptIds = c.PromptIds,
+                Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = c.GeneratedIds.Length, IgnoreEos = true },
+            };
+            var tokens = new List<int>();
+            var events = new List<RagEvent>();
+            await foreach (var update in engine.GenerateAsync(request))
+            {
+                tokens.AddRange(update.NewTokenIds);
+                events.AddRange(update.NewEvents);
+            }
+            var e = Assert.Single(events);
+            Assert.Null(e.Error);
+            Assert.Equal(j, e.TokenIndex);
+            Assert.Equal("answer", e.Restart);
+            // The dropped tokens never reached the client: it got the restarted answer only.
+            Assert.Equal(c.GeneratedIds, tokens);
+        }
+        finally
+        {
+            Directory.Delete(temp, recursive: true);
+        }
+    }
+
     /// <summary>An HTTP retriever on loopback that answers every query with the same passages, in order.</summary>
     private sealed class FixedPassagesServer : IDisposable
     {
