@@ -1,13 +1,19 @@
+using System.Text.Json.Nodes;
 using MoeRagInject.Backend;
 using MoeRagInject.Engine;
 using MoeRagInject.Rag;
 
 namespace MoeRagInject.DeviceChecks;
 
-/// <summary>The engine on a device: batch safety with graphs replayed and injections firing, in deterministic and default modes.</summary>
+/// <summary>
+/// The engine on a device: batch safety with graphs replayed and injections firing, in deterministic and default modes;
+/// and a projector with one vector an answer position against PyTorch's tokens.
+/// </summary>
 public static class EngineChecks
 {
-    public static async Task<List<CheckResult>> RunAsync(IRunnerFactory device, string modelPath, string corpus, string workDir)
+    /// <param name="injectionReference">tests/data/reference/demo-injection: the cases of make_injection_reference.py.</param>
+    public static async Task<List<CheckResult>> RunAsync(IRunnerFactory device, string modelPath, string corpus, string workDir,
+        string injectionReference)
     {
         var results = new List<CheckResult>();
         Directory.CreateDirectory(workDir);
@@ -20,7 +26,62 @@ public static class EngineChecks
         {
             results.Add(new CheckResult("engine", "batch safety", false, double.NaN, 0, $"{e.GetType().Name}: {e.Message}"));
         }
+        try
+        {
+            results.Add(await AnswerPositionsAsync(device, modelPath, workDir, injectionReference).ConfigureAwait(false));
+        }
+        catch (Exception e)
+        {
+            results.Add(new CheckResult("engine", "one vector an answer position", false, double.NaN, 0, $"{e.GetType().Name}: {e.Message}"));
+        }
         return results;
+    }
+
+    /// <summary>
+    /// The injection reference's 6-position attn case (make_injection_reference.py) as 4 concurrent greedy requests under
+    /// --deterministic, the trigger firing at the first answer token: each must give PyTorch's tokens, with the answer
+    /// restarted, and the injections must run in steps of several requests (replayed from graphs where the device captures).
+    /// </summary>
+    private static async Task<CheckResult> AnswerPositionsAsync(IRunnerFactory device, string modelPath, string workDir, string reference)
+    {
+        var root = JsonNode.Parse(await File.ReadAllTextAsync(Path.Combine(reference, "reference.json")).ConfigureAwait(false))!;
+        var c = root["cases"]!.AsArray().Single(x => x!["name"]!.GetValue<string>() == "attnpos-heldout-j0")!;
+        int[] Ints(string key) => [.. c[key]!.AsArray().Select(x => x!.GetValue<int>())];
+        var prompt = Ints("prompt_ids");
+        var expected = Ints("generated_ids");
+        string[] passages = [.. c["passages"]!.AsArray().Select(p => p!.GetValue<string>())];
+        using var retriever = new FixedPassagesServer(passages);
+        await using var engine = InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = modelPath,
+            Runner = device,
+            Retriever = retriever.Url,
+            RetrievalTopK = passages.Length,
+            Deterministic = true,
+            MaxRunningRequests = 4,
+            ContextLength = 256,
+            // Router entropy is above 0 everywhere: the trigger fires at the first answer token, once.
+            Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+            Mode = InjectionMode.Latent,
+            Projection = ProjectionKind.File,
+            ProjectionPath = Path.Combine(reference, c["projector"]!.GetValue<string>()),
+            InjectionScale = c["alpha"]!.GetValue<float>(),
+            LogDir = Path.Combine(workDir, "logs-positions"),
+            Notices = TextWriter.Null,
+        });
+        var request = new GenerationRequest
+        {
+            PromptIds = prompt,
+            Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = expected.Length, IgnoreEos = true },
+        };
+        var runs = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => Collect(engine, request))).ConfigureAwait(false);
+        var events = runs.SelectMany(r => r.Events).ToList();
+        var differ = runs.Count(r => !r.Tokens.SequenceEqual(expected));
+        var restarted = events.Count(e => e.Error is null && e.Restart == "answer");
+        var batched = events.Count(e => e.BatchSize > 1);
+        var graphs = (engine.Runner as ModelRunner)?.CapturedBuckets.Count ?? 0;
+        return new CheckResult("engine", "one vector an answer position: 4 concurrent requests give PyTorch's tokens", differ == 0 && restarted == 4 && batched > 0,
+            differ, 0, $"{restarted} of 4 answers restarted, {batched} injections in steps of several requests, {graphs} graphs captured");
     }
 
     private static EngineOptions Options(IRunnerFactory device, string modelPath, string corpus, string workDir, bool deterministic) => new()

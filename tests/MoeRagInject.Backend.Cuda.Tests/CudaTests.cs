@@ -77,7 +77,7 @@ public sealed class CudaTests
     [CudaFact]
     public async Task BatchSafetyWithGraphsAndInjections() =>
         AssertAll(await EngineChecks.RunAsync(new CudaRunnerFactory(), Demo, Path.Combine(Root, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
-            Directory.CreateTempSubdirectory("moe-rag-cuda-tests-").FullName));
+            Directory.CreateTempSubdirectory("moe-rag-cuda-tests-").FullName, Path.Combine(Root, "tests", "data", "reference", "demo-injection")));
 }
 
 /// <summary>What runs without a GPU: the kernel program assembled from its sources, and a clear answer when CUDA is missing.</summary>

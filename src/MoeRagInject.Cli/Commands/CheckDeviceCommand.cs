@@ -97,7 +97,8 @@ public static class CheckDeviceCommand
             Report(ModelChecks.RunCase(factory, Path.GetFileName(Path.GetFullPath(extra)), extra, Path.Combine(extra, "reference"), Progress));
         if (groups.Contains("engine"))
             Report(await EngineChecks.RunAsync(factory, demo, Path.Combine(home, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
-                Path.Combine(Path.GetTempPath(), "moe-rag-inject-check-device")).ConfigureAwait(false));
+                Path.Combine(Path.GetTempPath(), "moe-rag-inject-check-device"), Path.Combine(home, "tests", "data", "reference", "demo-injection"))
+                .ConfigureAwait(false));
 
         var failed = results.Count(r => !r.Passed);
         Console.Out.WriteLine($"check-device {device}: {results.Count - failed} passed, {failed} failed");
