@@ -53,6 +53,23 @@ public static class AnswerMetrics
         return 2 * precision * recall / (precision + recall);
     }
 
+    /// <summary>
+    /// True when some three-word sequence occurs three or more times in the answer (words split at whitespace, as written,
+    /// overlapping occurrences counted): the loop a latent injection falls into when it pushes the same words at every
+    /// position ("sour sour sour sour sour", "or resembling or resembling or resembling or resembling").
+    /// </summary>
+    public static bool RepeatsAPhrase(string? answer)
+    {
+        var words = (answer ?? "").Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries);
+        var counts = new Dictionary<(string, string, string), int>();
+        for (var i = 0; i + 2 < words.Length; i++)
+        {
+            var key = (words[i], words[i + 1], words[i + 2]);
+            if ((counts[key] = counts.GetValueOrDefault(key) + 1) >= 3) return true;
+        }
+        return false;
+    }
+
     /// <summary>True when the normalised gold occurs in the normalised prediction as a whole-word run; an empty gold is contained only in an empty prediction.</summary>
     public static bool Contains(string? prediction, string? gold)
     {

@@ -268,6 +268,7 @@ public static class Report
         foreach (var r in result.Modes.Values) md.AppendLine($"- `{r.Mode}`: {r.Description} ({r.Settings})");
         md.AppendLine();
         AppendHeldoutRetrieval(md, result);
+        AppendRepetition(md, result);
 
         md.AppendLine("## Trigger quality (from the none run)").AppendLine();
         if (result.Trigger is { } t)
@@ -365,7 +366,6 @@ public static class Report
         return md.ToString();
     }
 
-    /// <summary>Per-question token F1 of the held-out questions (the runs and F1 lists share their order).</summary>
     /// <summary>
     /// Per retrieving mode, what happened on the held-out questions: how many retrieved, how many of those got their gold
     /// passage, their F1 in the mode and without RAG, and the answer token of the first retrieval. It tells a retrieval that
@@ -395,6 +395,31 @@ public static class Report
         md.AppendLine();
     }
 
+    /// <summary>
+    /// Per mode, the answers that loop: the share that repeat a three-word sequence three or more times
+    /// (<see cref="AnswerMetrics.RepeatsAPhrase"/>), on the held-out questions and on all, and the mean answer length
+    /// against the gold's. A latent injection that carries a passage's words but not their order shows here.
+    /// </summary>
+    private static void AppendRepetition(StringBuilder md, EvaluationResult result)
+    {
+        if (result.Modes.Count == 0) return;
+        md.AppendLine("## Answers that repeat themselves").AppendLine();
+        md.AppendLine("Per mode: the share of answers in which some three-word sequence occurs three or more times (held-out questions, then all), and the mean answer length in words against the gold answers'.");
+        md.AppendLine();
+        md.AppendLine("| mode | held-out: repeating | all: repeating | words an answer (held-out) | gold words (held-out) |");
+        md.AppendLine("|---|---|---|---|---|");
+        foreach (var r in result.Modes.Values)
+        {
+            var held = r.Runs.Where(x => x.Item.Split == "heldout").ToList();
+            static double Share(IReadOnlyCollection<QuestionRun> runs) =>
+                runs.Count == 0 ? double.NaN : runs.Count(x => AnswerMetrics.RepeatsAPhrase(x.Answer)) / (double)runs.Count;
+            static double Words(string? text) => (text ?? "").Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries).Length;
+            md.AppendLine(Inv($"| {r.Mode} | {F(Share(held), "F3")} | {F(Share(r.Runs), "F3")} | {F(Stats.Mean([.. held.Select(x => Words(x.Answer))]), "F1")} | {F(Stats.Mean([.. held.Select(x => Words(x.Item.Answer))]), "F1")} |"));
+        }
+        md.AppendLine();
+    }
+
+    /// <summary>Per-question token F1 of the held-out questions (the runs and F1 lists share their order).</summary>
     private static List<double> HeldoutF1s(ModeResult r) =>
         [.. r.Runs.Select((run, i) => (run.Item.Split, F1: r.TokenF1[i])).Where(x => x.Split == "heldout").Select(x => x.F1)];
 

@@ -155,6 +155,26 @@ public sealed class DemoModelTests : IDisposable
             if (mode == EvalModes.PromptAlways) Assert.StartsWith($"| {mode} | {held.Count} | 1.000 | ", row);
         }
 
+        // The report's repetition table, recomputed from the predictions file: per mode, the share of answers (held-out,
+        // then all) with a three-word sequence seen three times, and the mean answer and gold lengths in words.
+        var report = File.ReadAllText(result.MarkdownPath);
+        Assert.Contains("## Answers that repeat themselves", report);
+        foreach (var mode in EvalModes.All)
+        {
+            var all = predictions.Where(p => p["mode"]!.GetValue<string>() == mode).ToList();
+            var held = all.Where(p => p["split"]!.GetValue<string>() == "heldout").ToList();
+            static int Words(JsonNode p, string key) => p[key]!.GetValue<string>().Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries).Length;
+            static bool Loops(JsonNode p)
+            {
+                var w = p["prediction"]!.GetValue<string>().Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries);
+                return Enumerable.Range(0, Math.Max(0, w.Length - 2)).GroupBy(i => (w[i], w[i + 1], w[i + 2])).Any(g => g.Count() >= 3);
+            }
+            string Fmt(double v, string f) => v.ToString(f, CultureInfo.InvariantCulture);
+            var row = $"| {mode} | {Fmt(held.Count(Loops) / (double)held.Count, "F3")} | {Fmt(all.Count(Loops) / (double)all.Count, "F3")} | " +
+                $"{Fmt(held.Average(p => Words(p, "prediction")), "F1")} | {Fmt(held.Average(p => Words(p, "gold")), "F1")} |";
+            Assert.Contains(row, report);
+        }
+
         // Every question: each mode's answer and F1 (recomputed here from the answer and the gold), the none run's signals.
         var questions = json["questions"]!.AsArray().Select(q => q!.AsObject()).ToList();
         Assert.Equal(40, questions.Count);

@@ -30,6 +30,19 @@ public sealed class MetricsTests
     public void Containment(string prediction, string gold, bool expected) =>
         Assert.Equal(expected, AnswerMetrics.Contains(prediction, gold));
 
+    [Theory]
+    [InlineData("sour sour sour sour sour", true)]
+    [InlineData("sour sour sour sour", false)]
+    [InlineData("having or resembling or resembling or resembling or resembling", true)]
+    [InlineData("having or resembling or resembling or resembling", false)]
+    [InlineData("a b c x a b c y a b c", true)]
+    [InlineData("a b a b a b", false)]
+    [InlineData("A b c a b c a b c", false)]
+    [InlineData("striped hyena of southeast Africa that feeds chiefly on insects", false)]
+    [InlineData("", false)]
+    public void RepeatsAPhraseCountsAThreeWordSequenceSeenThreeTimes(string answer, bool expected) =>
+        Assert.Equal(expected, AnswerMetrics.RepeatsAPhrase(answer));
+
     [Fact]
     public void AurocMatchesHandComputedCases()
     {
