@@ -177,55 +177,19 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         using var reference = new InjectionReference();
         var c = reference.Cases.Single(x => x.Name == name);
         Assert.True(c.Projector is not null && c.AnswerIndex == 0, $"{name} is not a case with a projector and a trigger at answer token 0");
-        using var retriever = new FixedPassagesServer(c.Passages);
-        var temp = Directory.CreateTempSubdirectory("moe-rag-injection-").FullName;
-        try
-        {
-            await using var engine = InferenceEngine.Create(new EngineOptions
-            {
-                ModelPath = TestPaths.DemoModel,
-                Runner = new CpuRunnerFactory(2),
-                Retriever = retriever.Url,
-                RetrievalTopK = c.Passages.Length,
-                // Router entropy is above 0 everywhere: the trigger fires at the first answer token, once.
-                Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
-                Mode = InjectionMode.Latent,
-                Projection = ProjectionKind.File,
-                ProjectionPath = Path.Combine(InjectionReference.Folder, c.Projector!),
-                InjectionScale = c.Alpha,
-                LogDir = temp,
-                Notices = TextWriter.Null,
-                KvCacheTokens = 512,
-                MaxRunningRequests = 2,
-            });
-            var request = new GenerationRequest
-            {
-                PromptIds = c.PromptIds,
-                Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = c.GeneratedIds.Length, IgnoreEos = true },
-            };
-            var tokens = new List<int>();
-            var events = new List<RagEvent>();
-            await foreach (var update in engine.GenerateAsync(request))
-            {
-                tokens.AddRange(update.NewTokenIds);
-                events.AddRange(update.NewEvents);
-            }
-            var e = Assert.Single(events);
-            Assert.Null(e.Error);
-            Assert.Equal(0, e.TokenIndex);
-            Assert.Equal(c.StartPosition, e.Position);
-            Assert.Equal(c.Layers, e.InjectionLayers);
-            Assert.Equal(c.Passages, e.Snippets);
-            var expectedNorm = Math.Sqrt(reference.Tensor("vector", reference.Cases.ToList().IndexOf(c)).Sum(v => (double)v * v));
-            Assert.Equal(expectedNorm, e.InjectionNorm, 3);
-            // One vector an answer position restarts the answer (none to drop here: the trigger fired at its first token).
-            Assert.Equal(name.StartsWith("attnpos", StringComparison.Ordinal) ? "answer" : null, e.Restart);
-            Assert.Equal(c.GeneratedIds, tokens);
-        }
-        finally
-        {
-            Directory.Delete(temp, recursive: true);
-        }
+        // Router entropy is above 0 everywhere: the trigger fires at the first answer token, once.
+        var (tokens, events) = await GenerateWithInjectionAsync(c, new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 });
+        var e = Assert.Single(events);
+        Assert.Null(e.Error);
+        Assert.Equal(0, e.TokenIndex);
+        Assert.Equal(c.StartPosition, e.Position);
+        Assert.Equal(c.Layers, e.InjectionLayers);
+        Assert.Equal(c.Passages, e.Snippets);
+        var expectedNorm = Math.Sqrt(reference.Tensor("vector", reference.Cases.ToList().IndexOf(c)).Sum(v => (double)v * v));
+        Assert.Equal(expectedNorm, e.InjectionNorm, 3);
+        // One vector an answer position restarts the answer (none to drop here: the trigger fired at its first token).
+        Assert.Equal(name.StartsWith("attnpos", StringComparison.Ordinal) ? "answer" : null, e.Restart);
+        Assert.Equal(c.GeneratedIds, tokens);
     }
 
     /// <summary>
@@ -257,8 +221,24 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         var threshold = (entropies[j] + entropies.Take(j).Max()) / 2;
         output.WriteLine($"output entropies {string.Join(", ", entropies.Select(e => e.ToString("F3")))}: threshold {threshold:F3} fires at token {j}");
 
+        var (tokens, events) = await GenerateWithInjectionAsync(c,
+            new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, MaxRetrievalsPerRequest = 1 });
+        var e = Assert.Single(events);
+        Assert.Null(e.Error);
+        Assert.Equal(j, e.TokenIndex);
+        Assert.Equal("answer", e.Restart);
+        // The dropped tokens never reached the client: it got the restarted answer only.
+        Assert.Equal(c.GeneratedIds, tokens);
+    }
+
+    /// <summary>
+    /// The engine (CPU backend) generating the case's answer greedily in latent mode with the case's projector, its
+    /// passages served by a fixed retriever, under <paramref name="trigger"/>: the tokens the client got and the events.
+    /// </summary>
+    private static async Task<(List<int> Tokens, List<RagEvent> Events)> GenerateWithInjectionAsync(InjectionCase c, TriggerOptions trigger)
+    {
         using var retriever = new FixedPassagesServer(c.Passages);
-        var temp = Directory.CreateTempSubdirectory("moe-rag-restart-").FullName;
+        var temp = Directory.CreateTempSubdirectory("moe-rag-injection-").FullName;
         try
         {
             await using var engine = InferenceEngine.Create(new EngineOptions
@@ -267,7 +247,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 Runner = new CpuRunnerFactory(2),
                 Retriever = retriever.Url,
                 RetrievalTopK = c.Passages.Length,
-                Trigger = new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, MaxRetrievalsPerRequest = 1 },
+                Trigger = trigger,
                 Mode = InjectionMode.Latent,
                 Projection = ProjectionKind.File,
                 ProjectionPath = Path.Combine(InjectionReference.Folder, c.Projector!),
@@ -289,12 +269,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 tokens.AddRange(update.NewTokenIds);
                 events.AddRange(update.NewEvents);
             }
-            var e = Assert.Single(events);
-            Assert.Null(e.Error);
-            Assert.Equal(j, e.TokenIndex);
-            Assert.Equal("answer", e.Restart);
-            // The dropped tokens never reached the client: it got the restarted answer only.
-            Assert.Equal(c.GeneratedIds, tokens);
+            return (tokens, events);
         }
         finally
         {
