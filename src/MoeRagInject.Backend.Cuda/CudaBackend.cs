@@ -644,12 +644,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 using (Op("  moe: gate_up GEMM"))
                     LaunchTma(gateUp: true, wide: false, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
                         MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
-                        s.Offsets, e, i, h, s.MoeAct, 0UL);
+                        s.Offsets, e, i, h, s.MoeAct, 0UL, s_tmaFitRows);
                 var wide = TmaDownWide(n, h);
                 using (Op("  moe: down GEMM"))
                     LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)),
                         MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
-                        s.Offsets, e, h, i, 0UL, s.MoeOut);
+                        s.Offsets, e, h, i, 0UL, s.MoeOut, s_tmaFitRows);
                 using (Op("  moe: combine"))
                     LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
                 break;
@@ -716,6 +716,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// 256, unless MOE_RAG_INJECT_TMA_DOWN=narrow (kept to measure against) or gemm-bench forces one form.
     /// </summary>
     private bool TmaDownWide(int n, int hidden) => (TmaDownWideForced ?? !s_tmaDownNarrow) && (n is 64 or 96 or 128) && hidden % 256 == 0;
+
+    /// <summary>
+    /// 1: the moe_tma kernels narrow each tile's products to the group rows it holds (the tensor cores skip its padding,
+    /// a third of a 96-row tile's products at batch 256, where the card runs at its power cap); 0 with
+    /// MOE_RAG_INJECT_TMA_FIT=0, kept to measure against.
+    /// </summary>
+    private static readonly int s_tmaFitRows = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_FIT") is "0" ? 0 : 1;
 
     private static readonly bool s_tmaDownNarrow = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_DOWN") is "narrow";
 

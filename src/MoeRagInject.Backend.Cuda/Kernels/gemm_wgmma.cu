@@ -90,6 +90,20 @@ __device__ __forceinline__ void wgmma_step(float* d, unsigned long long a, unsig
     else wgmma_m64n256k16(d, a, b, 1);
 }
 
+// wgmma_step<N> narrowed to the rows a tile holds: the narrowest of the instruction widths up to N that covers `live`
+// group rows (the accumulators of the first columns sit in the same registers at every width, and the rest stay zero).
+// A tile of 96 rows for a group of 64 then spends no tensor-core time, nor power, on its 32 rows of padding.
+template <int N>
+__device__ __forceinline__ void wgmma_step_live(float* d, unsigned long long a, unsigned long long b, int live)
+{
+    if (N >= 32 && live <= 16) wgmma_step<16>(d, a, b);
+    else if (N >= 64 && live <= 32) wgmma_step<32>(d, a, b);
+    else if (N >= 96 && live <= 64) wgmma_step<64>(d, a, b);
+    else if (N >= 128 && live <= 96) wgmma_step<96>(d, a, b);
+    else if (N >= 256 && live <= 128) wgmma_step<128>(d, a, b);
+    else wgmma_step<N>(d, a, b);
+}
+
 template <int N>
 struct WgmmaStages { static constexpr int value = N >= 128 ? 4 : 6; };
 
@@ -332,7 +346,7 @@ __device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int 
 
 template <int N, bool GATE_UP, bool WIDE>
 __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rows, const int* __restrict__ offsets,
-    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
+    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y, int fitRows)
 {
     constexpr bool TWO = GATE_UP || WIDE;  // two boxes of weight rows a stage, two accumulator sets a warpgroup
     static_assert(!(GATE_UP && WIDE), "the wide form is a down product");
@@ -393,6 +407,8 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         int group = 0, rowBegin = 0, rowEnd = 0;
         tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
         const int featureTile = t / rowTiles;
+        // The tile's group rows (fitRows: the multiplications narrowed to them; otherwise all N, padding included).
+        const int live = fitRows ? min(N, rowEnd - rowBegin) : N;
 #pragma unroll
         for (int i = 0; i < N / 2; i++) d[i] = 0.f;
         if (TWO)
@@ -407,12 +423,12 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
             const unsigned long long dw = wgmma_descriptor(mine), da = wgmma_descriptor(tileA + stage * N * GEMM_BK);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(d, dw + 2 * kk, da + 2 * kk);
+            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step_live<N>(d, dw + 2 * kk, da + 2 * kk, live);
             if (TWO)
             {
                 const unsigned long long du = wgmma_descriptor(mine + 128 * GEMM_BK);
 #pragma unroll
-                for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<N>(u, du + 2 * kk, da + 2 * kk);
+                for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step_live<N>(u, du + 2 * kk, da + 2 * kk, live);
             }
             wgmma_commit();
             wgmma_wait<1>();  // the products of the previous stage are done: hand it back
@@ -452,18 +468,18 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     }
 }
 
-#define MOE_TMA_BODY(N, GATE_UP, WIDE) moe_tma_impl<N, GATE_UP, WIDE>(&weights, &rows, offsets, groups, n, k, act, y);
+#define MOE_TMA_BODY(N, GATE_UP, WIDE) moe_tma_impl<N, GATE_UP, WIDE>(&weights, &rows, offsets, groups, n, k, act, y, fitRows);
 #else
 #define MOE_TMA_BODY(N, GATE_UP, WIDE) __trap();
 #endif
 
 // moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>, moe_tma_down_wide_n<N> (N ≤ 128, n a multiple of 256): grid: a
 // block a multiprocessor (at most the tiles' bound); block: 384; dynamic shared memory: TmaStages · (weight rows + N) ·
-// 128 + 16 · TmaStages bytes.
+// 128 + 16 · TmaStages bytes. fitRows ≠ 0: each tile's products narrowed to its group rows (wgmma_step_live).
 #define MOE_TMA_KERNEL(NAME, N, GATE_UP, WIDE) \
     extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_##NAME##_n##N(const __grid_constant__ TensorMap weights, \
         const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE) }
+        float* __restrict__ y, int fitRows) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE) }
 
 MOE_TMA_KERNEL(gate_up, 16, true, false) MOE_TMA_KERNEL(gate_up, 64, true, false) MOE_TMA_KERNEL(gate_up, 96, true, false)
 MOE_TMA_KERNEL(gate_up, 128, true, false)
