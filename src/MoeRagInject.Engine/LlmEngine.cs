@@ -573,10 +573,12 @@ public sealed class LlmEngine : IGenerationEngine
             if (outcome.RestartAnswer)
             {
                 // The answer starts again from its first token with vector 0: its held tokens were never sent, its
-                // penalties start afresh, and the last context position is computed again with the injection.
+                // penalties start afresh, and the last context position is computed again with the injection, which now
+                // covers the answer: no further retrieval.
                 s.Generated.Clear();
                 s.Held.Clear();
                 s.Trigger.RestartAnswer();
+                s.Trigger.EndRetrievals();
                 _runner.BindSlot(s.Slot, ToSlotSampling(s.Sampling), s.OriginalPrompt);
                 // --injection-tokens counts from where the injection now starts.
                 var end = outcome.InjectionEnd == int.MaxValue ? int.MaxValue : answerBase + (outcome.InjectionEnd - outcome.Position);

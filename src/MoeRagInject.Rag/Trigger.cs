@@ -254,4 +254,11 @@ public sealed class EntropyTrigger
 
     /// <summary>The answer was dropped and starts again (prompt-mode restart): token indices count from 0 again, and the cooldown runs from there.</summary>
     public void RestartAnswer() => _lastRetrievalToken = 0;
+
+    /// <summary>
+    /// No retrieval after this one (later crossings report <see cref="TriggerSuppression.Cap"/>): a latent answer restarted
+    /// with one vector an answer position has its injection at every position the projector covers, and on the demo model
+    /// further retrievals lowered held-out F1 and added latency (docs/eval/answer-positions.md).
+    /// </summary>
+    public void EndRetrievals() => _retrievalCount = Math.Max(_retrievalCount, Options.MaxRetrievalsPerRequest);
 }

@@ -232,6 +232,22 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
     }
 
     /// <summary>
+    /// Once one vector an answer position has restarted the answer, the injection covers it: a trigger that crosses its
+    /// threshold at every token, with retrievals to spare and no cooldown, retrieves once, and the answer is PyTorch's.
+    /// </summary>
+    [InjectionReferenceFact]
+    public async Task AfterTheAnswerRestartsWithItsVectorsNoFurtherRetrievalFires()
+    {
+        using var reference = new InjectionReference();
+        var c = reference.Cases.Single(x => x.Name == "attnpos-heldout-j0");
+        var (tokens, events) = await GenerateWithInjectionAsync(c,
+            new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 4, CooldownTokens = 0 });
+        var e = Assert.Single(events);
+        Assert.Equal("answer", e.Restart);
+        Assert.Equal(c.GeneratedIds, tokens);
+    }
+
+    /// <summary>
     /// The engine (CPU backend) generating the case's answer greedily in latent mode with the case's projector, its
     /// passages served by a fixed retriever, under <paramref name="trigger"/>: the tokens the client got and the events.
     /// </summary>
