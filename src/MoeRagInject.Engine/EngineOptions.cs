@@ -66,6 +66,15 @@ public sealed record EngineOptions
     /// <summary>Prompt-mode RAG that fires early in the answer: restart the answer after the rebuilt context, or keep it.</summary>
     public PromptRagRestart PromptRagRestart { get; init; } = PromptRagRestart.Answer;
 
+    /// <summary>
+    /// Whether a trigger of this mode restarts the answer when it fires within the first
+    /// <see cref="PromptRestartWindowTokens"/> tokens (which are then held back from the client): prompt mode with
+    /// <see cref="PromptRagRestart.Answer"/>, and latent mode whose projector makes one vector an answer position
+    /// (<paramref name="answerPositions"/> &gt; 1).
+    /// </summary>
+    internal bool RestartsAnswer(InjectionMode mode, int answerPositions) =>
+        mode == InjectionMode.Prompt ? PromptRagRestart == PromptRagRestart.Answer : mode == InjectionMode.Latent && answerPositions > 1;
+
     public string LogDir { get; init; } = "./logs";
     /// <summary>Each RAG event line is on disk (fsync) before its request goes on.</summary>
     public bool LogFsync { get; init; }

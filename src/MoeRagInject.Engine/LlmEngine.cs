@@ -85,8 +85,8 @@ public sealed class LlmEngine : IGenerationEngine
     private int _accepted;
     /// <summary>When the current step's results were ready: the time stamp its tokens carry.</summary>
     private long _resultsTicks;
-    /// <summary>Whether a latent trigger restarts the answer: the projector makes one vector an answer position.</summary>
-    private readonly bool _latentRestart;
+    /// <summary>Vectors the projector makes (more than 1: one an answer position, and a latent trigger restarts the answer).</summary>
+    private readonly int _answerPositions;
     private volatile EngineStatus _status;
 
     internal LlmEngine(EngineOptions options, LoadedModel loaded, IRetriever? retriever, ContextInjector injector, RouterProbe? probe = null)
@@ -97,7 +97,7 @@ public sealed class LlmEngine : IGenerationEngine
         RouterProbe = probe;
         _runner = loaded.Runner;
         Tokenizer = loaded.Tokenizer;
-        _latentRestart = injector.AnswerPositions > 1;
+        _answerPositions = injector.AnswerPositions;
         foreach (var (name, layers) in new[] { ("injection layer", options.InjectionLayers), ("trigger layer", options.Trigger.Layers),
                      ("the projector's injection layer", injector.Layers) })
             foreach (var layer in layers ?? [])
@@ -498,8 +498,7 @@ public sealed class LlmEngine : IGenerationEngine
     /// </summary>
     private void Emit(Sequence s, in TokenOutput token, ReadOnlySpan<float> entropies)
     {
-        if ((s.Mode == InjectionMode.Prompt && _options.PromptRagRestart == PromptRagRestart.Answer || s.Mode == InjectionMode.Latent && _latentRestart)
-            && s.Generated.Count < EngineOptions.PromptRestartWindowTokens)
+        if (_options.RestartsAnswer(s.Mode, _answerPositions) && s.Generated.Count < EngineOptions.PromptRestartWindowTokens)
         {
             s.Held.Add((token, entropies.ToArray()));
             return;

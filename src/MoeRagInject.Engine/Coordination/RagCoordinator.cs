@@ -144,13 +144,12 @@ internal sealed class RagCoordinator(
                 norm = 0;
             }
         }
-        // Prompt mode restarts the answer when it fires within the tokens the loop holds back (PromptRagRestart.Answer), and
-        // so does latent mode with one vector an answer position (whose vector 0 is for the answer's first token).
-        var restart = t.Mode == InjectionMode.Prompt
-            ? options.PromptRagRestart == PromptRagRestart.Answer && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
-            : t.Mode == InjectionMode.Latent && injector.AnswerPositions > 1
-                ? t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
-                : null;
+        // A mode that may restart the answer (EngineOptions.RestartsAnswer) does when it fires within the tokens the loop holds
+        // back; prompt mode records "continue" otherwise, and so does latent mode with one vector an answer position.
+        var restarts = options.RestartsAnswer(t.Mode, injector.AnswerPositions);
+        var restart = restarts || t.Mode == InjectionMode.Prompt
+            ? restarts && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
+            : null;
         return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets) with { Restart = restart },
             t.TokenIndex, t.Position, vector, layers, end, context, (context is not null || vector is not null) && restart == "answer");
     }
