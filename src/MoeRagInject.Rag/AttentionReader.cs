@@ -1,6 +1,9 @@
 using System.Buffers;
 using System.Globalization;
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using MoeRagInject.Model;
 
 namespace MoeRagInject.Rag;
@@ -196,7 +199,10 @@ internal sealed class AttentionReader
         int ffMax = _feedForwardMax;
         // Each product runs over all present rows at once (LinearRows), so that a weight row is read once for them all.
         // z: [rows, hidden]; h, x, attention output: [rows, width]; qkv [rows, 3·width]; ff [rows, ff]; pooled [K, queries·width].
-        int size = (rowsMax * _hidden) + (6 * rowsMax * w) + (rowsMax * ffMax) + rowsMax + (AnswerPositions * Queries * w);
+        int pooling = AnswerPositions * Queries;
+        // Also: a head's q, k and v side by side [3, rows, width / heads]; attention scores [rows, rows]; pooling scores [K·queries, rows].
+        int size = (rowsMax * _hidden) + (6 * rowsMax * w) + (rowsMax * ffMax) + (pooling * w) + (3 * rowsMax * w) + (rowsMax * rowsMax)
+            + (pooling * rowsMax);
         float[] rented = ArrayPool<float>.Shared.Rent(Math.Max(size, 1));
         try
         {
@@ -207,8 +213,10 @@ internal sealed class AttentionReader
             var qkv = Take(ref buffer, rowsMax * 3 * w);
             var attended = Take(ref buffer, rowsMax * w);
             var ff = Take(ref buffer, rowsMax * ffMax);
-            var scores = Take(ref buffer, rowsMax);
-            var pooled = Take(ref buffer, AnswerPositions * Queries * w);
+            var pooled = Take(ref buffer, pooling * w);
+            var head = Take(ref buffer, 3 * rowsMax * w);
+            var scores = Take(ref buffer, rowsMax * rowsMax);
+            var poolScores = Take(ref buffer, pooling * rowsMax);
 
             Span<int> positions = rowsMax <= 256 ? stackalloc int[rowsMax] : new int[rowsMax];
             int n = 0;
@@ -250,7 +258,7 @@ internal sealed class AttentionReader
                 }
 
                 LinearRows(block.QkvWeight, block.QkvBias, x, n, qkv[..(n * 3 * w)]);
-                SelfAttention(qkv, n, attended, scores[..n]);
+                SelfAttention(qkv, n, attended, head, scores[..(n * n)]);
                 LinearRows(block.ProjWeight, block.ProjBias, attended, n, x);
                 TensorPrimitives.Add(h, x, h);
                 for (int i = 0; i < n; i++)
@@ -260,7 +268,7 @@ internal sealed class AttentionReader
 
                 var f = ff[..(n * block.FeedForward)];
                 LinearRows(block.Ff1Weight, block.Ff1Bias, x, n, f);
-                SiLU(f);
+                SiLU(f, qkv[..f.Length]);
                 LinearRows(block.Ff2Weight, block.Ff2Bias, f, n, x);
                 TensorPrimitives.Add(h, x, h);
             }
@@ -274,28 +282,17 @@ internal sealed class AttentionReader
             LinearRows(_keyWeight, _keyBias, h, n, x);
             LinearRows(_valueWeight, _valueBias, h, n, attended);
 
-            float invSqrtWidth = 1f / MathF.Sqrt(w);
-            for (int position = 0; position < AnswerPositions; position++)
+            // Each learned query (K answer positions · queries of them) pools the rows: scores q·key/√width, softmax over the
+            // rows, then the values so weighted.
+            var ps = poolScores[..(pooling * n)];
+            LinearRows(x[..(n * w)], [], _queries, pooling, ps);
+            TensorPrimitives.Multiply(ps, 1f / MathF.Sqrt(w), ps);
+            for (int r = 0; r < pooling; r++)
             {
-                for (int q = 0; q < Queries; q++)
-                {
-                    var query = _queries.AsSpan(((position * Queries) + q) * w, w);
-                    var s = scores[..n];
-                    for (int j = 0; j < n; j++)
-                    {
-                        s[j] = TensorPrimitives.Dot(x.Slice(j * w, w), query) * invSqrtWidth;
-                    }
-
-                    Softmax(s);
-                    var p = pooled.Slice(((position * Queries) + q) * w, w);
-                    p.Clear();
-                    for (int j = 0; j < n; j++)
-                    {
-                        TensorPrimitives.MultiplyAdd(attended.Slice(j * w, w), s[j], p, p);
-                    }
-                }
+                Softmax(ps.Slice(r * n, n));
             }
 
+            MixRows(ps, pooling, attended[..(n * w)], n, pooled);
             LinearRows(_outWeight, _outBias, pooled, AnswerPositions, destination);
             TensorPrimitives.Multiply(destination, scale, destination);
         }
@@ -305,50 +302,248 @@ internal sealed class AttentionReader
         }
     }
 
-    /// <summary>Multi-head attention of n rows over one another: out_i = Σ_j softmax_j(q_i·k_j/√d)·v_j per head (d = width/heads).</summary>
-    private void SelfAttention(ReadOnlySpan<float> qkv, int n, Span<float> output, Span<float> scores)
+    /// <summary>
+    /// Multi-head attention of n rows over one another: out_i = Σ_j softmax_j(q_i·k_j/√d)·v_j per head (d = width/heads),
+    /// each head's q, k and v first copied side by side into <paramref name="head"/>.
+    /// </summary>
+    private void SelfAttention(ReadOnlySpan<float> qkv, int n, Span<float> output, Span<float> head, Span<float> scores)
     {
         int w = Width;
         int d = w / Heads;
-        float invSqrtD = 1f / MathF.Sqrt(d);
-        output[..(n * w)].Clear();
-        for (int head = 0; head < Heads; head++)
+        var q = head[..(n * d)];
+        var k = head.Slice(n * d, n * d);
+        var v = head.Slice(2 * n * d, n * d);
+        var o = head.Slice(0, n * d); // q is done with once the scores are taken
+        for (int h = 0; h < Heads; h++)
         {
             for (int i = 0; i < n; i++)
             {
-                var q = qkv.Slice((i * 3 * w) + (head * d), d);
-                for (int j = 0; j < n; j++)
-                {
-                    scores[j] = TensorPrimitives.Dot(q, qkv.Slice((j * 3 * w) + w + (head * d), d)) * invSqrtD;
-                }
+                var row = qkv.Slice(i * 3 * w, 3 * w);
+                row.Slice(h * d, d).CopyTo(q.Slice(i * d, d));
+                row.Slice(w + (h * d), d).CopyTo(k.Slice(i * d, d));
+                row.Slice((2 * w) + (h * d), d).CopyTo(v.Slice(i * d, d));
+            }
 
-                Softmax(scores);
-                var o = output.Slice((i * w) + (head * d), d);
-                for (int j = 0; j < n; j++)
-                {
-                    TensorPrimitives.MultiplyAdd(qkv.Slice((j * 3 * w) + (2 * w) + (head * d), d), scores[j], o, o);
-                }
+            LinearRows(k, [], q, n, scores);
+            TensorPrimitives.Multiply(scores, 1f / MathF.Sqrt(d), scores);
+            for (int i = 0; i < n; i++)
+            {
+                Softmax(scores.Slice(i * n, n));
+            }
+
+            MixRows(scores, n, v, n, o);
+            for (int i = 0; i < n; i++)
+            {
+                o.Slice(i * d, d).CopyTo(output.Slice((i * w) + (h * d), d));
             }
         }
     }
 
     /// <summary>
-    /// y_i = W·x_i + b for the n rows of <paramref name="x"/> ([n, inputs] into [n, outputs]; W row-major [outputs, inputs]),
-    /// a weight row at a time against every x_i, so that the weights (6 MB for the shipped reader, more than a core's cache)
-    /// are read once a call instead of once a row.
+    /// output[r] = Σ_j a[r, j]·v[j] for the m rows of <paramref name="a"/> ([m, n]) over the n rows of <paramref name="v"/>
+    /// ([n, d]) into [m, d]: with 256-bit vectors four output rows at a time, eight columns at a time in registers (the rows
+    /// left over summed in the same order, so that no row's result depends on m).
+    /// </summary>
+    private static void MixRows(ReadOnlySpan<float> a, int m, ReadOnlySpan<float> v, int n, Span<float> output)
+    {
+        int d = v.Length / n;
+        int r = 0;
+        if (Vector256.IsHardwareAccelerated && d % Vector256<float>.Count == 0)
+        {
+            ref float a0 = ref MemoryMarshal.GetReference(a);
+            ref float v0 = ref MemoryMarshal.GetReference(v);
+            ref float out0 = ref MemoryMarshal.GetReference(output);
+            for (; r + 4 <= m; r += 4)
+            {
+                ref float ar = ref Unsafe.Add(ref a0, r * n);
+                for (int c = 0; c < d; c += Vector256<float>.Count)
+                {
+                    Vector256<float> s0 = default, s1 = default, s2 = default, s3 = default;
+                    for (int j = 0; j < n; j++)
+                    {
+                        var vj = Vector256.LoadUnsafe(ref v0, (nuint)((j * d) + c));
+                        s0 = Vector256.FusedMultiplyAdd(Vector256.Create(Unsafe.Add(ref ar, j)), vj, s0);
+                        s1 = Vector256.FusedMultiplyAdd(Vector256.Create(Unsafe.Add(ref ar, n + j)), vj, s1);
+                        s2 = Vector256.FusedMultiplyAdd(Vector256.Create(Unsafe.Add(ref ar, (2 * n) + j)), vj, s2);
+                        s3 = Vector256.FusedMultiplyAdd(Vector256.Create(Unsafe.Add(ref ar, (3 * n) + j)), vj, s3);
+                    }
+
+                    s0.StoreUnsafe(ref out0, (nuint)((r * d) + c));
+                    s1.StoreUnsafe(ref out0, (nuint)(((r + 1) * d) + c));
+                    s2.StoreUnsafe(ref out0, (nuint)(((r + 2) * d) + c));
+                    s3.StoreUnsafe(ref out0, (nuint)(((r + 3) * d) + c));
+                }
+            }
+
+            for (; r < m; r++)
+            {
+                ref float ar = ref Unsafe.Add(ref a0, r * n);
+                for (int c = 0; c < d; c += Vector256<float>.Count)
+                {
+                    Vector256<float> sum = default;
+                    for (int j = 0; j < n; j++)
+                    {
+                        sum = Vector256.FusedMultiplyAdd(Vector256.Create(Unsafe.Add(ref ar, j)), Vector256.LoadUnsafe(ref v0, (nuint)((j * d) + c)), sum);
+                    }
+
+                    sum.StoreUnsafe(ref out0, (nuint)((r * d) + c));
+                }
+            }
+
+            return;
+        }
+
+        for (; r < m; r++)
+        {
+            var row = output.Slice(r * d, d);
+            row.Clear();
+            for (int j = 0; j < n; j++)
+            {
+                TensorPrimitives.MultiplyAdd(v.Slice(j * d, d), a[(r * n) + j], row, row);
+            }
+        }
+    }
+
+    /// <summary>
+    /// y_i = W·x_i + b for the n rows of <paramref name="x"/> ([n, inputs] into [n, outputs]; W row-major [outputs, inputs];
+    /// an empty <paramref name="bias"/> is none).
+    /// The weights (6 MB for the shipped reader, more than a core's cache) are read once a call instead of once a row:
+    /// with 256-bit vectors, four weight rows at a time against four x rows at a time, 16 dot products in registers
+    /// (each a vector of partial sums over the inputs, added up at the end; the rows and weight rows left over sum theirs
+    /// the same way, so no result depends on n); otherwise a weight row at a time.
     /// </summary>
     private static void LinearRows(ReadOnlySpan<float> weight, ReadOnlySpan<float> bias, ReadOnlySpan<float> x, int n, Span<float> y)
     {
-        int outputs = bias.Length;
+        int outputs = y.Length / n;
         int inputs = x.Length / n;
-        for (int o = 0; o < outputs; o++)
+        bool biased = !bias.IsEmpty;
+        if (!Vector256.IsHardwareAccelerated || inputs % Vector256<float>.Count != 0)
         {
-            var wo = weight.Slice(o * inputs, inputs);
-            for (int i = 0; i < n; i++)
+            for (int o = 0; o < outputs; o++)
             {
-                y[(i * outputs) + o] = TensorPrimitives.Dot(wo, x.Slice(i * inputs, inputs)) + bias[o];
+                var wo = weight.Slice(o * inputs, inputs);
+                for (int i = 0; i < n; i++)
+                {
+                    y[(i * outputs) + o] = TensorPrimitives.Dot(wo, x.Slice(i * inputs, inputs)) + (biased ? bias[o] : 0f);
+                }
+            }
+
+            return;
+        }
+
+        int fullOutputs = outputs - (outputs % 4);
+        int fullRows = n - (n % 4);
+        for (int o = 0; o < fullOutputs; o += 4)
+        {
+            var w4 = weight.Slice(o * inputs, 4 * inputs);
+            for (int i = 0; i < fullRows; i += 4)
+            {
+                Dot4x4(w4, x.Slice(i * inputs, 4 * inputs), inputs, out var d);
+                for (int r = 0; r < 4; r++)
+                {
+                    var yr = y.Slice(((i + r) * outputs) + o, 4);
+                    for (int c = 0; c < 4; c++)
+                    {
+                        yr[c] = d[(4 * c) + r] + (biased ? bias[o + c] : 0f);
+                    }
+                }
             }
         }
+
+        // What the blocks left: the last rows against every weight row, and every row against the last weight rows.
+        for (int i = 0; i < n; i++)
+        {
+            var xi = x.Slice(i * inputs, inputs);
+            for (int o = i < fullRows ? fullOutputs : 0; o < outputs; o++)
+            {
+                y[(i * outputs) + o] = Dot1(weight.Slice(o * inputs, inputs), xi) + (biased ? bias[o] : 0f);
+            }
+        }
+    }
+
+    /// <summary>
+    /// The dot products of the four weight rows of <paramref name="w4"/> with the four rows of <paramref name="x4"/>:
+    /// d[4c + r] = w_c·x_r, each a vector of partial sums over the inputs (16 in registers), then its lanes added.
+    /// </summary>
+    private static void Dot4x4(ReadOnlySpan<float> w4, ReadOnlySpan<float> x4, int inputs, out Products16 d)
+    {
+        ref float w0 = ref MemoryMarshal.GetReference(w4);
+        ref float w1 = ref Unsafe.Add(ref w0, inputs);
+        ref float w2 = ref Unsafe.Add(ref w0, 2 * inputs);
+        ref float w3 = ref Unsafe.Add(ref w0, 3 * inputs);
+        ref float x0 = ref MemoryMarshal.GetReference(x4);
+        ref float x1 = ref Unsafe.Add(ref x0, inputs);
+        ref float x2 = ref Unsafe.Add(ref x0, 2 * inputs);
+        ref float x3 = ref Unsafe.Add(ref x0, 3 * inputs);
+        Vector256<float> s00 = default, s01 = default, s02 = default, s03 = default;
+        Vector256<float> s10 = default, s11 = default, s12 = default, s13 = default;
+        Vector256<float> s20 = default, s21 = default, s22 = default, s23 = default;
+        Vector256<float> s30 = default, s31 = default, s32 = default, s33 = default;
+        for (int k = 0; k < inputs; k += Vector256<float>.Count)
+        {
+            var a0 = Vector256.LoadUnsafe(ref w0, (nuint)k);
+            var a1 = Vector256.LoadUnsafe(ref w1, (nuint)k);
+            var a2 = Vector256.LoadUnsafe(ref w2, (nuint)k);
+            var a3 = Vector256.LoadUnsafe(ref w3, (nuint)k);
+            var v = Vector256.LoadUnsafe(ref x0, (nuint)k);
+            s00 = Vector256.FusedMultiplyAdd(a0, v, s00);
+            s10 = Vector256.FusedMultiplyAdd(a1, v, s10);
+            s20 = Vector256.FusedMultiplyAdd(a2, v, s20);
+            s30 = Vector256.FusedMultiplyAdd(a3, v, s30);
+            v = Vector256.LoadUnsafe(ref x1, (nuint)k);
+            s01 = Vector256.FusedMultiplyAdd(a0, v, s01);
+            s11 = Vector256.FusedMultiplyAdd(a1, v, s11);
+            s21 = Vector256.FusedMultiplyAdd(a2, v, s21);
+            s31 = Vector256.FusedMultiplyAdd(a3, v, s31);
+            v = Vector256.LoadUnsafe(ref x2, (nuint)k);
+            s02 = Vector256.FusedMultiplyAdd(a0, v, s02);
+            s12 = Vector256.FusedMultiplyAdd(a1, v, s12);
+            s22 = Vector256.FusedMultiplyAdd(a2, v, s22);
+            s32 = Vector256.FusedMultiplyAdd(a3, v, s32);
+            v = Vector256.LoadUnsafe(ref x3, (nuint)k);
+            s03 = Vector256.FusedMultiplyAdd(a0, v, s03);
+            s13 = Vector256.FusedMultiplyAdd(a1, v, s13);
+            s23 = Vector256.FusedMultiplyAdd(a2, v, s23);
+            s33 = Vector256.FusedMultiplyAdd(a3, v, s33);
+        }
+
+        d = default;
+        d[0] = Vector256.Sum(s00);
+        d[1] = Vector256.Sum(s01);
+        d[2] = Vector256.Sum(s02);
+        d[3] = Vector256.Sum(s03);
+        d[4] = Vector256.Sum(s10);
+        d[5] = Vector256.Sum(s11);
+        d[6] = Vector256.Sum(s12);
+        d[7] = Vector256.Sum(s13);
+        d[8] = Vector256.Sum(s20);
+        d[9] = Vector256.Sum(s21);
+        d[10] = Vector256.Sum(s22);
+        d[11] = Vector256.Sum(s23);
+        d[12] = Vector256.Sum(s30);
+        d[13] = Vector256.Sum(s31);
+        d[14] = Vector256.Sum(s32);
+        d[15] = Vector256.Sum(s33);
+    }
+
+    /// <summary>w·x summed as <see cref="Dot4x4"/> sums each of its products (one vector of partial sums, then its lanes), so that a row's result does not depend on whether it fell in a block.</summary>
+    private static float Dot1(ReadOnlySpan<float> w, ReadOnlySpan<float> x)
+    {
+        ref float a = ref MemoryMarshal.GetReference(w);
+        ref float b = ref MemoryMarshal.GetReference(x);
+        Vector256<float> sum = default;
+        for (int k = 0; k < w.Length; k += Vector256<float>.Count)
+        {
+            sum = Vector256.FusedMultiplyAdd(Vector256.LoadUnsafe(ref a, (nuint)k), Vector256.LoadUnsafe(ref b, (nuint)k), sum);
+        }
+
+        return Vector256.Sum(sum);
+    }
+
+    [InlineArray(16)]
+    private struct Products16
+    {
+        private float _element;
     }
 
     /// <summary>PyTorch's LayerNorm: (x − mean)/√(biased variance + ε)·weight + bias; <paramref name="x"/> and <paramref name="y"/> may be the same.</summary>
@@ -375,12 +570,11 @@ internal sealed class AttentionReader
         TensorPrimitives.Divide(s, TensorPrimitives.Sum(s), s);
     }
 
-    private static void SiLU(Span<float> z)
+    /// <summary>In place: z·sigmoid(z), vectorised.</summary>
+    private static void SiLU(Span<float> z, Span<float> scratch)
     {
-        for (int i = 0; i < z.Length; i++)
-        {
-            z[i] /= 1f + MathF.Exp(-z[i]);
-        }
+        TensorPrimitives.Sigmoid(z, scratch);
+        TensorPrimitives.Multiply(z, scratch, z);
     }
 
     private static Span<float> Take(ref Span<float> buffer, int length)

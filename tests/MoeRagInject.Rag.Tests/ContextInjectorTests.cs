@@ -546,6 +546,116 @@ public class ContextInjectorTests
         }
     }
 
+    /// <summary>
+    /// The attn reader in double precision, one scalar at a time, as the file's format describes it (tools/projector's
+    /// make_reader("attn")): the rows present among the first T, standardised, in-map plus position, pre-LayerNorm
+    /// blocks, final LayerNorm, pooling by each learned query, out-map, times <paramref name="scale"/>.
+    /// </summary>
+    private static double[] AttnOracle(ArrayEmbeddings embeddings, List<(string Name, int[] Shape, float[] Data)> tensors, int hidden,
+        int length, int width, int heads, int queries, int layers, int[] ids, double scale)
+    {
+        float[] T(string name) => tensors.Single(t => t.Name == "attn." + name).Data;
+        double[] Linear(float[] w, float[] b, double[] x)
+        {
+            var y = new double[b.Length];
+            for (int o = 0; o < y.Length; o++)
+            {
+                double sum = b[o];
+                for (int i = 0; i < x.Length; i++) sum += (double)w[(o * x.Length) + i] * x[i];
+                y[o] = sum;
+            }
+
+            return y;
+        }
+
+        double[] LayerNorm(double[] x, float[] w, float[] b)
+        {
+            double mean = x.Average();
+            double variance = x.Select(v => (v - mean) * (v - mean)).Average();
+            return [.. x.Select((v, i) => ((v - mean) / Math.Sqrt(variance + 1e-5) * w[i]) + b[i])];
+        }
+
+        double[] Softmax(double[] s)
+        {
+            double max = s.Max();
+            var e = s.Select(v => Math.Exp(v - max)).ToArray();
+            double total = e.Sum();
+            return [.. e.Select(v => v / total)];
+        }
+
+        var h = new List<double[]>();
+        for (int t = 0; t < Math.Min(length, ids.Length); t++)
+        {
+            var row = embeddings.Table.AsSpan(ids[t] * hidden, hidden).ToArray();
+            if (row.All(v => v == 0)) continue;
+            var z = row.Select((v, i) => (v - (double)T("mu")[i]) / T("sigma")[i]).ToArray();
+            h.Add([.. Linear(T("in.weight"), T("in.bias"), z).Select((v, i) => v + T("pos")[(t * width) + i])]);
+        }
+
+        int n = h.Count, d = width / heads;
+        for (int b = 0; b < layers; b++)
+        {
+            string p = $"blocks.{b}.";
+            var qkv = h.Select(r => Linear(T(p + "qkv.weight"), T(p + "qkv.bias"), LayerNorm(r, T(p + "norm1.weight"), T(p + "norm1.bias")))).ToList();
+            var attended = Enumerable.Range(0, n).Select(_ => new double[width]).ToList();
+            for (int head = 0; head < heads; head++)
+            {
+                for (int i = 0; i < n; i++)
+                {
+                    var s = Softmax([.. Enumerable.Range(0, n).Select(j =>
+                        Enumerable.Range(0, d).Sum(k => qkv[i][(head * d) + k] * qkv[j][width + (head * d) + k]) / Math.Sqrt(d))]);
+                    for (int k = 0; k < d; k++)
+                        attended[i][(head * d) + k] = Enumerable.Range(0, n).Sum(j => s[j] * qkv[j][(2 * width) + (head * d) + k]);
+                }
+            }
+
+            for (int i = 0; i < n; i++)
+            {
+                var a = Linear(T(p + "proj.weight"), T(p + "proj.bias"), attended[i]);
+                h[i] = [.. h[i].Select((v, k) => v + a[k])];
+                var f = Linear(T(p + "ff1.weight"), T(p + "ff1.bias"), LayerNorm(h[i], T(p + "norm2.weight"), T(p + "norm2.bias")));
+                var g = Linear(T(p + "ff2.weight"), T(p + "ff2.bias"), [.. f.Select(v => v / (1 + Math.Exp(-v)))]);
+                h[i] = [.. h[i].Select((v, k) => v + g[k])];
+            }
+        }
+
+        var normed = h.Select(r => LayerNorm(r, T("norm.weight"), T("norm.bias"))).ToList();
+        var keys = normed.Select(r => Linear(T("key.weight"), T("key.bias"), r)).ToList();
+        var values = normed.Select(r => Linear(T("value.weight"), T("value.bias"), r)).ToList();
+        var pooled = new double[queries * width];
+        for (int q = 0; q < queries; q++)
+        {
+            var s = Softmax([.. keys.Select(k => Enumerable.Range(0, width).Sum(i => k[i] * T("queries")[(q * width) + i]) / Math.Sqrt(width))]);
+            for (int i = 0; i < width; i++) pooled[(q * width) + i] = Enumerable.Range(0, n).Sum(j => s[j] * values[j][i]);
+        }
+
+        return [.. Linear(T("out.weight"), T("out.bias"), pooled).Select(v => v * scale)];
+    }
+
+    [Theory]
+    [InlineData(11, 1)] // 11 rows: blocks of 4 and 3 left over, in every product
+    [InlineData(4, 2)]
+    [InlineData(1, 1)]
+    public void AttnReaderMatchesAScalarOracleAtVectorWidths(int rows, int layers)
+    {
+        using var dir = new TempDir();
+        // Widths that the vectorised products take (multiples of 8), with row and output counts that are not multiples of 4.
+        const int Hidden = 24, Width = 16, Heads = 2, Queries = 3, Length = 12;
+        var embeddings = ArrayEmbeddings.Random(30, Hidden, 55);
+        var (tensors, metadata) = AttnFile(Hidden, Length, Width, Heads, Queries, layers, seed: 90);
+        string path = dir.File("attn.safetensors");
+        MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
+        var injector = ContextInjector.LoadFromFile(embeddings, path);
+        int[] ids = [.. Enumerable.Range(0, rows).Select(i => 1 + ((7 * i) % 29))];
+        var actual = new float[Hidden];
+        injector.ComputeInjection(ids, 0.7f, actual);
+        var expected = AttnOracle(embeddings, tensors, Hidden, Length, Width, Heads, Queries, layers, ids, 0.7);
+        for (int i = 0; i < Hidden; i++)
+        {
+            Assert.True(Math.Abs(expected[i] - actual[i]) < 2e-5 * Math.Max(1, Math.Abs(expected[i])), $"v[{i}] = {actual[i]}, oracle {expected[i]}");
+        }
+    }
+
     [Fact]
     public void AnAttnFileWithAnswerPositionsGivesOneVectorForEachFromItsOwnQueries()
     {
