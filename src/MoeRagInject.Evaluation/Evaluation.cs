@@ -23,7 +23,7 @@ public sealed record EvaluationOptions
     public required string Out { get; init; }
     /// <summary>--limit: questions evaluated (deterministic shuffle, splits keep their proportions); null = all.</summary>
     public int? Limit { get; init; }
-    /// <summary>--modes: any of <see cref="EvalModes.All"/>; null = all seven.</summary>
+    /// <summary>--modes: any of <see cref="EvalModes.Known"/>; null = the seven of <see cref="EvalModes.All"/>.</summary>
     public IReadOnlyList<string>? Modes { get; init; }
     /// <summary>--threshold: the trigger threshold of the triggered modes, in the signal's units; null = calibration.json's for the signal.</summary>
     public double? Threshold { get; init; }
@@ -115,7 +115,12 @@ public static class EvalModes
     public const string LatentIdentity = "latent_identity";
     public const string LatentCalibrated = "latent_calibrated";
     public const string LatentTrained = "latent_trained";
+    public const string LatentTrainedAlways = "latent_trained_always";
+    /// <summary>The modes eval runs by default.</summary>
     public static readonly IReadOnlyList<string> All = [None, PromptAlways, PromptTrigger, LatentRandom, LatentIdentity, LatentCalibrated, LatentTrained];
+
+    /// <summary>Every mode --modes accepts: the default ones, then those run only when named.</summary>
+    public static readonly IReadOnlyList<string> Known = [.. All, LatentTrainedAlways];
 
     public static string Describe(string mode) => mode switch
     {
@@ -126,6 +131,7 @@ public static class EvalModes
         LatentIdentity => "latent injection, identity P, at the layers that fired",
         LatentCalibrated => "latent injection, ridge-fitted P, at the calibration layer, α = 1",
         LatentTrained => "latent injection, projector trained through the frozen model (tools/projector), at its layers and α",
+        LatentTrainedAlways => "latent_trained's injection, retrieving once at the first step for every question (threshold 0, 1 retrieval), as prompt_always does",
         _ => mode,
     };
 }
@@ -272,7 +278,7 @@ public static class Evaluator
         if (options.MaxNewTokens < 1) throw new ArgumentException("--max-new-tokens must be >= 1");
         var modes = (options.Modes ?? EvalModes.All).Select(m => m.Trim().ToLowerInvariant()).Where(m => m.Length > 0).Distinct().ToList();
         foreach (var m in modes)
-            if (!EvalModes.All.Contains(m)) throw new ArgumentException($"unknown mode \"{m}\" (expected {string.Join(", ", EvalModes.All)})");
+            if (!EvalModes.Known.Contains(m)) throw new ArgumentException($"unknown mode \"{m}\" (expected {string.Join(", ", EvalModes.Known)})");
         if (modes.Count == 0) throw new ArgumentException("--modes names no mode");
         if (!File.Exists(options.Corpus) && !options.Corpus.Contains("://", StringComparison.Ordinal))
             throw new FileNotFoundException($"corpus not found: {options.Corpus}", options.Corpus);
@@ -386,7 +392,7 @@ public static class Evaluator
                     progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
                     continue;
                 }
-                if (mode == EvalModes.LatentTrained && !File.Exists(trainedProjection))
+                if (mode is EvalModes.LatentTrained or EvalModes.LatentTrainedAlways && !File.Exists(trainedProjection))
                 {
                     skipped[mode] = $"no trained projector ({trainedProjection} does not exist; run tools/projector/run-gpu.sh on a GPU machine or pass --trained-proj)";
                     progress.WriteLine($"[eval] {mode}: skipped: {skipped[mode]}");
@@ -618,7 +624,7 @@ public static class Evaluator
         var size = options.LatencyBlock ?? LatencyBlockSize(items.Count, options.Concurrency);
         ArgumentOutOfRangeException.ThrowIfLessThan(size, 1, nameof(options.LatencyBlock));
         var blocks = (items.Count + size - 1) / size;
-        static double? ThresholdOf(string mode, double threshold) => mode switch { EvalModes.None => null, EvalModes.PromptAlways => 0, _ => threshold };
+        static double? ThresholdOf(string mode, double threshold) => mode switch { EvalModes.None => null, EvalModes.PromptAlways or EvalModes.LatentTrainedAlways => 0, _ => threshold };
         var runs = modes.ToDictionary(m => m, _ => new QuestionRun[items.Count], StringComparer.Ordinal);
         var wall = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
         var settings = modes.ToDictionary(m => m, _ => (string?)null, StringComparer.Ordinal);
@@ -708,6 +714,11 @@ public static class Evaluator
                 InjectionScale = 1,
             }, Inv($"mode=latent projection=file({Path.GetFileName(projection)}) layers=[{injectionLayer}] scale=1 {on}")),
             EvalModes.LatentTrained => TrainedMode(engineOptions, trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"), on),
+            EvalModes.LatentTrainedAlways => TrainedMode(engineOptions with
+            {
+                Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+                RouterProbeThreshold = null,
+            }, trainedProjection ?? throw new ArgumentException("latent_trained_always needs a projector file"), "threshold=0 max_retrievals=1"),
             _ => throw new ArgumentException($"unknown mode {mode}"),
         };
         label ??= mode;

@@ -155,6 +155,32 @@ public sealed class DemoModelTests : IDisposable
             if (mode == EvalModes.PromptAlways) Assert.StartsWith($"| {mode} | {held.Count} | 1.000 | ", row);
         }
 
+        // latent_trained_always runs only when named: the trained projector's injection, one retrieval a question at the
+        // first answer token (j = 0), as prompt_always retrieves.
+        var always = await Evaluator.RunAsync(new EvaluationOptions
+        {
+            Runner = new CpuRunnerFactory(2),
+            ModelPath = s_model,
+            Qa = s_qaSmall,
+            Corpus = s_corpus,
+            Out = Path.Combine(_temp, "eval-always", "wordnet-small.json"),
+            TrainedProj = trainedProjector,
+            Modes = [EvalModes.None, EvalModes.LatentTrainedAlways],
+            Sweep = false,
+            Plots = false,
+        }, TextWriter.Null, CancellationToken.None);
+        Assert.Equal([EvalModes.None, EvalModes.LatentTrainedAlways], always.Modes.Keys.ToList());
+        var alwaysRuns = always.Modes[EvalModes.LatentTrainedAlways].Runs;
+        Assert.Equal(40, alwaysRuns.Count);
+        Assert.All(alwaysRuns, r =>
+        {
+            var e = Assert.Single(r.Events);
+            Assert.Equal(0, e.TokenIndex);
+            Assert.Null(e.Error);
+            Assert.Equal([0, 1, 2, 3], e.InjectionLayers);
+        });
+        Assert.Contains("`latent_trained_always`: ", File.ReadAllText(always.MarkdownPath));
+
         // The report's repetition table, recomputed from the predictions file: per mode, the share of answers (held-out,
         // then all) with a three-word sequence seen three times, and the mean answer and gold lengths in words.
         var report = File.ReadAllText(result.MarkdownPath);
