@@ -200,8 +200,9 @@ internal sealed class AttentionReader
         // Each product runs over all present rows at once (LinearRows), so that a weight row is read once for them all.
         // z: [rows, hidden]; h, x, attention output: [rows, width]; qkv [rows, 3·width]; ff [rows, ff]; pooled [K, queries·width].
         int pooling = AnswerPositions * Queries;
-        // Also: a head's q, k and v side by side [3, rows, width / heads]; attention scores [rows, rows]; pooling scores [K·queries, rows].
-        int size = (rowsMax * _hidden) + (6 * rowsMax * w) + (rowsMax * ffMax) + (pooling * w) + (3 * rowsMax * w) + (rowsMax * rowsMax)
+        // Also: a head's q, k and v side by side [3, rows, width / heads]; attention scores [rows, rows]; pooling scores
+        // [K·queries, rows]; the feed-forward's sigmoids [rows, ff].
+        int size = (rowsMax * _hidden) + (6 * rowsMax * w) + (2 * rowsMax * ffMax) + (pooling * w) + (3 * rowsMax * w) + (rowsMax * rowsMax)
             + (pooling * rowsMax);
         float[] rented = ArrayPool<float>.Shared.Rent(Math.Max(size, 1));
         try
@@ -217,6 +218,7 @@ internal sealed class AttentionReader
             var head = Take(ref buffer, 3 * rowsMax * w);
             var scores = Take(ref buffer, rowsMax * rowsMax);
             var poolScores = Take(ref buffer, pooling * rowsMax);
+            var sigmoids = Take(ref buffer, rowsMax * ffMax);
 
             Span<int> positions = rowsMax <= 256 ? stackalloc int[rowsMax] : new int[rowsMax];
             int n = 0;
@@ -268,7 +270,7 @@ internal sealed class AttentionReader
 
                 var f = ff[..(n * block.FeedForward)];
                 LinearRows(block.Ff1Weight, block.Ff1Bias, x, n, f);
-                SiLU(f, qkv[..f.Length]);
+                SiLU(f, sigmoids[..f.Length]);
                 LinearRows(block.Ff2Weight, block.Ff2Bias, f, n, x);
                 TensorPrimitives.Add(h, x, h);
             }
@@ -347,6 +349,11 @@ internal sealed class AttentionReader
     private static void MixRows(ReadOnlySpan<float> a, int m, ReadOnlySpan<float> v, int n, Span<float> output)
     {
         int d = v.Length / n;
+        if (a.Length < m * n || output.Length < m * d)
+        {
+            throw new ArgumentException($"MixRows: {a.Length} weights for [{m}, {n}] and {output.Length} outputs for [{m}, {d}]");
+        }
+
         int r = 0;
         if (Vector256.IsHardwareAccelerated && d % Vector256<float>.Count == 0)
         {

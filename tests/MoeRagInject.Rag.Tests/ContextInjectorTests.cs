@@ -426,8 +426,9 @@ public class ContextInjectorTests
 
     /// <summary>The tensors and metadata of a valid attn projector (tools/projector's layout), random from <paramref name="seed"/>.</summary>
     private static (List<(string Name, int[] Shape, float[] Data)> Tensors, Dictionary<string, string> Metadata) AttnFile(
-        int hidden, int length, int width, int heads, int queries, int layers, uint seed)
+        int hidden, int length, int width, int heads, int queries, int layers, uint seed, int? feedForward = null)
     {
+        int ff = feedForward ?? (2 * width);
         var tensors = new List<(string, int[], float[])>();
         uint next = seed;
         void Add(string name, int[] shape, float scale = 1f, float offset = 0f)
@@ -453,9 +454,9 @@ public class ContextInjectorTests
             Add(p + "proj.bias", [width], 0.1f);
             Add(p + "norm2.weight", [width], 0.2f, 1f);
             Add(p + "norm2.bias", [width], 0.1f);
-            Add(p + "ff1.weight", [2 * width, width]);
-            Add(p + "ff1.bias", [2 * width], 0.1f);
-            Add(p + "ff2.weight", [width, 2 * width]);
+            Add(p + "ff1.weight", [ff, width]);
+            Add(p + "ff1.bias", [ff], 0.1f);
+            Add(p + "ff2.weight", [width, ff]);
             Add(p + "ff2.bias", [width], 0.1f);
         }
 
@@ -633,16 +634,17 @@ public class ContextInjectorTests
     }
 
     [Theory]
-    [InlineData(11, 1)] // 11 rows: blocks of 4 and 3 left over, in every product
-    [InlineData(4, 2)]
-    [InlineData(1, 1)]
-    public void AttnReaderMatchesAScalarOracleAtVectorWidths(int rows, int layers)
+    [InlineData(11, 1, 32)] // 11 rows: blocks of 4 and 3 left over, in every product
+    [InlineData(4, 2, 32)]
+    [InlineData(1, 1, 32)]
+    [InlineData(7, 1, 64)] // a feed-forward wider than q, k and v together
+    public void AttnReaderMatchesAScalarOracleAtVectorWidths(int rows, int layers, int feedForward)
     {
         using var dir = new TempDir();
         // Widths that the vectorised products take (multiples of 8), with row and output counts that are not multiples of 4.
         const int Hidden = 24, Width = 16, Heads = 2, Queries = 3, Length = 12;
         var embeddings = ArrayEmbeddings.Random(30, Hidden, 55);
-        var (tensors, metadata) = AttnFile(Hidden, Length, Width, Heads, Queries, layers, seed: 90);
+        var (tensors, metadata) = AttnFile(Hidden, Length, Width, Heads, Queries, layers, seed: 90, feedForward);
         string path = dir.File("attn.safetensors");
         MoeRagInject.Model.SafeTensorsFile.Write(path, tensors, metadata: metadata);
         var injector = ContextInjector.LoadFromFile(embeddings, path);

@@ -83,7 +83,7 @@ public static class EvalCommand
             "the embedded WordNet corpus");
         var output = CliOption.Text("--out", "results JSON; the report, plots and predictions go beside it", "FILE", "eval/eval.json");
         var limit = CliOption.OptionalInt("--limit", "questions evaluated (a seeded sample keeping the split proportions)", "N", "all", min: 1);
-        var modes = CliOption.List("--modes", "modes to run", "M1,M2", "all seven but latent_trained_always", [.. EvalModes.Known]);
+        var modes = CliOption.List("--modes", "modes to run", "M1,M2", "all seven", [.. EvalModes.Known]);
         var threshold = CliOption.OptionalDouble("--threshold",
             "threshold of the triggered modes' signal (nats; for router-probe a probability)", "NATS", "calibration.json's, else 0.8", min: 0);
         var signal = TriggerSignalOption();
