@@ -64,6 +64,8 @@ public sealed class EngineFlags
     public Option<string> PromptRagRestart { get; } = CliOption.Choice("--prompt-rag-restart",
         $"prompt mode firing within the first {EngineOptions.PromptRestartWindowTokens} answer tokens: answer drops the answer so far and generates it again after the rebuilt context (those tokens are held back until then); continue keeps it (FLARE's)",
         "answer", "answer", "continue");
+    public Option<bool> RetrieveFirst { get; } = CliOption.Switch("--retrieve-first",
+        "every RAG request retrieves once with its prompt before the prompt is computed (prompt mode: passages ahead of it; latent: injected from its last position), then the trigger watches the answer; counts towards --max-retrievals");
     public Option<IReadOnlyList<int>?> TriggerLayers { get; } = CliOption.IntList("--trigger-layers",
         "MoE layers whose entropy counts", "all|0,2,3", "all", allWord: "all", min: 0);
     public Option<string> TriggerAggregation { get; } = CliOption.Choice("--trigger-aggregation",
@@ -92,7 +94,7 @@ public sealed class EngineFlags
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
         ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
-        LogFsync, RagMode, PromptRagRestart, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
+        LogFsync, RagMode, PromptRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
 
@@ -282,6 +284,7 @@ public sealed class EngineFlags
                 _ => InjectionMode.Latent,
             },
             PromptRagRestart = parse.GetRequiredValue(PromptRagRestart) == "continue" ? Engine.PromptRagRestart.Continue : Engine.PromptRagRestart.Answer,
+            RetrieveFirst = parse.GetValue(RetrieveFirst),
             RouterProbePath = probePath,
             // --entropy-threshold given with --trigger-signal router-probe is the probe's threshold; the entropy signals keep the default.
             RouterProbeThreshold = signal == Rag.TriggerSignal.RouterProbe && thresholdGiven ? parse.GetValue(EntropyThreshold) : null,

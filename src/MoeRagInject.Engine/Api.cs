@@ -56,6 +56,8 @@ public sealed record RagOverrides
     public TriggerSignal? Signal { get; init; }
     public double? Threshold { get; init; }
     public float? Scale { get; init; }
+    /// <summary>Retrieve once with the prompt before computing it (<see cref="EngineOptions.RetrieveFirst"/>); null: the server's setting.</summary>
+    public bool? RetrieveFirst { get; init; }
 
     /// <summary>Null when valid, else a message naming the field and the allowed range.</summary>
     public string? Validate()

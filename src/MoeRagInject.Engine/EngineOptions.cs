@@ -65,6 +65,13 @@ public sealed record EngineOptions
     public const int PromptRestartWindowTokens = 8;
     /// <summary>Prompt-mode RAG that fires early in the answer: restart the answer after the rebuilt context, or keep it.</summary>
     public PromptRagRestart PromptRagRestart { get; init; } = PromptRagRestart.Answer;
+    /// <summary>
+    /// Every RAG request retrieves once, with its prompt as the query (the last <see cref="QueryWindowTokens"/> tokens), before
+    /// its prompt is computed: prompt mode computes the passages and the prompt once, latent mode injects from the prompt's
+    /// last position on, and nothing is computed twice. The trigger then watches the answer as usual; this retrieval counts
+    /// towards <see cref="TriggerOptions.MaxRetrievalsPerRequest"/> and starts the cooldown at answer token 0.
+    /// </summary>
+    public bool RetrieveFirst { get; init; }
 
     /// <summary>
     /// Whether a trigger of this mode restarts the answer when it fires within the first

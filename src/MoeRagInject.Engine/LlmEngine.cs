@@ -178,8 +178,12 @@ public sealed class LlmEngine : IGenerationEngine
                     Rid = $"{rid}-{j}",
                     Sampling = request.Sampling.Seed is { } seed ? request.Sampling with { Seed = unchecked(seed + (ulong)j) } : request.Sampling,
                 };
-                var sequence = new Sequence(sample.Rid!, Interlocked.Increment(ref _nextArrival), sample, rag?.Mode ?? _options.Mode, trigger,
-                    rag?.Scale ?? _options.InjectionScale);
+                var mode = rag?.Mode ?? _options.Mode;
+                var sequence = new Sequence(sample.Rid!, Interlocked.Increment(ref _nextArrival), sample, mode, trigger,
+                    rag?.Scale ?? _options.InjectionScale)
+                {
+                    RetrieveFirst = mode != InjectionMode.Off && (rag?.RetrieveFirst ?? _options.RetrieveFirst),
+                };
                 if (j > 0 && sharedPrefix > 0)
                 {
                     sequence.PrefixLeader = sequences[0];
@@ -201,6 +205,7 @@ public sealed class LlmEngine : IGenerationEngine
             {
                 if (sequence.State == SequenceState.Finished) continue;
                 if (request.Sampling.MaxNewTokens == 0) Finish(sequence, new FinishReason(FinishKind.Length, Length: 0));
+                else if (sequence.RetrieveFirst) RetrieveFirst(sequence);
                 else _scheduler.Add(sequence);
             }
         });
@@ -314,7 +319,7 @@ public sealed class LlmEngine : IGenerationEngine
         }
     }
 
-    private EngineStatus Snapshot() => new(_scheduler.Active - _scheduler.Retrieving, _scheduler.Waiting, _scheduler.Retrieving,
+    private EngineStatus Snapshot() => new(_scheduler.Running, _scheduler.Waiting, _scheduler.Retrieving,
         _scheduler.Blocks.FreeBlocks, _scheduler.Blocks.NumBlocks, _scheduler.Blocks.BlockSize, _scheduler.Preemptions, Interlocked.Read(ref _steps),
         Interlocked.Read(ref _promptTokensComputed), _scheduler.SharedTokens);
 
@@ -387,6 +392,12 @@ public sealed class LlmEngine : IGenerationEngine
             _runner.BindSlot(s.Slot, ToSlotSampling(s.Sampling), s.OriginalPrompt);
             s.SlotBound = true;
             s.InjectionStart = -1;
+            if (s.PendingInjection is { } p)
+            {
+                _runner.SetInjection(s.Slot, p.Vector, p.Layers, p.Start, p.End, p.Start);
+                s.InjectionStart = p.Start;
+                s.PendingInjection = null;
+            }
         }
         if (s.SyncedBlocks < s.BlockTable.Count)
         {
@@ -498,7 +509,8 @@ public sealed class LlmEngine : IGenerationEngine
     /// </summary>
     private void Emit(Sequence s, in TokenOutput token, ReadOnlySpan<float> entropies)
     {
-        if (_options.RestartsAnswer(s.Mode, _answerPositions) && s.Generated.Count < EngineOptions.PromptRestartWindowTokens)
+        if (_options.RestartsAnswer(s.Mode, _answerPositions) && s.Generated.Count < EngineOptions.PromptRestartWindowTokens
+            && s.Trigger.RetrievalCount < s.Trigger.Options.MaxRetrievalsPerRequest)
         {
             s.Held.Add((token, entropies.ToArray()));
             return;
@@ -549,22 +561,58 @@ public sealed class LlmEngine : IGenerationEngine
         s.State = SequenceState.Retrieving;
         s.Computed = s.TotalTokens - 1;
         s.Trigger.RecordRetrieval(tokenIndex);
-        var window = _options.QueryWindowTokens;
+        _rag.Start(s, new RagTrigger(decision, tokenIndex, s.TotalTokens - 1, batchSize, QueryIds(s), s.Mode, s.Scale,
+            s.Trigger.Options.Threshold, s.Generated.Count));
+    }
+
+    /// <summary>
+    /// A new request with --retrieve-first: it retrieves with its prompt before it is admitted, and joins the queue when the
+    /// passages (prompt mode) or vectors (latent mode) are ready. A fire counts every MoE layer, as a whole-model signal's does.
+    /// </summary>
+    private void RetrieveFirst(Sequence s)
+    {
+        _scheduler.HoldForRetrieval(s);
+        s.Trigger.RecordRetrieval(0);
+        var decision = new TriggerDecision(true, double.NaN, [.. Enumerable.Range(0, _loaded.Config.NumLayers)]);
+        _rag.Start(s, new RagTrigger(decision, 0, s.Context.Count - 1, 0, QueryIds(s), s.Mode, s.Scale, double.NaN, 0, First: true));
+    }
+
+    /// <summary>The retrieval query's token ids: the last --query-window tokens of the prompt and the answer so far.</summary>
+    private int[] QueryIds(Sequence s)
+    {
         var history = s.OriginalPrompt.Length + s.Generated.Count;
-        var queryIds = new int[Math.Min(window, history)];
+        var queryIds = new int[Math.Min(_options.QueryWindowTokens, history)];
         for (var j = 0; j < queryIds.Length; j++)
         {
             var index = history - queryIds.Length + j;
             queryIds[j] = index < s.OriginalPrompt.Length ? s.OriginalPrompt[index] : s.Generated[index - s.OriginalPrompt.Length];
         }
-        _rag.Start(s, new RagTrigger(decision, tokenIndex, s.TotalTokens - 1, batchSize, queryIds, s.Mode, s.Scale,
-            s.Trigger.Options.Threshold, s.Generated.Count));
+        return queryIds;
     }
 
     private void Resume(Sequence s, RagOutcome outcome)
     {
         if (s.State != SequenceState.Retrieving) return;
         s.Output.AddEvent(outcome.Event);
+        if (outcome.First)
+        {
+            // Retrieved before admission: the injection waits for the slot (vector 0 at the prompt's last position), or the
+            // passages go ahead of the prompt before any of it is computed (and nothing is shared with parallel samples).
+            if (outcome.Vector is { } first)
+            {
+                s.PendingInjection = new PendingInjection(first, outcome.InjectionLayers, outcome.Position, outcome.InjectionEnd);
+                // One vector an answer position covers the answer, as after a latent restart: no further retrieval.
+                if (_options.RestartsAnswer(s.Mode, _answerPositions)) s.Trigger.EndRetrievals();
+            }
+            else if (outcome.Context is { } rebuilt)
+            {
+                s.Context = rebuilt;
+                s.ContextRebuilt = true;
+                s.PrefixLeader = null;
+            }
+            _scheduler.Resume(s);
+            return;
+        }
         if (outcome.Vector is { } vector)
         {
             // With one vector an answer position, vector i goes at the position that predicts answer token i.

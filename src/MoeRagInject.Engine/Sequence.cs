@@ -15,6 +15,9 @@ internal enum SequenceState
     Finished,
 }
 
+/// <summary>An injection waiting for its sequence's slot: the vectors, their layers, and positions [Start, End) with vector 0 at Start.</summary>
+internal sealed record PendingInjection(float[] Vector, IReadOnlyList<int> Layers, int Start, int End);
+
 /// <summary>Plain per-request data owned by the engine loop: tokens, KV blocks, slot, sampling and RAG state.</summary>
 internal sealed class Sequence
 {
@@ -82,6 +85,10 @@ internal sealed class Sequence
     /// <summary>Prompt-mode RAG replaced <see cref="Context"/>: its KV no longer holds the original prompt, so nobody may share it.</summary>
     public bool ContextRebuilt { get; set; }
 
+    /// <summary>Retrieves with its prompt before it is admitted (<see cref="EngineOptions.RetrieveFirst"/>).</summary>
+    public bool RetrieveFirst { get; init; }
+    /// <summary>An injection retrieved before admission, set on the runner when the sequence's slot is bound.</summary>
+    public PendingInjection? PendingInjection { get; set; }
     /// <summary>First position that receives the current injection, or −1 when none is set.</summary>
     public int InjectionStart { get; set; } = -1;
     /// <summary>Output-token index being recomputed after a retrieval: the trigger does not fire twice for it.</summary>

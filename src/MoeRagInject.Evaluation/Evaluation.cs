@@ -125,13 +125,13 @@ public static class EvalModes
     public static string Describe(string mode) => mode switch
     {
         None => "RAG off (entropy measured only)",
-        PromptAlways => "prompt RAG, retrieves once at the first step (threshold 0, 1 retrieval)",
+        PromptAlways => "prompt RAG, retrieves once with the question before computing it (--retrieve-first, 1 retrieval)",
         PromptTrigger => "prompt RAG when the trigger signal crosses the threshold",
         LatentRandom => "latent injection, random P (seed 0), at the layers that fired",
         LatentIdentity => "latent injection, identity P, at the layers that fired",
         LatentCalibrated => "latent injection, ridge-fitted P, at the calibration layer, α = 1",
         LatentTrained => "latent injection, projector trained through the frozen model (tools/projector), at its layers and α",
-        LatentTrainedAlways => "latent_trained's injection, retrieving once at the first step for every question (threshold 0, 1 retrieval), as prompt_always does",
+        LatentTrainedAlways => "latent_trained's injection, retrieving once with the question before computing it (--retrieve-first, 1 retrieval), as prompt_always does",
         _ => mode,
     };
 }
@@ -697,9 +697,10 @@ public static class Evaluator
             EvalModes.PromptAlways => (engineOptions with
             {
                 Mode = InjectionMode.Prompt,
-                Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+                RetrieveFirst = true,
+                Trigger = new TriggerOptions { MaxRetrievalsPerRequest = 1 },
                 RouterProbeThreshold = null,
-            }, "mode=prompt threshold=0 max_retrievals=1"),
+            }, "mode=prompt retrieve_first max_retrievals=1"),
             EvalModes.PromptTrigger => (engineOptions with { Mode = InjectionMode.Prompt }, $"mode=prompt {on}"),
             EvalModes.LatentRandom => (engineOptions with { Mode = InjectionMode.Latent, Projection = ProjectionKind.Random, ProjectionSeed = 0, InjectionScale = options.LatentScale },
                 Inv($"mode=latent projection=random(seed 0) layers=fired scale={options.LatentScale:G6} {on}")),
@@ -716,9 +717,10 @@ public static class Evaluator
             EvalModes.LatentTrained => TrainedMode(engineOptions, trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"), on),
             EvalModes.LatentTrainedAlways => TrainedMode(engineOptions with
             {
-                Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+                RetrieveFirst = true,
+                Trigger = new TriggerOptions { MaxRetrievalsPerRequest = 1 },
                 RouterProbeThreshold = null,
-            }, trainedProjection ?? throw new ArgumentException("latent_trained_always needs a projector file"), "threshold=0 max_retrievals=1"),
+            }, trainedProjection ?? throw new ArgumentException("latent_trained_always needs a projector file"), "retrieve_first max_retrievals=1"),
             _ => throw new ArgumentException($"unknown mode {mode}"),
         };
         label ??= mode;

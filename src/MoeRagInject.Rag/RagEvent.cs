@@ -32,7 +32,13 @@ public sealed record RagEvent
     /// <summary>Sequence position of that token.</summary>
     public required int Position { get; init; }
     public required IReadOnlyList<int> Layers { get; init; }
-    /// <summary>What the trigger watched (<see cref="TriggerSignals.Name"/>); <see cref="Entropy"/> is that signal's value.</summary>
+    /// <summary>The <see cref="Signal"/> of a retrieval made with the prompt before it was computed (--retrieve-first): no signal fired it.</summary>
+    public const string RetrieveFirstSignal = "retrieve-first";
+
+    /// <summary>
+    /// What the trigger watched (<see cref="TriggerSignals.Name"/>), <see cref="Entropy"/> being that signal's value; or
+    /// <see cref="RetrieveFirstSignal"/> (entropy and threshold null, batch size 0).
+    /// </summary>
     public string Signal { get; init; } = "router-entropy";
     public required double Entropy { get; init; }
     public required double Threshold { get; init; }

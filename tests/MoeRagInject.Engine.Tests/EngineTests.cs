@@ -288,6 +288,163 @@ public sealed class EngineTests : IDisposable
         Assert.NotEqual(offTokens.Take(peak), fired.Tokens.Take(peak));
     }
 
+    /// <summary>
+    /// --retrieve-first in prompt mode: the passages the question retrieves go ahead of it before anything is computed, so the
+    /// engine computes that context once (the first-step trigger computes the bare prompt first, then the context), and
+    /// the answer is that of a RAG-off request whose prompt is the context, as the first-step trigger's restarted answer is.
+    /// </summary>
+    [Fact]
+    public async Task RetrieveFirst_PromptMode_ComputesThePassagesAndThePromptOnce()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var corpus = WriteCorpus();
+        var prompt = reference.Prompts[3].InputIds;
+        LlmEngine Engine(bool first) => InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Runner = new CpuRunnerFactory(2),
+            Retriever = corpus,
+            Mode = InjectionMode.Prompt,
+            RetrieveFirst = first,
+            Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+            KvCacheTokens = 4096,
+        });
+
+        (List<int> Tokens, List<RagEvent> Events, long Computed) atStep, first;
+        await using (var engine = Engine(first: false))
+        {
+            var result = await Collect(engine, Greedy(prompt, InjectionMode.Prompt, 10));
+            atStep = (result.Tokens, result.Events, (await WaitForIdleAsync(engine)).PromptTokensComputed);
+        }
+        await using var firstEngine = Engine(first: true);
+        var collected = await Collect(firstEngine, Greedy(prompt, InjectionMode.Prompt, 10));
+        first = (collected.Tokens, collected.Events, (await WaitForIdleAsync(firstEngine)).PromptTokensComputed);
+
+        var stepEvent = Assert.Single(atStep.Events);
+        Assert.Equal((0, "answer"), (stepEvent.TokenIndex, stepEvent.Restart));
+        var e = Assert.Single(first.Events);
+        Assert.Null(e.Error);
+        Assert.Equal((0, prompt.Length - 1, RagEvent.RetrieveFirstSignal, 0, (string?)null), (e.TokenIndex, e.Position, e.Signal, e.BatchSize, e.Restart));
+        Assert.True(double.IsNaN(e.Entropy) && double.IsNaN(e.Threshold));
+        Assert.Equal(stepEvent.Query, e.Query);
+        Assert.Equal(stepEvent.SnippetIds, e.SnippetIds);
+
+        var tokenizer = firstEngine.Tokenizer;
+        var context = new List<int> { tokenizer.BosTokenId!.Value };
+        context.AddRange(tokenizer.Encode("Context:\n" + string.Join("\n", e.Snippets) + "\n\n", addSpecialTokens: false));
+        context.AddRange(prompt.Skip(prompt[0] == tokenizer.BosTokenId ? 1 : 0));
+        Assert.Equal(context.Count, first.Computed);
+        Assert.Equal(prompt.Length + context.Count, atStep.Computed);
+        var expected = await Collect(firstEngine, Greedy([.. context], InjectionMode.Off, 10));
+        Assert.Equal(expected.Tokens, first.Tokens);
+        Assert.Equal(atStep.Tokens, first.Tokens);
+    }
+
+    /// <summary>
+    /// --retrieve-first with the demo model's trained projector (one vector an answer position): the vectors are in place
+    /// when the question is first computed, so the answer, its logprobs and its events' passages are those of the first-step
+    /// trigger's restarted answer, without computing the question's last position twice; and the injection changes answers.
+    /// </summary>
+    [Fact]
+    public async Task RetrieveFirst_LatentMode_InjectsFromThePromptsLastPositionWithoutARestart()
+    {
+        var projector = Path.Combine(TestPaths.DemoModel, "projector.safetensors");
+        var info = ContextInjector.ReadFileInfo(projector);
+        string[] questions = ["What is witticism?", "What is opsonization?", "What is aril?", "What is thioridazine?"];
+        LlmEngine Engine(InjectionMode mode, bool first) => InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DemoModel,
+            Runner = new CpuRunnerFactory(2),
+            Retriever = Path.Combine(TestPaths.RepoRoot, "assets", "corpus", "wordnet", "wordnet-demo.jsonl.gz"),
+            Mode = mode,
+            RetrieveFirst = first,
+            Trigger = new TriggerOptions { Threshold = 0, MaxRetrievalsPerRequest = 1 },
+            Projection = ProjectionKind.File,
+            ProjectionPath = projector,
+            InjectionLayers = info.Layers,
+            InjectionScale = info.Alpha ?? 1,
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+            KvCacheTokens = 2048,
+        });
+        async Task<(List<(List<int> Tokens, List<float> Logprobs, List<RagEvent> Events)> Answers, long Computed)> Answer(InjectionMode mode, bool first)
+        {
+            await using var engine = Engine(mode, first);
+            var answers = new List<(List<int>, List<float>, List<RagEvent>)>();
+            foreach (var question in questions)
+            {
+                var request = new GenerationRequest
+                {
+                    PromptIds = engine.Tokenizer.Encode(question),
+                    Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = 12, IgnoreEos = true },
+                    ReturnLogprob = true,
+                };
+                var (tokens, logprobs, events) = (new List<int>(), new List<float>(), new List<RagEvent>());
+                await foreach (var update in engine.GenerateAsync(request))
+                {
+                    tokens.AddRange(update.NewTokenIds);
+                    logprobs.AddRange(update.NewLogprobs);
+                    events.AddRange(update.NewEvents);
+                }
+                answers.Add((tokens, logprobs, events));
+            }
+            return (answers, (await WaitForIdleAsync(engine)).PromptTokensComputed);
+        }
+
+        var off = await Answer(InjectionMode.Off, first: false);
+        var atStep = await Answer(InjectionMode.Latent, first: false);
+        var first = await Answer(InjectionMode.Latent, first: true);
+        Assert.Equal(off.Computed, first.Computed);
+        Assert.Equal(off.Computed + questions.Length, atStep.Computed);
+        for (var q = 0; q < questions.Length; q++)
+        {
+            var (a, b) = (atStep.Answers[q], first.Answers[q]);
+            var stepEvent = Assert.Single(a.Events);
+            Assert.Equal((0, "answer"), (stepEvent.TokenIndex, stepEvent.Restart));
+            var e = Assert.Single(b.Events);
+            Assert.Equal((0, RagEvent.RetrieveFirstSignal, (string?)null, (string?)null), (e.TokenIndex, e.Signal, e.Restart, e.Error));
+            Assert.Equal(stepEvent.SnippetIds, e.SnippetIds);
+            Assert.Equal(stepEvent.InjectionNorm, e.InjectionNorm, 6);
+            Assert.True(e.InjectionNorm > 0);
+            Assert.Equal(a.Tokens, b.Tokens);
+            for (var j = 0; j < a.Logprobs.Count; j++) Assert.Equal(a.Logprobs[j], b.Logprobs[j], 1e-5);
+        }
+        Assert.Contains(Enumerable.Range(0, questions.Length), q => !off.Answers[q].Tokens.SequenceEqual(first.Answers[q].Tokens));
+    }
+
+    /// <summary>A request aborted while it retrieves before admission ends, cancels its retrieval, and leaves nothing held.</summary>
+    [Fact]
+    public async Task RetrieveFirst_AbortedWhileRetrieving_EndsAndHoldsNothing()
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        using var server = new HangingServer();
+        await using var engine = InferenceEngine.Create(new EngineOptions
+        {
+            ModelPath = TestPaths.DefaultModel,
+            Runner = new CpuRunnerFactory(2),
+            Retriever = server.Url,
+            RetrievalTimeout = TimeSpan.FromSeconds(30),
+            RetrieveFirst = true,
+            LogDir = Path.Combine(_temp, "logs"),
+            Notices = TextWriter.Null,
+            KvCacheTokens = 4096,
+        });
+        var collecting = Collect(engine, Greedy(reference.Prompts[0].InputIds, InjectionMode.Latent) with { Rid = "first" });
+        await server.Connected.WaitAsync(TimeSpan.FromSeconds(20));
+        var status = engine.GetStatus();
+        Assert.Equal((0, 0, 1), (status.Running, status.Waiting, status.Retrieving));
+        Assert.Equal(status.TotalKvBlocks, status.FreeKvBlocks);
+        Assert.True(engine.Abort("first"));
+        var result = await collecting.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(FinishKind.Abort, result.Finish.Kind);
+        Assert.Empty(result.Tokens);
+        await server.Disconnected.WaitAsync(TimeSpan.FromSeconds(5));
+        status = await WaitForIdleAsync(engine);
+        Assert.Equal((0, 0, 0), (status.Running, status.Waiting, status.Retrieving));
+    }
+
     /// <summary>Within a request an identical query is answered from the request's cache, not sent again.</summary>
     [Fact]
     public async Task IdenticalQueriesWithinARequestAreRetrievedOnce()

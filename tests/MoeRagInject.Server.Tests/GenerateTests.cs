@@ -44,6 +44,26 @@ public sealed class GenerateTests(ServerFixture server) : IClassFixture<ServerFi
         Assert.Equal(0.8, info["entropy_threshold"]!.GetValue<double>(), 6);
         Assert.Equal("router-entropy", info["trigger_signal"]!.GetValue<string>());
         Assert.Equal("answer", info["prompt_rag_restart"]!.GetValue<string>());
+        Assert.False(info["retrieve_first"]!.GetValue<bool>());
+    }
+
+    /// <summary>rag.retrieve_first per request: one retrieval with the prompt before it is computed, named so in the event, at answer token 0.</summary>
+    [Fact]
+    public async Task RetrieveFirstPerRequest_RetrievesOnceBeforeThePrompt()
+    {
+        var result = await Client.PostOkAsync("/generate", new JsonObject
+        {
+            ["text"] = "What is Quantum?",
+            ["sampling_params"] = new JsonObject { ["temperature"] = 0, ["max_new_tokens"] = 3 },
+            ["rag"] = new JsonObject { ["mode"] = "latent", ["threshold"] = 100, ["retrieve_first"] = true },
+        });
+        var e = Assert.Single(result["meta_info"]!["rag"]!.AsArray())!;
+        Assert.Equal("retrieve-first", e["signal"]!.GetValue<string>());
+        Assert.Equal(0, e["token_index"]!.GetValue<int>());
+        Assert.Equal(0, e["batch_size"]!.GetValue<int>());
+        Assert.Null(e["entropy"]);
+        Assert.Equal(result["meta_info"]!["prompt_tokens"]!.GetValue<int>() - 1, e["position"]!.GetValue<int>());
+        Assert.Equal(3, result["meta_info"]!["completion_tokens"]!.GetValue<int>());
     }
 
     /// <summary>rag.trigger_signal per request: output entropy at threshold 0 fires at the first token, over every layer, and the event names the signal.</summary>

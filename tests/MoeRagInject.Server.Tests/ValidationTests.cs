@@ -63,6 +63,7 @@ public sealed class ValidationTests(ServerFixture server) : IClassFixture<Server
         { "/generate", """{"text": "hi", "rag": {"trigger_signal": "router-probe", "threshold": 1.5}}""", "rag.threshold must be in [0, 1] for rag.trigger_signal router-probe" },
         { "/generate", """{"text": "hi", "rag": {"trigger_signal": "router-probe"}}""", "this server has no router probe (run `./moe-rag-inject calibrate`" },
         { "/generate", """{"text": "hi", "rag": "latent"}""", "rag must be an object" },
+        { "/generate", """{"text": "hi", "rag": {"retrieve_first": "yes"}}""", "rag.retrieve_first must be a boolean" },
         { "/generate", """{"text": "hi", "stream": "yes"}""", "stream must be a boolean" },
         { "/generate", """{"text": "hi", "return_logprob": 1}""", "return_logprob must be a boolean" },
         { "/generate", """{"text": "hi", "rid": ["a", "b"]}""", "rid must be a string for a single input" },

@@ -6,14 +6,17 @@ using MoeRagInject.Rag;
 namespace MoeRagInject.Engine.Coordination;
 
 /// <summary>What the loop captured when a trigger fired (everything the retrieval needs, copied, so the loop can go on).</summary>
+/// <param name="First">The retrieval a request makes with its prompt before it is admitted (--retrieve-first): no step fired it
+/// (batch size 0, no signal value), nothing was generated, and nothing restarts.</param>
 internal sealed record RagTrigger(TriggerDecision Decision, int TokenIndex, int Position, int BatchSize, int[] QueryIds,
-    InjectionMode Mode, float Scale, double Threshold, int GeneratedCount);
+    InjectionMode Mode, float Scale, double Threshold, int GeneratedCount, bool First = false);
 
 /// <summary>What a retrieval brings back to the loop: the event, and a vector to inject or a context to rebuild (or neither).</summary>
 /// <param name="RestartAnswer">With <see cref="Context"/>: drop the answer generated so far and generate it again after the
 /// context; with <see cref="Vector"/> (one vector an answer position): drop it and generate it again with the vectors.</param>
+/// <param name="First">The outcome of a retrieval before admission (<see cref="RagTrigger.First"/>).</param>
 internal sealed record RagOutcome(RagEvent Event, int TokenIndex, int Position, float[]? Vector, IReadOnlyList<int> InjectionLayers,
-    int InjectionEnd, List<int>? Context, bool RestartAnswer = false);
+    int InjectionEnd, List<int>? Context, bool RestartAnswer = false, bool First = false);
 
 /// <summary>
 /// Everything a trigger sets off, off the engine loop: the notice line, detokenizing the query, the retrieval (cancelled
@@ -79,17 +82,18 @@ internal sealed class RagCoordinator(
             var failed = Event(s, t, "", start, null, false, $"RAG failed: {e.Message}", [], 0);
             metrics.RetrievalFailed("failed");
             Record(failed, t);
-            resume(s, new RagOutcome(failed, t.TokenIndex, t.Position, null, [], 0, null));
+            resume(s, new RagOutcome(failed, t.TokenIndex, t.Position, null, [], 0, null, First: t.First));
         }
     }
 
     /// <summary>
     /// The trigger's event goes to the recent-event history and its layers to the trigger counts, together: a request that
-    /// ends while its retrieval runs has neither, so the counts always match the events.
+    /// ends while its retrieval runs has neither, so the counts always match the triggers' events.
     /// </summary>
     private void Record(RagEvent ragEvent, RagTrigger t)
     {
-        metrics.Triggered(t.Decision.FiredLayers, t.Mode);
+        // A retrieval before the prompt (--retrieve-first) is no trigger: no layer fired.
+        if (!t.First) metrics.Triggered(t.Decision.FiredLayers, t.Mode);
         history.Add(ragEvent);
     }
 
@@ -146,12 +150,13 @@ internal sealed class RagCoordinator(
         }
         // A mode that may restart the answer (EngineOptions.RestartsAnswer) does when it fires within the tokens the loop holds
         // back; prompt mode records "continue" otherwise, and so does latent mode with one vector an answer position.
+        // A retrieval before admission has no answer to restart or keep.
         var restarts = options.RestartsAnswer(t.Mode, injector.AnswerPositions);
-        var restart = restarts || t.Mode == InjectionMode.Prompt
+        var restart = !t.First && (restarts || t.Mode == InjectionMode.Prompt)
             ? restarts && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
             : null;
         return new RagOutcome(Event(s, t, query, start, result, cached, error, layers, norm, snippets) with { Restart = restart },
-            t.TokenIndex, t.Position, vector, layers, end, context, (context is not null || vector is not null) && restart == "answer");
+            t.TokenIndex, t.Position, vector, layers, end, context, (context is not null || vector is not null) && restart == "answer", t.First);
     }
 
     /// <summary>Prompt-mode RAG: the passages go ahead of the prompt, and the whole context will be prefilled again.</summary>
@@ -184,7 +189,7 @@ internal sealed class RagCoordinator(
         TokenIndex = t.TokenIndex,
         Position = t.Position,
         Layers = t.Decision.FiredLayers,
-        Signal = TriggerSignals.Name(s.Trigger.Options.Signal),
+        Signal = t.First ? RagEvent.RetrieveFirstSignal : TriggerSignals.Name(s.Trigger.Options.Signal),
         Entropy = t.Decision.Entropy,
         Threshold = t.Threshold,
         BatchSize = t.BatchSize,

@@ -18,6 +18,8 @@ internal sealed class Scheduler
     private readonly LinkedList<Sequence> _waiting = new();
     /// <summary>Running and retrieving sequences, oldest first.</summary>
     private readonly List<Sequence> _running = [];
+    /// <summary>Sequences retrieving before admission (--retrieve-first): no slot, no blocks; queued when their retrieval ends.</summary>
+    private readonly HashSet<Sequence> _retrievingFirst = [];
     private readonly Stack<int> _freeSlots;
     private readonly List<ScheduledChunk> _batch = [];
     private readonly int _chunkSize;
@@ -38,9 +40,12 @@ internal sealed class Scheduler
     /// <summary>Prompt positions that parallel samples took from their leader's blocks instead of computing.</summary>
     public long SharedTokens { get; private set; }
     public int Waiting => _waiting.Count;
-    /// <summary>Sequences holding a slot and not waiting: running or retrieving.</summary>
-    public int Active => _running.Count;
-    public int Retrieving
+    /// <summary>Sequences holding a slot that are not parked by a retrieval.</summary>
+    public int Running => _running.Count - ParkedRunning;
+    /// <summary>Sequences waiting for a retrieval: parked with their slot, or not yet admitted (--retrieve-first).</summary>
+    public int Retrieving => ParkedRunning + _retrievingFirst.Count;
+
+    private int ParkedRunning
     {
         get
         {
@@ -57,13 +62,20 @@ internal sealed class Scheduler
         _waiting.AddLast(sequence);
     }
 
+    /// <summary>A new sequence that retrieves before it is admitted: it waits outside the queue until <see cref="Resume"/>.</summary>
+    public void HoldForRetrieval(Sequence sequence)
+    {
+        sequence.State = SequenceState.Retrieving;
+        _retrievingFirst.Add(sequence);
+    }
+
     /// <summary>Every sequence not finished (for shutdown).</summary>
-    public List<Sequence> All() => [.. _running, .. _waiting];
+    public List<Sequence> All() => [.. _running, .. _waiting, .. _retrievingFirst];
 
     /// <summary>Takes a finished sequence out: its blocks and slot go back to the pools.</summary>
     public void Remove(Sequence sequence)
     {
-        if (!_running.Remove(sequence)) _waiting.Remove(sequence);
+        if (!_running.Remove(sequence) && !_retrievingFirst.Remove(sequence)) _waiting.Remove(sequence);
         ReleaseBlocks(sequence);
         if (sequence.Slot >= 0)
         {
@@ -72,9 +84,22 @@ internal sealed class Scheduler
         }
     }
 
-    /// <summary>A parked sequence may run again; one that lost its blocks while parked goes to the front of the queue to be recomputed.</summary>
+    /// <summary>
+    /// A parked sequence may run again; one that lost its blocks while parked goes to the front of the queue to be recomputed,
+    /// and one that retrieved before admission joins the queue in arrival order (behind any request that came before it, so a
+    /// parallel sample never queues ahead of the first sample whose prompt blocks it waits to share).
+    /// </summary>
     public void Resume(Sequence sequence)
     {
+        if (_retrievingFirst.Remove(sequence))
+        {
+            sequence.State = SequenceState.Waiting;
+            var after = _waiting.Last;
+            while (after is not null && after.Value.Arrival > sequence.Arrival) after = after.Previous;
+            if (after is null) _waiting.AddFirst(sequence);
+            else _waiting.AddAfter(after, sequence);
+            return;
+        }
         if (sequence.BlockTable.Count == 0 && _running.Remove(sequence))
         {
             sequence.State = SequenceState.Waiting;

@@ -106,7 +106,9 @@ public sealed record ServerInfoResponse(
     bool SkipTokenizerInit = false,
     IReadOnlyList<InternalStateJson>? InternalStates = null,
     // The router probe the engine loaded (path), null when it has none.
-    string? RouterProbe = null);
+    string? RouterProbe = null,
+    // --retrieve-first (null while the model loads).
+    bool? RetrieveFirst = null);
 
 /// <summary>sglang's per-scheduler state in /get_server_info (benchmarks read last_gen_throughput and avg_spec_accept_length).</summary>
 public sealed record InternalStateJson(double LastGenThroughput, double AvgSpecAcceptLength, int MaxTotalNumTokens, int MaxRunningRequests);

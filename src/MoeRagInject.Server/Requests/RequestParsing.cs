@@ -14,7 +14,7 @@ public static class RequestParsing
         "n", "spaces_between_special_tokens", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params",
     ];
 
-    private static readonly HashSet<string> RagFields = ["mode", "trigger_signal", "threshold", "scale"];
+    private static readonly HashSet<string> RagFields = ["mode", "trigger_signal", "threshold", "scale", "retrieve_first"];
 
     /// <summary>sglang's <c>sampling_params</c> object (snake_case names, sglang's defaults); null means all defaults.</summary>
     public static SamplingParams ParseSglangSampling(JsonFields? fields, int vocabSize)
@@ -72,7 +72,7 @@ public static class RequestParsing
                 throw ApiException.BadRequest(Invariant($"{stopTokenIdsPath}[{i}] = {sampling.StopTokenIds[i]} is outside the vocabulary [0, {vocabSize})"));
     }
 
-    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "trigger_signal": "router-entropy"|"output-entropy"|"router-probe", "threshold": nats or probability, "scale": α}</c>.</summary>
+    /// <summary>The request's <c>rag</c> object: <c>{"mode": "off"|"latent"|"prompt", "trigger_signal": "router-entropy"|"output-entropy"|"router-probe", "threshold": nats or probability, "scale": α, "retrieve_first": bool}</c>.</summary>
     public static RagOverrides? ParseRag(JsonFields root)
     {
         if (root.Object("rag") is not { } rag) return null;
@@ -90,7 +90,10 @@ public static class RequestParsing
         if (rag.String("trigger_signal") is { } name)
             signal = TriggerSignals.Parse(name)
                 ?? throw ApiException.BadRequest($"{rag.PathOf("trigger_signal")} must be one of {string.Join(", ", TriggerSignals.Names)} (got '{name}')");
-        var overrides = new RagOverrides { Mode = mode, Signal = signal, Threshold = threshold, Scale = (float?)rag.Number("scale") };
+        var overrides = new RagOverrides
+        {
+            Mode = mode, Signal = signal, Threshold = threshold, Scale = (float?)rag.Number("scale"), RetrieveFirst = rag.Bool("retrieve_first"),
+        };
         if (overrides.Validate() is { } message) throw ApiException.BadRequest(message);
         return overrides;
     }

@@ -135,7 +135,8 @@ public static class SglangRoutes
                         // No speculative decoding: every step accepts exactly one token per request.
                         AvgSpecAcceptLength: 1.0, maxTotalTokens ?? 0, e?.MaxRunningRequests ?? 0),
                 ],
-                RouterProbe: e is not null && (engine as LlmEngine)?.RouterProbe is not null ? e.ResolvedRouterProbePath : null),
+                RouterProbe: e is not null && (engine as LlmEngine)?.RouterProbe is not null ? e.ResolvedRouterProbePath : null,
+                RetrieveFirst: e?.RetrieveFirst),
             ApiJsonContext.Wire.ServerInfoResponse);
     }
 
