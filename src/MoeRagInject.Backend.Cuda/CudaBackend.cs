@@ -381,10 +381,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         if (tensorCores)
         {
             // Decode rows (every row under --deterministic): one warp per (row, KV head, split), the keys as its mma rows and
-            // the group's query heads as columns; or, MOE_RAG_INJECT_DECODE_ATTENTION=legacy, the query heads as its mma rows.
-            var (tile, stages) = _decodeAttentionTile;
-            var name = tile == 0 ? $"attention_decode_tc_d{shape.HeadDim}" : $"attention_decode_t{tile}s{stages}_d{shape.HeadDim}";
-            var bytes = tile == 0 ? (uint)(2 * 32 * shape.HeadDim * 2) : (uint)(2 * (stages == 2 ? 2 : 1) * tile * shape.HeadDim * 2 + 1024);
+            // the group's query heads as columns (K and V tiles of 16 keys, and Pᵀ); or, MOE_RAG_INJECT_DECODE_ATTENTION=legacy,
+            // the query heads as its mma rows (K and V tiles of 32 keys).
+            var name = _legacyDecodeAttention ? $"attention_decode_tc_d{shape.HeadDim}" : $"attention_decode_d{shape.HeadDim}";
+            var bytes = _legacyDecodeAttention ? (uint)(2 * 32 * shape.HeadDim * 2) : (uint)(2 * 16 * shape.HeadDim * 2 + 512);
             Launch3(name, ((uint)rows, (uint)shape.KvHeads, (uint)splits), 32, bytes,
                 T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.RowSequence, s.SeqSlot,
                 s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth, partial);
@@ -421,18 +421,10 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private readonly bool _scalarAttentionForced = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION") is "scalar";
 
     /// <summary>
-    /// The decode attention kernel: keys a tile and stages of attention_decode_t*s*_d* (16 keys, K and V staggered (0) by
-    /// default), or (0, 0) for attention_decode_tc_d* (MOE_RAG_INJECT_DECODE_ATTENTION=legacy: the group's query heads as
-    /// the mma rows, to measure against); t32s1, t16s1 and t16s2 name the others.
+    /// MOE_RAG_INJECT_DECODE_ATTENTION=legacy: decode rows through attention_decode_tc_d* (the group's query heads as the
+    /// mma rows, 225 registers a thread at head_dim 128) instead of attention_decode_d*, to measure against.
     /// </summary>
-    private readonly (int Tile, int Stages) _decodeAttentionTile = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_DECODE_ATTENTION") switch
-    {
-        "legacy" => (0, 0),
-        "t32s1" => (32, 1),
-        "t16s1" => (16, 1),
-        "t16s2" => (16, 2),
-        _ => (16, 0),
-    };
+    private readonly bool _legacyDecodeAttention = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_DECODE_ATTENTION") is "legacy";
 
     /// <summary>The tensor-core kernels' instantiations: head dimensions 16, 32, 64 and 128, at most 8 query heads per KV head.</summary>
     private static bool TensorAttentionFits(AttentionShape shape) =>

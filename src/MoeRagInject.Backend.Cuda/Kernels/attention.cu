@@ -8,7 +8,7 @@
 //    writes its unnormalised sums with their maximum and total into `partial`, which attention_combine merges in split
 //    order. A row's result depends only on its own keys and the split count, which the host derives from the step's rows.
 //  - attention_tc_d* (steps with prompt rows, default mode): flash-style, on the tensor cores; see below.
-//  - attention_decode_t*_d* (decode steps, and every row under --deterministic, in a fixed number of splits): one warp
+//  - attention_decode_d* (decode steps, and every row under --deterministic, in a fixed number of splits): one warp
 //    per (row, KV head, split) on the tensor cores, the keys as the mma rows; see below. attention_decode_tc_d*, the
 //    group's query heads as the mma rows, is kept to measure against.
 // Instantiated for bounds on the group (query heads per KV head) and on the head dimensions per lane (headDim / 32); the
@@ -555,57 +555,54 @@ __device__ __forceinline__ void attention_decode_tc_impl(const float* __restrict
 // Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ. With at most 8 query heads per KV head the n = 8 columns hold the whole group (half of them
 // padding at Mixtral's 4, where the query-head rows above are three quarters padding), so each product takes half the
 // mmas, q is a B fragment (2 registers a part and k-step: D / 4 for both parts) and the output's accumulators are
-// D / 4 registers instead of D / 2. The kernel above held 225 registers a thread at D = 128 (8 warps a multiprocessor);
-// this one needs about half, so registers stop being what limits the resident warps.
-// A lane holds the scores of keys g, g + 8 (of each 16) for heads 2t, 2t + 1, and the output of dimensions g, g + 8 (of
-// each 16) for the same two heads, so the running maximum, total and rescaling of a head stay in the lanes that own
-// it; the maximum over a tile's keys is a reduction over g (lanes 4 apart). Pᵀ's accumulator layout is not the B
-// fragment Oᵀ = Vᵀ·Pᵀ takes (that wants a head's consecutive keys in one lane), so P goes through a small per-warp tile
-// in shared memory as [key][8 heads] bf16 and comes back by a transposing ldmatrix. q and p enter as two bf16 parts as
-// in attention_tc; the masking, the tiles at absolute positions, their shares over grid z and the split record are those
-// of attention_decode_tc, so a row's result still depends only on its own keys and the split count.
-// BN keys a tile (16 or 32), STAGES 1 or 2 (the next tile loads during this one's products). Grid: (rows, kvHeads,
-// splits); block: 32; dynamic shared memory: 2 · STAGES · BN · D bf16 (K and V) + 1 KB (Pᵀ, two parts of 32 keys).
-#define FA_DECODE_P_WORDS 256
+// D / 4 registers instead of D / 2. At D = 128 this kernel holds 124 registers a thread against 225, so 16 warps fit on
+// a multiprocessor instead of 8, and batch 256's 2,048 warps all run at once (an H200's op profile: 1.54 ms of
+// attention a batch-256 step against 1.91, DRAM read at 64% of its peak against 47%; 0.78 against 0.88 ms at batch 64).
+// A lane holds the scores of keys g, g + 8 for heads 2t, 2t + 1, and the output of dimensions g, g + 8 (of each 16)
+// for the same two heads, so the running maximum, total and rescaling of a head stay in the lanes that own it; the
+// maximum over a tile's keys is a reduction over g (lanes 4 apart). Pᵀ's accumulator layout is not the B fragment that
+// Oᵀ = Vᵀ·Pᵀ takes (that wants a head's consecutive keys in one lane), so P goes through a small per-warp tile in shared
+// memory as [key][8 heads] bf16 and comes back by a transposing ldmatrix. q and p enter as two bf16 parts as in
+// attention_tc; the masking, the tiles at absolute positions, their shares over grid z and the split record are those of
+// attention_decode_tc (with tiles of 16 keys), so a row's result still depends only on its own keys and the split count.
+// Tiles of 16 keys, K and V loaded at different times: the next tile's keys load during this tile's Oᵀ product, its
+// values during the next scores, so a load is always in flight with one tile of each in shared memory (9 KB a warp at
+// D = 128: registers and shared memory both allow 16 warps). Measured against it on H200s (op profile, batch 256 and
+// 64, ms a step): 32-key tiles in one stage 2.00 and 0.83 (17 KB a warp); 16 keys in one stage 1.55 and 0.84 (this
+// kernel 1.56 and 0.77 in that call); 16 keys, K and V together, in two stages 2.08 and 0.76 (17 KB a warp).
+// Grid: (rows, kvHeads, splits); block: 32; dynamic shared memory: 2 · 16 · D bf16 (K and V) + 512 bytes (Pᵀ).
+#define FA_DECODE_KEYS 16
 
-// The scores of one tile of BN keys (at tileStart, staged in k): Sᵀ, mask (keys low ≤ j ≤ position count), the running
+// The scores of one tile of 16 keys (at tileStart, staged in k): Sᵀ, mask (keys low ≤ j ≤ position count), the running
 // maximum m and total l of the lane's heads 2t, 2t + 1 (l over the lane's own keys; summed over g at the end), the
-// output rescaled, and P as the B fragments of Oᵀ += Vᵀ·Pᵀ (ph, pl: its two bf16 parts; p: the shared tile they pass
-// through).
-template <int D, int BN>
-__device__ __forceinline__ void fa_decode_t_scores(const unsigned (&qh)[D / 16][2], const unsigned (&ql)[D / 16][2],
+// output rescaled, and P as the B fragments of Oᵀ += Vᵀ·Pᵀ (p: the shared tile it passes through; b: its hi part's two
+// registers, then its lo part's).
+template <int D>
+__device__ __forceinline__ void fa_decode_scores(const unsigned (&qh)[D / 16][2], const unsigned (&ql)[D / 16][2],
     float (&o)[D / 16][4], float (&m)[2], float (&l)[2], const bf16* k, unsigned* p, int tileStart, int low, int position,
-    int lane, unsigned (&ph)[4], unsigned (&pl)[4])
+    int lane, unsigned (&b)[4])
 {
     const int g = lane >> 2, t = lane & 3;
-    float s[BN / 16][4];
-#pragma unroll
-    for (int mt = 0; mt < BN / 16; mt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) s[mt][e] = 0.f;
-    // Sᵀ = K·Qᵀ: keys 16mt .. 16mt + 15 as the A fragment (row-major in the tile, as stored), q's k-step kk as B.
+    // Sᵀ = K·Qᵀ: the tile's keys as the A fragment (row-major, as stored), q's k-step kk as B. Element e: key g + 8(e / 2),
+    // head 2t + e % 2.
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-        for (int mt = 0; mt < BN / 16; mt++)
-        {
-            unsigned a[4];
-            load_matrix_x4(shared_address(k + fa_swizzled<D>(mt * 16 + (lane & 15), kk * 2 + (lane >> 4))), a);
-            mma_16x8x16(s[mt], a, ql[kk][0], ql[kk][1]);
-            mma_16x8x16(s[mt], a, qh[kk][0], qh[kk][1]);
-        }
-    // Element e of s[mt]: key 16mt + g + 8(e / 2), head 2t + e % 2.
-    const bool masked = tileStart < low || tileStart + BN - 1 > position;
+    {
+        unsigned a[4];
+        load_matrix_x4(shared_address(k + fa_swizzled<D>(lane & 15, kk * 2 + (lane >> 4))), a);
+        mma_16x8x16(s, a, ql[kk][0], ql[kk][1]);
+        mma_16x8x16(s, a, qh[kk][0], qh[kk][1]);
+    }
+    const bool masked = tileStart < low || tileStart + FA_DECODE_KEYS - 1 > position;
     float tileMax[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-    for (int mt = 0; mt < BN / 16; mt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-        {
-            const int j = tileStart + mt * 16 + g + 8 * (e >> 1);
-            if (masked && (j > position || j < low)) s[mt][e] = NEG_INF;
-            tileMax[e & 1] = fmaxf(tileMax[e & 1], s[mt][e]);
-        }
+    for (int e = 0; e < 4; e++)
+    {
+        const int j = tileStart + g + 8 * (e >> 1);
+        if (masked && (j > position || j < low)) s[e] = NEG_INF;
+        tileMax[e & 1] = fmaxf(tileMax[e & 1], s[e]);
+    }
     float correction[2], base[2];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -621,59 +618,50 @@ __device__ __forceinline__ void fa_decode_t_scores(const unsigned (&qh)[D / 16][
         l[i] *= correction[i];
     }
 #pragma unroll
-    for (int mt = 0; mt < BN / 16; mt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-        {
-            s[mt][e] = exp2f(s[mt][e] - base[e & 1]);
-            l[e & 1] += s[mt][e];
-        }
+    for (int e = 0; e < 4; e++)
+    {
+        s[e] = exp2f(s[e] - base[e & 1]);
+        l[e & 1] += s[e];
+    }
 #pragma unroll
     for (int mt = 0; mt < D / 16; mt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[mt][e] *= correction[e & 1];
-    // Pᵀ to shared memory, word key · 4 + t of a part holding heads 2t, 2t + 1 of that key (the lo part 128 words on);
-    // 32 lanes store 32 consecutive words. Then each 8 keys' 8 × 16 bytes come back transposed: register kk · 2 + c of
-    // a part is the B fragment half c of keys 16kk .. 16kk + 15 (lane: heads' column g, keys 2t, 2t + 1 (+ 8c)).
+    // Pᵀ to shared memory: word 4 · key + t holds heads 2t, 2t + 1 of that key, the hi part's 16 keys, then the lo part's
+    // (32 lanes store 32 consecutive words of each). Each 8 keys' 8 × 16 bytes then come back transposed, lane i
+    // addressing key row i of the 32: registers 0 and 1 the hi part's B fragment (keys 2t, 2t + 1, then + 8, of head g),
+    // 2 and 3 the lo part's.
 #pragma unroll
-    for (int mt = 0; mt < BN / 16; mt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-        {
-            const unsigned hi = pack_bf16x2(s[mt][2 * h], s[mt][2 * h + 1]);
-            const unsigned lo = pack_bf16x2(s[mt][2 * h] - lo_bf16(hi), s[mt][2 * h + 1] - hi_bf16(hi));
-            const int word = (mt * 16 + 8 * h + g) * 4 + t;
-            p[word] = hi;
-            p[FA_DECODE_P_WORDS / 2 + word] = lo;
-        }
+    for (int h = 0; h < 2; h++)
+    {
+        const unsigned hi = pack_bf16x2(s[2 * h], s[2 * h + 1]);
+        const int word = (8 * h + g) * 4 + t;
+        p[word] = hi;
+        p[4 * FA_DECODE_KEYS + word] = pack_bf16x2(s[2 * h] - lo_bf16(hi), s[2 * h + 1] - hi_bf16(hi));
+    }
     __syncwarp();
-    // With BN = 16 the last two registers of each part are stale keys and not used.
-    load_matrix_x4_trans(shared_address(p + lane * 4), ph);
-    load_matrix_x4_trans(shared_address(p + FA_DECODE_P_WORDS / 2 + lane * 4), pl);
+    load_matrix_x4_trans(shared_address(p + lane * 4), b);
 }
 
-// Oᵀ += Vᵀ·Pᵀ for one tile of BN keys staged in v: dimensions 16mt .. 16mt + 15 of keys 16kk .. 16kk + 15 as the A
-// fragment (the tile transposed), P from fa_decode_t_scores.
-template <int D, int BN>
-__device__ __forceinline__ void fa_decode_t_values(float (&o)[D / 16][4], const bf16* v, const unsigned (&ph)[4],
-    const unsigned (&pl)[4], int lane)
+// Oᵀ += Vᵀ·Pᵀ for one tile of 16 keys staged in v: dimensions 16mt .. 16mt + 15 of the keys as the A fragment (the tile
+// transposed), P from fa_decode_scores.
+template <int D>
+__device__ __forceinline__ void fa_decode_values(float (&o)[D / 16][4], const bf16* v, const unsigned (&b)[4], int lane)
 {
     const int mat = lane >> 3;
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; kk++)
-#pragma unroll
-        for (int mt = 0; mt < D / 16; mt++)
-        {
-            unsigned a[4];
-            load_matrix_x4_trans(shared_address(v + fa_swizzled<D>(kk * 16 + (mat >> 1) * 8 + (lane & 7), mt * 2 + (mat & 1))), a);
-            mma_16x8x16(o[mt], a, pl[2 * kk], pl[2 * kk + 1]);
-            mma_16x8x16(o[mt], a, ph[2 * kk], ph[2 * kk + 1]);
-        }
+    for (int mt = 0; mt < D / 16; mt++)
+    {
+        unsigned a[4];
+        load_matrix_x4_trans(shared_address(v + fa_swizzled<D>((mat >> 1) * 8 + (lane & 7), mt * 2 + (mat & 1))), a);
+        mma_16x8x16(o[mt], a, b[2], b[3]);
+        mma_16x8x16(o[mt], a, b[0], b[1]);
+    }
 }
 
-// Rows tileStart .. tileStart + BN − 1 (those ≤ hi; zeros past it) of one cache's KV head into a [BN][D] tile, as
-// fa_load_tile does for K and V together; for loading the two at different times.
-template <int D, int BN>
+// Rows tileStart .. tileStart + 15 (those ≤ hi; zeros past it) of one cache's KV head into a [16][D] tile, as
+// fa_load_tile does for K and V together; here the two load at different times.
+template <int D>
 __device__ __forceinline__ void fa_load_rows(bf16* sX, const bf16* __restrict__ cache, const int* table, int blockSize, int kvWidth,
     int kvHead, int tileStart, int hi)
 {
@@ -681,7 +669,7 @@ __device__ __forceinline__ void fa_load_rows(bf16* sX, const bf16* __restrict__ 
     const int c = threadIdx.x % CH, keysPerPass = blockDim.x / CH, shift = __ffs(blockSize) - 1;
     const unsigned base = shared_address(sX);
     const bf16* chunk = cache + kvHead * D + c * 8;
-    for (int key = threadIdx.x / CH; key < BN; key += keysPerPass)
+    for (int key = threadIdx.x / CH; key < FA_DECODE_KEYS; key += keysPerPass)
     {
         const int j = tileStart + key;
         const bool valid = j <= hi;
@@ -690,23 +678,22 @@ __device__ __forceinline__ void fa_load_rows(bf16* sX, const bf16* __restrict__ 
     }
 }
 
-template <int D, int BN, int STAGES>
-__device__ __forceinline__ void attention_decode_t_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
+template <int D>
+__device__ __forceinline__ void attention_decode_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
     const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence,
     const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, int blockSize, int heads, int kvHeads,
     int window, float scale, int qkvWidth, float* __restrict__ partial)
 {
     extern __shared__ __align__(128) unsigned char fa_shared[];
-    constexpr int BUFFERS = STAGES == 2 ? 2 : 1;
-    bf16* sK = (bf16*)fa_shared;                           // [BUFFERS][BN][D]
-    bf16* sV = sK + BUFFERS * BN * D;                      // [BUFFERS][BN][D]
-    unsigned* sP = (unsigned*)(sV + BUFFERS * BN * D);     // Pᵀ: [2 parts][32 keys][4 words]
+    bf16* sK = (bf16*)fa_shared;                                 // [16][D]
+    bf16* sV = sK + FA_DECODE_KEYS * D;                          // [16][D]
+    unsigned* sP = (unsigned*)(sV + FA_DECODE_KEYS * D);         // Pᵀ: [2 parts][16 keys][4 words]
     const int r = blockIdx.x, kvHead = blockIdx.y, lane = threadIdx.x, g = lane >> 2, t = lane & 3;
     const int group = heads / kvHeads, qWidth = heads * D, kvWidth = kvHeads * D, splits = gridDim.z;
     const int slot = seqSlot[rowSequence[r]];
     const int position = slot < 0 ? -1 : positions[r];
     const int low = window > 0 ? max(0, position - window + 1) : 0;
-    const int first = low / BN * BN, tiles = position < 0 ? 0 : (position - first) / BN + 1;
+    const int first = low / FA_DECODE_KEYS * FA_DECODE_KEYS, tiles = position < 0 ? 0 : (position - first) / FA_DECODE_KEYS + 1;
     const int share = (tiles + splits - 1) / splits, tileBegin = min(tiles, (int)blockIdx.z * share), tileEnd = min(tiles, tileBegin + share);
 
     // q of head g (zero past the group) as B fragments, scaled so that scores come out in base 2, each as two bf16 parts:
@@ -731,48 +718,32 @@ __device__ __forceinline__ void attention_decode_t_impl(const float* __restrict_
 #pragma unroll
         for (int e = 0; e < 4; e++) o[mt][e] = 0.f;
     const int* table = blockTables + (long long)max(slot, 0) * maxBlocks;
-    if (tileBegin < tileEnd && STAGES == 2)
+    // cp.async groups in the order K₀, V₀, K₁, V₁, ...: each wait leaves only the latest group in flight.
+    if (tileBegin < tileEnd)
     {
-        fa_load_tile<D, BN>(sK, sV, kCache, vCache, table, blockSize, kvWidth, kvHead, first + tileBegin * BN, position);
+        fa_load_rows<D>(sK, kCache, table, blockSize, kvWidth, kvHead, first + tileBegin * FA_DECODE_KEYS, position);
         copy_async_commit();
-    }
-    if (tileBegin < tileEnd && STAGES == 0)
-    {
-        // K and V staggered: the next tile's keys load during this tile's Oᵀ product, its values during the next scores,
-        // so one load is always in flight with a single tile of each (cp.async groups: K₀, V₀, K₁, V₁, ...).
-        fa_load_rows<D, BN>(sK, kCache, table, blockSize, kvWidth, kvHead, first + tileBegin * BN, position);
-        copy_async_commit();
-        fa_load_rows<D, BN>(sV, vCache, table, blockSize, kvWidth, kvHead, first + tileBegin * BN, position);
+        fa_load_rows<D>(sV, vCache, table, blockSize, kvWidth, kvHead, first + tileBegin * FA_DECODE_KEYS, position);
         copy_async_commit();
     }
     for (int kt = tileBegin; kt < tileEnd; kt++)
     {
-        const int stage = STAGES == 2 ? (kt - tileBegin) & 1 : 0, tileStart = first + kt * BN;
-        if (STAGES == 1)
-            fa_load_tile<D, BN>(sK, sV, kCache, vCache, table, blockSize, kvWidth, kvHead, tileStart, position);
-        else if (STAGES == 2 && kt + 1 < tileEnd)
-            fa_load_tile<D, BN>(sK + (stage ^ 1) * BN * D, sV + (stage ^ 1) * BN * D, kCache, vCache, table, blockSize, kvWidth,
-                kvHead, tileStart + BN, position);
-        if (STAGES != 0) copy_async_commit();
-        if (STAGES == 1) copy_async_wait<0>(); else copy_async_wait<1>();  // staggered: all but V of this tile
+        const int tileStart = first + kt * FA_DECODE_KEYS;
+        copy_async_wait<1>();  // this tile's K
         __syncthreads();
-        unsigned ph[4], pl[4];
-        fa_decode_t_scores<D, BN>(qh, ql, o, m, l, sK + stage * BN * D, sP, tileStart, low, position, lane, ph, pl);
-        if (STAGES == 0)
-        {
-            __syncthreads();  // every lane is done with K before it is refilled
-            if (kt + 1 < tileEnd) fa_load_rows<D, BN>(sK, kCache, table, blockSize, kvWidth, kvHead, tileStart + BN, position);
-            copy_async_commit();  // empty after the last tile, which keeps the count of groups behind each wait
-            copy_async_wait<1>();  // all but the next K
-            __syncthreads();
-        }
-        fa_decode_t_values<D, BN>(o, sV + stage * BN * D, ph, pl, lane);
-        __syncthreads();  // every lane is done with this stage (and Pᵀ) before it is refilled
-        if (STAGES == 0)
-        {
-            if (kt + 1 < tileEnd) fa_load_rows<D, BN>(sV, vCache, table, blockSize, kvWidth, kvHead, tileStart + BN, position);
-            copy_async_commit();
-        }
+        unsigned b[4];
+        fa_decode_scores<D>(qh, ql, o, m, l, sK, sP, tileStart, low, position, lane, b);
+        __syncthreads();  // every lane is done with K before it is refilled
+        if (kt + 1 < tileEnd)
+            fa_load_rows<D>(sK, kCache, table, blockSize, kvWidth, kvHead, tileStart + FA_DECODE_KEYS, position);
+        copy_async_commit();  // empty after the last tile, which keeps each wait's count of groups behind it
+        copy_async_wait<1>();  // this tile's V
+        __syncthreads();
+        fa_decode_values<D>(o, sV, b, lane);
+        __syncthreads();  // every lane is done with V and Pᵀ before they are refilled
+        if (kt + 1 < tileEnd)
+            fa_load_rows<D>(sV, vCache, table, blockSize, kvWidth, kvHead, tileStart + FA_DECODE_KEYS, position);
+        copy_async_commit();
     }
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -811,16 +782,6 @@ __device__ __forceinline__ void attention_decode_t_impl(const float* __restrict_
     }
 }
 
-#define ATTENTION_DECODE_T_KERNEL(D, BN, STAGES) \
-    extern "C" __global__ void __launch_bounds__(32) attention_decode_t##BN##s##STAGES##_d##D(const float* __restrict__ qkv, \
-        const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, \
-        const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, \
-        int blockSize, int heads, int kvHeads, int window, float scale, int qkvWidth, float* __restrict__ partial) \
-    { kernel_prologue(); \
-        attention_decode_t_impl<D, BN, STAGES>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, \
-            blockSize, heads, kvHeads, window, scale, qkvWidth, partial); \
-    }
-
 #define ATTENTION_TC_KERNEL(D) \
     extern "C" __global__ void __launch_bounds__(256) attention_tc_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
         const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot, \
@@ -837,10 +798,14 @@ __device__ __forceinline__ void attention_decode_t_impl(const float* __restrict_
     { kernel_prologue(); \
         attention_decode_tc_impl<D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
             heads, kvHeads, window, scale, qkvWidth, partial); \
+    } \
+    extern "C" __global__ void __launch_bounds__(32) attention_decode_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
+        const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence, \
+        const int* __restrict__ seqSlot, const int* __restrict__ blockTables, int maxBlocks, int blockSize, int heads, int kvHeads, \
+        int window, float scale, int qkvWidth, float* __restrict__ partial) \
+    { kernel_prologue(); \
+        attention_decode_impl<D>(qkv, kCache, vCache, out, positions, rowSequence, seqSlot, blockTables, maxBlocks, blockSize, \
+            heads, kvHeads, window, scale, qkvWidth, partial); \
     }
 
 ATTENTION_TC_KERNEL(16) ATTENTION_TC_KERNEL(32) ATTENTION_TC_KERNEL(64) ATTENTION_TC_KERNEL(128)
-ATTENTION_DECODE_T_KERNEL(16, 32, 1) ATTENTION_DECODE_T_KERNEL(32, 32, 1) ATTENTION_DECODE_T_KERNEL(64, 32, 1) ATTENTION_DECODE_T_KERNEL(128, 32, 1)
-ATTENTION_DECODE_T_KERNEL(16, 16, 1) ATTENTION_DECODE_T_KERNEL(32, 16, 1) ATTENTION_DECODE_T_KERNEL(64, 16, 1) ATTENTION_DECODE_T_KERNEL(128, 16, 1)
-ATTENTION_DECODE_T_KERNEL(16, 16, 2) ATTENTION_DECODE_T_KERNEL(32, 16, 2) ATTENTION_DECODE_T_KERNEL(64, 16, 2) ATTENTION_DECODE_T_KERNEL(128, 16, 2)
-ATTENTION_DECODE_T_KERNEL(16, 16, 0) ATTENTION_DECODE_T_KERNEL(32, 16, 0) ATTENTION_DECODE_T_KERNEL(64, 16, 0) ATTENTION_DECODE_T_KERNEL(128, 16, 0)
