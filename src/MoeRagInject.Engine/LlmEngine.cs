@@ -205,10 +205,15 @@ public sealed class LlmEngine : IGenerationEngine
             {
                 if (sequence.State == SequenceState.Finished) continue;
                 if (request.Sampling.MaxNewTokens == 0) Finish(sequence, new FinishReason(FinishKind.Length, Length: 0));
-                else if (sequence.RetrieveFirst) RetrieveFirst(sequence);
+                else if (sequence.RetrieveFirst) _scheduler.HoldForRetrieval(sequence);
                 else _scheduler.Add(sequence);
             }
         });
+        // Retrievals before the prompt start here, not when the loop takes the request in after the step in flight: by then
+        // they have usually ended (their outcomes are queued behind the request), and it is admitted in the same pass.
+        if (request.Sampling.MaxNewTokens > 0)
+            foreach (var sequence in sequences)
+                if (sequence.RetrieveFirst) RetrieveFirst(sequence);
         var streams = new GenerationStream[n];
         for (var j = 0; j < n; j++) streams[j] = new GenerationStream(this, sequences[j], Tokenizer);
         return streams;
@@ -566,12 +571,12 @@ public sealed class LlmEngine : IGenerationEngine
     }
 
     /// <summary>
-    /// A new request with --retrieve-first: it retrieves with its prompt before it is admitted, and joins the queue when the
-    /// passages (prompt mode) or vectors (latent mode) are ready. A fire counts every MoE layer, as a whole-model signal's does.
+    /// A new request with --retrieve-first (called on the submitting thread, after the request was posted to the loop, which
+    /// holds it outside the queue): it retrieves with its prompt, and joins the queue when the passages (prompt mode) or
+    /// vectors (latent mode) are ready. A fire counts every MoE layer, as a whole-model signal's does.
     /// </summary>
     private void RetrieveFirst(Sequence s)
     {
-        _scheduler.HoldForRetrieval(s);
         s.Trigger.RecordRetrieval(0);
         var decision = new TriggerDecision(true, double.NaN, [.. Enumerable.Range(0, _loaded.Config.NumLayers)]);
         _rag.Start(s, new RagTrigger(decision, 0, s.Context.Count - 1, 0, QueryIds(s), s.Mode, s.Scale, double.NaN, 0, First: true));

@@ -157,6 +157,42 @@ public sealed class ParallelSamplingTests : IDisposable
         Assert.Equal(idle.TotalKvBlocks, idle.FreeKvBlocks);
     }
 
+    /// <summary>
+    /// rag.retrieve_first with parallel samples, in both modes: each sample retrieves before its prompt and equals the
+    /// request with its seed alone; latent samples still share the first sample's prompt blocks (the injection starts at
+    /// the prompt's last position, which every sample computes itself), prompt-mode samples compute their own context.
+    /// </summary>
+    [Theory]
+    [InlineData(InjectionMode.Latent)]
+    [InlineData(InjectionMode.Prompt)]
+    public async Task RetrieveFirstSamples_EachEqualsItsSeedAlone(InjectionMode mode)
+    {
+        using var reference = new ReferenceCase("tiny-mixtral");
+        var corpus = Path.Combine(_temp, "corpus.jsonl");
+        File.WriteAllLines(corpus,
+        [
+            """{"id": "q1", "title": "Quantum", "text": "A quantum is the smallest discrete amount of a physical quantity."}""",
+            """{"id": "f1", "title": "Fox", "text": "The red fox is a quick and clever animal that hunts at dusk."}""",
+        ]);
+        await using var engine = CreateEngine(corpus, mode, threshold: 100);
+        var prompt = engine.Tokenizer.Encode("Tell me about the quantum, the smallest discrete amount of a physical quantity, and the red fox.");
+        Assert.True(prompt.Length > 2 * BlockSize);
+        var request = Sampled(prompt, seed: 77) with { Rag = new RagOverrides { RetrieveFirst = true } };
+        const int n = 3;
+        var before = await IdleStatusAsync(engine);
+        var streams = engine.SubmitParallel(request, n);
+        var samples = await Task.WhenAll(streams.Select(s => TokensOf(s)));
+        var after = await IdleStatusAsync(engine);
+        var events = engine.RagEvents.Latest(10);
+        Assert.Equal(n, events.Count);
+        Assert.All(events, e => Assert.Equal((RagEvent.RetrieveFirstSignal, (string?)null), (e.Signal, e.Error)));
+        Assert.Equal(after.TotalKvBlocks, after.FreeKvBlocks);
+        Assert.Equal(mode == InjectionMode.Latent ? (n - 1) * ((prompt.Length - 1) / BlockSize * BlockSize) : 0,
+            after.PromptTokensShared - before.PromptTokensShared);
+        for (var j = 0; j < n; j++)
+            Assert.Equal(await TokensOf(engine.Submit(request with { Sampling = request.Sampling with { Seed = 77 + (ulong)j } })), samples[j]);
+    }
+
     [Fact]
     public async Task TopLogprobs_AreTransformersMostLikelyTokens_AndTheChosenOneLeadsUnderGreedy()
     {
