@@ -172,6 +172,11 @@ public sealed record ModeResult
     public required GroupMetrics Overall { get; init; }
     public required IReadOnlyDictionary<string, GroupMetrics> BySplit { get; init; }
     public required double WallSeconds { get; init; }
+    /// <summary>
+    /// CPU seconds (all threads, user and system) the process used while the mode answered its questions, engine start and
+    /// stop excluded: the work the mode costs, which other programs on the machine move far less than its latency.
+    /// </summary>
+    public double CpuSeconds { get; init; }
     public string? Settings { get; init; }
     /// <summary>Mean latency of each block of questions the modes took turns over, in question order (one block: the whole run).</summary>
     public IReadOnlyList<double> BlockLatencyMeans { get; init; } = [];
@@ -204,6 +209,9 @@ public sealed record ModeResult
     }
 
     public double HeldoutF1 => BySplit.TryGetValue("heldout", out var g) ? g.TokenF1 : double.NaN;
+
+    /// <summary><see cref="CpuSeconds"/> a question, in milliseconds.</summary>
+    public double CpuMillisecondsPerQuestion => Runs.Count == 0 ? double.NaN : CpuSeconds * 1e3 / Runs.Count;
 }
 
 public sealed record SweepPoint(string Mode, double Percentile, double Threshold, GroupMetrics Overall, double HeldoutF1, double TaughtF1)
@@ -481,6 +489,7 @@ public static class Evaluator
             o["threshold"] = r.Threshold is { } th ? JsonOut.Num(th) : null;
             o["settings"] = r.Settings;
             o["wall_s"] = JsonOut.Num(r.WallSeconds, 3);
+            o["cpu_ms_per_question"] = JsonOut.Num(r.CpuMillisecondsPerQuestion, 3);
             if (r.BlockLatencyMeans.Count > 1) o["latency_mean_by_block_s"] = JsonOut.Array(r.BlockLatencyMeans);
             var splits = new JsonObject();
             foreach (var (split, g) in r.BySplit) splits[split] = g.ToJson();
@@ -627,6 +636,7 @@ public static class Evaluator
         static double? ThresholdOf(string mode, double threshold) => mode switch { EvalModes.None => null, EvalModes.PromptAlways or EvalModes.LatentTrainedAlways => 0, _ => threshold };
         var runs = modes.ToDictionary(m => m, _ => new QuestionRun[items.Count], StringComparer.Ordinal);
         var wall = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
+        var cpu = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
         var settings = modes.ToDictionary(m => m, _ => (string?)null, StringComparer.Ordinal);
         var blockLatency = modes.ToDictionary(m => m, _ => new List<double>(), StringComparer.Ordinal);
         if (blocks > 1)
@@ -643,6 +653,7 @@ public static class Evaluator
                     logRoot, blocks == 1 ? progress : TextWriter.Null, cancellationToken, label, trainedProjection).ConfigureAwait(false);
                 for (var i = 0; i < block.Count; i++) runs[mode][start + i] = run.Runs[i];
                 wall[mode] += run.WallSeconds;
+                cpu[mode] += run.CpuSeconds;
                 settings[mode] = run.Settings;
                 blockLatency[mode].Add(run.Overall.LatencyMean);
             }
@@ -655,7 +666,7 @@ public static class Evaluator
         {
             var result = ModeResult.Create(mode, ThresholdOf(mode, threshold), runs[mode], wall[mode], settings[mode]) with
             {
-                BlockLatencyMeans = blockLatency[mode], LatencyBlockSize = blocks > 1 ? size : 0,
+                BlockLatencyMeans = blockLatency[mode], LatencyBlockSize = blocks > 1 ? size : 0, CpuSeconds = cpu[mode],
             };
             if (blocks > 1)
                 progress.WriteLine(Inv($"[{mode}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
@@ -726,12 +737,15 @@ public static class Evaluator
         label ??= mode;
         var clock = Stopwatch.StartNew();
         QuestionRun[] runs;
+        TimeSpan cpu;
         await using (var engine = InferenceEngine.Create(engineOptions))
         {
+            var cpuBefore = Process.GetCurrentProcess().TotalProcessorTime;
             runs = await QuestionRunner.RunAsync(engine, items, options.MaxNewTokens, options.Concurrency, stopAtNewline: true,
                 rag: null, progress, label, cancellationToken).ConfigureAwait(false);
+            cpu = Process.GetCurrentProcess().TotalProcessorTime - cpuBefore;
         }
-        var result = ModeResult.Create(mode, threshold, runs, clock.Elapsed.TotalSeconds, settings);
+        var result = ModeResult.Create(mode, threshold, runs, clock.Elapsed.TotalSeconds, settings) with { CpuSeconds = cpu.TotalSeconds };
         progress.WriteLine(Inv($"[{label}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
         return result;
     }

@@ -254,16 +254,16 @@ public static class Report
         md.AppendLine(Inv($"Latency is end to end per question with {options.Concurrency} questions in flight at once (continuous batching), so it includes queueing behind the other questions of the batch; it also grows with the number of tokens generated (tokens/q). ") + turns
             + (Evaluator.TieredCompilationEnabled ? " Tiered JIT compilation was on: set DOTNET_TieredCompilation=0 for steadier latencies." : " Tiered JIT compilation was off."));
         md.AppendLine();
-        md.AppendLine("| mode | token F1 (± 95% CI) | contains | F1 taught | F1 held-out (± 95% CI) | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) |");
-        md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        md.AppendLine("| mode | token F1 (± 95% CI) | contains | F1 taught | F1 held-out (± 95% CI) | retrievals/q | with error/q | latency mean (s) | p50 | p95 | tokens/q | wall (s) | CPU ms/q |");
+        md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in result.Modes.Values)
         {
             var o = r.Overall;
-            md.AppendLine(Inv($"| {r.Mode} | {F(o.TokenF1)} ± {F(Stats.MeanCi95(r.TokenF1))} | {F(o.Contains)} | {F(SplitF1(r, "taught"))} | {F(SplitF1(r, "heldout"))} ± {F(Stats.MeanCi95(HeldoutF1s(r)))} | {F(o.RetrievalsPerQuestion, "F2")} | {F(o.RetrievalErrorsPerQuestion, "F2")} | {F(o.LatencyMean)} | {F(o.LatencyP50)} | {F(o.LatencyP95)} | {F(o.CompletionTokensMean, "F1")} | {F(r.WallSeconds, "F1")} |"));
+            md.AppendLine(Inv($"| {r.Mode} | {F(o.TokenF1)} ± {F(Stats.MeanCi95(r.TokenF1))} | {F(o.Contains)} | {F(SplitF1(r, "taught"))} | {F(SplitF1(r, "heldout"))} ± {F(Stats.MeanCi95(HeldoutF1s(r)))} | {F(o.RetrievalsPerQuestion, "F2")} | {F(o.RetrievalErrorsPerQuestion, "F2")} | {F(o.LatencyMean)} | {F(o.LatencyP50)} | {F(o.LatencyP95)} | {F(o.CompletionTokensMean, "F1")} | {F(r.WallSeconds, "F1")} | {F(r.CpuMillisecondsPerQuestion, "F1")} |"));
         }
-        foreach (var (mode, reason) in result.Skipped) md.AppendLine($"| {mode} | skipped: {reason} | | | | | | | | | | |");
+        foreach (var (mode, reason) in result.Skipped) md.AppendLine($"| {mode} | skipped: {reason} | | | | | | | | | | | |");
         md.AppendLine();
-        md.AppendLine("The ± columns are normal-approximation 95% confidence intervals of the mean over questions (1.96·sd/√n).");
+        md.AppendLine("The ± columns are normal-approximation 95% confidence intervals of the mean over questions (1.96·sd/√n). CPU ms/q is the CPU time (all threads, user and system) the process used while the mode answered, per question: the work a mode costs, which other programs on the machine move far less than its latency.");
         md.AppendLine();
         foreach (var r in result.Modes.Values) md.AppendLine($"- `{r.Mode}`: {r.Description} ({r.Settings})");
         md.AppendLine();

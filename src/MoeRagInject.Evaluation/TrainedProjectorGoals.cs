@@ -55,7 +55,8 @@ internal static class TrainedProjectorGoals
         var ratioCi = turns > 1 ? ClusterBootstrapCi(latency.Turn, latencyRatio) : BootstrapCi(latency.None.Length, latencyRatio);
         yield return new GoalResult("trained_latency_ratio", LatencyText, ratio, "<=", LatencyTarget, Status(ratio, ratio <= LatencyTarget),
             Inv($"(lat_trained − lat_none) / (lat_prompt_always − lat_none) = ({Stats.Mean(latency.Trained):F4} − {Stats.Mean(latency.None):F4}) / ({Stats.Mean(latency.Prompt):F4} − {Stats.Mean(latency.None):F4}) s (mean per question); ")
-            + CiText(ratioCi, LatencyTarget, above: false, turns > 1 ? Inv($"block bootstrap over the {turns} turns of the modes") : null))
+            + CiText(ratioCi, LatencyTarget, above: false, turns > 1 ? Inv($"block bootstrap over the {turns} turns of the modes") : null)
+            + CpuText(none, prompt, trained))
         {
             CiLow = ratioCi.Lo, CiHigh = ratioCi.Hi,
         };
@@ -159,4 +160,12 @@ internal static class TrainedProjectorGoals
     private static string F(double v) => JsonOut.F(v);
 
     private static string Inv(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
+
+    /// <summary>The same share in the CPU time the modes used (the work they cost; other programs move it far less than latency).</summary>
+    private static string CpuText(ModeResult none, ModeResult prompt, ModeResult trained)
+    {
+        double n = none.CpuMillisecondsPerQuestion, p = prompt.CpuMillisecondsPerQuestion, t = trained.CpuMillisecondsPerQuestion;
+        if (!(none.CpuSeconds > 0 && prompt.CpuSeconds > 0 && trained.CpuSeconds > 0)) return "";
+        return Inv($"; in CPU time a question, (cpu_trained − cpu_none) / (cpu_prompt_always − cpu_none) = ({t:F2} − {n:F2}) / ({p:F2} − {n:F2}) ms = {F((t - n) / (p - n))}");
+    }
 }

@@ -151,5 +151,14 @@ public sealed class GoalsTests
         Assert.Equal(0.2, byQuestion.Value, 10);
         Assert.Equal(0.05, byQuestion.CiLow, 10);
         Assert.Contains("paired bootstrap", byQuestion.Detail);
+        Assert.DoesNotContain("CPU time", byQuestion.Detail);
+
+        // With the CPU time each mode used (8 questions: 1.0, 1.5 and 5.0 ms a question), the detail gives the same share in it.
+        modes["none"] = modes["none"] with { CpuSeconds = 0.008 };
+        modes["latent_trained"] = modes["latent_trained"] with { CpuSeconds = 0.012 };
+        modes["prompt_always"] = modes["prompt_always"] with { CpuSeconds = 0.040 };
+        var withCpu = Evaluator.Goals(modes, null).ToDictionary(g => g.Key)["trained_latency_ratio"];
+        Assert.EndsWith("in CPU time a question, (cpu_trained − cpu_none) / (cpu_prompt_always − cpu_none) = (1.50 − 1.00) / (5.00 − 1.00) ms = 0.125", withCpu.Detail);
+        Assert.Equal(0.2, withCpu.Value, 10);
     }
 }

@@ -173,6 +173,9 @@ public sealed class PipelineTests : IDisposable
         }
         Assert.Equal(0, json["modes"]!["none"]!["retrievals_per_question"]!.GetValue<double>());
         Assert.Equal(1, json["modes"]!["prompt_always"]!["retrievals_per_question"]!.GetValue<double>());
+        // Every mode's CPU time a question, measured while it answered (positive; prompt RAG computes the passages too).
+        foreach (var mode in new[] { "none", "prompt_always", "latent_random", "latent_calibrated" })
+            Assert.True(json["modes"]![mode]!["cpu_ms_per_question"]!.GetValue<double>() > 0, mode);
         Assert.Equal(0, json["modes"]!["prompt_always"]!["retrieval_errors_per_question"]!.GetValue<double>());
         Assert.All(result.Modes["prompt_always"].Runs, r =>
         {
