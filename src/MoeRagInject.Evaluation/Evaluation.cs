@@ -164,7 +164,7 @@ public sealed record ModeResult
 {
     public required string Mode { get; init; }
     public required string Description { get; init; }
-    /// <summary>The trigger threshold the mode ran with (null for none).</summary>
+    /// <summary>The trigger threshold the mode ran with (null for none, and for the modes that retrieve before the prompt).</summary>
     public double? Threshold { get; init; }
     public required IReadOnlyList<QuestionRun> Runs { get; init; }
     public required IReadOnlyList<double> TokenF1 { get; init; }
@@ -633,7 +633,8 @@ public static class Evaluator
         var size = options.LatencyBlock ?? LatencyBlockSize(items.Count, options.Concurrency);
         ArgumentOutOfRangeException.ThrowIfLessThan(size, 1, nameof(options.LatencyBlock));
         var blocks = (items.Count + size - 1) / size;
-        static double? ThresholdOf(string mode, double threshold) => mode switch { EvalModes.None => null, EvalModes.PromptAlways or EvalModes.LatentTrainedAlways => 0, _ => threshold };
+        // None and the modes that retrieve before the prompt (once, so their trigger never fires) have no threshold.
+        static double? ThresholdOf(string mode, double threshold) => mode is EvalModes.None or EvalModes.PromptAlways or EvalModes.LatentTrainedAlways ? null : threshold;
         var runs = modes.ToDictionary(m => m, _ => new QuestionRun[items.Count], StringComparer.Ordinal);
         var wall = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
         var cpu = modes.ToDictionary(m => m, _ => 0.0, StringComparer.Ordinal);
