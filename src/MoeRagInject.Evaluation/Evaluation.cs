@@ -741,10 +741,10 @@ public static class Evaluator
         TimeSpan cpu;
         await using (var engine = InferenceEngine.Create(engineOptions))
         {
-            var cpuBefore = Process.GetCurrentProcess().TotalProcessorTime;
+            var cpuBefore = Environment.CpuUsage.TotalTime;
             runs = await QuestionRunner.RunAsync(engine, items, options.MaxNewTokens, options.Concurrency, stopAtNewline: true,
                 rag: null, progress, label, cancellationToken).ConfigureAwait(false);
-            cpu = Process.GetCurrentProcess().TotalProcessorTime - cpuBefore;
+            cpu = Environment.CpuUsage.TotalTime - cpuBefore;
         }
         var result = ModeResult.Create(mode, threshold, runs, clock.Elapsed.TotalSeconds, settings) with { CpuSeconds = cpu.TotalSeconds };
         progress.WriteLine(Inv($"[{label}] F1 {result.Overall.TokenF1:F3}, contains {result.Overall.Contains:F3}, retrievals/q {result.Overall.RetrievalsPerQuestion:F2}, latency mean {result.Overall.LatencyMean:F3} s, wall {result.WallSeconds:F1} s"));
