@@ -115,11 +115,26 @@ public sealed class CudaBackend : IBackend, IGraphCapable
         t_current = this;
     }
 
-    internal void Launch(string kernel, uint grid, uint block, params ReadOnlySpan<KernelArg> args) =>
-        _kernels[kernel].Launch((grid, 1, 1), (block, 1, 1), 0, Stream, args);
+    internal void Launch(string kernel, uint grid, uint block, params ReadOnlySpan<KernelArg> args)
+    {
+        if (!TimingSkips(kernel)) _kernels[kernel].Launch((grid, 1, 1), (block, 1, 1), 0, Stream, args);
+    }
 
-    private void Launch3(string kernel, (uint, uint, uint) grid, uint block, uint shared, params ReadOnlySpan<KernelArg> args) =>
-        _kernels[kernel].Launch(grid, (block, 1, 1), shared, Stream, args);
+    private void Launch3(string kernel, (uint, uint, uint) grid, uint block, uint shared, params ReadOnlySpan<KernelArg> args)
+    {
+        if (!TimingSkips(kernel)) _kernels[kernel].Launch(grid, (block, 1, 1), shared, Stream, args);
+    }
+
+    /// <summary>
+    /// MOE_RAG_INJECT_TIMING_SKIP=prefix[,prefix…], for measuring only: kernels whose names start with one of the prefixes
+    /// (and with <c>cublas</c>, the cuBLAS projections) are not launched, so that a bench's step time with and without
+    /// them says what they cost inside a replayed graph, where the op profile's timing events cannot look. Every result
+    /// is then wrong; skipping what the routing or the sort writes also changes the work the expert GEMMs do.
+    /// </summary>
+    private static readonly string[] s_timingSkip =
+        (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TIMING_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+
+    private static bool TimingSkips(string kernel) => s_timingSkip.Length > 0 && s_timingSkip.Any(p => kernel.StartsWith(p, StringComparison.Ordinal));
 
     // ---- Memory.
 
@@ -325,7 +340,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 a.Pointer, w.Pointer, y.Pointer, rows, w.Rows, w.Columns);
             return;
         }
-        _cublas.GemmBf16(rows, w.Rows, w.Columns, a.Pointer, w.Pointer, y.Pointer);
+        if (!TimingSkips("cublas")) _cublas.GemmBf16(rows, w.Rows, w.Columns, a.Pointer, w.Pointer, y.Pointer);
     }
 
     public void RotaryAndCacheWrite(DeviceTensor qkv, IKvCache cache, int layer, AttentionShape shape, IStepBuffers step, int rows)
