@@ -64,6 +64,9 @@ public sealed class EngineFlags
     public Option<string> PromptRagRestart { get; } = CliOption.Choice("--prompt-rag-restart",
         $"prompt mode firing within the first {EngineOptions.PromptRestartWindowTokens} answer tokens: answer drops the answer so far and generates it again after the rebuilt context (those tokens are held back until then); continue keeps it (FLARE's)",
         "answer", "answer", "continue");
+    public Option<string> LatentRagRestart { get; } = CliOption.Choice("--latent-rag-restart",
+        $"latent mode with a projector of one vector an answer position, firing within the first {EngineOptions.PromptRestartWindowTokens} answer tokens: answer generates the answer again from the prompt's last position (those tokens are held back until then); continue keeps it and injects from the trigger's position on",
+        "answer", "answer", "continue");
     public Option<bool> RetrieveFirst { get; } = CliOption.Switch("--retrieve-first",
         "every RAG request retrieves once with its prompt before the prompt is computed (prompt mode: passages ahead of it; latent: injected from its last position), then the trigger watches the answer; counts towards --max-retrievals");
     public Option<IReadOnlyList<int>?> TriggerLayers { get; } = CliOption.IntList("--trigger-layers",
@@ -94,7 +97,7 @@ public sealed class EngineFlags
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
         ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
-        LogFsync, RagMode, PromptRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
+        LogFsync, RagMode, PromptRagRestart, LatentRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
 
@@ -284,6 +287,7 @@ public sealed class EngineFlags
                 _ => InjectionMode.Latent,
             },
             PromptRagRestart = parse.GetRequiredValue(PromptRagRestart) == "continue" ? Engine.PromptRagRestart.Continue : Engine.PromptRagRestart.Answer,
+            LatentRagRestart = parse.GetRequiredValue(LatentRagRestart) == "continue" ? Engine.LatentRagRestart.Continue : Engine.LatentRagRestart.Answer,
             RetrieveFirst = parse.GetValue(RetrieveFirst),
             RouterProbePath = probePath,
             // --entropy-threshold given with --trigger-signal router-probe is the probe's threshold; the entropy signals keep the default.

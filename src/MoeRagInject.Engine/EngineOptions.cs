@@ -66,6 +66,12 @@ public sealed record EngineOptions
     /// <summary>Prompt-mode RAG that fires early in the answer: restart the answer after the rebuilt context, or keep it.</summary>
     public PromptRagRestart PromptRagRestart { get; init; } = PromptRagRestart.Answer;
     /// <summary>
+    /// Latent-mode RAG with a projector that makes one vector an answer position (vector i for the position that predicts
+    /// answer token i), firing early in the answer: restart the answer with vector 0 at the prompt's last position (the
+    /// default), or keep the answer written so far and inject from the trigger's position on, with that position's vector.
+    /// </summary>
+    public LatentRagRestart LatentRagRestart { get; init; } = LatentRagRestart.Answer;
+    /// <summary>
     /// Every RAG request retrieves once, with its prompt as the query (the last <see cref="QueryWindowTokens"/> tokens), before
     /// its prompt is computed: prompt mode computes the passages and the prompt once, latent mode injects from the prompt's
     /// last position on, and nothing is computed twice. The trigger then watches the answer as usual; this retrieval counts
@@ -80,7 +86,9 @@ public sealed record EngineOptions
     /// (<paramref name="answerPositions"/> &gt; 1).
     /// </summary>
     internal bool RestartsAnswer(InjectionMode mode, int answerPositions) =>
-        mode == InjectionMode.Prompt ? PromptRagRestart == PromptRagRestart.Answer : mode == InjectionMode.Latent && answerPositions > 1;
+        mode == InjectionMode.Prompt
+            ? PromptRagRestart == PromptRagRestart.Answer
+            : mode == InjectionMode.Latent && answerPositions > 1 && LatentRagRestart == LatentRagRestart.Answer;
 
     public string LogDir { get; init; } = "./logs";
     /// <summary>Each RAG event line is on disk (fsync) before its request goes on.</summary>
@@ -125,6 +133,23 @@ public interface IFaultInjection
     void CorruptInjection(string rid, Span<float> vector)
     {
     }
+}
+
+/// <summary>
+/// What latent-mode RAG does with the answer generated before its trigger when the projector makes one vector an answer
+/// position (--latent-rag-restart). On the demo model (docs/eval/answer-positions.md) continuing recovers less of prompt
+/// RAG's gain than restarting and costs less: it computes the answer once and holds no token back from the client.
+/// </summary>
+public enum LatentRagRestart
+{
+    /// <summary>
+    /// The answer is generated again from its first token with vector 0 at the prompt's last position, when the trigger fires
+    /// within the first <see cref="EngineOptions.PromptRestartWindowTokens"/> tokens; those tokens are held back from the
+    /// client until then. Later triggers continue.
+    /// </summary>
+    Answer,
+    /// <summary>The tokens written so far stay; the vectors apply from the trigger's position on, each at its own answer position.</summary>
+    Continue,
 }
 
 /// <summary>What prompt-mode RAG does with the answer generated before its trigger (--prompt-rag-restart).</summary>

@@ -643,6 +643,9 @@ public sealed class LlmEngine : IGenerationEngine
             }
             _runner.SetInjection(s.Slot, vector, outcome.InjectionLayers, outcome.Position, outcome.InjectionEnd, answerBase);
             s.InjectionStart = outcome.Position;
+            // --latent-rag-restart continue: one vector an answer position covers the rest of the answer, as after a restart:
+            // no further retrieval. (A late trigger of the restarting default may still retrieve again, as before.)
+            if (_answerPositions > 1 && _options.LatentRagRestart == LatentRagRestart.Continue) s.Trigger.EndRetrievals();
         }
         else if (outcome.Context is { } context)
         {

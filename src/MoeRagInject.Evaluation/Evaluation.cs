@@ -61,6 +61,8 @@ public sealed record EvaluationOptions
     public int RetrievalTopK { get; init; } = 3;
     /// <summary>--max-retrievals: retrievals per question at most in the triggered modes (the server's default, 4).</summary>
     public int MaxRetrievals { get; init; } = 4;
+    /// <summary>--latent-rag-restart: what latent_trained does with the answer written before its trigger (the server's default, answer).</summary>
+    public LatentRagRestart LatentRagRestart { get; init; } = LatentRagRestart.Answer;
     public string LoadFormat { get; init; } = "auto";
     /// <summary>--no-plots skips the PNGs.</summary>
     public bool Plots { get; init; } = true;
@@ -101,6 +103,7 @@ public sealed record EvaluationOptions
         if (LatentScale != 1) Add("--latent-scale", LatentScale.ToString("R", CultureInfo.InvariantCulture));
         if (RetrievalTopK != 3) Add("--top-k", RetrievalTopK.ToString(CultureInfo.InvariantCulture));
         if (MaxRetrievals != 4) Add("--max-retrievals", MaxRetrievals.ToString(CultureInfo.InvariantCulture));
+        if (LatentRagRestart == LatentRagRestart.Continue) Add("--latent-rag-restart", "continue");
         if (!Plots) Add("--no-plots", "");
         return b.ToString();
     }
@@ -726,7 +729,9 @@ public static class Evaluator
                 InjectionLayers = [injectionLayer],
                 InjectionScale = 1,
             }, Inv($"mode=latent projection=file({Path.GetFileName(projection)}) layers=[{injectionLayer}] scale=1 {on}")),
-            EvalModes.LatentTrained => TrainedMode(engineOptions, trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"), on),
+            EvalModes.LatentTrained => TrainedMode(engineOptions with { LatentRagRestart = options.LatentRagRestart },
+                trainedProjection ?? throw new ArgumentException("latent_trained needs a projector file"),
+                $"{on} restart={options.LatentRagRestart.ToString().ToLowerInvariant()}"),
             EvalModes.LatentTrainedAlways => TrainedMode(engineOptions with
             {
                 RetrieveFirst = true,

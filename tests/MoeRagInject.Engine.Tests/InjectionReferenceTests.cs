@@ -193,34 +193,45 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
     }
 
     /// <summary>
-    /// With one vector an answer position, a trigger that fires a few tokens into the answer drops them and restarts it:
-    /// the engine's tokens are PyTorch's with the injection from the first answer token on (the case's own tokens).
-    /// The output-entropy threshold is set between the entropies of the model's own first answer tokens, so that it fires
-    /// first at token j > 0.
+    /// The model's own answer without injection (as long as the case's), and an output-entropy threshold between the
+    /// entropies of its first tokens such that a trigger on it fires first at a token j ≥ <paramref name="earliest"/>.
+    /// </summary>
+    private (List<int> Own, List<double> OwnLogprobs, int J, double Threshold) FirstFiringAfterTheFirstToken(InjectionCase c, int earliest = 1)
+    {
+        var entropies = new List<double>();
+        var own = new List<int>();
+        var ownLogprobs = new List<double>();
+        using (var loaded = Load())
+        {
+            var runner = loaded.Runner;
+            runner.Bind(0);
+            var ids = c.PromptIds.ToList();
+            for (var k = 0; k < Math.Max(5, c.GeneratedIds.Length); k++)
+            {
+                var logprobs = Sampler.LogSoftmax(runner.Forward(ids).LogitRow(ids.Count - 1));
+                if (k < 5) entropies.Add(-logprobs.Sum(l => Math.Exp(l) * l));
+                own.Add(Array.IndexOf(logprobs, logprobs.Max()));
+                ownLogprobs.Add(logprobs[own[^1]]);
+                ids.Add(own[^1]);
+            }
+        }
+        var j = Enumerable.Range(earliest, entropies.Count - earliest).First(k => entropies[k] > entropies.Take(k).Max());
+        var threshold = (entropies[j] + entropies.Take(j).Max()) / 2;
+        output.WriteLine($"output entropies {string.Join(", ", entropies.Select(e => e.ToString("F3")))}: threshold {threshold:F3} fires at token {j}");
+        return (own, ownLogprobs, j, threshold);
+    }
+
+    /// <summary>
+    /// With one vector an answer position (and --latent-rag-restart answer, the default), a trigger that fires a few tokens
+    /// into the answer drops them and restarts it: the engine's tokens are PyTorch's with the injection from the first
+    /// answer token on (the case's own tokens).
     /// </summary>
     [InjectionReferenceFact]
     public async Task ALatentTriggerAFewTokensInRestartsTheAnswerWithVectorZero()
     {
         using var reference = new InjectionReference();
         var c = reference.Cases.Single(x => x.Name == "attnpos-heldout-j0");
-        // The model's own answer without injection and the output entropy of each of its first tokens.
-        var entropies = new List<double>();
-        using (var loaded = Load())
-        {
-            var runner = loaded.Runner;
-            runner.Bind(0);
-            var ids = c.PromptIds.ToList();
-            for (var k = 0; k < 5; k++)
-            {
-                var logprobs = Sampler.LogSoftmax(runner.Forward(ids).LogitRow(ids.Count - 1));
-                entropies.Add(-logprobs.Sum(l => Math.Exp(l) * l));
-                ids.Add(Array.IndexOf(logprobs, logprobs.Max()));
-            }
-        }
-        var j = Enumerable.Range(1, entropies.Count - 1).First(k => entropies[k] > entropies.Take(k).Max());
-        var threshold = (entropies[j] + entropies.Take(j).Max()) / 2;
-        output.WriteLine($"output entropies {string.Join(", ", entropies.Select(e => e.ToString("F3")))}: threshold {threshold:F3} fires at token {j}");
-
+        var (_, _, j, threshold) = FirstFiringAfterTheFirstToken(c);
         var (tokens, events) = await GenerateWithInjectionAsync(c,
             new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, MaxRetrievalsPerRequest = 1 });
         var e = Assert.Single(events);
@@ -229,6 +240,56 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
         Assert.Equal("answer", e.Restart);
         // The dropped tokens never reached the client: it got the restarted answer only.
         Assert.Equal(c.GeneratedIds, tokens);
+    }
+
+    /// <summary>
+    /// With one vector an answer position and --latent-rag-restart continue, a trigger that fires a few tokens into the
+    /// answer keeps them, and the answer goes on with vector j at the position that predicts answer token j: the
+    /// client gets the model's own first j tokens, then those of the runner decoding greedily with the case's vectors set
+    /// from that position on; with retrievals to spare and no cooldown, none follows.
+    /// </summary>
+    [InjectionReferenceFact]
+    public async Task ALatentTriggerAFewTokensInContinuesWithThatPositionsVector()
+    {
+        using var reference = new InjectionReference();
+        var c = reference.Cases.Single(x => x.Name == "attnpos-heldout-j0");
+        var (own, ownLogprobs, j, threshold) = FirstFiringAfterTheFirstToken(c);
+        var expected = own.Take(j).ToList();
+        var expectedLogprobs = ownLogprobs.Take(j).ToList();
+        using (var loaded = Load())
+        {
+            var runner = loaded.Runner;
+            var injector = ContextInjector.LoadFromFile(loaded.Embeddings, Path.Combine(InjectionReference.Folder, c.Projector!));
+            var vector = new float[injector.AnswerPositions * loaded.Config.HiddenSize];
+            injector.ComputeInjection(c.PassageIds, c.Alpha, vector);
+            var answerBase = c.PromptIds.Length - 1;
+            runner.Bind(0);
+            runner.SetInjection(0, vector, c.Layers, answerBase + j, int.MaxValue, answerBase);
+            // The prompt and the kept tokens at once (only the last of them is injected), then a position a step.
+            var ids = c.PromptIds.Concat(expected).ToArray();
+            var row = runner.Forward(ids).LogitRow(ids.Length - 1).ToArray();
+            while (true)
+            {
+                var rowLogprobs = Sampler.LogSoftmax(row);
+                expected.Add(Array.IndexOf(rowLogprobs, rowLogprobs.Max()));
+                expectedLogprobs.Add(rowLogprobs[expected[^1]]);
+                if (expected.Count == c.GeneratedIds.Length) break;
+                row = runner.Forward([expected[^1]], start: c.PromptIds.Length + expected.Count - 1).LogitRow(0).ToArray();
+            }
+        }
+        var logprobs = new List<float>();
+        var (tokens, events) = await GenerateWithInjectionAsync(c,
+            new TriggerOptions { Signal = TriggerSignal.OutputEntropy, Threshold = threshold, MaxRetrievalsPerRequest = 4, CooldownTokens = 0 },
+            LatentRagRestart.Continue, logprobs);
+        var e = Assert.Single(events);
+        Assert.Null(e.Error);
+        Assert.Equal((j, "continue"), (e.TokenIndex, e.Restart));
+        Assert.Equal(expected, tokens);
+        for (var k = 0; k < tokens.Count; k++) Assert.True(Math.Abs(logprobs[k] - expectedLogprobs[k]) < 1e-4, $"token {k}: {logprobs[k]} vs {expectedLogprobs[k]}");
+        // The vectors were set: from token j on, the log-probabilities differ from the uninjected model's (this case's
+        // greedy tokens may not).
+        Assert.True(Enumerable.Range(j, Math.Min(own.Count, tokens.Count) - j)
+            .Any(k => own[k] != tokens[k] || Math.Abs(logprobs[k] - ownLogprobs[k]) > 1e-2), "the continued answer is the uninjected one");
     }
 
     /// <summary>
@@ -251,7 +312,8 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
     /// The engine (CPU backend) generating the case's answer greedily in latent mode with the case's projector, its
     /// passages served by a fixed retriever, under <paramref name="trigger"/>: the tokens the client got and the events.
     /// </summary>
-    private static async Task<(List<int> Tokens, List<RagEvent> Events)> GenerateWithInjectionAsync(InjectionCase c, TriggerOptions trigger)
+    private static async Task<(List<int> Tokens, List<RagEvent> Events)> GenerateWithInjectionAsync(InjectionCase c, TriggerOptions trigger,
+        LatentRagRestart restart = LatentRagRestart.Answer, List<float>? logprobs = null)
     {
         using var retriever = new FixedPassagesServer(c.Passages);
         var temp = Directory.CreateTempSubdirectory("moe-rag-injection-").FullName;
@@ -265,6 +327,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
                 RetrievalTopK = c.Passages.Length,
                 Trigger = trigger,
                 Mode = InjectionMode.Latent,
+                LatentRagRestart = restart,
                 Projection = ProjectionKind.File,
                 ProjectionPath = Path.Combine(InjectionReference.Folder, c.Projector!),
                 InjectionScale = c.Alpha,
@@ -277,6 +340,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
             {
                 PromptIds = c.PromptIds,
                 Sampling = new SamplingParams { Temperature = 0, MaxNewTokens = c.GeneratedIds.Length, IgnoreEos = true },
+                ReturnLogprob = logprobs is not null,
             };
             var tokens = new List<int>();
             var events = new List<RagEvent>();
@@ -284,6 +348,7 @@ public sealed class InjectionReferenceTests(Xunit.Abstractions.ITestOutputHelper
             {
                 tokens.AddRange(update.NewTokenIds);
                 events.AddRange(update.NewEvents);
+                logprobs?.AddRange(update.NewLogprobs);
             }
             return (tokens, events);
         }

@@ -44,6 +44,7 @@ public sealed class GenerateTests(ServerFixture server) : IClassFixture<ServerFi
         Assert.Equal(0.8, info["entropy_threshold"]!.GetValue<double>(), 6);
         Assert.Equal("router-entropy", info["trigger_signal"]!.GetValue<string>());
         Assert.Equal("answer", info["prompt_rag_restart"]!.GetValue<string>());
+        Assert.Equal("answer", info["latent_rag_restart"]!.GetValue<string>());
         Assert.False(info["retrieve_first"]!.GetValue<bool>());
     }
 

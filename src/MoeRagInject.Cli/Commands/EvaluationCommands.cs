@@ -102,6 +102,9 @@ public static class EvalCommand
             "α of latent_random and latent_identity (latent_calibrated keeps its fitted scale)", "α", 1, min: 0);
         var topK = CliOption.Int("--top-k", "passages per retrieval", "K", 3, min: 1);
         var maxRetrievals = CliOption.Int("--max-retrievals", "retrievals per question at most in the triggered modes", "N", 4, min: 1);
+        var latentRestart = CliOption.Choice("--latent-rag-restart",
+            "latent_trained, firing early in the answer: answer generates it again, continue keeps the answer so far (the server's --latent-rag-restart)",
+            "answer", "answer", "continue");
         var noPlots = CliOption.Switch("--no-plots", "skip the PNG plots");
         var command = new Command("eval",
             "Answers a QA set in each mode (none, prompt_always, prompt_trigger, latent_random, latent_identity, latent_calibrated, "
@@ -110,7 +113,7 @@ public static class EvalCommand
             + "question's answers and signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
         {
             modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, trainedProj, calibration, maxNewTokens, concurrency, threads, seed,
-            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, maxRetrievals, noPlots,
+            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, maxRetrievals, latentRestart, noPlots,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -141,6 +144,7 @@ public static class EvalCommand
                 RetrievalTopK = parse.GetValue(topK),
                 MaxRetrievals = parse.GetValue(maxRetrievals),
                 LatentScale = (float)parse.GetValue(latentScale),
+                LatentRagRestart = parse.GetRequiredValue(latentRestart) == "continue" ? Engine.LatentRagRestart.Continue : Engine.LatentRagRestart.Answer,
                 Plots = !parse.GetValue(noPlots),
             };
             await Evaluator.RunAsync(options, Console.Out, CancellationToken.None).ConfigureAwait(false);

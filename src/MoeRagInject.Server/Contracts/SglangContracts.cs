@@ -74,6 +74,7 @@ public sealed record ServerInfoResponse(
     bool? Deterministic,
     string? RagMode,
     string? PromptRagRestart,
+    string? LatentRagRestart,
     string? TriggerSignal,
     double? EntropyThreshold,
     IReadOnlyList<int>? TriggerLayers,

@@ -112,6 +112,7 @@ public static class SglangRoutes
                 e?.ModelPath, e?.Runner.Device, engine?.Info.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens,
                 e?.ResolvedChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
                 e is null ? null : RequestParsing.ModeName(e.Mode), e?.PromptRagRestart.ToString().ToLowerInvariant(),
+                e?.LatentRagRestart.ToString().ToLowerInvariant(),
                 e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
                 // The server's signal's threshold: router-probe's is the probe's own unless --entropy-threshold set it.
                 e is null ? null : e.Trigger.Signal == TriggerSignal.RouterProbe ? e.RouterProbeThreshold ?? (engine as LlmEngine)?.RouterProbe?.Threshold : e.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
