@@ -152,7 +152,7 @@ internal sealed class RagCoordinator(
         // back; prompt mode records "continue" otherwise, and so does latent mode with one vector an answer position.
         // A retrieval before admission has no answer to restart or keep.
         var restarts = options.RestartsAnswer(t.Mode, injector.AnswerPositions);
-        var keepsOrRestarts = restarts || t.Mode == InjectionMode.Prompt || t.Mode == InjectionMode.Latent && injector.AnswerPositions > 1;
+        var keepsOrRestarts = t.Mode == InjectionMode.Prompt || t.Mode == InjectionMode.Latent && injector.AnswerPositions > 1;
         var restart = !t.First && keepsOrRestarts
             ? restarts && t.TokenIndex < EngineOptions.PromptRestartWindowTokens ? "answer" : "continue"
             : null;
