@@ -724,21 +724,23 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>
     /// Group rows a moe_tma tile takes for groups of about this many rows: one tile for most groups, and no more rows than
     /// that, since every tile row costs tensor-core time whether a group fills it or not (at batch 256, 64 rows a group on
-    /// average, 128-row tiles did half their products on padding).
+    /// average, 128-row tiles did half their products on padding), and every stage copies the tile's rows whether a group
+    /// fills them or not (at batch 64, 16 rows a group, 32-row tiles made the step 0.64 ms shorter than 64-row ones: the
+    /// copies of padding rows cost L2 bandwidth the weights need).
     /// </summary>
     private static int TmaRows(int rowsPerGroup) =>
-        rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 64 ? 96 : rowsPerGroup <= 96 ? 128 : 256;
+        rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 16 ? 32 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 64 ? 96 : rowsPerGroup <= 96 ? 128 : 256;
 
-    /// <summary>The moe_tma tile's group rows, forced: by gemm-bench, or MOE_RAG_INJECT_TMA_N (16, 64, 96, 128 or 256; gate-up at most 128) for same-run comparisons.</summary>
+    /// <summary>The moe_tma tile's group rows, forced: by gemm-bench, or MOE_RAG_INJECT_TMA_N (16, 32, 64, 96, 128 or 256; gate-up at most 128) for same-run comparisons.</summary>
     internal int? TmaNForced { get; set; } =
-        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_N"), out var n) && n is 16 or 64 or 96 or 128 or 256 ? n : null;
+        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_N"), out var n) && n is 16 or 32 or 64 or 96 or 128 or 256 ? n : null;
 
     /// <summary>
     /// Whether the down product takes the wide moe_tma kernel (256 features a tile, so each group row copied serves twice
-    /// the weight rows) for a tile of <paramref name="n"/> group rows: from 64 rows where the hidden size is a multiple of
+    /// the weight rows) for a tile of <paramref name="n"/> group rows: from 32 rows where the hidden size is a multiple of
     /// 256, unless MOE_RAG_INJECT_TMA_DOWN=narrow (kept to measure against) or gemm-bench forces one form.
     /// </summary>
-    private bool TmaDownWide(int n, int hidden) => (TmaDownWideForced ?? !s_tmaDownNarrow) && (n is 64 or 96 or 128) && hidden % 256 == 0;
+    private bool TmaDownWide(int n, int hidden) => (TmaDownWideForced ?? !s_tmaDownNarrow) && (n is 32 or 64 or 96 or 128) && hidden % 256 == 0;
 
     /// <summary>
     /// 1: the moe_tma kernels narrow each tile's products to the group rows it holds (the tensor cores skip its padding,

@@ -115,11 +115,11 @@ public static class CudaGemmBench
                 {
                     backend.MoePathForced = CudaBackend.MoePath.Tma;
                     Moe("tma (chosen N)");
-                    foreach (var n in new[] { 16, 64, 96, 128, 256 })
+                    foreach (var n in new[] { 16, 32, 64, 96, 128, 256 })
                     {
                         if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding
                         backend.TmaNForced = n;
-                        if (n is 64 or 96 or 128 && h % 256 == 0)
+                        if (n is 32 or 64 or 96 or 128 && h % 256 == 0)
                             foreach (var wide in new[] { false, true })
                             {
                                 backend.TmaDownWideForced = wide;

@@ -53,8 +53,8 @@ public sealed class OpChecks : IDisposable
         RunRowOps();
         Check("linear", [1, 5, 8, 20, 37, 130, 256, 300], LinearCase);
         Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
-        // On Hopper: 8 and 16 rows take the TMA kernels with 16-row tiles, 40 and 100 with 64-row tiles, 200 with 96-row
-        // tiles; 300 and 1,000 cuBLAS.
+        // On Hopper: 8 and 16 rows take the TMA kernels with 16-row tiles, 40 with 32-row tiles, 100 with 64-row tiles, 200
+        // with 96-row tiles; 300 and 1,000 cuBLAS.
         Check("moe", [1, 8, 16, 40, 100, 200, 300, 1000], MoeCase);
         Check("sample", [0, 1, 2, 3], SampleCase);
         // The row ops again at Mixtral's width, where each thread of a norm block holds several chunks of its row.
