@@ -61,6 +61,19 @@ __global__ void read_loads(const uint4* __restrict__ p, long long n, unsigned* _
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
+// Waits until stage s's copies have landed (the phase of its barrier that bit s of `phase` names), flips that bit, and
+// folds a word of the stage into acc, so that the copies cannot be dropped.
+__device__ __forceinline__ void take_stage(unsigned long long* bars, int s, unsigned& phase, const unsigned char* stage, unsigned& acc)
+{
+    const unsigned parity = (phase >> s) & 1u;
+    asm volatile(
+        "{\n .reg .pred done;\n wait_%=:\n"
+        " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
+    phase ^= 1u << s;
+    acc ^= *(volatile const unsigned*)stage;
+}
+
 // Each block reads chunks blockIdx.x, blockIdx.x + gridDim.x, ... of `chunk` bytes by bulk TMA copies into a ring of
 // `stages` shared-memory buffers; thread 0 issues and waits, and folds one word of each chunk into its sink.
 __global__ void read_tma(const char* __restrict__ p, long long chunks, unsigned chunk, int stages, unsigned* __restrict__ sink)
@@ -79,13 +92,7 @@ __global__ void read_tma(const char* __restrict__ p, long long chunks, unsigned 
         const int s = (int)(k % stages);
         if (k >= stages)
         {
-            const unsigned parity = (phase >> s) & 1u;
-            asm volatile(
-                "{\n .reg .pred done;\n wait_%=:\n"
-                " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-            phase ^= 1u << s;
-            acc ^= *(volatile unsigned*)(ring + (size_t)s * chunk);
+            take_stage(bars, s, phase, ring + (size_t)s * chunk, acc);
         }
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(&bars[s])), "r"(chunk) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
@@ -97,25 +104,24 @@ __global__ void read_tma(const char* __restrict__ p, long long chunks, unsigned 
     for (long long j = issued > stages ? issued - stages : 0; j < issued; j++)
     {
         const int s = (int)(j % stages);
-        const unsigned parity = (phase >> s) & 1u;
-        asm volatile(
-            "{\n .reg .pred done;\n wait_%=:\n"
-            " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-            " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-        phase ^= 1u << s;
-        acc ^= *(volatile unsigned*)(ring + (size_t)s * chunk);
+        take_stage(bars, s, phase, ring + (size_t)s * chunk, acc);
     }
     sink[blockIdx.x] = acc;
 }
 
-// The expert GEMMs' weight stream without their products: a bf16 matrix [rows, k] read through a 2-D tensor map in
-// boxes of 128 rows x 64 columns (128-byte swizzle, as moe_tma's), a tile `boxes` boxes of consecutive rows, its k-tiles
-// in order, a stage a k-tile's boxes; one thread a block, persistent, tiles in steps of the grid.
-__global__ void read_tma_tiled(const __grid_constant__ CUtensorMap map, int tiles, int kTiles, int boxes, int stages, unsigned* __restrict__ sink)
+// The expert GEMMs' weight stream without their products: a bf16 matrix [rows, k] read by tensor-map TMA, one thread a
+// block, persistent, tiles in steps of the grid, each tile's k-tiles in order. DEEP false: a 2-D map, boxes of 128 rows x
+// 64 columns (128-byte swizzle, as moe_tma's), a tile `boxes` boxes of consecutive rows, a stage a k-tile's boxes. DEEP
+// true: a 3-D map of the same matrix ({64 columns, rows, k-tiles}, the k-tiles outermost), a tile 128 rows, a stage one box
+// of `depth` consecutive k-tiles (each row's depth x 128 bytes adjacent in memory), landing as depth [128][64] tiles one
+// after another, the layout the products read.
+template <bool DEEP>
+__global__ void read_tma_boxes(const __grid_constant__ CUtensorMap map, int tiles, int kTiles, int boxes, int depth, int stages,
+                               unsigned* __restrict__ sink)
 {
     extern __shared__ __align__(1024) unsigned char ring[];
     if (threadIdx.x != 0) return;
-    const unsigned stageBytes = 16384u * boxes;
+    const unsigned stageBytes = 16384u * (DEEP ? depth : boxes);
     unsigned long long* bars = (unsigned long long*)(ring + (size_t)stages * stageBytes);
     for (int s = 0; s < stages; s++)
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
@@ -123,83 +129,23 @@ __global__ void read_tma_tiled(const __grid_constant__ CUtensorMap map, int tile
     unsigned acc = 0, phase = 0;
     long long k = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x)
-        for (int kt = 0; kt < kTiles; kt++, k++)
+        for (int kt = 0; kt < kTiles; kt += DEEP ? depth : 1, k++)
         {
             const int s = (int)(k % stages);
-            if (k >= stages)
-            {
-                const unsigned parity = (phase >> s) & 1u;
-                asm volatile(
-                    "{\n .reg .pred done;\n wait_%=:\n"
-                    " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                    " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-                phase ^= 1u << s;
-                acc ^= *(volatile unsigned*)(ring + (size_t)s * stageBytes);
-            }
+            unsigned char* stage = ring + (size_t)s * stageBytes;
+            if (k >= stages) take_stage(bars, s, phase, stage, acc);
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(&bars[s])), "r"(stageBytes) : "memory");
-            for (int b = 0; b < boxes; b++)
-                asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                             :: "r"(smem_addr(ring + (size_t)s * stageBytes + b * 16384)), "l"((unsigned long long)&map), "r"(kt * 64),
-                                "r"((t * boxes + b) * 128), "r"(smem_addr(&bars[s])) : "memory");
+            if (DEEP)
+                asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+                             :: "r"(smem_addr(stage)), "l"((unsigned long long)&map), "r"(0), "r"(t * 128), "r"(kt),
+                                "r"(smem_addr(&bars[s])) : "memory");
+            else
+                for (int b = 0; b < boxes; b++)
+                    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                                 :: "r"(smem_addr(stage + b * 16384)), "l"((unsigned long long)&map), "r"(kt * 64),
+                                    "r"((t * boxes + b) * 128), "r"(smem_addr(&bars[s])) : "memory");
         }
-    for (long long j = k > stages ? k - stages : 0; j < k; j++)
-    {
-        const int s = (int)(j % stages);
-        const unsigned parity = (phase >> s) & 1u;
-        asm volatile(
-            "{\n .reg .pred done;\n wait_%=:\n"
-            " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-            " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-        phase ^= 1u << s;
-        acc ^= *(volatile unsigned*)(ring + (size_t)s * stageBytes);
-    }
-    sink[blockIdx.x] = acc;
-}
-
-// As read_tma_tiled with one box a stage, through a 3-D map of the same matrix ({64 columns, rows, k-tiles}, the k-tiles
-// the outer dimension): a box is 128 rows x `depth` consecutive k-tiles, each row's depth x 128 bytes adjacent in memory,
-// landing as depth tiles of [128][64] one after another (the layout the products read).
-__global__ void read_tma_deep(const __grid_constant__ CUtensorMap map, int tiles, int kTiles, int depth, int stages, unsigned* __restrict__ sink)
-{
-    extern __shared__ __align__(1024) unsigned char ring[];
-    if (threadIdx.x != 0) return;
-    const unsigned stageBytes = 16384u * depth;
-    unsigned long long* bars = (unsigned long long*)(ring + (size_t)stages * stageBytes);
-    for (int s = 0; s < stages; s++)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    unsigned acc = 0, phase = 0;
-    long long k = 0;
-    for (int t = blockIdx.x; t < tiles; t += gridDim.x)
-        for (int kt = 0; kt < kTiles; kt += depth, k++)
-        {
-            const int s = (int)(k % stages);
-            if (k >= stages)
-            {
-                const unsigned parity = (phase >> s) & 1u;
-                asm volatile(
-                    "{\n .reg .pred done;\n wait_%=:\n"
-                    " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                    " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-                phase ^= 1u << s;
-                acc ^= *(volatile unsigned*)(ring + (size_t)s * stageBytes);
-            }
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(&bars[s])), "r"(stageBytes) : "memory");
-            asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-                         :: "r"(smem_addr(ring + (size_t)s * stageBytes)), "l"((unsigned long long)&map), "r"(0), "r"(t * 128), "r"(kt),
-                            "r"(smem_addr(&bars[s])) : "memory");
-        }
-    for (long long j = k > stages ? k - stages : 0; j < k; j++)
-    {
-        const int s = (int)(j % stages);
-        const unsigned parity = (phase >> s) & 1u;
-        asm volatile(
-            "{\n .reg .pred done;\n wait_%=:\n"
-            " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-            " @!done bra wait_%=;\n}" :: "r"(smem_addr(&bars[s])), "r"(parity) : "memory");
-        phase ^= 1u << s;
-        acc ^= *(volatile unsigned*)(ring + (size_t)s * stageBytes);
-    }
+    for (long long j = k > stages ? k - stages : 0; j < k; j++) take_stage(bars, (int)(j % stages), phase, ring + (size_t)(j % stages) * stageBytes, acc);
     sink[blockIdx.x] = acc;
 }
 
@@ -300,14 +246,14 @@ int main()
                                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
         if (r != CUDA_SUCCESS) { fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r); exit(1); }
-        CHECK(cudaFuncSetAttribute(read_tma_tiled, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
+        CHECK(cudaFuncSetAttribute(read_tma_boxes<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
         for (int boxes : {1, 2})
             for (int stages : {4, 6, 8, 12})
             {
                 const size_t smem = (size_t)stages * 16384 * boxes + 16 * 8;
                 if (smem > 210 * 1024) continue;
                 const int tiles = (int)(rows / (128 * boxes)), kTiles = (int)(k / 64);
-                const double ms = median_ms([&](int) { read_tma_tiled<<<sms, 32, smem>>>(map, tiles, kTiles, boxes, stages, sink); });
+                const double ms = median_ms([&](int) { read_tma_boxes<false><<<sms, 32, smem>>>(map, tiles, kTiles, boxes, 1, stages, sink); });
                 printf("tensor-map TMA, 8 GiB as [%lld, 4096], tiles of %d x 128 rows, %2d stages, 1 block a SM: %5.2f TB/s\n", rows, boxes,
                        stages, big / ms / 1e9);
             }
@@ -319,7 +265,7 @@ int main()
         CUtensorMap map;
         cuuint64_t dims[3] = {64, (cuuint64_t)rows, (cuuint64_t)kTiles};
         cuuint64_t strides[2] = {(cuuint64_t)(2 * k), 128};
-        CHECK(cudaFuncSetAttribute(read_tma_deep, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
+        CHECK(cudaFuncSetAttribute(read_tma_boxes<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
         for (int depth : {2, 4})
         {
             cuuint32_t box[3] = {64, 128, (cuuint32_t)depth}, elementStrides[3] = {1, 1, 1};
@@ -331,7 +277,7 @@ int main()
             {
                 const size_t smem = (size_t)stages * 16384 * depth + 16 * 8;
                 if (smem > 210 * 1024) continue;
-                const double ms = median_ms([&](int) { read_tma_deep<<<sms, 32, smem>>>(map, (int)(rows / 128), (int)kTiles, depth, stages, sink); });
+                const double ms = median_ms([&](int) { read_tma_boxes<true><<<sms, 32, smem>>>(map, (int)(rows / 128), (int)kTiles, 1, depth, stages, sink); });
                 printf("3-D tensor-map TMA, boxes of 128 rows x %d k-tiles, %d stages, 1 block a SM: %5.2f TB/s\n", depth, stages, big / ms / 1e9);
             }
         }
