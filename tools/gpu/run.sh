@@ -4,8 +4,10 @@
 # stdout. Stages: check, parity, bench, lockstep (the bench with every prompt of a batch prefilled in one step, so that
 # no request starts decoding before the others, as sglang's bench_one_batch runs), determinism, det-pdl (--deterministic
 # with and without programmatic dependent launch), prefill, paths (the MoE paths kept for comparison, forced), baseline
-# (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py).
-# Default: all but paths and det-pdl, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py), read (how fast
+# the card reads, tools/gpu/read_bandwidth.cu), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
+# AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab).
+# Default: all but paths, det-pdl, read and ab, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -69,6 +71,29 @@ if has paths; then
     --input-len 128 --output-len 64 --max-running-requests 64 --json --out "$out/bench-dense.json" 2>&1 | grep "batch\|bandwidth"
   MOE_RAG_INJECT_MOE_PATH=cublas timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
     --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill-cublas.json" 2>&1 | grep "batch\|bandwidth"
+fi
+if has read; then
+  log "how fast the card reads (tools/gpu/read_bandwidth.cu): loads, bulk TMA, tensor-map boxes, against the copy"
+  nvcc -O3 -arch=sm_90a -o /tmp/read_bandwidth tools/gpu/read_bandwidth.cu -L/usr/local/cuda/lib64/stubs -lcuda 2>&1 | grep -v "^$" \
+    && timeout 120 /tmp/read_bandwidth
+fi
+if has ab; then
+  # Same-call comparisons of environment knobs: AB_VARIANTS holds variants separated by ";", each a list of VAR=value
+  # (an empty one is the build as it is), run in turn for AB_ROUNDS rounds in lockstep; then ms a step by variant.
+  IFS=';' read -r -a variants <<< "${AB_VARIANTS:-}"
+  [ ${#variants[@]} -eq 0 ] && variants=("")
+  for round in $(seq "${AB_ROUNDS:-2}"); do
+    for v in "${variants[@]}"; do
+      log "ab round $round [${v}]"
+      env $v timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b \
+        --batch-sizes ${AB_BATCHES:-1,8,64,256} --modes off --input-len 128 --output-len 64 --max-running-requests 256 \
+        --chunked-prefill-size 32768 --max-prefill-tokens 32768 2>&1 | grep " batch \|rror\|xception" | sed "s|^|[${v}] |"
+    done
+  done 2>&1 | tee "$out/ab.log"
+  log "ab: ms a step by variant and batch, round by round"
+  sed -n 's/^\[\(.*\)\] .*batch *\([0-9]*\):.* step *\([0-9.]*\) ms.*/\1|\2|\3/p' "$out/ab.log" \
+    | awk -F'|' '{key = "[" $1 "] batch " $2; t[key] = t[key] " " $3; if (!(key in seen)) { seen[key] = 1; order[n++] = key } }
+                 END { for (i = 0; i < n; i++) print order[i] ":" t[order[i]] }'
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
