@@ -728,8 +728,15 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// fills them or not (at batch 64, 16 rows a group, 32-row tiles made the step 0.64 ms shorter than 64-row ones: the
     /// copies of padding rows cost L2 bandwidth the weights need).
     /// </summary>
-    private static int TmaRows(int rowsPerGroup) =>
-        rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 16 ? 32 : rowsPerGroup <= 32 ? 64 : rowsPerGroup <= 64 ? 96 : rowsPerGroup <= 96 ? 128 : 256;
+    private static int TmaRows(int rowsPerGroup) => rowsPerGroup switch
+    {
+        <= 4 => 16,
+        <= 16 => 32,
+        <= 32 => 64,
+        <= 64 => 96,
+        <= 96 => 128,
+        _ => 256,
+    };
 
     /// <summary>The moe_tma tile's group rows, forced: by gemm-bench, or MOE_RAG_INJECT_TMA_N (16, 32, 64, 96, 128 or 256; gate-up at most 128) for same-run comparisons.</summary>
     internal int? TmaNForced { get; set; } =

@@ -481,8 +481,9 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
         const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
         float* __restrict__ y, int fitRows) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE) }
 
-MOE_TMA_KERNEL(gate_up, 16, true, false) MOE_TMA_KERNEL(gate_up, 32, true, false) MOE_TMA_KERNEL(gate_up, 64, true, false) MOE_TMA_KERNEL(gate_up, 96, true, false)
-MOE_TMA_KERNEL(gate_up, 128, true, false)
-MOE_TMA_KERNEL(down, 16, false, false) MOE_TMA_KERNEL(down, 32, false, false) MOE_TMA_KERNEL(down, 64, false, false) MOE_TMA_KERNEL(down, 96, false, false)
-MOE_TMA_KERNEL(down, 128, false, false) MOE_TMA_KERNEL(down, 256, false, false)
-MOE_TMA_KERNEL(down_wide, 32, false, true) MOE_TMA_KERNEL(down_wide, 64, false, true) MOE_TMA_KERNEL(down_wide, 96, false, true) MOE_TMA_KERNEL(down_wide, 128, false, true)
+MOE_TMA_KERNEL(gate_up, 16, true, false) MOE_TMA_KERNEL(gate_up, 32, true, false) MOE_TMA_KERNEL(gate_up, 64, true, false)
+MOE_TMA_KERNEL(gate_up, 96, true, false) MOE_TMA_KERNEL(gate_up, 128, true, false)
+MOE_TMA_KERNEL(down, 16, false, false) MOE_TMA_KERNEL(down, 32, false, false) MOE_TMA_KERNEL(down, 64, false, false)
+MOE_TMA_KERNEL(down, 96, false, false) MOE_TMA_KERNEL(down, 128, false, false) MOE_TMA_KERNEL(down, 256, false, false)
+MOE_TMA_KERNEL(down_wide, 32, false, true) MOE_TMA_KERNEL(down_wide, 64, false, true) MOE_TMA_KERNEL(down_wide, 96, false, true)
+MOE_TMA_KERNEL(down_wide, 128, false, true)
