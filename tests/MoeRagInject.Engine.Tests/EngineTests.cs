@@ -433,7 +433,9 @@ public sealed class EngineTests : IDisposable
         });
         var collecting = Collect(engine, Greedy(reference.Prompts[0].InputIds, InjectionMode.Latent) with { Rid = "first" });
         await server.Connected.WaitAsync(TimeSpan.FromSeconds(20));
-        var status = engine.GetStatus();
+        // The retrieval starts on the submitting thread, and the status is the loop's snapshot: it shows the request
+        // retrieving once the loop has taken it in, which may be just after the server saw the connection.
+        var status = await WaitForStatusAsync(engine, s => s.Retrieving > 0);
         Assert.Equal((0, 0, 1), (status.Running, status.Waiting, status.Retrieving));
         Assert.Equal(status.TotalKvBlocks, status.FreeKvBlocks);
         Assert.True(engine.Abort("first"));
@@ -588,12 +590,16 @@ public sealed class EngineTests : IDisposable
         await server.Disconnected.WaitAsync(TimeSpan.FromSeconds(5));
     }
 
-    private static async Task<EngineStatus> WaitForIdleAsync(IGenerationEngine engine)
+    private static Task<EngineStatus> WaitForIdleAsync(IGenerationEngine engine) =>
+        WaitForStatusAsync(engine, s => s.Running == 0 && s.Waiting == 0 && s.FreeKvBlocks == s.TotalKvBlocks);
+
+    /// <summary>The loop's status once it satisfies <paramref name="condition"/>, or after 5 s the status as it is then.</summary>
+    private static async Task<EngineStatus> WaitForStatusAsync(IGenerationEngine engine, Func<EngineStatus, bool> condition)
     {
         for (var i = 0; i < 500; i++)
         {
             var status = engine.GetStatus();
-            if (status.Running == 0 && status.Waiting == 0 && status.FreeKvBlocks == status.TotalKvBlocks) return status;
+            if (condition(status)) return status;
             await Task.Delay(10);
         }
         return engine.GetStatus();
