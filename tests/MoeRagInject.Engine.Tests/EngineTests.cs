@@ -3,6 +3,7 @@ using System.Net.Sockets;
 using System.Text;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Rag;
+using static MoeRagInject.Engine.Tests.EngineStatusWaits;
 
 namespace MoeRagInject.Engine.Tests;
 
@@ -588,21 +589,6 @@ public sealed class EngineTests : IDisposable
         var result = await collecting.WaitAsync(TimeSpan.FromSeconds(10));
         Assert.Equal(FinishKind.Abort, result.Finish.Kind);
         await server.Disconnected.WaitAsync(TimeSpan.FromSeconds(5));
-    }
-
-    private static Task<EngineStatus> WaitForIdleAsync(IGenerationEngine engine) =>
-        WaitForStatusAsync(engine, s => s.Running == 0 && s.Waiting == 0 && s.FreeKvBlocks == s.TotalKvBlocks);
-
-    /// <summary>The loop's status once it satisfies <paramref name="condition"/>, or after 5 s the status as it is then.</summary>
-    private static async Task<EngineStatus> WaitForStatusAsync(IGenerationEngine engine, Func<EngineStatus, bool> condition)
-    {
-        for (var i = 0; i < 500; i++)
-        {
-            var status = engine.GetStatus();
-            if (condition(status)) return status;
-            await Task.Delay(10);
-        }
-        return engine.GetStatus();
     }
 
     /// <summary>A real TCP server on loopback that reads an HTTP request and never answers, noting when its client hangs up.</summary>

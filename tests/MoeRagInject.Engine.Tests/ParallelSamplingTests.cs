@@ -1,6 +1,7 @@
 using MoeRagInject.Backend;
 using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Rag;
+using static MoeRagInject.Engine.Tests.EngineStatusWaits;
 
 namespace MoeRagInject.Engine.Tests;
 
@@ -42,17 +43,6 @@ public sealed class ParallelSamplingTests : IDisposable
         return tokens;
     }
 
-    private static async Task<EngineStatus> IdleStatusAsync(IGenerationEngine engine)
-    {
-        for (var i = 0; i < 500; i++)
-        {
-            var status = engine.GetStatus();
-            if (status.Running == 0 && status.Waiting == 0 && status.Retrieving == 0 && status.FreeKvBlocks == status.TotalKvBlocks) return status;
-            await Task.Delay(10);
-        }
-        return engine.GetStatus();
-    }
-
     private static GenerationRequest Sampled(int[] prompt, ulong seed, int maxNewTokens = 10) => new()
     {
         PromptIds = prompt,
@@ -78,7 +68,7 @@ public sealed class ParallelSamplingTests : IDisposable
 
         Assert.True(engine.Abort("parallel"));
         foreach (var finish in await Task.WhenAll(finishes)) Assert.Equal(FinishKind.Abort, finish?.Kind);
-        var idle = await IdleStatusAsync(engine);
+        var idle = await WaitForIdleAsync(engine);
         Assert.Equal(idle.TotalKvBlocks, idle.FreeKvBlocks);
         Assert.False(engine.Abort("parallel"));
     }
@@ -93,9 +83,9 @@ public sealed class ParallelSamplingTests : IDisposable
         var shared = (prompt.Length - 1) / BlockSize * BlockSize;
         await using var engine = CreateEngine();
 
-        var before = await IdleStatusAsync(engine);
+        var before = await WaitForIdleAsync(engine);
         var samples = await Task.WhenAll(engine.SubmitParallel(Sampled(prompt, seed: 1000), n).Select(s => TokensOf(s)));
-        var after = await IdleStatusAsync(engine);
+        var after = await WaitForIdleAsync(engine);
 
         // Prefilled once: the shared blocks by the first sample only, the last partial block by each.
         Assert.Equal(shared + n * (prompt.Length - shared), after.PromptTokensComputed - before.PromptTokensComputed);
@@ -109,7 +99,7 @@ public sealed class ParallelSamplingTests : IDisposable
             var alone = await TokensOf(engine.Submit(Sampled(prompt, seed: 1000 + (ulong)j)));
             Assert.Equal(alone, samples[j]);
         }
-        var single = await IdleStatusAsync(engine);
+        var single = await WaitForIdleAsync(engine);
         Assert.Equal(n * prompt.Length, single.PromptTokensComputed - after.PromptTokensComputed);
         // Different seeds draw different continuations at temperature 1.
         Assert.True(samples.Select(s => string.Join(',', s)).Distinct().Count() > 1, "the samples differ");
@@ -130,7 +120,7 @@ public sealed class ParallelSamplingTests : IDisposable
             var samples = await Task.WhenAll(engine.SubmitParallel(request, 3).Select(s => TokensOf(s)));
             Assert.All(samples, tokens => Assert.Equal(p.GreedyIds, tokens));
         }
-        Assert.Equal(engine.GetStatus().TotalKvBlocks, (await IdleStatusAsync(engine)).FreeKvBlocks);
+        Assert.Equal(engine.GetStatus().TotalKvBlocks, (await WaitForIdleAsync(engine)).FreeKvBlocks);
     }
 
     [Fact]
@@ -153,7 +143,7 @@ public sealed class ParallelSamplingTests : IDisposable
         var alone = await TokensOf(engine.Submit(request));
         var samples = await Task.WhenAll(engine.SubmitParallel(request, 4).Select(s => TokensOf(s)));
         Assert.All(samples, tokens => Assert.Equal(alone, tokens));
-        var idle = await IdleStatusAsync(engine);
+        var idle = await WaitForIdleAsync(engine);
         Assert.Equal(idle.TotalKvBlocks, idle.FreeKvBlocks);
     }
 
@@ -179,10 +169,10 @@ public sealed class ParallelSamplingTests : IDisposable
         Assert.True(prompt.Length > 2 * BlockSize);
         var request = Sampled(prompt, seed: 77) with { Rag = new RagOverrides { RetrieveFirst = true } };
         const int n = 3;
-        var before = await IdleStatusAsync(engine);
+        var before = await WaitForIdleAsync(engine);
         var streams = engine.SubmitParallel(request, n);
         var samples = await Task.WhenAll(streams.Select(s => TokensOf(s)));
-        var after = await IdleStatusAsync(engine);
+        var after = await WaitForIdleAsync(engine);
         var events = engine.RagEvents.Latest(10);
         Assert.Equal(n, events.Count);
         Assert.All(events, e => Assert.Equal((RagEvent.RetrieveFirstSignal, (string?)null), (e.Signal, e.Error)));

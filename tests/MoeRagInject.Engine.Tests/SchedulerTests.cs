@@ -2,6 +2,7 @@ using MoeRagInject.Backend.Cpu;
 using MoeRagInject.Engine.Scheduling;
 using MoeRagInject.Model;
 using MoeRagInject.Rag;
+using static MoeRagInject.Engine.Tests.EngineStatusWaits;
 
 namespace MoeRagInject.Engine.Tests;
 
@@ -149,7 +150,7 @@ public sealed class SchedulerTests : IDisposable
             Assert.Equal(FinishKind.Length, together[i].Finish.Kind);
             Assert.Equal(alone[i], together[i].Tokens);
         }
-        var status = await WaitForIdle(engine);
+        var status = await WaitForIdleAsync(engine);
         Assert.True(status.Preemptions > 0, "the test did not exercise preemption");
         Assert.Equal(status.TotalKvBlocks, status.FreeKvBlocks);
     }
@@ -183,17 +184,6 @@ public sealed class SchedulerTests : IDisposable
         // One position past what was generated can be in flight when the snapshot is taken.
         Assert.InRange(used, 1, (prompt.Length + tokens + 1 + status.KvBlockSize - 1) / status.KvBlockSize);
         Assert.True(prompt.Length + tokens < context / 2, $"the engine ran ahead ({tokens} tokens) before the snapshot; the check shows nothing");
-        Assert.Equal(status.TotalKvBlocks, (await WaitForIdle(engine)).FreeKvBlocks);
-    }
-
-    private static async Task<EngineStatus> WaitForIdle(IGenerationEngine engine)
-    {
-        for (var i = 0; i < 200; i++)
-        {
-            var status = engine.GetStatus();
-            if (status.Running == 0 && status.Waiting == 0 && status.FreeKvBlocks == status.TotalKvBlocks) return status;
-            await Task.Delay(10);
-        }
-        return engine.GetStatus();
+        Assert.Equal(status.TotalKvBlocks, (await WaitForIdleAsync(engine)).FreeKvBlocks);
     }
 }
