@@ -149,6 +149,17 @@ __global__ void read_tma_boxes(const __grid_constant__ CUtensorMap map, int tile
     sink[blockIdx.x] = acc;
 }
 
+// A tensor map of `rank` dimensions over the buffer, bf16 with the 128-byte swizzle and 256-byte L2 promotion the expert
+// GEMMs' maps use (CudaBackend's TensorMap).
+static CUresult encode_map(CUtensorMap* map, unsigned rank, void* buffer, const cuuint64_t* dims, const cuuint64_t* strides,
+                           const cuuint32_t* box)
+{
+    const cuuint32_t elementStrides[3] = {1, 1, 1};
+    return cuTensorMapEncodeTiled(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, buffer, dims, strides, box, elementStrides,
+                                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
 template <typename Launch>
 static double median_ms(Launch launch, int reps = 7, int warmup = 2)
 {
@@ -241,10 +252,8 @@ int main()
         CUtensorMap map;
         cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
         cuuint64_t strides[1] = {(cuuint64_t)(2 * k)};
-        cuuint32_t box[2] = {64, 128}, elementStrides[2] = {1, 1};
-        CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, buffer, dims, strides, box, elementStrides,
-                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+        const cuuint32_t box[2] = {64, 128};
+        const CUresult r = encode_map(&map, 2, buffer, dims, strides, box);
         if (r != CUDA_SUCCESS) { fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r); exit(1); }
         CHECK(cudaFuncSetAttribute(read_tma_boxes<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
         for (int boxes : {1, 2})
@@ -268,10 +277,8 @@ int main()
         CHECK(cudaFuncSetAttribute(read_tma_boxes<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 210 * 1024));
         for (int depth : {2, 4})
         {
-            cuuint32_t box[3] = {64, 128, (cuuint32_t)depth}, elementStrides[3] = {1, 1, 1};
-            CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, buffer, dims, strides, box, elementStrides,
-                                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+            const cuuint32_t box[3] = {64, 128, (cuuint32_t)depth};
+            const CUresult r = encode_map(&map, 3, buffer, dims, strides, box);
             if (r != CUDA_SUCCESS) { printf("3-D map with k-tiles outermost, depth %d: cuTensorMapEncodeTiled refused it (%d)\n", depth, (int)r); continue; }
             for (int stages : {3, 6})
             {
@@ -283,7 +290,8 @@ int main()
         }
     }
 
-    // Launch by launch over 8 buffers of 235 MB (7.5 · 2^25 bytes: a layer's gate-up experts, 234.9 MB), as a step reads.
+    // Launch by launch over 8 buffers of 234.9 MB (7 · 2^25 bytes: one expert's gate and up rows, 2 · 14,336 · 4,096 bf16),
+    // so that each launch's start and tail count.
     const long long layer = 234881024LL;
     for (int variant = 0; variant < 2; variant++)
     {

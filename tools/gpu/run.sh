@@ -74,7 +74,7 @@ if has paths; then
 fi
 if has read; then
   log "how fast the card reads (tools/gpu/read_bandwidth.cu): loads, bulk TMA, tensor-map boxes, against the copy"
-  nvcc -O3 -arch=sm_90a -o /tmp/read_bandwidth tools/gpu/read_bandwidth.cu -L/usr/local/cuda/lib64/stubs -lcuda 2>&1 | grep -v "^$" \
+  nvcc -O3 -arch=sm_90a -o /tmp/read_bandwidth tools/gpu/read_bandwidth.cu -L/usr/local/cuda/lib64/stubs -lcuda 2>&1 \
     && timeout 120 /tmp/read_bandwidth
 fi
 if has ab; then
