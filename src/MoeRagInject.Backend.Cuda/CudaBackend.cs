@@ -665,14 +665,12 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
                 using (Op("  moe: gate_up GEMM"))
-                    LaunchTma(gateUp: true, wide: false, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
-                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
-                        s.Offsets, e, i, h, s.MoeAct, 0UL, s_tmaFitRows);
+                    LaunchTma(gateUp: true, wide: false, nGateUp, (slots + nGateUp - 1) / nGateUp + touched, MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128),
+                        (s.MoeInputs.Pointer, s.MoeSlots), s.Offsets, e, i, h, s.MoeAct.Pointer, 0UL);
                 var wide = TmaDownWide(n, h);
                 using (Op("  moe: down GEMM"))
-                    LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)),
-                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
-                        s.Offsets, e, h, i, 0UL, s.MoeOut, s_tmaFitRows);
+                    LaunchTma(gateUp: false, wide, n, (slots + n - 1) / n + touched, MapOf(stack.Down.Pointer, (long)h * e, i, 128),
+                        (s.MoeAct.Pointer, s.MoeRows), s.Offsets, e, h, i, 0UL, s.MoeOut.Pointer);
                 using (Op("  moe: combine"))
                     LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
                 break;
@@ -761,17 +759,49 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>The down product's moe_tma form, forced (gemm-bench): true wide, false narrow, null the default.</summary>
     internal bool? TmaDownWideForced { get; set; }
 
-    /// <summary>A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound.</summary>
-    private void LaunchTma(bool gateUp, bool wide, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)
+    /// <summary>
+    /// A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound (<paramref name="rowTilesBound"/>
+    /// row tiles times the feature tiles of <paramref name="features"/>), against the group rows of a bf16 [count, k] buffer.
+    /// Where a pair kernel fits (<see cref="TmaPairs"/>), blocks in clusters of two share the copies of the group rows.
+    /// </summary>
+    private void LaunchTma(bool gateUp, bool wide, int n, int rowTilesBound, TensorMap weights, (ulong Address, long Count) groupRows,
+        DeviceBuffer offsets, int experts, int features, int k, ulong act, ulong y)
     {
-        var name = $"moe_tma_{(gateUp ? "gate_up" : wide ? "down_wide" : "down")}_n{n}";
+        var tileFeatures = wide ? 256 : 128;
+        var pair = TmaPairs && features % (2 * tileFeatures) == 0 && (gateUp || wide || n == 16);
+        var name = $"moe_tma_{(gateUp ? "gate_up" : wide ? "down_wide" : "down")}{(pair ? "_pair" : "")}_n{n}";
         // TmaWeightRows and TmaStages in gemm_wgmma.cu: 256 or 128 weight rows a stage, as many stages as fit in 200 KB (≤ 8).
         var stageBytes = ((gateUp || wide ? 256 : 128) + n) * 128;
         var stages = Math.Min(8, 200 * 1024 / stageBytes);
         var shared = (uint)(stages * (stageBytes + 16));
-        if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
-        Launch3(name, ((uint)Math.Min(Device.MultiprocessorCount, tilesBound), 1, 1), 384, shared, args);
+        var kernel = _kernels[name];
+        if (_sharedRaised.Add(name)) kernel.SetMaxDynamicSharedMemory((int)shared);
+        var tiles = rowTilesBound * (features / tileFeatures);
+        var blocks = pair
+            ? 2 * Math.Min(MaxActiveClusters(kernel, 384, shared), (tiles + 1) / 2)
+            : Math.Min(Device.MultiprocessorCount, tiles);
+        Launch3(name, ((uint)blocks, 1, 1), 384, shared, weights, MapOf(groupRows.Address, groupRows.Count, k, pair ? n / 2 : n), offsets,
+            experts, features, k, act, y, s_tmaFitRows);
     }
+
+    private readonly Dictionary<string, int> _maxActiveClusters = [];
+
+    /// <summary>The clusters each pair kernel launched so far runs at once (its persistent grid's size, halved).</summary>
+    internal IReadOnlyDictionary<string, int> TmaPairClusters => _maxActiveClusters;
+
+    /// <summary>How many clusters of a kernel (its cluster shape compiled in) the card runs at once: a persistent grid's size.</summary>
+    private int MaxActiveClusters(CudaKernel kernel, uint block, uint shared)
+    {
+        if (!_maxActiveClusters.TryGetValue(kernel.Name, out var clusters))
+            _maxActiveClusters[kernel.Name] = clusters = kernel.MaxActiveClusters(Device.MultiprocessorCount, block, shared, Stream);
+        return clusters;
+    }
+
+    /// <summary>
+    /// Whether the moe_tma GEMMs run as pairs of blocks that share their copies of the group rows (MOE_RAG_INJECT_TMA_PAIR=1;
+    /// gemm-bench sets it to compare).
+    /// </summary>
+    internal bool TmaPairs { get; set; } = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_PAIR") is "1";
 
     private readonly Dictionary<(ulong, long, long, int), TensorMap> _tensorMaps = [];
 

@@ -32,7 +32,8 @@ public sealed class OpChecks : IDisposable
 
     /// <param name="report">Told of each result as it is measured.</param>
     /// <param name="hiddenSize">The check model's hidden size (the row ops' width); its other dimensions stay small.</param>
-    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null, int hiddenSize = 256)
+    /// <param name="intermediateSize">The experts' intermediate size.</param>
+    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null, int hiddenSize = 256, int intermediateSize = 384)
     {
         _report = report;
         _device = device;
@@ -40,7 +41,7 @@ public sealed class OpChecks : IDisposable
         _rng = new Random(seed);
         _config = new ModelConfig
         {
-            ModelType = "mixtral", VocabSize = 512, HiddenSize = hiddenSize, IntermediateSize = 384, NumLayers = 2, NumHeads = 8, NumKvHeads = 2,
+            ModelType = "mixtral", VocabSize = 512, HiddenSize = hiddenSize, IntermediateSize = intermediateSize, NumLayers = 2, NumHeads = 8, NumKvHeads = 2,
             HeadDim = 32, NumExperts = 8, NumExpertsPerToken = 2, MaxPositionEmbeddings = 512, RmsNormEps = 1e-5f, RopeTheta = 10000f,
         };
         _checkpoint = Checkpoint.CreateDummy(_config, DType.BF16, (ulong)seed);
@@ -60,6 +61,13 @@ public sealed class OpChecks : IDisposable
         // The row ops again at Mixtral's width, where each thread of a norm block holds several chunks of its row.
         using (var wide = new OpChecks(_device, _seed + 1, _report, hiddenSize: 4096))
             _results.AddRange(wide.RunRowOps());
+        // Experts whose gate-up and down products both have an even count of TMA feature tiles (512 = 2 × 256): on Hopper
+        // they can run as pairs of blocks sharing the group rows' copies (MOE_RAG_INJECT_TMA_PAIR), which 256 × 384 cannot.
+        using (var even = new OpChecks(_device, _seed + 2, _report, hiddenSize: 512, intermediateSize: 512))
+        {
+            even.Check("moe", [8, 16, 40, 100, 200], even.MoeCase);
+            _results.AddRange(even._results);
+        }
         return _results;
     }
 
@@ -366,7 +374,7 @@ public sealed class OpChecks : IDisposable
         _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, pair.Device, rows);
         _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
         _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
-        Compare($"moe rows={rows}", y, rows, 1e-4);
+        Compare(_config.HiddenSize == 256 ? $"moe rows={rows}" : $"moe {_config.HiddenSize}x{_config.IntermediateSize} rows={rows}", y, rows, 1e-4);
     }
 
     /// <summary>The first rows of a 700-row batch through linear (QKV and down-sized) and MoE, then the same rows as 1 and 5 rows.</summary>
