@@ -576,14 +576,21 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     internal MoePath PathFor(int rows, int topK)
     {
-        // Batch-invariant at every row count: a row's sums are one fixed order whichever tile it lands in (checked bit for bit).
-        if (Deterministic) return WgmmaAvailable ? MoePath.Wgmma : MoePath.Tensor;
+        // Batch-invariant at every row count: a row's sums are one fixed order whichever tile it lands in (checked bit for bit),
+        // the down product's k cut in shares by the shape alone (TmaDownSplits; DownSplits for the wgmma kernels).
+        if (Deterministic) return !WgmmaAvailable ? MoePath.Tensor : s_deterministicWgmma ? MoePath.Wgmma : MoePath.Tma;
         if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
         if (rows * topK <= SmallSlots) return MoePath.Small;
         if (rows <= WgmmaMaxRows && WgmmaAvailable) return MoePath.Wgmma;
         if (rows <= TmaMaxRows && WgmmaAvailable) return MoePath.Tma;
         return rows <= TensorMaxRows ? MoePath.Tensor : MoePath.Cublas;
     }
+
+    /// <summary>
+    /// --deterministic's experts through the cp.async wgmma kernels (MOE_RAG_INJECT_DETERMINISTIC_MOE=wgmma, to measure
+    /// against) instead of the TMA-fed ones.
+    /// </summary>
+    private static readonly bool s_deterministicWgmma = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_DETERMINISTIC_MOE") is "wgmma";
 
     public void MoeExperts(DeviceTensor x, ExpertStack experts, int topK, IStepBuffers step, DeviceTensor output, int rows)
     {
@@ -665,14 +672,20 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
                 using (Op("  moe: gate_up GEMM"))
-                    LaunchTma(gateUp: true, wide: false, nGateUp, (slots + nGateUp - 1) / nGateUp + touched, MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128),
-                        (s.MoeInputs.Pointer, s.MoeSlots), s.Offsets, e, i, h, s.MoeAct.Pointer, 0UL);
+                    LaunchTma(gateUp: true, wide: false, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
+                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
+                        s.Offsets, e, i, h, s.MoeAct, 0UL, s_tmaFitRows, 1, 0L);
                 var wide = TmaDownWide(n, h);
+                // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
+                var splits = TmaDownSplits(h, i);
+                var downOut = splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer;
+                var splitStride = (long)slots * h;
                 using (Op("  moe: down GEMM"))
-                    LaunchTma(gateUp: false, wide, n, (slots + n - 1) / n + touched, MapOf(stack.Down.Pointer, (long)h * e, i, 128),
-                        (s.MoeAct.Pointer, s.MoeRows), s.Offsets, e, h, i, 0UL, s.MoeOut.Pointer);
+                    LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)) * splits,
+                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
+                        s.Offsets, e, h, i, 0UL, downOut, s_tmaFitRows, splits, splitStride);
                 using (Op("  moe: combine"))
-                    LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
+                    LaunchCombine(s, downOut, delta, rows, topK, h, splits, splitStride);
                 break;
             }
             case MoePath.Dense:
@@ -759,49 +772,17 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>The down product's moe_tma form, forced (gemm-bench): true wide, false narrow, null the default.</summary>
     internal bool? TmaDownWideForced { get; set; }
 
-    /// <summary>
-    /// A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound (<paramref name="rowTilesBound"/>
-    /// row tiles times the feature tiles of <paramref name="features"/>), against the group rows of a bf16 [count, k] buffer.
-    /// Where a pair kernel fits (<see cref="TmaPairs"/>), blocks in clusters of two share the copies of the group rows.
-    /// </summary>
-    private void LaunchTma(bool gateUp, bool wide, int n, int rowTilesBound, TensorMap weights, (ulong Address, long Count) groupRows,
-        DeviceBuffer offsets, int experts, int features, int k, ulong act, ulong y)
+    /// <summary>A persistent moe_tma launch: a block a multiprocessor, at most one a tile of the bound.</summary>
+    private void LaunchTma(bool gateUp, bool wide, int n, int tilesBound, params ReadOnlySpan<KernelArg> args)
     {
-        var tileFeatures = wide ? 256 : 128;
-        var pair = TmaPairs && features % (2 * tileFeatures) == 0 && (gateUp || wide || n == 16);
-        var name = $"moe_tma_{(gateUp ? "gate_up" : wide ? "down_wide" : "down")}{(pair ? "_pair" : "")}_n{n}";
+        var name = $"moe_tma_{(gateUp ? "gate_up" : wide ? "down_wide" : "down")}_n{n}";
         // TmaWeightRows and TmaStages in gemm_wgmma.cu: 256 or 128 weight rows a stage, as many stages as fit in 200 KB (≤ 8).
         var stageBytes = ((gateUp || wide ? 256 : 128) + n) * 128;
         var stages = Math.Min(8, 200 * 1024 / stageBytes);
         var shared = (uint)(stages * (stageBytes + 16));
-        var kernel = _kernels[name];
-        if (_sharedRaised.Add(name)) kernel.SetMaxDynamicSharedMemory((int)shared);
-        var tiles = rowTilesBound * (features / tileFeatures);
-        var blocks = pair
-            ? 2 * Math.Min(MaxActiveClusters(kernel, 384, shared), (tiles + 1) / 2)
-            : Math.Min(Device.MultiprocessorCount, tiles);
-        Launch3(name, ((uint)blocks, 1, 1), 384, shared, weights, MapOf(groupRows.Address, groupRows.Count, k, pair ? n / 2 : n), offsets,
-            experts, features, k, act, y, s_tmaFitRows);
+        if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
+        Launch3(name, ((uint)Math.Min(Device.MultiprocessorCount, tilesBound), 1, 1), 384, shared, args);
     }
-
-    private readonly Dictionary<string, int> _maxActiveClusters = [];
-
-    /// <summary>The clusters each pair kernel launched so far runs at once (its persistent grid's size, halved).</summary>
-    internal IReadOnlyDictionary<string, int> TmaPairClusters => _maxActiveClusters;
-
-    /// <summary>How many clusters of a kernel (its cluster shape compiled in) the card runs at once: a persistent grid's size.</summary>
-    private int MaxActiveClusters(CudaKernel kernel, uint block, uint shared)
-    {
-        if (!_maxActiveClusters.TryGetValue(kernel.Name, out var clusters))
-            _maxActiveClusters[kernel.Name] = clusters = kernel.MaxActiveClusters(Device.MultiprocessorCount, block, shared, Stream);
-        return clusters;
-    }
-
-    /// <summary>
-    /// Whether the moe_tma GEMMs run as pairs of blocks that share their copies of the group rows (MOE_RAG_INJECT_TMA_PAIR=1;
-    /// gemm-bench sets it to compare).
-    /// </summary>
-    internal bool TmaPairs { get; set; } = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_PAIR") is "1";
 
     private readonly Dictionary<(ulong, long, long, int), TensorMap> _tensorMaps = [];
 
@@ -825,13 +806,22 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     private static int WgmmaRows(int rowsPerGroup) => rowsPerGroup <= 4 ? 16 : rowsPerGroup <= 8 ? 32 : rowsPerGroup <= 32 ? 64 : 128;
 
     /// <summary>
-    /// Shares of k the wgmma down GEMM splits into: 1 by default; under --deterministic, where the experts take the wgmma
-    /// kernel even for one row, 3 (at most as many as MoeGateUp holds: splits · hidden ≤ 2 · intermediate). One row's two
-    /// experts then make 2 · 64 feature tiles · 3 = 384 blocks for Mixtral, one wave at three 16-row-tile blocks a
+    /// Shares of k the wgmma down GEMM splits into: 1 by default; under --deterministic with
+    /// MOE_RAG_INJECT_DETERMINISTIC_MOE=wgmma, where the experts take the wgmma kernel even for one row, 3 (at most as many
+    /// as MoeGateUp holds: splits · hidden ≤ 2 · intermediate). One row's two experts then make 2 · 64 feature tiles · 3 = 384 blocks for Mixtral, one wave at three 16-row-tile blocks a
     /// multiprocessor, where unsplit they leave each multiprocessor one long stream. It depends on the shape alone, so each
     /// row is summed the same way at every batch size.
     /// </summary>
     private int DownSplits(int hidden, int intermediate) => Deterministic ? Math.Clamp(2 * intermediate / hidden, 1, 3) : 1;
+
+    /// <summary>
+    /// Shares of k the moe_tma down GEMM splits into: 1 by default; under --deterministic, where one row's two experts would
+    /// otherwise give the persistent grid 2 · hidden / 128 tiles (64 for Mixtral: half an H200's multiprocessors idle), as
+    /// many as keep those tiles within one wave (2 for Mixtral on an H200: 128 tiles), at most 3 and at most as many as
+    /// MoeGateUp holds. It depends on the shape and the card alone, so each row is summed the same way at every batch size.
+    /// </summary>
+    private int TmaDownSplits(int hidden, int intermediate) =>
+        Deterministic ? Math.Clamp(Device.MultiprocessorCount / (2 * hidden / 128), 1, Math.Clamp(2 * intermediate / hidden, 1, 3)) : 1;
 
     /// <summary>
     /// --deterministic's k split for a wgmma projection of <paramref name="n"/> outputs: as many as fill one wave of three

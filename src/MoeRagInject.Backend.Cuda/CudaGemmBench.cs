@@ -115,11 +115,6 @@ public static class CudaGemmBench
                 {
                     backend.MoePathForced = CudaBackend.MoePath.Tma;
                     Moe("tma (chosen N)");
-                    var pairs = backend.TmaPairs;
-                    backend.TmaPairs = !pairs;
-                    Moe(pairs ? "tma (chosen N) single" : "tma (chosen N) pairs");
-                    backend.TmaPairs = pairs;
-                    report(Line($"       clusters of two a pair kernel runs at once: {string.Join(", ", backend.TmaPairClusters.Select(c => $"{c.Key} {c.Value}"))}"));
                     foreach (var n in new[] { 16, 32, 64, 96, 128, 256 })
                     {
                         if (n > 4 * Math.Max(32, rows * k / config.NumExperts)) continue;  // mostly padding

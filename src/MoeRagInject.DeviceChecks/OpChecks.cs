@@ -61,12 +61,12 @@ public sealed class OpChecks : IDisposable
         // The row ops again at Mixtral's width, where each thread of a norm block holds several chunks of its row.
         using (var wide = new OpChecks(_device, _seed + 1, _report, hiddenSize: 4096))
             _results.AddRange(wide.RunRowOps());
-        // Experts whose gate-up and down products both have an even count of TMA feature tiles (512 = 2 × 256): on Hopper
-        // they can run as pairs of blocks sharing the group rows' copies (MOE_RAG_INJECT_TMA_PAIR), which 256 × 384 cannot.
-        using (var even = new OpChecks(_device, _seed + 2, _report, hiddenSize: 512, intermediateSize: 512))
+        // Experts of 512 × 512: on Hopper the TMA kernels then walk several feature tiles of every row tile in both products
+        // (4 of gate-up, 2 of the wide down), where 256 × 384 has 3 and 1.
+        using (var square = new OpChecks(_device, _seed + 2, _report, hiddenSize: 512, intermediateSize: 512))
         {
-            even.Check("moe", [8, 16, 40, 100, 200], even.MoeCase);
-            _results.AddRange(even._results);
+            square.Check("moe", [8, 16, 40, 100, 200], square.MoeCase);
+            _results.AddRange(square._results);
         }
         return _results;
     }
@@ -374,7 +374,7 @@ public sealed class OpChecks : IDisposable
         _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, pair.Device, rows);
         _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
         _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
-        Compare(_config.HiddenSize == 256 ? $"moe rows={rows}" : $"moe {_config.HiddenSize}x{_config.IntermediateSize} rows={rows}", y, rows, 1e-4);
+        Compare(_config.IntermediateSize == 384 ? $"moe rows={rows}" : $"moe rows={rows}, intermediate {_config.IntermediateSize}", y, rows, 1e-4);
     }
 
     /// <summary>The first rows of a 700-row batch through linear (QKV and down-sized) and MoE, then the same rows as 1 and 5 rows.</summary>

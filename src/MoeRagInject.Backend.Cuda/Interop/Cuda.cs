@@ -438,23 +438,6 @@ internal sealed unsafe class CudaKernel
         CudaCheck.Driver(Driver.cuFuncSetAttribute(Function, CUfunctionAttribute.MaxDynamicSharedSizeBytes, bytes));
 
     /// <summary>
-    /// How many clusters of this kernel (cluster shape compiled in with <c>__cluster_dims__</c>) fit on the card at once
-    /// with blocks of <paramref name="block"/> threads and <paramref name="sharedBytes"/> of dynamic shared memory.
-    /// </summary>
-    public int MaxActiveClusters(int multiprocessors, uint block, uint sharedBytes, CudaStream stream)
-    {
-        var config = new CUlaunchConfig
-        {
-            GridDimX = (uint)(multiprocessors & ~1), GridDimY = 1, GridDimZ = 1, BlockDimX = block, BlockDimY = 1, BlockDimZ = 1,
-            SharedMemBytes = sharedBytes, Stream = stream.Handle,
-        };
-        int clusters;
-        CudaCheck.Driver(Driver.cuOccupancyMaxActiveClusters(&clusters, Function, &config));
-        if (clusters < 1) throw new InvalidOperationException($"{Name}: no cluster of it fits on the card (cuOccupancyMaxActiveClusters gave {clusters})");
-        return clusters;
-    }
-
-    /// <summary>
     /// Enqueues the kernel. Each argument must have exactly the size of the kernel's parameter: device pointers as
     /// <see cref="ulong"/> or <see cref="DeviceBuffer"/>, C int as int, and so on. Allocates nothing.
     /// </summary>

@@ -129,7 +129,6 @@ internal static unsafe partial class Driver
         uint blockDimX, uint blockDimY, uint blockDimZ, uint sharedMemBytes, nint hStream, void** kernelParams, void** extra);
 
     [LibraryImport(Lib)] internal static partial CUresult cuLaunchKernelEx(CUlaunchConfig* config, nint f, void** kernelParams, void** extra);
-    [LibraryImport(Lib)] internal static partial CUresult cuOccupancyMaxActiveClusters(int* numClusters, nint func, CUlaunchConfig* config);
 
     // CUtensorMap (128 bytes, 64-aligned) of a tiled region, for the tensor-memory-access copies (compute capability 9.0+).
     // The enum parameters are ints here: data type 9 = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, interleave 0 = NONE, swizzle

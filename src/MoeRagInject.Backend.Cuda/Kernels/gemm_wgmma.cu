@@ -321,35 +321,6 @@ __device__ __forceinline__ void tma_load(unsigned destination, const TensorMap* 
                  ::"r"(destination), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(barrier) : "memory");
 }
 
-// The box of the 2-D map at (column c0, row c1) into shared memory at the same offset in every block of the cluster in
-// ctaMask; the bytes complete on the barrier at the same offset in each of them.
-__device__ __forceinline__ void tma_load_multicast(unsigned destination, const TensorMap* map, int c0, int c1, unsigned barrier,
-    unsigned short ctaMask)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n"
-                 ::"r"(destination), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(barrier), "h"(ctaMask) : "memory");
-}
-
-// One arrival on the barrier at this shared-memory offset in block `cta` of the cluster (this block's own included).
-__device__ __forceinline__ void barrier_arrive_in(unsigned barrier, unsigned cta)
-{
-    asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n"
-                 ::"r"(barrier), "r"(cta) : "memory");
-}
-
-__device__ __forceinline__ unsigned cluster_rank()
-{
-    unsigned rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-    return rank;
-}
-
-// Every thread of every block of the cluster: what each wrote to shared memory before is seen by all after.
-__device__ __forceinline__ void cluster_sync()
-{
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 // Weight rows a stage: two boxes of 128 (gate-up: 128 features' gate and up rows; wide down: 256 features' rows), or
 // one (128 down rows). Stages: as many as fit in 200 KB, at most 8.
 template <bool TWO_BOXES>
@@ -373,24 +344,13 @@ __device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int 
     }
 }
 
-// A multiplying warp hands a stage back to the copier of every block of the cluster, since each of them copies a share
-// of the stage's group rows into this block.
-template <int CLUSTER>
-__device__ __forceinline__ void release_stage(unsigned empty)
-{
-    if (CLUSTER == 1) barrier_arrive(empty);
-    else
-        for (int cta = 0; cta < CLUSTER; cta++) barrier_arrive_in(empty, (unsigned)cta);
-}
-
-template <int N, bool GATE_UP, bool WIDE, int CLUSTER>
+template <int N, bool GATE_UP, bool WIDE>
 __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const TensorMap* rows, const int* __restrict__ offsets,
-    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y, int fitRows)
+    int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y, int fitRows, int splits, long long splitStride)
 {
     constexpr bool TWO = GATE_UP || WIDE;  // two boxes of weight rows a stage, two accumulator sets a warpgroup
     static_assert(!(GATE_UP && WIDE), "the wide form is a down product");
     static_assert(!TWO || N <= 128, "two accumulator sets");
-    static_assert(N % (8 * CLUSTER) == 0, "each block's share of the group rows whole 8-row swizzle atoms");
     constexpr int STAGES = TmaStages<N, TWO>::value, W = TmaWeightRows<TWO>::value, FEATURES = WIDE ? 256 : 128;
     constexpr unsigned STAGE_BYTES = (W + N) * GEMM_BK * 2;
     extern __shared__ __align__(1024) unsigned char tma_shared[];
@@ -399,53 +359,45 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     const unsigned full0 = shared_address(tileA + STAGES * N * GEMM_BK), empty0 = full0 + 8 * STAGES;
 
     const int tid = threadIdx.x, role = tid >> 7;
-    const int rank = CLUSTER > 1 ? (int)cluster_rank() : 0;
     int rowTiles = 0;
     for (int g = 0; g < groups; g++) rowTiles += (offsets[g + 1] - offsets[g] + N - 1) / N;
-    // A unit: one row tile against CLUSTER neighbouring feature tiles, one to each block of the cluster.
-    const int units = rowTiles * (n / FEATURES / CLUSTER), kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
-    const int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
+    // A unit: a row tile, a feature tile and a share of k (splits outermost; down products only, the shares' sums at
+    // splitStride floats apart for moe_combine_grouped to add in order).
+    const int tiles = rowTiles * (n / FEATURES), units = tiles * splits, kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
     if (tid == 0)
     {
         for (int s = 0; s < STAGES; s++)
         {
             barrier_init(full0 + 8 * s, 1);
-            barrier_init(empty0 + 8 * s, 8 * CLUSTER);  // every multiplying warp of the cluster: the stage's rows land in all
+            barrier_init(empty0 + 8 * s, 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if (CLUSTER > 1) cluster_sync();  // no copy lands in a block whose barriers are not yet made
-    else __syncthreads();
+    __syncthreads();
 
     if (role == 0)
     {
-        if (tid == 0)
+        if (tid != 0) return;
+        int stage = 0;
+        unsigned phase = 0;
+        for (int unit = blockIdx.x; unit < units; unit += gridDim.x)
         {
-            int stage = 0;
-            unsigned phase = 0;
-            for (int unit = first; unit < units; unit += step)
+            const int t = unit % tiles, split = unit / tiles;
+            int group = 0, rowBegin = 0, rowEnd = 0;
+            tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+            const int weightRow = group * expertRows + (t / rowTiles) * FEATURES;
+            for (int kt = split * kTiles / splits; kt < (split + 1) * kTiles / splits; kt++)
             {
-                int group = 0, rowBegin = 0, rowEnd = 0;
-                tma_locate<N>(offsets, groups, unit % rowTiles, group, rowBegin, rowEnd);
-                const int weightRow = group * expertRows + ((unit / rowTiles) * CLUSTER + rank) * FEATURES;
-                for (int kt = 0; kt < kTiles; kt++)
-                {
-                    barrier_wait(empty0 + 8 * stage, phase ^ 1);
-                    const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * W * GEMM_BK);
-                    barrier_expect(full, STAGE_BYTES);  // the weights, and all N group rows: this block's share and the others'
-                    tma_load(sw, weights, kt * GEMM_BK, weightRow, full);
-                    // The second box: the same features' up rows (gate-up), or the next 128 features' rows (wide down).
-                    if (TWO) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + (GATE_UP ? n : 128), full);
-                    // The group rows: copied once for the whole cluster, each block its 1/CLUSTER of them into every block.
-                    const unsigned sa = shared_address(tileA + stage * N * GEMM_BK + rank * (N / CLUSTER) * GEMM_BK);
-                    if (CLUSTER > 1) tma_load_multicast(sa, rows, kt * GEMM_BK, rowBegin + rank * (N / CLUSTER), full, (1 << CLUSTER) - 1);
-                    else tma_load(sa, rows, kt * GEMM_BK, rowBegin, full);
-                    if (++stage == STAGES) { stage = 0; phase ^= 1; }
-                }
+                barrier_wait(empty0 + 8 * stage, phase ^ 1);
+                const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * W * GEMM_BK);
+                barrier_expect(full, STAGE_BYTES);
+                tma_load(sw, weights, kt * GEMM_BK, weightRow, full);
+                // The second box: the same features' up rows (gate-up), or the next 128 features' rows (wide down).
+                if (TWO) tma_load(sw + 128 * 128, weights, kt * GEMM_BK, weightRow + (GATE_UP ? n : 128), full);
+                tma_load(shared_address(tileA + stage * N * GEMM_BK), rows, kt * GEMM_BK, rowBegin, full);
+                if (++stage == STAGES) { stage = 0; phase ^= 1; }
             }
         }
-        __syncwarp();
-        if (CLUSTER > 1) cluster_sync();  // the others' last copies into this block and arrivals on its barriers are done
         return;
     }
 
@@ -453,11 +405,13 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
     int stage = 0;
     unsigned phase = 0;
     float d[N / 2], u[TWO ? N / 2 : 1];
-    for (int unit = first; unit < units; unit += step)
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x)
     {
+        const int t = unit % tiles, split = unit / tiles;
+        float* ys = y + split * splitStride;
         int group = 0, rowBegin = 0, rowEnd = 0;
-        tma_locate<N>(offsets, groups, unit % rowTiles, group, rowBegin, rowEnd);
-        const int featureTile = (unit / rowTiles) * CLUSTER + rank;
+        tma_locate<N>(offsets, groups, t % rowTiles, group, rowBegin, rowEnd);
+        const int featureTile = t / rowTiles;
         // The tile's group rows (fitRows: the multiplications narrowed to them; otherwise all N, padding included).
         const int live = fitRows ? min(N, rowEnd - rowBegin) : N;
 #pragma unroll
@@ -466,7 +420,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
 #pragma unroll
             for (int i = 0; i < N / 2; i++) u[i] = 0.f;
         int previous = -1;
-        for (int kt = 0; kt < kTiles; kt++)
+        for (int kt = split * kTiles / splits; kt < (split + 1) * kTiles / splits; kt++)
         {
             barrier_wait(full0 + 8 * stage, phase);
             // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups; wide down: 64 of each box).
@@ -483,12 +437,12 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
             }
             wgmma_commit();
             wgmma_wait<1>();  // the products of the previous stage are done: hand it back
-            if (previous >= 0 && lane == 0) release_stage<CLUSTER>(empty0 + 8 * previous);
+            if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
             previous = stage;
             if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
         wgmma_wait<0>();
-        if (previous >= 0 && lane == 0) release_stage<CLUSTER>(empty0 + 8 * previous);
+        if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
 
         // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2q + e; 4i + 2 + e:
         // weight row 16·warp + g + 8 (u: the same rows of the second box).
@@ -507,41 +461,31 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const Ten
                 }
                 else
                 {
-                    y[(long long)p * n + feature] = d[4 * i + e];
-                    y[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
+                    ys[(long long)p * n + feature] = d[4 * i + e];
+                    ys[(long long)p * n + feature + 8] = d[4 * i + 2 + e];
                     if (WIDE)
                     {
-                        y[(long long)p * n + feature + 128] = u[4 * i + e];
-                        y[(long long)p * n + feature + 136] = u[4 * i + 2 + e];
+                        ys[(long long)p * n + feature + 128] = u[4 * i + e];
+                        ys[(long long)p * n + feature + 136] = u[4 * i + 2 + e];
                     }
                 }
             }
     }
-    if (CLUSTER > 1) cluster_sync();  // this block's arrivals on the others' barriers are done before any of them ends
 }
 
-#define MOE_TMA_BODY(N, GATE_UP, WIDE, CLUSTER) moe_tma_impl<N, GATE_UP, WIDE, CLUSTER>(&weights, &rows, offsets, groups, n, k, act, y, fitRows);
-#define MOE_TMA_PAIR_DIMS __cluster_dims__(2, 1, 1)
+#define MOE_TMA_BODY(N, GATE_UP, WIDE) moe_tma_impl<N, GATE_UP, WIDE>(&weights, &rows, offsets, groups, n, k, act, y, fitRows, splits, splitStride);
 #else
-#define MOE_TMA_BODY(N, GATE_UP, WIDE, CLUSTER) __trap();
-#define MOE_TMA_PAIR_DIMS
+#define MOE_TMA_BODY(N, GATE_UP, WIDE) __trap();
 #endif
 
 // moe_tma_gate_up_n<N> (N ≤ 128), moe_tma_down_n<N>, moe_tma_down_wide_n<N> (N ≤ 128, n a multiple of 256): grid: a
 // block a multiprocessor (at most the tiles' bound); block: 384; dynamic shared memory: TmaStages · (weight rows + N) ·
-// 128 + 16 · TmaStages bytes. fitRows ≠ 0: each tile's products narrowed to its group rows (wgmma_step_live).
-// The _pair_ kernels run in clusters of two blocks that take neighbouring feature tiles of the same row tile, so that
-// each group row is read from L2 once for both (each block copies half of the rows into both blocks' shared memory):
-// grid even, n a multiple of twice the tile's features, `rows` a map with boxes of N / 2 rows.
+// 128 + 16 · TmaStages bytes. fitRows ≠ 0: each tile's products narrowed to its group rows (wgmma_step_live). splits > 1
+// (down only): k cut into that many shares of whole k-tiles, each share's sums at y + share · splitStride.
 #define MOE_TMA_KERNEL(NAME, N, GATE_UP, WIDE) \
     extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_##NAME##_n##N(const __grid_constant__ TensorMap weights, \
         const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, \
-        float* __restrict__ y, int fitRows) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE, 1) }
-#define MOE_TMA_PAIR_KERNEL(NAME, N, GATE_UP, WIDE) \
-    extern "C" __global__ void MOE_TMA_PAIR_DIMS __launch_bounds__(384, 1) moe_tma_##NAME##_pair_n##N( \
-        const __grid_constant__ TensorMap weights, const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, \
-        int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y, int fitRows) \
-    { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE, 2) }
+        float* __restrict__ y, int fitRows, int splits, long long splitStride) { kernel_prologue(); MOE_TMA_BODY(N, GATE_UP, WIDE) }
 
 MOE_TMA_KERNEL(gate_up, 16, true, false) MOE_TMA_KERNEL(gate_up, 32, true, false) MOE_TMA_KERNEL(gate_up, 64, true, false)
 MOE_TMA_KERNEL(gate_up, 96, true, false) MOE_TMA_KERNEL(gate_up, 128, true, false)
@@ -549,8 +493,3 @@ MOE_TMA_KERNEL(down, 16, false, false) MOE_TMA_KERNEL(down, 32, false, false) MO
 MOE_TMA_KERNEL(down, 96, false, false) MOE_TMA_KERNEL(down, 128, false, false) MOE_TMA_KERNEL(down, 256, false, false)
 MOE_TMA_KERNEL(down_wide, 32, false, true) MOE_TMA_KERNEL(down_wide, 64, false, true) MOE_TMA_KERNEL(down_wide, 96, false, true)
 MOE_TMA_KERNEL(down_wide, 128, false, true)
-MOE_TMA_PAIR_KERNEL(gate_up, 16, true, false) MOE_TMA_PAIR_KERNEL(gate_up, 32, true, false)
-MOE_TMA_PAIR_KERNEL(gate_up, 64, true, false) MOE_TMA_PAIR_KERNEL(gate_up, 96, true, false)
-MOE_TMA_PAIR_KERNEL(gate_up, 128, true, false) MOE_TMA_PAIR_KERNEL(down, 16, false, false)
-MOE_TMA_PAIR_KERNEL(down_wide, 32, false, true) MOE_TMA_PAIR_KERNEL(down_wide, 64, false, true)
-MOE_TMA_PAIR_KERNEL(down_wide, 96, false, true) MOE_TMA_PAIR_KERNEL(down_wide, 128, false, true)
