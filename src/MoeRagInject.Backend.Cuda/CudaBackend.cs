@@ -577,7 +577,7 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     internal MoePath PathFor(int rows, int topK)
     {
         // Batch-invariant at every row count: a row's sums are one fixed order whichever tile it lands in (checked bit for bit),
-        // the down product's k cut in shares by the shape alone (TmaDownSplits; DownSplits for the wgmma kernels).
+        // the down product's k cut in shares by the shape and the card alone (TmaDownSplits; DownSplits for the wgmma kernels).
         if (Deterministic) return !WgmmaAvailable ? MoePath.Tensor : s_deterministicWgmma ? MoePath.Wgmma : MoePath.Tma;
         if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
         if (rows * topK <= SmallSlots) return MoePath.Small;
