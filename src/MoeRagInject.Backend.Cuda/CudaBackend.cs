@@ -648,10 +648,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                 var n = WgmmaNForced ?? WgmmaRows((slots + touched - 1) / touched);
                 var tile = new WgmmaTile(n, n >= 64 ? WgmmaMForced ?? 128 : 64);
                 var rowTiles = (uint)((slots + n - 1) / n + Math.Min(e, slots));
-                // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
                 var splits = DownSplits(h, i);
-                var downOut = splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer;
-                var splitStride = (long)slots * h;
+                var (downOut, splitStride) = DownOutput(s, splits, slots, h);
                 using (Op("  moe: gate_up GEMM"))
                     LaunchWgmma(tile, gateUp: true, (rowTiles, tile.FeatureTiles(gateUp: true, i), 1),
                         input.Pointer, stack.GateUp.Pointer, s.Offsets.Pointer, s.Sorted.Pointer, e, 0, topK, i, h, s.MoeAct.Pointer, 0UL, 0L);
@@ -676,10 +674,8 @@ public sealed class CudaBackend : IBackend, IGraphCapable
                         MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
                         s.Offsets, e, i, h, s.MoeAct, 0UL, s_tmaFitRows, 1, 0L);
                 var wide = TmaDownWide(n, h);
-                // Down products split over k under --deterministic (their partials in MoeGateUp, which this path leaves unused).
                 var splits = TmaDownSplits(h, i);
-                var downOut = splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer;
-                var splitStride = (long)slots * h;
+                var (downOut, splitStride) = DownOutput(s, splits, slots, h);
                 using (Op("  moe: down GEMM"))
                     LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)) * splits,
                         MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
@@ -807,21 +803,31 @@ public sealed class CudaBackend : IBackend, IGraphCapable
 
     /// <summary>
     /// Shares of k the wgmma down GEMM splits into: 1 by default; under --deterministic with
-    /// MOE_RAG_INJECT_DETERMINISTIC_MOE=wgmma, where the experts take the wgmma kernel even for one row, 3 (at most as many
-    /// as MoeGateUp holds: splits · hidden ≤ 2 · intermediate). One row's two experts then make 2 · 64 feature tiles · 3 = 384 blocks for Mixtral, one wave at three 16-row-tile blocks a
-    /// multiprocessor, where unsplit they leave each multiprocessor one long stream. It depends on the shape alone, so each
-    /// row is summed the same way at every batch size.
+    /// MOE_RAG_INJECT_DETERMINISTIC_MOE=wgmma, where the experts take the wgmma kernel even for one row, 3 (at most
+    /// <see cref="MaxDownSplits"/>). One row's two experts then make 2 · 64 feature tiles · 3 = 384 blocks for Mixtral, one
+    /// wave at three 16-row-tile blocks a multiprocessor, where unsplit they leave each multiprocessor one long stream. It
+    /// depends on the shape alone, so each row is summed the same way at every batch size.
     /// </summary>
-    private int DownSplits(int hidden, int intermediate) => Deterministic ? Math.Clamp(2 * intermediate / hidden, 1, 3) : 1;
+    private int DownSplits(int hidden, int intermediate) => Deterministic ? MaxDownSplits(hidden, intermediate) : 1;
+
+    /// <summary>At most 3 shares, and no more than MoeGateUp holds the partial sums of: splits · hidden ≤ 2 · intermediate.</summary>
+    private static int MaxDownSplits(int hidden, int intermediate) => Math.Clamp(2 * intermediate / hidden, 1, 3);
+
+    /// <summary>
+    /// Where a wgmma or TMA down product's sums go: MoeOut, or with k split in shares MoeGateUp (unused on those paths,
+    /// whose gate-up writes MoeAct directly), a share every slots · hidden floats, for moe_combine_grouped to add in order.
+    /// </summary>
+    private static (ulong Output, long SplitStride) DownOutput(CudaStepBuffers s, int splits, int slots, int hidden) =>
+        (splits > 1 ? s.MoeGateUp.Pointer : s.MoeOut.Pointer, (long)slots * hidden);
 
     /// <summary>
     /// Shares of k the moe_tma down GEMM splits into: 1 by default; under --deterministic, where one row's two experts would
     /// otherwise give the persistent grid 2 · hidden / 128 tiles (64 for Mixtral: half an H200's multiprocessors idle), as
-    /// many as keep those tiles within one wave (2 for Mixtral on an H200: 128 tiles), at most 3 and at most as many as
-    /// MoeGateUp holds. It depends on the shape and the card alone, so each row is summed the same way at every batch size.
+    /// many as keep those tiles within one wave (2 for Mixtral on an H200: 128 tiles), at most <see cref="MaxDownSplits"/>.
+    /// It depends on the shape and the card alone, so each row is summed the same way at every batch size.
     /// </summary>
     private int TmaDownSplits(int hidden, int intermediate) =>
-        Deterministic ? Math.Clamp(Device.MultiprocessorCount / (2 * hidden / 128), 1, Math.Clamp(2 * intermediate / hidden, 1, 3)) : 1;
+        Deterministic ? Math.Clamp(Device.MultiprocessorCount / (2 * hidden / 128), 1, MaxDownSplits(hidden, intermediate)) : 1;
 
     /// <summary>
     /// --deterministic's k split for a wgmma projection of <paramref name="n"/> outputs: as many as fill one wave of three

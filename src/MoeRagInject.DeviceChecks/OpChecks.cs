@@ -20,6 +20,7 @@ public sealed record CheckResult(string Group, string Name, bool Passed, double 
 public sealed class OpChecks : IDisposable
 {
     private const int Guard = 2;
+    private const int DefaultIntermediate = 384;
     private readonly IBackend _device;
     private readonly CpuBackend _cpu = new(Environment.ProcessorCount);
     private readonly ModelConfig _config;
@@ -33,7 +34,7 @@ public sealed class OpChecks : IDisposable
     /// <param name="report">Told of each result as it is measured.</param>
     /// <param name="hiddenSize">The check model's hidden size (the row ops' width); its other dimensions stay small.</param>
     /// <param name="intermediateSize">The experts' intermediate size.</param>
-    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null, int hiddenSize = 256, int intermediateSize = 384)
+    public OpChecks(IBackend device, int seed, Action<CheckResult>? report = null, int hiddenSize = 256, int intermediateSize = DefaultIntermediate)
     {
         _report = report;
         _device = device;
@@ -374,7 +375,7 @@ public sealed class OpChecks : IDisposable
         _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, pair.Device, rows);
         _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
         _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
-        Compare(_config.IntermediateSize == 384 ? $"moe rows={rows}" : $"moe rows={rows}, intermediate {_config.IntermediateSize}", y, rows, 1e-4);
+        Compare(_config.IntermediateSize == DefaultIntermediate ? $"moe rows={rows}" : $"moe rows={rows}, intermediate {_config.IntermediateSize}", y, rows, 1e-4);
     }
 
     /// <summary>The first rows of a 700-row batch through linear (QKV and down-sized) and MoE, then the same rows as 1 and 5 rows.</summary>
