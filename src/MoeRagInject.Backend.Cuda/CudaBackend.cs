@@ -380,15 +380,32 @@ public sealed class CudaBackend : IBackend, IGraphCapable
             // Prompt rows in the step: the flash-style kernel for every sequence of it. Not under --deterministic, where
             // every row takes the decode kernel below: a row then sums its keys the same way whether it is a prompt row, a
             // decode row beside a prompt's chunk, or one recomputed after preemption.
-            var rowTiles = Math.Max(1, 4 / group);
-            var perBlock = 16 * rowTiles;
-            var name = $"attention_tc_d{shape.HeadDim}";
-            var bytes = (uint)(4 * 64 * shape.HeadDim * 2);
-            if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
-            Launch3(name, ((uint)((rows + perBlock - 1) / perBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(32 * group * rowTiles), bytes,
-                T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
-                s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
-                _attentionGridOrder ? 0 : 1);
+            // Sequences with WgmmaAttentionMinRows rows or more take the warpgroup kernel where it fits; the rest (decode
+            // rows beside a prompt chunk, short chunks) the mma.sync kernel.
+            var wgmma = WgmmaAttentionFits(shape);
+            var (longer, shorter) = SequenceRowCounts(s.Host, wgmma ? WgmmaAttentionMinRows : int.MaxValue);
+            if (longer > 0)
+            {
+                var name = $"attention_wg_d128_g{group}";
+                var bytes = (uint)(group * 2 * 64 * 128 * 2 + 4 * 64 * 128 * 2);
+                if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
+                Launch3(name, ((uint)((rows + 63) / 64 + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(128 * group), bytes,
+                    T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
+                    s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
+                    _attentionGridOrder ? 0 : 1, WgmmaAttentionMinRows);
+            }
+            if (shorter > 0)
+            {
+                var rowTiles = Math.Max(1, 4 / group);
+                var perBlock = 16 * rowTiles;
+                var name = $"attention_tc_d{shape.HeadDim}";
+                var bytes = (uint)(4 * 64 * shape.HeadDim * 2);
+                if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
+                Launch3(name, ((uint)((rows + perBlock - 1) / perBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(32 * group * rowTiles), bytes,
+                    T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
+                    s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
+                    _attentionGridOrder ? 0 : 1, longer > 0 ? WgmmaAttentionMinRows : 0);
+            }
             return;
         }
         var splits = AttentionSplits(rows, shape.KvHeads);
@@ -441,6 +458,31 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// mma rows, 225 registers a thread at head_dim 128) instead of attention_decode_d*, to measure against.
     /// </summary>
     private readonly bool _legacyDecodeAttention = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_DECODE_ATTENTION") is "legacy";
+
+    /// <summary>
+    /// Rows a sequence needs in a step for its prompt attention to take the warpgroup kernel (attention_wg_*, 64-row tiles);
+    /// fewer go to the mma.sync kernel (16-row tiles), so that a decode row beside a prompt chunk does not multiply 63 rows
+    /// of padding. Chosen, not measured: at 32 rows the warpgroup kernel's tile is half padding.
+    /// </summary>
+    public const int WgmmaAttentionMinRows = 32;
+
+    /// <summary>
+    /// The warpgroup prompt-attention kernel's instantiations (Hopper): head_dim 128, 1, 2 or 4 query heads per KV head;
+    /// MOE_RAG_INJECT_PREFILL_ATTENTION=mma keeps every prompt row on the mma.sync kernel, to measure against.
+    /// </summary>
+    private bool WgmmaAttentionFits(AttentionShape shape) =>
+        WgmmaAvailable && !s_mmaPrefillAttention && shape.HeadDim == 128 && shape.Heads / shape.KvHeads is 1 or 2 or 4;
+
+    private static readonly bool s_mmaPrefillAttention = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PREFILL_ATTENTION") is "mma";
+
+    /// <summary>The step's sequences with at least <paramref name="threshold"/> rows, and those with fewer.</summary>
+    private static (int Longer, int Shorter) SequenceRowCounts(StepState step, int threshold)
+    {
+        var longer = 0;
+        for (var i = 0; i < step.Sequences; i++)
+            if (step.QueryStart[i + 1] - step.QueryStart[i] >= threshold) longer++;
+        return (longer, step.Sequences - longer);
+    }
 
     /// <summary>The tensor-core kernels' instantiations: head dimensions 16, 32, 64 and 128, at most 8 query heads per KV head.</summary>
     private static bool TensorAttentionFits(AttentionShape shape) =>

@@ -54,7 +54,7 @@ public sealed class OpChecks : IDisposable
         Check("embed", [1, 7, 64], EmbedCase);
         RunRowOps();
         Check("linear", [1, 5, 8, 20, 37, 130, 256, 300], LinearCase);
-        Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], AttentionCase);
+        Check("attention", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], AttentionCase);
         // On Hopper: 8 and 16 rows take the TMA kernels with 16-row tiles, 40 with 32-row tiles, 100 with 64-row tiles, 200
         // with 96-row tiles; 300 and 1,000 cuBLAS.
         Check("moe", [1, 8, 16, 40, 100, 200, 300, 1000], MoeCase);
@@ -194,7 +194,9 @@ public sealed class OpChecks : IDisposable
     /// <summary>
     /// Rope and KV write, then attention, over scattered paged blocks: a prefill, decodes, and both mixed; GQA 4:1; sliding
     /// windows (variants 2, 6, 7); Mixtral-8x7B's heads (3, 4, 5); long prompts over many key tiles (4, 6: the flash-style
-    /// kernel) and decodes at long contexts (5, 7: keys split over blocks); one and two query heads per KV head (8-11).
+    /// kernel) and decodes at long contexts (5, 7: keys split over blocks); one and two query heads per KV head (8-11); and
+    /// prompts at head_dim 128 (12-14: on Hopper the warpgroup kernel): a long chunk among decode rows and short chunks with
+    /// a sliding window (both prompt kernels in one step), long prompts with two and with one query head per KV head.
     /// </summary>
     private void AttentionCase(int variant)
     {
@@ -202,6 +204,9 @@ public sealed class OpChecks : IDisposable
         var shape = variant switch
         {
             3 or 4 or 5 => mixtralHeads,
+            12 => mixtralHeads with { SlidingWindow = 100 },
+            13 => new AttentionShape(8, 4, 128, 1e6f, null),
+            14 => new AttentionShape(4, 4, 128, 1e6f, null),
             8 or 10 => new AttentionShape(4, 4, 32, 1e4f, null),
             9 or 11 => new AttentionShape(8, 4, 32, 1e4f, null),
             2 => MixtralModel.ShapeOf(_config) with { SlidingWindow = 7 },
@@ -212,7 +217,8 @@ public sealed class OpChecks : IDisposable
         var scenario = variant switch
         {
             0 => Scenario.Prefill([19, 5, 33], _config.VocabSize, _rng),
-            4 or 6 or 8 or 9 => Scenario.LongPrefill(_config.VocabSize, _rng),
+            4 or 6 or 8 or 9 or 13 or 14 => Scenario.LongPrefill(_config.VocabSize, _rng),
+            12 => Scenario.LongMixed(_config.VocabSize, _rng),
             5 or 7 or 10 or 11 => Scenario.LongDecode(_config.VocabSize, _rng),
             _ => Scenario.Mixed(_config.VocabSize, _rng),
         };
@@ -710,6 +716,10 @@ public sealed class OpChecks : IDisposable
         /// <summary>Prompts of hundreds of rows, one continuing after 150 earlier positions (a later chunk).</summary>
         public static Scenario LongPrefill(int vocab, Random rng) =>
             new("long prefill", [0, 1, 2], [0, 150, 0], [300, 200, 77], RandomTokens(577, vocab, rng), RandomTables(8, rng, 128));
+
+        /// <summary>A long prompt chunk after 150 earlier positions beside decode rows and shorter chunks in one step.</summary>
+        public static Scenario LongMixed(int vocab, Random rng) =>
+            new("long prefill among decodes", [0, 1, 2, 3, 4], [150, 600, 0, 40, 7], [200, 1, 20, 70, 1], RandomTokens(292, vocab, rng), RandomTables(8, rng, 256));
 
         /// <summary>One new row for each of six sequences at contexts from 2 to 1,001.</summary>
         public static Scenario LongDecode(int vocab, Random rng) =>

@@ -1,5 +1,5 @@
 // Causal grouped-query attention over each sequence's paged bf16 KV cache (written for this step's rows by rope_kv_write
-// before). Three kinds of kernel:
+// before). Four kinds of kernel:
 //  - attention_g*_d* (every row of shapes the tensor-core kernels do not take): one block per (row, KV head, split) handles
 //    that head's group of query heads, so each key and value is read once for the group. Each warp takes every
 //    ATT_WARPS-th key of the block's share with a running (online) softmax; lanes split the head dimensions; the warps'
@@ -8,6 +8,7 @@
 //    writes its unnormalised sums with their maximum and total into `partial`, which attention_combine merges in split
 //    order. A row's result depends only on its own keys and the split count, which the host derives from the step's rows.
 //  - attention_tc_d* (steps with prompt rows, default mode): flash-style, on the tensor cores; see below.
+//  - attention_wg_d128_g* (the same for sequences of 32 rows or more in the step, on Hopper, head_dim 128): on wgmma.
 //  - attention_decode_d* (decode steps, and every row under --deterministic, in a fixed number of splits): one warp
 //    per (row, KV head, split) on the tensor cores, the keys as the mma rows; see below. attention_decode_tc_d*, the
 //    group's query heads as the mma rows, is kept to measure against.
@@ -220,7 +221,8 @@ ATTENTION_KERNEL(8, 1) ATTENTION_KERNEL(8, 2) ATTENTION_KERNEL(8, 4) ATTENTION_K
 // on its own keys (tiles are cut at absolute positions, and a fully masked tile leaves the sums unchanged), not on which
 // block or step it lands in. Rows of a sequence are consecutive and in position order within a step (the runner's
 // layout). Grid: (row tiles, bound included: ⌈rows / P⌉ + sequences, kvHeads); block: (P / 16) · group warps, at most 8;
-// dynamic shared memory: 4 · 64 · D bf16 (K and V, two stages).
+// dynamic shared memory: 4 · 64 · D bf16 (K and V, two stages). rowsBelow > 0: only sequences with fewer rows in the step
+// (the others go to attention_wg_*).
 #define FA_BN 64
 
 // Element offset of 16-byte chunk c of key row r in a [64][D] tile (D / 8 chunks a row), XOR-swizzled over at most 8 chunks.
@@ -422,7 +424,7 @@ template <int D>
 __device__ __forceinline__ void attention_tc_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
     const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot,
     const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize,
-    int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst)
+    int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst, int rowsBelow)
 {
     extern __shared__ __align__(128) unsigned char fa_shared[];
     bf16* sK = (bf16*)fa_shared;       // [2][64][D]
@@ -441,6 +443,7 @@ __device__ __forceinline__ void attention_tc_impl(const float* __restrict__ qkv,
     for (int s = 0; s < sequences; s++)
     {
         const int begin = queryStart[s], end = queryStart[s + 1], tiles = (end - begin + P - 1) / P;
+        if (rowsBelow > 0 && end - begin >= rowsBelow) continue;  // attention_wg_* takes it
         if (tile < tiles) { seq = s; rowBegin = begin + tile * P; rowEnd = min(end, rowBegin + P); break; }
         tile -= tiles;
     }
@@ -782,14 +785,242 @@ __device__ __forceinline__ void attention_decode_impl(const float* __restrict__ 
     }
 }
 
+// ---- Prompt rows on Hopper's warpgroup MMA (attention_wg_d128_g*, sm_90a): the computation of attention_tc_d* for
+// head_dim 128 (scores in base 2, q and p each as two bf16 parts, a running softmax, keys in tiles of 64 at absolute
+// positions, so a row's result still depends only on its own keys), with the products on wgmma. A block takes 64
+// consecutive rows of one sequence and one KV head; its G warpgroups one query head of the group each. Each warpgroup's
+// q (both parts) waits in shared memory as wgmma's A operand; each tile of 64 keys and values is copied once for all G
+// heads (cp.async, double-buffered). S = Q·Kᵀ reads the keys as a K-major B operand; O += P·V takes p from registers
+// (the S accumulators, repacked: wgmma's register A fragment is mma.sync's) and reads the values as an MN-major B
+// operand, so neither is transposed by hand. Only sequences with at least minRows rows in the step (a 64-row tile for a
+// decode row would multiply 63 rows of padding; attention_tc_d* takes the others). Grid as attention_tc_d* with P = 64;
+// block: 128 · G; dynamic shared memory: G · 32 KB (q) + 64 KB (keys and values, two stages), 1024-aligned.
+// Shared-memory tiles are [2 halves of d][rows][64] bf16, 128-byte rows with 16-byte chunks XOR-swizzled by row mod 8
+// (wgmma's 128-byte swizzle).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Element offset of chunk c (8 elements, 0..15) of row r in a [2][rows][64] tile.
+template <int ROWS>
+__device__ __forceinline__ int wg_swizzled(int r, int c) { return (c >> 3) * ROWS * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3); }
+
+template <int G>
+__device__ __forceinline__ void attention_wg_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
+    const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot,
+    const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize,
+    int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst, int minRows)
+{
+    constexpr int D = 128, BN = 64, ROWS = 64;
+    extern __shared__ __align__(1024) unsigned char wg_shared[];
+    bf16* sQ = (bf16*)wg_shared;          // [G][hi, lo][2][64][64]
+    bf16* sK = sQ + G * 2 * ROWS * D;     // [2 stages][2][64][64]
+    bf16* sV = sK + 2 * BN * D;           // [2 stages][2][64][64]
+
+    // Heaviest first, as attention_tc_impl.
+    const int started = blockIdx.y * gridDim.x + blockIdx.x;
+    const int kvHead = heavyFirst ? started % gridDim.y : blockIdx.y;
+    int tile = heavyFirst ? gridDim.x - 1 - started / gridDim.y : blockIdx.x, seq = -1, rowBegin = 0, rowEnd = 0;
+    for (int s = 0; s < sequences; s++)
+    {
+        const int begin = queryStart[s], end = queryStart[s + 1], tiles = (end - begin + ROWS - 1) / ROWS;
+        if (end - begin < minRows) continue;
+        if (tile < tiles) { seq = s; rowBegin = begin + tile * ROWS; rowEnd = min(end, rowBegin + ROWS); break; }
+        tile -= tiles;
+    }
+    if (seq < 0) return;
+    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    const int head = kvHead * G + wg, qWidth = heads * D, kvWidth = kvHeads * D;
+    const int slot = seqSlot[seq];
+    if (slot < 0)
+    {
+        for (int i = threadIdx.x; i < (rowEnd - rowBegin) * G * D; i += blockDim.x)
+            out[(long long)(rowBegin + i / (G * D)) * qWidth + kvHead * G * D + i % (G * D)] = 0;
+        return;
+    }
+
+    // This warpgroup's q, scaled so that scores come out in base 2, as two bf16 parts (padding rows zero).
+    bf16* qHi = sQ + wg * 2 * ROWS * D;
+    bf16* qLo = qHi + ROWS * D;
+    const float qScale = scale * 1.44269504088896341f;
+    for (int c = tid; c < ROWS * (D / 8); c += 128)
+    {
+        const int r = c >> 4, chunk = c & 15, row = rowBegin + r;
+        f32x4 x0 = {0.f, 0.f, 0.f, 0.f}, x1 = x0;
+        if (row < rowEnd)
+        {
+            const f32x4* source = (const f32x4*)(qkv + (long long)row * qkvWidth + head * D + chunk * 8);
+            x0 = source[0];
+            x1 = source[1];
+        }
+        const float x[8] = {x0.x * qScale, x0.y * qScale, x0.z * qScale, x0.w * qScale, x1.x * qScale, x1.y * qScale, x1.z * qScale, x1.w * qScale};
+        unsigned h[4], l[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+        {
+            h[i] = pack_bf16x2(x[2 * i], x[2 * i + 1]);
+            l[i] = pack_bf16x2(x[2 * i] - lo_bf16(h[i]), x[2 * i + 1] - hi_bf16(h[i]));
+        }
+        const int at = wg_swizzled<ROWS>(r, chunk);
+        *(u32x4*)(qHi + at) = u32x4{h[0], h[1], h[2], h[3]};
+        *(u32x4*)(qLo + at) = u32x4{l[0], l[1], l[2], l[3]};
+    }
+
+    // This thread's two rows (16·warp + g and + 8 of the tile) and their key ranges; −1: past the sequence's rows.
+    int pos[2], low[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+    {
+        const int r = rowBegin + 16 * warp + g + 8 * i;
+        pos[i] = r < rowEnd ? positions[r] : -1;
+        low[i] = window > 0 ? pos[i] - window + 1 : 0;
+    }
+    const int hi = positions[rowEnd - 1], lo = window > 0 ? max(0, positions[rowBegin] - window + 1) : 0;
+    const int first = lo / BN * BN, tiles = (hi - first) / BN + 1;
+
+    // Keys tileStart .. tileStart + 63 (zeros past hi) into a stage: every thread of the block copies 16-byte chunks.
+    const int* table = blockTables + (long long)slot * maxBlocks;
+    const int shift = __ffs(blockSize) - 1;
+    auto load = [&](int stage, int tileStart) {
+        const unsigned kBase = shared_address(sK + stage * BN * D), vBase = shared_address(sV + stage * BN * D);
+        for (int c = threadIdx.x; c < BN * (D / 8); c += blockDim.x)
+        {
+            const int key = c >> 4, chunk = c & 15, j = tileStart + key;
+            const bool valid = j <= hi;
+            const long long offset = valid ? (((long long)table[j >> shift] << shift) + (j & (blockSize - 1))) * kvWidth + kvHead * D + chunk * 8 : 0;
+            const unsigned to = (unsigned)wg_swizzled<BN>(key, chunk) * 2u;
+            copy_async16(kBase + to, kCache + offset, valid);
+            copy_async16(vBase + to, vCache + offset, valid);
+        }
+    };
+
+    float o[D / 2], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    const unsigned long long dHi = wgmma_descriptor(qHi), dLo = wgmma_descriptor(qLo);
+    load(0, first);
+    copy_async_commit();
+    for (int kt = 0; kt < tiles; kt++)
+    {
+        const int stage = kt & 1, tileStart = first + kt * BN;
+        if (kt + 1 < tiles) load(stage ^ 1, tileStart + BN);
+        copy_async_commit();
+        copy_async_wait<1>();
+        fence_proxy_async();  // this thread's copies (and q's stores) before wgmma's reads
+        __syncthreads();
+
+        // S = Q·Kᵀ over d in 8 steps of 16 (+32 bytes a step within a 64-wide half, +8 KB to the next half), lo part first.
+        float s[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) s[i] = 0.f;
+        const unsigned long long dK = wgmma_descriptor(sK + stage * BN * D);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+        {
+            const unsigned step = (kk >> 2) * (ROWS * 64 * 2 / 16) + (kk & 3) * 2, keyStep = (kk >> 2) * (BN * 64 * 2 / 16) + (kk & 3) * 2;
+            wgmma_m64n64k16(s, dLo + step, dK + keyStep, 1);
+            wgmma_m64n64k16(s, dHi + step, dK + keyStep, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        // Mask (only where some row of the warp sees part of the tile), running maximum and sums, as fa_tile.
+        bool whole = true;
+#pragma unroll
+        for (int i = 0; i < 2; i++) whole &= pos[i] < 0 || (low[i] <= tileStart && tileStart + BN - 1 <= pos[i]);
+        const bool masked = !__all_sync(0xffffffffu, whole);
+        float tileMax[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++)
+        {
+            const int r = (i >> 1) & 1, j = tileStart + 8 * (i >> 2) + 2 * q + (i & 1);
+            if (masked && (j > pos[r] || j < low[r])) s[i] = NEG_INF;
+            tileMax[r] = fmaxf(tileMax[r], s[i]);
+        }
+        float base[2], correction[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+        {
+            tileMax[r] = fmaxf(tileMax[r], __shfl_xor_sync(0xffffffffu, tileMax[r], 1));
+            tileMax[r] = fmaxf(tileMax[r], __shfl_xor_sync(0xffffffffu, tileMax[r], 2));
+            const float mNew = fmaxf(m[r], tileMax[r]);
+            base[r] = mNew == NEG_INF ? 0.f : mNew;  // a row with no key yet keeps m = −inf and sums of zero
+            correction[r] = exp2f(m[r] - base[r]);
+            m[r] = mNew;
+            l[r] *= correction[r];
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++)
+        {
+            const int r = (i >> 1) & 1;
+            s[i] = exp2f(s[i] - base[r]);
+            l[r] += s[i];
+        }
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) o[i] *= correction[(i >> 1) & 1];
+
+        // O += P·V over the keys in 4 steps of 16: p's parts from the accumulators of n-tiles 2kk and 2kk + 1; the
+        // values as an MN-major B operand (the d halves 8 KB apart, +2 KB a step of 16 keys).
+        unsigned ph[BN / 16][4], pl[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+            {
+                const float a = s[8 * kk + 2 * e], b = s[8 * kk + 2 * e + 1];
+                ph[kk][e] = pack_bf16x2(a, b);
+                pl[kk][e] = pack_bf16x2(a - lo_bf16(ph[kk][e]), b - hi_bf16(ph[kk][e]));
+            }
+        const bf16* vTile = sV + stage * BN * D;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)
+        {
+            const unsigned long long dV = wgmma_descriptor_mn(vTile + kk * 16 * 64, BN * 64 * 2);
+            wgmma_m64n128k16_rt(o, pl[kk], dV);
+            wgmma_m64n128k16_rt(o, ph[kk], dV);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        __syncthreads();  // every warpgroup is done with this stage before it is refilled
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+    {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int row = rowBegin + 16 * warp + g + 8 * r;
+        if (row >= rowEnd) continue;
+        const float inv = 1.f / l[r];
+        bf16* target = out + (long long)row * qWidth + head * D + 2 * q;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) *(unsigned*)(target + 8 * j) = pack_bf16x2(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    }
+}
+
+#define ATTENTION_WG_BODY(G) attention_wg_impl<G>(qkv, kCache, vCache, out, positions, seqSlot, queryStart, sequences, blockTables, \
+    maxBlocks, blockSize, heads, kvHeads, window, scale, qkvWidth, heavyFirst, minRows);
+#else
+#define ATTENTION_WG_BODY(G) __trap();
+#endif
+
+#define ATTENTION_WG_KERNEL(G) \
+    extern "C" __global__ void __launch_bounds__(128 * G, 1) attention_wg_d128_g##G(const float* __restrict__ qkv, \
+        const bf16* __restrict__ kCache, const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, \
+        const int* __restrict__ seqSlot, const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, \
+        int maxBlocks, int blockSize, int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst, int minRows) \
+    { kernel_prologue(); ATTENTION_WG_BODY(G) }
+
+ATTENTION_WG_KERNEL(1) ATTENTION_WG_KERNEL(2) ATTENTION_WG_KERNEL(4)
+
 #define ATTENTION_TC_KERNEL(D) \
     extern "C" __global__ void __launch_bounds__(256) attention_tc_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
         const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot, \
         const int* __restrict__ queryStart, int sequences, const int* __restrict__ blockTables, int maxBlocks, int blockSize, \
-        int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst) \
+        int heads, int kvHeads, int window, float scale, int qkvWidth, int heavyFirst, int rowsBelow) \
     { kernel_prologue(); \
         attention_tc_impl<D>(qkv, kCache, vCache, out, positions, seqSlot, queryStart, sequences, blockTables, maxBlocks, blockSize, \
-            heads, kvHeads, window, scale, qkvWidth, heavyFirst); \
+            heads, kvHeads, window, scale, qkvWidth, heavyFirst, rowsBelow); \
     } \
     extern "C" __global__ void __launch_bounds__(32) attention_decode_tc_d##D(const float* __restrict__ qkv, const bf16* __restrict__ kCache, \
         const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ rowSequence, \
