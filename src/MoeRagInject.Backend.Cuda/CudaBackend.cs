@@ -462,9 +462,13 @@ public sealed class CudaBackend : IBackend, IGraphCapable
     /// <summary>
     /// Rows a sequence needs in a step for its prompt attention to take the warpgroup kernel (attention_wg_*, 64-row tiles);
     /// fewer go to the mma.sync kernel (16-row tiles), so that a decode row beside a prompt chunk does not multiply 63 rows
-    /// of padding. Chosen, not measured: at 32 rows the warpgroup kernel's tile is half padding.
+    /// of padding; at 32 rows its tile is half padding. Where it falls hardly matters: on an H200, a lockstep batch-64 prefill
+    /// of 24-row prompts took 91.6 and 90.1 ms to the first token with it at 32 (24-row prompts on mma.sync) against 95.7
+    /// and 99.6 at 8 (on wgmma), and the op profile of a batch-64 step of 16-row prompts had attention at under 0.5 ms of
+    /// the 32 layers (docs/performance.md, session 25). MOE_RAG_INJECT_WGMMA_ATTENTION_MIN_ROWS sets it, to measure against.
     /// </summary>
-    public const int WgmmaAttentionMinRows = 32;
+    public static readonly int WgmmaAttentionMinRows =
+        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_WGMMA_ATTENTION_MIN_ROWS"), out var rows) && rows > 0 ? rows : 32;
 
     /// <summary>
     /// The warpgroup prompt-attention kernel's instantiations (Hopper): head_dim 128, 1, 2 or 4 query heads per KV head;

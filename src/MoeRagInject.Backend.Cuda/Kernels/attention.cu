@@ -420,6 +420,45 @@ __device__ __forceinline__ void fa_write(bf16* row, const float (&o)[D / 8][4], 
     for (int n = 0; n < D / 8; n++) *(unsigned*)(row + n * 8 + 2 * t) = pack_bf16x2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
 }
 
+// A prompt-attention block's share of the step: one KV head and up to rowsPerTile consecutive rows of one sequence,
+// among the sequences with minRows ≤ rows < maxRows in the step (the others are another kernel's); seq −1: none left.
+// Heaviest first: the card starts blocks in the order of blockIdx.x, then .y, so the n-th block started takes KV head
+// n mod kvHeads and the n / kvHeads-th row tile from the end. Under the causal mask a row tile's keys grow with its rows,
+// and started in row order the longest blocks came last and ran alone at the end (a 2,048-row prompt's 129 tiles on 8
+// KV heads: about 1.3 times the evenly shared time in a simulation of the card's 264 block slots, 1.02 heaviest first;
+// on an H200, 9.8 ms of such a prompt's 32 layers against 11.9). heavyFirst 0: grid order, kept to measure against.
+struct PromptTile { int seq, kvHead, rowBegin, rowEnd; };
+
+__device__ __forceinline__ PromptTile prompt_tile(const int* __restrict__ queryStart, int sequences, int rowsPerTile, int minRows,
+    int maxRows, int heavyFirst)
+{
+    const int started = blockIdx.y * gridDim.x + blockIdx.x;
+    PromptTile place = {-1, heavyFirst ? started % (int)gridDim.y : (int)blockIdx.y, 0, 0};
+    int tile = heavyFirst ? gridDim.x - 1 - started / gridDim.y : blockIdx.x;
+    for (int s = 0; s < sequences; s++)
+    {
+        const int begin = queryStart[s], end = queryStart[s + 1];
+        if (end - begin < minRows || end - begin >= maxRows) continue;
+        const int tiles = (end - begin + rowsPerTile - 1) / rowsPerTile;
+        if (tile < tiles)
+        {
+            place.seq = s;
+            place.rowBegin = begin + tile * rowsPerTile;
+            place.rowEnd = min(end, place.rowBegin + rowsPerTile);
+            break;
+        }
+        tile -= tiles;
+    }
+    return place;
+}
+
+// Zeros for a block's rows of its KV head's query heads (their sequence's slot was freed: nothing to attend to).
+__device__ __forceinline__ void prompt_tile_zero(bf16* __restrict__ out, const PromptTile& place, int qWidth, int groupWidth)
+{
+    for (int i = threadIdx.x; i < (place.rowEnd - place.rowBegin) * groupWidth; i += blockDim.x)
+        out[(long long)(place.rowBegin + i / groupWidth) * qWidth + place.kvHead * groupWidth + i % groupWidth] = 0;
+}
+
 template <int D>
 __device__ __forceinline__ void attention_tc_impl(const float* __restrict__ qkv, const bf16* __restrict__ kCache,
     const bf16* __restrict__ vCache, bf16* __restrict__ out, const int* __restrict__ positions, const int* __restrict__ seqSlot,
@@ -431,31 +470,17 @@ __device__ __forceinline__ void attention_tc_impl(const float* __restrict__ qkv,
     bf16* sV = sK + 2 * FA_BN * D;     // [2][64][D]
 
     const int group = heads / kvHeads, rowTiles = (blockDim.x >> 5) / group, P = rowTiles * 16;
-    // Heaviest first: the card starts blocks in the order of blockIdx.x, then .y, so the n-th block started takes KV head
-    // n mod kvHeads and the n / kvHeads-th row tile from the end. Under the causal mask a row tile's keys grow with its
-    // rows, and started in row order the longest blocks came last and ran alone at the end (a 2,048-row prompt's 129
-    // tiles on 8 KV heads: about 1.3 times the evenly shared time in a simulation of the card's 264 block slots, 1.02
-    // heaviest first; on an H200, 9.8 ms of such a prompt's 32 layers against 11.9). heavyFirst 0: grid order, kept to
-    // measure against.
-    const int started = blockIdx.y * gridDim.x + blockIdx.x;
-    const int kvHead = heavyFirst ? started % gridDim.y : blockIdx.y;
-    int tile = heavyFirst ? gridDim.x - 1 - started / gridDim.y : blockIdx.x, seq = -1, rowBegin = 0, rowEnd = 0;
-    for (int s = 0; s < sequences; s++)
-    {
-        const int begin = queryStart[s], end = queryStart[s + 1], tiles = (end - begin + P - 1) / P;
-        if (rowsBelow > 0 && end - begin >= rowsBelow) continue;  // attention_wg_* takes it
-        if (tile < tiles) { seq = s; rowBegin = begin + tile * P; rowEnd = min(end, rowBegin + P); break; }
-        tile -= tiles;
-    }
-    if (seq < 0) return;
+    // rowsBelow > 0: sequences of rowsBelow rows or more are attention_wg_*'s.
+    const PromptTile place = prompt_tile(queryStart, sequences, P, 0, rowsBelow > 0 ? rowsBelow : 0x7fffffff, heavyFirst);
+    if (place.seq < 0) return;
+    const int kvHead = place.kvHead, rowBegin = place.rowBegin, rowEnd = place.rowEnd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int head = kvHead * group + warp % group, warpRow = rowBegin + (warp / group) * 16;
     const int qWidth = heads * D, kvWidth = kvHeads * D;
-    const int slot = seqSlot[seq];
+    const int slot = seqSlot[place.seq];
     if (slot < 0)
     {
-        for (int i = threadIdx.x; i < (rowEnd - rowBegin) * group * D; i += blockDim.x)
-            out[(long long)(rowBegin + i / (group * D)) * qWidth + kvHead * group * D + i % (group * D)] = 0;
+        prompt_tile_zero(out, place, qWidth, group * D);
         return;
     }
 
@@ -815,25 +840,15 @@ __device__ __forceinline__ void attention_wg_impl(const float* __restrict__ qkv,
     bf16* sK = sQ + G * 2 * ROWS * D;     // [2 stages][2][64][64]
     bf16* sV = sK + 2 * BN * D;           // [2 stages][2][64][64]
 
-    // Heaviest first, as attention_tc_impl.
-    const int started = blockIdx.y * gridDim.x + blockIdx.x;
-    const int kvHead = heavyFirst ? started % gridDim.y : blockIdx.y;
-    int tile = heavyFirst ? gridDim.x - 1 - started / gridDim.y : blockIdx.x, seq = -1, rowBegin = 0, rowEnd = 0;
-    for (int s = 0; s < sequences; s++)
-    {
-        const int begin = queryStart[s], end = queryStart[s + 1], tiles = (end - begin + ROWS - 1) / ROWS;
-        if (end - begin < minRows) continue;
-        if (tile < tiles) { seq = s; rowBegin = begin + tile * ROWS; rowEnd = min(end, rowBegin + ROWS); break; }
-        tile -= tiles;
-    }
-    if (seq < 0) return;
+    const PromptTile place = prompt_tile(queryStart, sequences, ROWS, minRows, 0x7fffffff, heavyFirst);
+    if (place.seq < 0) return;
+    const int kvHead = place.kvHead, rowBegin = place.rowBegin, rowEnd = place.rowEnd;
     const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
     const int head = kvHead * G + wg, qWidth = heads * D, kvWidth = kvHeads * D;
-    const int slot = seqSlot[seq];
+    const int slot = seqSlot[place.seq];
     if (slot < 0)
     {
-        for (int i = threadIdx.x; i < (rowEnd - rowBegin) * G * D; i += blockDim.x)
-            out[(long long)(rowBegin + i / (G * D)) * qWidth + kvHead * G * D + i % (G * D)] = 0;
+        prompt_tile_zero(out, place, qWidth, G * D);
         return;
     }
 
