@@ -5,9 +5,10 @@
 # no request starts decoding before the others, as sglang's bench_one_batch runs), determinism, det-pdl (--deterministic
 # with and without programmatic dependent launch), prefill, paths (the MoE paths kept for comparison, forced), baseline
 # (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py), read (how fast
-# the card reads, tools/gpu/read_bandwidth.cu), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
+# the card reads, tools/gpu/read_bandwidth.cu), proj (the attention projections' read rate through cuBLAS and through
+# inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
 # AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab).
-# Default: all but paths, det-pdl, read and ab, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# Default: all but paths, det-pdl, read, proj and ab, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -76,6 +77,10 @@ if has read; then
   log "how fast the card reads (tools/gpu/read_bandwidth.cu): loads, bulk TMA, tensor-map boxes, against the copy"
   nvcc -O3 -arch=sm_90a -o /tmp/read_bandwidth tools/gpu/read_bandwidth.cu -L/usr/local/cuda/lib64/stubs -lcuda 2>&1 \
     && timeout 120 /tmp/read_bandwidth
+fi
+if has proj; then
+  log "the attention projections' read rate: cuBLAS against inductor's max-autotune (tools/gpu/projection_rates.py)"
+  timeout ${PROJ_TIMEOUT:-480} python3 tools/gpu/projection_rates.py 2>&1 | grep -iv "warn"
 fi
 if has ab; then
   # Same-call comparisons of environment knobs: AB_VARIANTS holds variants separated by ";", each a list of VAR=value
