@@ -43,9 +43,17 @@ if has bench; then
 fi
 if has lockstep; then
   log "bench: the whole batch prefilled in one step (prefill budget batch x prompt), so that every decode step holds the whole batch"
+  # The card's clock and power every 250 ms meanwhile: H200s of the slower kind run batch 256 at a lower clock under the
+  # 700 W cap (performance.md, sessions 17, 18 and 25), so the summary says which kind this machine is.
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader,nounits -lms 250 > "$out/lockstep-smi.csv" 2>/dev/null &
+  smi=$!
   timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
     --modes off --input-len 128 --output-len 128 --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
     --json --out "$out/bench-lockstep.json" 2>&1 | grep "batch\|bandwidth"
+  kill "$smi" 2>/dev/null
+  awk -F', *' '$3 + 0 > 500 { n++; clock += $2; power += $3 }
+    END { if (n) printf "while the card drew over 500 W (%d samples of 250 ms): mean SM clock %.0f MHz at %.0f W\n", n, clock / n, power / n;
+          else print "no nvidia-smi sample over 500 W" }' "$out/lockstep-smi.csv"
 fi
 if has determinism; then
   log "bench: --deterministic against the default, batch 1 and 64"
