@@ -46,27 +46,21 @@ public sealed partial class CudaBackend
             // rows beside a prompt chunk, short chunks) the mma.sync kernel.
             var wgmma = WgmmaAttentionFits(shape);
             var (longer, shorter) = SequenceRowCounts(s.Host, wgmma ? WgmmaAttentionMinRows : int.MaxValue);
-            if (longer > 0)
+            void LaunchPrompt(string name, int rowsPerBlock, int threads, uint bytes, int rowFilter)
             {
-                var name = $"attention_wg_d128_g{group}";
-                var bytes = (uint)(group * 2 * 64 * 128 * 2 + 4 * 64 * 128 * 2);
-                if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
-                Launch3(name, ((uint)((rows + 63) / 64 + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(128 * group), bytes,
+                if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
+                Launch3(name, ((uint)((rows + rowsPerBlock - 1) / rowsPerBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)threads, bytes,
                     T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
                     s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
-                    _attentionGridOrder ? 0 : 1, WgmmaAttentionMinRows);
+                    _attentionGridOrder ? 0 : 1, rowFilter);
             }
+            if (longer > 0)
+                LaunchPrompt($"attention_wg_d128_g{group}", 64, 128 * group, (uint)(group * 2 * 64 * 128 * 2 + 4 * 64 * 128 * 2), WgmmaAttentionMinRows);
             if (shorter > 0)
             {
                 var rowTiles = Math.Max(1, 4 / group);
-                var perBlock = 16 * rowTiles;
-                var name = $"attention_tc_d{shape.HeadDim}";
-                var bytes = (uint)(4 * 64 * shape.HeadDim * 2);
-                if (bytes > 48 * 1024 && _sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)bytes);
-                Launch3(name, ((uint)((rows + perBlock - 1) / perBlock + s.Host.Sequences), (uint)shape.KvHeads, 1), (uint)(32 * group * rowTiles), bytes,
-                    T(qkv).Pointer, kv.KeysOf(layer), kv.ValuesOf(layer), T(output).Pointer, s.Positions, s.SeqSlot, s.QueryStart, s.Host.Sequences,
-                    s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, window, scale, shape.QkvWidth,
-                    _attentionGridOrder ? 0 : 1, longer > 0 ? WgmmaAttentionMinRows : 0);
+                LaunchPrompt($"attention_tc_d{shape.HeadDim}", 16 * rowTiles, 32 * group * rowTiles, (uint)(4 * 64 * shape.HeadDim * 2),
+                    longer > 0 ? WgmmaAttentionMinRows : 0);
             }
             return;
         }
