@@ -7,8 +7,9 @@
 # (transformers' generate), compiled (the compiled PyTorch decode step, tools/gpu/baseline_compiled.py), read (how fast
 # the card reads, tools/gpu/read_bandwidth.cu), proj (the attention projections' read rate through cuBLAS and through
 # inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
-# AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab).
-# Default: all but paths, det-pdl, read, proj and ab, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab), sweep (lockstep at every batch size from 1 to
+# 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes).
+# Default: all but paths, det-pdl, read, proj, ab and sweep, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -107,6 +108,18 @@ if has ab; then
   sed -n 's/^\[\(.*\)\] .*batch *\([0-9]*\):.* step *\([0-9.]*\) ms.*/\1|\2|\3/p' "$out/ab.log" \
     | awk -F'|' '{key = "[" $1 "] batch " $2; t[key] = t[key] " " $3; if (!(key in seen)) { seen[key] = 1; order[n++] = key } }
                  END { for (i = 0; i < n; i++) print order[i] ":" t[order[i]] }'
+fi
+if has sweep; then
+  log "sweep: lockstep at every batch size from 1 to 256, then the compiled PyTorch step at the same sizes"
+  sizes=1,2,4,8,16,32,64,128,256
+  timeout ${LOCKSTEP_TIMEOUT:-200} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes $sizes \
+    --modes off --input-len 128 --output-len 64 --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
+    --json --out "$out/sweep.json" 2>&1 | grep "batch\|bandwidth"
+  timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --batch-sizes $sizes --input-len 128 --output-len 64 \
+    --json "$out/sweep-compiled.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
+  # Its rule gathers the routed experts while batch x top-k <= experts; at batch 4 its dense form is the faster.
+  timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --moe dense --batch-sizes 2,4 --input-len 128 --output-len 64 \
+    --json "$out/sweep-compiled-dense.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
