@@ -37,7 +37,7 @@ p.add_argument("--output-len", type=int, default=128, help="decode steps timed p
 p.add_argument("--warmup", type=int, default=3, help="graph replays before the timed ones")
 p.add_argument("--layers", type=int, default=32)
 p.add_argument("--moe", choices=("auto", "gather", "dense"), default="auto",
-               help="auto: gather while batch·top_k <= experts, else dense")
+               help="auto: gather while batch·top_k < experts, else dense")
 # The modes with inductor's own CUDA graphs (reduce-overhead, max-autotune) would clash with the one we capture.
 p.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"), default="default")
 p.add_argument("--check", action="store_true", help="first compare the captured compiled step with the eager one at batch 2")
@@ -68,7 +68,7 @@ result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "experts": N_EXPERTS, "top_k": TOP_K, "intermediate": INTER, "vocab": VOCAB, "dtype": "bfloat16"},
           "compile_mode": a.compile_mode, "fullgraph": True, "dynamic": False, "coordinate_descent_tuning": True,
           "cuda_graph": "whole decode step, one graph per batch size",
-          "moe_rule": {"auto": "gather while batch*top_k <= experts, else dense"}.get(a.moe, f"{a.moe} forced"),
+          "moe_rule": {"auto": "gather while batch*top_k < experts, else dense"}.get(a.moe, f"{a.moe} forced"),
           "input_len": a.input_len, "output_len": a.output_len, "warmup_replays": a.warmup,
           "prefill": "not run: KV cache positions < input_len filled with N(0,1)",
           "attention_span": f"all {max_len} cache positions every step, masked (gpt-fast style)"}
@@ -153,8 +153,10 @@ COMPILED = {k: torch.compile(f, mode=a.compile_mode, fullgraph=True, dynamic=Fal
 def moe_path(b):
     if a.moe != "auto":
         return a.moe
-    # Gathering reads B·top_k expert matrices, dense reads all of them once: gather only while that is not more.
-    return "gather" if b * TOP_K <= N_EXPERTS else "dense"
+    # Gathering reads B·top_k expert matrices, dense reads all of them once: gather only while that is fewer. At
+    # B·top_k = experts the two read as much, and dense was the faster (H200, 2026-12-03: 23.9 against 30.8 ms at batch 4;
+    # at batch 2 gather 16.3 against dense 23.8; docs/gpu-runs/26-call-sweep-stage.log).
+    return "gather" if b * TOP_K < N_EXPERTS else "dense"
 
 
 class Weights:

@@ -9,6 +9,7 @@
 # inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
 # AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab), sweep (lockstep at every batch size from 1 to
 # 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes).
+# (Run on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4.)
 # Default: all but paths, det-pdl, read, proj, ab and sweep, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
@@ -117,8 +118,8 @@ if has sweep; then
     --json --out "$out/sweep.json" 2>&1 | grep "batch\|bandwidth"
   timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --batch-sizes $sizes --input-len 128 --output-len 64 \
     --json "$out/sweep-compiled.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
-  # Its rule gathers the routed experts while batch x top-k <= experts; at batch 4 its dense form is the faster.
-  timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --moe dense --batch-sizes 2,4 --input-len 128 --output-len 64 \
+  # Its rule gathers the routed experts while batch x top-k < experts (at 1 and 2): the other form there.
+  timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --moe dense --batch-sizes 1,2 --input-len 128 --output-len 64 \
     --json "$out/sweep-compiled-dense.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
 fi
 if has baseline; then
