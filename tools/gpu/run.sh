@@ -9,7 +9,8 @@
 # inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
 # AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab), sweep (lockstep at every batch size from 1 to
 # 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes).
-# (Run on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4.)
+# (Run whole on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4; the two
+# baseline runs as they are now were run on their own the same day: docs/gpu-runs/26-call-compiled-rule.log.)
 # Default: all but paths, det-pdl, read, proj, ab and sweep, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
