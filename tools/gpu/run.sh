@@ -25,6 +25,15 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(check parity bench lockstep determinism prefill baseline compiled)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "=== $(date +%T) $*"; }
+# The bench with every prompt of a batch prefilled in one step (128-token prompts, RAG off), its batch and rate lines:
+#   lockstep_bench TIMEOUT_S NEW_TOKENS JSON_OUT [bench args, e.g. --batch-sizes 1,8]
+lockstep_bench() {
+  local limit=$1 tokens=$2 json=$3
+  shift 3
+  timeout "$limit" "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b "$@" \
+    --modes off --input-len 128 --output-len "$tokens" --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
+    --json --out "$json" 2>&1 | grep "batch\|bandwidth"
+}
 
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
@@ -50,9 +59,7 @@ if has lockstep; then
   # 700 W cap (performance.md, sessions 17, 18 and 25), so the summary says which kind this machine is.
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader,nounits -lms 250 > "$out/lockstep-smi.csv" 2>/dev/null &
   smi=$!
-  timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
-    --modes off --input-len 128 --output-len 128 --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
-    --json --out "$out/bench-lockstep.json" 2>&1 | grep "batch\|bandwidth"
+  lockstep_bench ${LOCKSTEP_TIMEOUT:-150} 128 "$out/bench-lockstep.json" ${BENCH_ARGS:---batch-sizes 1,8,64,256}
   kill "$smi" 2>/dev/null
   awk -F', *' '$3 + 0 > 500 { n++; clock += $2; power += $3 }
     END { if (n) printf "while the card drew over 500 W (%d samples of 250 ms): mean SM clock %.0f MHz at %.0f W\n", n, clock / n, power / n;
@@ -114,9 +121,7 @@ fi
 if has sweep; then
   log "sweep: lockstep at every batch size from 1 to 256, then the compiled PyTorch step at the same sizes"
   sizes=1,2,4,8,16,32,64,128,256
-  timeout ${LOCKSTEP_TIMEOUT:-200} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes $sizes \
-    --modes off --input-len 128 --output-len 64 --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
-    --json --out "$out/sweep.json" 2>&1 | grep "batch\|bandwidth"
+  lockstep_bench ${LOCKSTEP_TIMEOUT:-200} 64 "$out/sweep.json" --batch-sizes $sizes
   timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --batch-sizes $sizes --input-len 128 --output-len 64 \
     --json "$out/sweep-compiled.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
   # Its rule gathers the routed experts while batch x top-k < experts (at 1 and 2): the other form there.
