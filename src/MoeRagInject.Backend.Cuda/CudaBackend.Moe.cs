@@ -18,7 +18,7 @@ public sealed partial class CudaBackend
     /// <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
     /// host read of the group sizes (eager only). The last two are kept to be measured against (MOE_RAG_INJECT_MOE_PATH).
     /// </summary>
-    internal enum MoePath { Small, Tensor, Wgmma, Tma, Dense, Cublas }
+    internal enum MoePath { Small, Tensor, Wgmma, Tma, TmaTokens, Dense, Cublas }
 
     private MoePath? _moePathOverride = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_MOE_PATH") is { Length: > 0 } forced
         ? Enum.Parse<MoePath>(forced, ignoreCase: true) : null;
@@ -59,6 +59,7 @@ public sealed partial class CudaBackend
         if (rows * topK <= SmallSlots) return MoePath.Small;
         if (rows <= WgmmaMaxRows && WgmmaAvailable) return MoePath.Wgmma;
         if (rows <= TmaMaxRows && WgmmaAvailable) return MoePath.Tma;
+        if (s_prefillTokens && WgmmaAvailable) return MoePath.TmaTokens;
         return rows <= TensorMaxRows ? MoePath.Tensor : MoePath.Cublas;
     }
 
@@ -78,6 +79,11 @@ public sealed partial class CudaBackend
         var path = PathFor(rows, topK);
         if (path == MoePath.Wgmma && !WgmmaFits(h, i)) path = MoePath.Tensor;  // all three graph-capturable
         if (path == MoePath.Tma && !TmaFits(h, i)) path = WgmmaFits(h, i) ? MoePath.Wgmma : MoePath.Tensor;
+        if (path == MoePath.TmaTokens && !(TmaFits(h, i) && h % 256 == 0)) path = TmaFits(h, i) ? MoePath.Tma : MoePath.Cublas;
+        // Weights in the boxed layout are read by the small kernels and the moe_tma kernels alone.
+        if (stack.BoxedInPlace && path is not (MoePath.Small or MoePath.Tma or MoePath.TmaTokens))
+            path = rows > TmaMaxRows && h % 256 == 0 ? MoePath.TmaTokens : MoePath.Tma;
+        var boxed = stack.BoxedInPlace ? 1 : 0;
         using var _ = Op($"moe ({path})");
         switch (path)
         {
@@ -85,8 +91,8 @@ public sealed partial class CudaBackend
             {
                 // Blocks for the routed experts only; with top-2 the two experts add straight into delta (no combine).
                 var fused = topK <= 2 && i >= h ? 1 : 0;
-                Launch3("moe_row_gate_up", ((uint)topK, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, delta.Pointer, fused, h, i);
-                Launch3("moe_row_down", ((uint)topK, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, delta.Pointer, fused, h, i);
+                Launch3("moe_row_gate_up", ((uint)topK, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, delta.Pointer, fused, h, i, boxed);
+                Launch3("moe_row_down", ((uint)topK, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, delta.Pointer, fused, h, i, boxed);
                 if (fused == 0) Launch3("moe_combine_slots", (1, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;
             }
@@ -94,8 +100,8 @@ public sealed partial class CudaBackend
             {
                 // Slots per pass over an expert's weights: enough for every slot routed to it (at most all slots), at most 16.
                 var perPass = Math.Min(16, Bound(slots));
-                Launch3($"moe_small_gate_up_t{perPass}", ((uint)e, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, slots, topK, h, i);
-                Launch3($"moe_small_down_t{perPass}", ((uint)e, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, slots, h, i);
+                Launch3($"moe_small_gate_up_t{perPass}", ((uint)e, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, slots, topK, h, i, boxed);
+                Launch3($"moe_small_down_t{perPass}", ((uint)e, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, slots, h, i, boxed);
                 Launch3("moe_combine_slots", ((uint)rows, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;
             }
@@ -147,17 +153,36 @@ public sealed partial class CudaBackend
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
                 using (Op("  moe: gate_up GEMM"))
                     LaunchTma(gateUp: true, wide: false, nGateUp, ((slots + nGateUp - 1) / nGateUp + touched) * (i / 128),
-                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
+                        MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128), stack.BoxedPointers.GateUp,
+                        MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, nGateUp),
                         s.Offsets, e, i, h, s.MoeAct, 0UL, s_tmaFitRows, 1, 0L);
                 var wide = TmaDownWide(n, h);
                 var splits = TmaDownSplits(h, i);
                 var (downOut, splitStride) = DownOutput(s, splits, slots, h);
                 using (Op("  moe: down GEMM"))
                     LaunchTma(gateUp: false, wide, n, ((slots + n - 1) / n + touched) * (h / (wide ? 256 : 128)) * splits,
-                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
+                        MapOf(stack.Down.Pointer, (long)h * e, i, 128), stack.BoxedPointers.Down,
+                        MapOf(s.MoeAct.Pointer, s.MoeRows, i, n),
                         s.Offsets, e, h, i, 0UL, downOut, s_tmaFitRows, splits, splitStride);
                 using (Op("  moe: combine"))
                     LaunchCombine(s, downOut, delta, rows, topK, h, splits, splitStride);
+                break;
+            }
+            case MoePath.TmaTokens:
+            {
+                using (Op("  moe: sort"))
+                    LaunchSort(s, slots, e);
+                using (Op("  moe: gather"))
+                    LaunchGather(s, input, slots, e, topK, h);
+                var rowTiles = (slots + 127) / 128 + Math.Min(e, slots);
+                using (Op("  moe: gate_up GEMM"))
+                    LaunchTmaTokens(gateUp: true, rowTiles * (i / 128), MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128),
+                        stack.BoxedPointers.GateUp, MapOf(s.MoeInputs.Pointer, s.MoeSlots, h, 128), s.Offsets, e, i, h, s.MoeAct, 0UL);
+                using (Op("  moe: down GEMM"))
+                    LaunchTmaTokens(gateUp: false, rowTiles * (h / 256), MapOf(stack.Down.Pointer, (long)h * e, i, 128),
+                        stack.BoxedPointers.Down, MapOf(s.MoeAct.Pointer, s.MoeRows, i, 128), s.Offsets, e, h, i, 0UL, s.MoeOut);
+                using (Op("  moe: combine"))
+                    LaunchCombine(s, s.MoeOut.Pointer, delta, rows, topK, h);
                 break;
             }
             case MoePath.Dense:
@@ -255,6 +280,82 @@ public sealed partial class CudaBackend
         if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)shared);
         Launch3(name, ((uint)Math.Min(Device.MultiprocessorCount, tilesBound), 1, 1), 384, shared, args);
     }
+
+    /// <summary>
+    /// Gives a layer's experts copies in the boxed layout that the moe_tma kernels then read by plain bulk copies (each
+    /// 128 × 64 box 16 KB contiguous, pre-swizzled), for gemm-bench to time against the row-major weights read through
+    /// the tensor map (session 22: 2-D boxes read 6–7% below a contiguous stream). Other paths keep the row-major copy.
+    /// </summary>
+    internal void BoxCopy(ExpertStack experts)
+    {
+        var stack = (CudaExpertStack)experts;
+        if (stack.Boxed is not null) return;
+        int e = stack.Count, h = stack.Hidden, i = stack.Intermediate;
+        var gateUp = Device.Allocate(stack.GateUp.ByteLength);
+        var down = Device.Allocate(stack.Down.ByteLength);
+        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, stack.GateUp, gateUp, 2L * i * e, h);
+        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, stack.Down, down, (long)h * e, i);
+        stack.Boxed = (gateUp, down);
+    }
+
+    /// <summary>
+    /// MOE_RAG_INJECT_BOXED=1: every layer's experts boxed in place at upload on a Hopper card, where the moe_tma kernels
+    /// take the shape. The small kernels (one row) and the moe_tma kernels read that layout; every other row count, prefill
+    /// chunks included, then takes the moe_tma kernels, which compute a 2,048-token prefill at about half cuBLAS's rate
+    /// (session 23). Off by default until a prefill kernel of ours reads the layout at cuBLAS's rate.
+    /// </summary>
+    private static readonly bool s_boxedInPlace = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_BOXED") is "1";
+
+    /// <summary>
+    /// Whether experts uploaded from now on are boxed in place (where <see cref="CanBoxExperts"/> and the shape suits the
+    /// moe_tma kernels): MOE_RAG_INJECT_BOXED=1, or set by check-device to check that layout against the CPU backend.
+    /// </summary>
+    public bool BoxExperts { get; set; } = s_boxedInPlace;
+
+    /// <summary>Whether this card runs the kernels that read the boxed layout (Hopper's sm_90a).</summary>
+    public bool CanBoxExperts => WgmmaAvailable;
+
+    /// <summary>Re-lays a freshly uploaded expert stack into the boxed layout in place (through a scratch copy), where asked.</summary>
+    private void BoxInPlace(CudaExpertStack stack)
+    {
+        if (!BoxExperts || !TmaFits(stack.Hidden, stack.Intermediate)) return;
+        int e = stack.Count, h = stack.Hidden, i = stack.Intermediate;
+        using var scratch = Device.Allocate(Math.Max(stack.GateUp.ByteLength, stack.Down.ByteLength));
+        stack.GateUp.CopyTo(scratch, stack.GateUp.ByteLength, Stream);
+        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, scratch, stack.GateUp, 2L * i * e, h);
+        stack.Down.CopyTo(scratch, stack.Down.ByteLength, Stream);
+        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, scratch, stack.Down, (long)h * e, i);
+        Stream.Synchronize();
+        stack.BoxedInPlace = true;
+    }
+
+    /// <summary>
+    /// MOE_RAG_INJECT_PREFILL_MOE=tokens: prefill chunks (more than <see cref="TmaMaxRows"/> rows) take the moe_tma_tokens
+    /// kernels instead of cuBLAS per expert on a Hopper card (as they do whenever the weights are boxed).
+    /// </summary>
+    private static readonly bool s_prefillTokens = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PREFILL_MOE") is "tokens";
+
+    /// <summary>A persistent moe_tma_tokens launch (TOKENS_STAGES in gemm_wgmma.cu: 4 stages of 128 + 256 rows of 128 bytes).</summary>
+    private void LaunchTmaTokens(bool gateUp, int tilesBound, params ReadOnlySpan<KernelArg> args)
+    {
+        var pair = TokensClusterForced ?? s_tokensCluster;
+        var name = (gateUp ? "moe_tma_tokens_gate_up" : "moe_tma_tokens_down") + (pair == 2 ? "_pair" : "");
+        const uint Shared = 4 * ((128 + 256) * 128 + 16);
+        if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)Shared);
+        var grid = Math.Min(Device.MultiprocessorCount, tilesBound);
+        if (pair == 2) grid = Math.Max(2, grid & ~1);  // whole clusters
+        Launch3(name, ((uint)grid, 1, 1), 384, Shared, args);
+    }
+
+    /// <summary>MOE_RAG_INJECT_TOKENS_CLUSTER=2: the moe_tma_tokens kernels in clusters of two blocks (the _pair kernels).</summary>
+    private static readonly int s_tokensCluster = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TOKENS_CLUSTER") is "2" ? 2 : 1;
+
+    /// <summary>The moe_tma_tokens kernels' cluster size, forced (gemm-bench).</summary>
+    internal int? TokensClusterForced { get; set; }
+
+    /// <summary>Registers and local bytes a thread of a compiled kernel (gemm-bench's report).</summary>
+    internal (int Registers, int LocalBytes) KernelResources(string name) =>
+        (_kernels[name].Attribute(CUfunctionAttribute.NumRegs), _kernels[name].Attribute(CUfunctionAttribute.LocalSizeBytes));
 
     private readonly Dictionary<(ulong, long, long, int), TensorMap> _tensorMaps = [];
 

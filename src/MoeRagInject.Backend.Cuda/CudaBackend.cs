@@ -166,7 +166,9 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
             Store(experts[e].Up, gateUp, 2L * (e * 2L * intermediate + intermediate) * hidden);
             Store(experts[e].Down, down, 2L * e * hidden * intermediate);
         }
-        return new CudaExpertStack(gateUp, down, count, hidden, intermediate);
+        var stack = new CudaExpertStack(gateUp, down, count, hidden, intermediate);
+        BoxInPlace(stack);
+        return stack;
     }
 
     /// <summary>Writes one tensor as bf16 at a byte offset: copied as it is, converted from fp32/fp16 on the host, or (dummy) generated on the device.</summary>

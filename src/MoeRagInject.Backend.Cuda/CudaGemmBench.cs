@@ -130,10 +130,72 @@ public static class CudaGemmBench
                         backend.TmaDownWideForced = null;
                     }
                     backend.TmaNForced = null;
+                    BoxedAgainstRowMajor();
+                }
+                if (rows > CudaBackend.TmaMaxRows)
+                {
+                    // Prefill chunks: the token-major TMA kernels against cuBLAS per expert (bf16 in between, as a bf16
+                    // Linear rounds; the kernels keep gate and up in fp32 for silu · mul), then on boxed weights.
+                    backend.MoePathForced = CudaBackend.MoePath.Cublas;
+                    var reference = new float[rows * y.Columns];
+                    backend.MoeExperts(x, experts, (int)k, step, y, rows);
+                    backend.Download(y, rows, reference);
+                    backend.MoePathForced = CudaBackend.MoePath.TmaTokens;
+                    foreach (var cluster in new[] { 1, 2 })
+                    {
+                        backend.TokensClusterForced = cluster;
+                        Moe($"tma tokens, clusters of {cluster}");
+                        var tokens = new float[rows * y.Columns];
+                        backend.MoeExperts(x, experts, (int)k, step, y, rows);
+                        backend.Download(y, rows, tokens);
+                        double error = 0, norm = 0;
+                        for (var j = 0; j < rows * (int)h; j++)
+                        {
+                            error += (tokens[j] - reference[j]) * (double)(tokens[j] - reference[j]);
+                            norm += reference[j] * (double)reference[j];
+                        }
+                        report(Line($"moe    rows {rows,5} tma tokens, clusters of {cluster}, against cuBLAS per expert: normalised squared error {error / norm:E2}"));
+                    }
+                    backend.TokensClusterForced = null;
+                    foreach (var name in new[] { "moe_tma_tokens_gate_up", "moe_tma_tokens_down", "moe_tma_tokens_gate_up_pair", "moe_tma_tokens_down_pair" })
+                    {
+                        var (registers, local) = backend.KernelResources(name);
+                        report(Line($"kernel {name}: {registers} registers, {local} bytes of local memory a thread"));
+                    }
+                    BoxedAgainstRowMajor();
                 }
             }
             backend.MoePathForced = null;
             if (wgmmaOnly) continue;
+
+            // The moe_tma kernels on the same weights in the boxed layout (contiguous pre-swizzled 16 KB boxes read by bulk
+            // copies) against the row-major ones through the tensor map: the same products in the same order, so the
+            // outputs must agree in every bit.
+            void BoxedAgainstRowMajor()
+            {
+                var width = y.Columns;
+                var rowMajor = new float[rows * width];
+                var boxedOut = new float[rows * width];
+                backend.MoeExperts(x, experts, (int)k, step, y, rows);
+                backend.Download(y, rows, rowMajor);
+                backend.BoxCopy(experts);
+                try
+                {
+                    Moe("tma boxed (chosen N)");
+                    backend.MoeExperts(x, experts, (int)k, step, y, rows);
+                    backend.Download(y, rows, boxedOut);
+                    var differing = 0;
+                    for (var j = 0; j < rowMajor.Length; j++)
+                        if (BitConverter.SingleToInt32Bits(rowMajor[j]) != BitConverter.SingleToInt32Bits(boxedOut[j])) differing++;
+                    report(Line($"moe    rows {rows,5} tma boxed against row-major: {differing} of {rowMajor.Length} outputs differ"));
+                }
+                finally
+                {
+                    ((CudaExpertStack)experts).Boxed?.GateUp.Dispose();
+                    ((CudaExpertStack)experts).Boxed?.Down.Dispose();
+                    ((CudaExpertStack)experts).Boxed = null;
+                }
+            }
 
             foreach (var (name, weight) in new[] { ("qkv", qkv), ("o_proj", oProj), ("lm_head", lmHead) })
             {

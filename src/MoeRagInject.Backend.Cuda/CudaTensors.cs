@@ -22,6 +22,21 @@ internal sealed class CudaExpertStack(DeviceBuffer gateUp, DeviceBuffer down, in
 {
     public DeviceBuffer GateUp { get; } = gateUp;
     public DeviceBuffer Down { get; } = down;
+
+    /// <summary>
+    /// Copies of GateUp and Down in the boxed layout (moe_box_weights in gemm_wgmma.cu) that the moe_tma kernels then read
+    /// instead, or null: made by <see cref="CudaBackend.BoxExperts"/> for gemm-bench's comparison.
+    /// </summary>
+    public (DeviceBuffer GateUp, DeviceBuffer Down)? Boxed { get; set; }
+
+    /// <summary>GateUp and Down themselves hold the boxed layout (MOE_RAG_INJECT_BOXED=1, with every row count forced
+    /// onto the moe_tma kernels, the only ones that read it).</summary>
+    public bool BoxedInPlace { get; set; }
+
+    /// <summary>Where the moe_tma kernels read the boxed weights, or 0: they read GateUp and Down through the tensor map.</summary>
+    public (ulong GateUp, ulong Down) BoxedPointers =>
+        BoxedInPlace ? (GateUp.Pointer, Down.Pointer) : Boxed is { } b ? (b.GateUp.Pointer, b.Down.Pointer) : (0UL, 0UL);
+
     public override int Count => count;
     public override int Hidden => hidden;
     public override int Intermediate => intermediate;
@@ -31,6 +46,8 @@ internal sealed class CudaExpertStack(DeviceBuffer gateUp, DeviceBuffer down, in
         if (!disposing) return;
         GateUp.Dispose();
         Down.Dispose();
+        Boxed?.GateUp.Dispose();
+        Boxed?.Down.Dispose();
     }
 }
 

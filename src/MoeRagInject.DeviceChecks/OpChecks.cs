@@ -99,6 +99,20 @@ public sealed class OpChecks : IDisposable
         return RunInvariance();
     }
 
+    /// <summary>
+    /// The MoE block alone at row counts that take each path (one row, the TMA kernels' tile widths, prefill chunks), each
+    /// check's name ending in <paramref name="label"/>: for a backend set up another way (the CUDA backend with its
+    /// experts in the boxed layout).
+    /// </summary>
+    public IReadOnlyList<CheckResult> RunMoe(string label)
+    {
+        _moeLabel = label;
+        Check("moe", [1, 8, 40, 100, 200, 300, 1000], MoeCase);
+        return _results;
+    }
+
+    private string _moeLabel = "";
+
     /// <summary>Only the bit-for-bit checks of <see cref="RunBatchInvariance"/>: for the CPU backend, which the others compare against.</summary>
     public IReadOnlyList<CheckResult> RunInvariance()
     {
@@ -381,7 +395,8 @@ public sealed class OpChecks : IDisposable
         _device.Route(x.Device, router.Device, 0, _config.NumExpertsPerToken, pair.Device, rows);
         _cpu.MoeExperts(x.Cpu, cpuExperts, _config.NumExpertsPerToken, pair.Cpu, y.Cpu, rows);
         _device.MoeExperts(x.Device, deviceExperts, _config.NumExpertsPerToken, pair.Device, y.Device, rows);
-        Compare(_config.IntermediateSize == DefaultIntermediate ? $"moe rows={rows}" : $"moe rows={rows}, intermediate {_config.IntermediateSize}", y, rows, 1e-4);
+        Compare((_config.IntermediateSize == DefaultIntermediate ? $"moe rows={rows}" : $"moe rows={rows}, intermediate {_config.IntermediateSize}") + _moeLabel,
+            y, rows, 1e-4);
     }
 
     /// <summary>The first rows of a 700-row batch through linear (QKV and down-sized) and MoE, then the same rows as 1 and 5 rows.</summary>

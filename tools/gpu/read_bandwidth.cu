@@ -268,6 +268,29 @@ int main()
             }
     }
 
+    // The same bytes as a [rows, 64] bf16 matrix (each row 128 bytes, the next row's right after it) in 128 x 64 boxes:
+    // every box 16 KB of consecutive bytes, as the boxed layout of the expert weights stores them, read through the
+    // tensor map; against the 2-D boxes above (8 KB apart) and the bulk copies of the same chunks.
+    {
+        const long long rows = big / 128;
+        CUtensorMap map;
+        cuuint64_t dims[2] = {64, (cuuint64_t)rows};
+        cuuint64_t strides[1] = {128};
+        const cuuint32_t box[2] = {64, 128};
+        const CUresult r = encode_map(&map, 2, buffer, dims, strides, box);
+        if (r != CUDA_SUCCESS) { fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r); exit(1); }
+        for (int boxes : {1, 2})
+            for (int stages : {4, 6, 8, 12})
+            {
+                const size_t smem = (size_t)stages * 16384 * boxes + 16 * 8;
+                if (smem > 210 * 1024) continue;
+                const int tiles = (int)(rows / (128 * boxes));
+                const double ms = median_ms([&](int) { read_tma_boxes<false><<<sms, 32, smem>>>(map, tiles, 1, boxes, 1, stages, sink); });
+                printf("tensor-map TMA, 8 GiB as [%lld, 64] (boxes contiguous), %d box(es) a stage, %2d stages, 1 block a SM: %5.2f TB/s\n",
+                       rows, boxes, stages, big / ms / 1e9);
+            }
+    }
+
     // The same matrix through a 3-D map, boxes of 128 rows x depth k-tiles.
     {
         const long long k = 4096, rows = big / (2 * k), kTiles = k / 64;

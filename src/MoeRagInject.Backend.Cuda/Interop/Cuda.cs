@@ -437,6 +437,13 @@ internal sealed unsafe class CudaKernel
     public void SetMaxDynamicSharedMemory(int bytes) =>
         CudaCheck.Driver(Driver.cuFuncSetAttribute(Function, CUfunctionAttribute.MaxDynamicSharedSizeBytes, bytes));
 
+    /// <summary>One of the compiled function's attributes (registers a thread, local memory a thread).</summary>
+    public int Attribute(CUfunctionAttribute attribute)
+    {
+        CudaCheck.Driver(Driver.cuFuncGetAttribute(out var value, attribute, Function));
+        return value;
+    }
+
     /// <summary>
     /// Enqueues the kernel. Each argument must have exactly the size of the kernel's parameter: device pointers as
     /// <see cref="ulong"/> or <see cref="DeviceBuffer"/>, C int as int, and so on. Allocates nothing.

@@ -34,6 +34,12 @@ internal enum CUfunctionAttribute
 {
     /// <summary>CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: must be raised before a launch asks for more than 48 KiB.</summary>
     MaxDynamicSharedSizeBytes = 8,
+
+    /// <summary>CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES: local memory a thread (spilled registers among it).</summary>
+    LocalSizeBytes = 3,
+
+    /// <summary>CU_FUNC_ATTRIBUTE_NUM_REGS: registers a thread.</summary>
+    NumRegs = 4,
 }
 
 /// <summary>CUstreamCaptureMode: which potentially unsafe API calls other threads may make while a stream captures.</summary>
@@ -123,6 +129,7 @@ internal static unsafe partial class Driver
     [LibraryImport(Lib)] internal static partial CUresult cuModuleUnload(nint hmod);
     [LibraryImport(Lib)] internal static partial CUresult cuModuleGetFunction(nint* hfunc, nint hmod, byte* name);
     [LibraryImport(Lib)] internal static partial CUresult cuFuncSetAttribute(nint hfunc, CUfunctionAttribute attrib, int value);
+    [LibraryImport(Lib)] internal static partial CUresult cuFuncGetAttribute(out int value, CUfunctionAttribute attrib, nint hfunc);
 
     [LibraryImport(Lib)]
     internal static partial CUresult cuLaunchKernel(nint f, uint gridDimX, uint gridDimY, uint gridDimZ,

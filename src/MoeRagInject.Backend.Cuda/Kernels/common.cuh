@@ -36,6 +36,17 @@ __device__ __forceinline__ bf16 float_to_bf16(float f)
 __device__ __forceinline__ float lo_bf16(unsigned w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_bf16(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
 
+// A warp's walk over one row of a bf16 weight matrix [rows, k] in 16-byte pieces, lane l taking pieces l, l + 32, ...:
+// the lane's first piece and the stride between its pieces, in the row-major layout or (boxed ≠ 0) the expert weights'
+// boxed one (moe_box_weights in gemm_wgmma.cu: 128 × 64 boxes of 16 KB, pre-swizzled), where the 32 pieces of a pass lie
+// in four consecutive boxes, and a lane's next pass four boxes on. k must be a multiple of 64 for the boxed layout.
+struct RowWalk { long long first; int stride; };
+__device__ __forceinline__ RowWalk row_walk(long long row, int k, int lane, int boxed)
+{
+    if (!boxed) return {row * (k / 8) + lane, 32};
+    return {((row >> 7) * (k / 64) + (lane >> 3)) * 1024 + (row & 127) * 8 + ((lane & 7) ^ (int)(row & 7)), 4096};
+}
+
 // Σ of 8 products: 8 bf16 weights (one 16-byte load) times 8 bf16 activations.
 __device__ __forceinline__ float dot8(u32x4 w, u32x4 x)
 {

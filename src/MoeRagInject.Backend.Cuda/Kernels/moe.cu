@@ -156,10 +156,10 @@ extern "C" __global__ void __launch_bounds__(1024) route(const bf16* __restrict_
 // Small path, gate and up: for expert blockIdx.x and 8 intermediate features (a warp each), act[slot, n] =
 // silu(gate_n · x) · (up_n · x) for every (row, k) slot routed to the expert, MOE_T slots per pass over the weights
 // (instantiated for 1, 2, 4, 8, 16: the host picks the smallest that holds every slot). Weights [E, 2I, H]: gate rows,
-// then up rows. Grid: (E, ceil(I / 8)); block: 256.
+// then up rows, row-major or (boxed ≠ 0) boxed, as row_walk reads them; so too the down weights and the one-row kernels'. Grid: (E, ceil(I / 8)); block: 256.
 template <int MOE_T>
 __device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
-    const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate)
+    const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate, int boxed)
 {
     __shared__ int routed[MOE_MAX_SLOTS];
     __shared__ int count;
@@ -167,8 +167,8 @@ __device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ 
     collect_routed(topIds, slots, e, routed, &count);
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (count == 0 || feature >= intermediate) return;
-    const u32x4* gate = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + feature) * hidden);
-    const u32x4* up = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + intermediate + feature) * hidden);
+    const RowWalk gw = row_walk((long long)e * 2 * intermediate + feature, hidden, lane, boxed);
+    const RowWalk uw = row_walk((long long)e * 2 * intermediate + intermediate + feature, hidden, lane, boxed);
     const int chunks = hidden / 8;
     for (int first = 0; first < count; first += MOE_T)
     {
@@ -179,10 +179,12 @@ __device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ 
         float g[MOE_T], u[MOE_T];
 #pragma unroll
         for (int t = 0; t < MOE_T; t++) g[t] = u[t] = 0.f;
+        const u32x4* gate = (const u32x4*)gateUp + gw.first;
+        const u32x4* up = (const u32x4*)gateUp + uw.first;
 #pragma unroll 2
-        for (int c = lane; c < chunks; c += 32)
+        for (int c = lane; c < chunks; c += 32, gate += gw.stride, up += uw.stride)
         {
-            const u32x4 gv = gate[c], uv = up[c];
+            const u32x4 gv = *gate, uv = *up;
 #pragma unroll
             for (int t = 0; t < MOE_T; t++)
                 if (t < n)
@@ -205,7 +207,8 @@ __device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ 
 // features per block. Weights [E, H, I]. Grid: (E, ceil(H / 8)); block: 256.
 template <int MOE_T>
 __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act, const bf16* __restrict__ down,
-    const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate)
+    const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate,
+    int boxed)
 {
     __shared__ int routed[MOE_MAX_SLOTS];
     __shared__ int count;
@@ -213,7 +216,7 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
     collect_routed(topIds, slots, e, routed, &count);
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (count == 0 || feature >= hidden) return;
-    const u32x4* row = (const u32x4*)(down + ((long long)e * hidden + feature) * intermediate);
+    const RowWalk walk = row_walk((long long)e * hidden + feature, intermediate, lane, boxed);
     const int chunks = intermediate / 8;
     for (int first = 0; first < count; first += MOE_T)
     {
@@ -224,10 +227,11 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
         float acc[MOE_T];
 #pragma unroll
         for (int t = 0; t < MOE_T; t++) acc[t] = 0.f;
+        const u32x4* row = (const u32x4*)down + walk.first;
 #pragma unroll 4
-        for (int c = lane; c < chunks; c += 32)
+        for (int c = lane; c < chunks; c += 32, row += walk.stride)
         {
-            const u32x4 wv = row[c];
+            const u32x4 wv = *row;
 #pragma unroll
             for (int t = 0; t < MOE_T; t++)
                 if (t < n) acc[t] += dot8(wv, inputs[t][c]);
@@ -247,34 +251,37 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
 
 #define MOE_SMALL(T) \
     extern "C" __global__ void __launch_bounds__(256) moe_small_gate_up_t##T(const bf16* __restrict__ x, const bf16* __restrict__ gateUp, \
-        const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate) \
-    { kernel_prologue(); moe_small_gate_up_impl<T>(x, gateUp, topIds, act, slots, topK, hidden, intermediate); } \
+        const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate, int boxed) \
+    { kernel_prologue(); moe_small_gate_up_impl<T>(x, gateUp, topIds, act, slots, topK, hidden, intermediate, boxed); } \
     extern "C" __global__ void __launch_bounds__(256) moe_small_down_t##T(const bf16* __restrict__ act, const bf16* __restrict__ down, \
-        const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate) \
-    { kernel_prologue(); moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate); }
+        const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, int slots, int hidden, int intermediate, \
+        int boxed) \
+    { kernel_prologue(); moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate, boxed); }
 MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
 // One row (decode at batch 1), gate and up: block (k, 8 features) for the row's k-th expert, a warp a feature; blocks are
 // launched only for the k routed experts (not for every expert, most of which would have nothing to do). With
 // zeroDelta, the blocks of k = 0 also zero delta[0, 0 .. hidden) for moe_row_down to add into. Grid: (K, ceil(I / 8)); block: 256.
 extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
-    const int* __restrict__ topIds, bf16* __restrict__ act, float* __restrict__ delta, int zeroDelta, int hidden, int intermediate)
+    const int* __restrict__ topIds, bf16* __restrict__ act, float* __restrict__ delta, int zeroDelta, int hidden, int intermediate, int boxed)
 {
     kernel_prologue();
     const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (zeroDelta && slot == 0 && threadIdx.x < 8 && blockIdx.y * 8 + threadIdx.x < hidden) delta[blockIdx.y * 8 + threadIdx.x] = 0.f;
     if (e < 0 || feature >= intermediate) return;
-    const u32x4* gate = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + feature) * hidden);
-    const u32x4* up = (const u32x4*)(gateUp + ((long long)e * 2 * intermediate + intermediate + feature) * hidden);
+    const RowWalk gw = row_walk((long long)e * 2 * intermediate + feature, hidden, lane, boxed);
+    const RowWalk uw = row_walk((long long)e * 2 * intermediate + intermediate + feature, hidden, lane, boxed);
+    const u32x4* gate = (const u32x4*)gateUp + gw.first;
+    const u32x4* up = (const u32x4*)gateUp + uw.first;
     const u32x4* row = (const u32x4*)x;
     float g = 0.f, u = 0.f;
 #pragma unroll 4
-    for (int c = lane; c < hidden / 8; c += 32)
+    for (int c = lane; c < hidden / 8; c += 32, gate += gw.stride, up += uw.stride)
     {
         const u32x4 xv = row[c];
-        g += dot8(gate[c], xv);
-        u += dot8(up[c], xv);
+        g += dot8(*gate, xv);
+        u += dot8(*up, xv);
     }
     g = warp_sum(g);
     u = warp_sum(u);
@@ -286,17 +293,18 @@ extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __
 // added into delta[0, h]; otherwise written to out[k, h] for moe_combine_slots. Grid: (K, ceil(H / 8)); block: 256.
 extern "C" __global__ void __launch_bounds__(256) moe_row_down(const bf16* __restrict__ act, const bf16* __restrict__ down,
     const int* __restrict__ topIds, const float* __restrict__ topWeights, float* __restrict__ out, float* __restrict__ delta,
-    int addToDelta, int hidden, int intermediate)
+    int addToDelta, int hidden, int intermediate, int boxed)
 {
     kernel_prologue();
     const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
     const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
     if (e < 0 || feature >= hidden) return;
-    const u32x4* w = (const u32x4*)(down + ((long long)e * hidden + feature) * intermediate);
+    const RowWalk walk = row_walk((long long)e * hidden + feature, intermediate, lane, boxed);
+    const u32x4* w = (const u32x4*)down + walk.first;
     const u32x4* in = (const u32x4*)(act + (long long)slot * intermediate);
     float acc = 0.f;
 #pragma unroll 8
-    for (int c = lane; c < intermediate / 8; c += 32) acc += dot8(w[c], in[c]);
+    for (int c = lane; c < intermediate / 8; c += 32, w += walk.stride) acc += dot8(*w, in[c]);
     acc = warp_sum(acc);
     if (lane != 0) return;
     if (addToDelta) atomicAdd(delta + feature, acc * topWeights[slot]);

@@ -65,6 +65,18 @@ public static class CheckDeviceCommand
             using (var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2))
             using (var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r)))
                 results.AddRange(ops.Run());
+            if (factory is CudaRunnerFactory boxing)
+            {
+                // The experts in the boxed layout (MOE_RAG_INJECT_BOXED=1): every MoE path that reads it, against the CPU backend.
+                using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(boxing.Ordinal, false, Progress);
+                if (backend.CanBoxExperts)
+                {
+                    Console.Out.WriteLine("-- the experts in the boxed layout");
+                    backend.BoxExperts = true;
+                    using var ops = new OpChecks(backend, seed + 3, r => Console.Out.WriteLine(r));
+                    results.AddRange(ops.RunMoe(" (boxed experts)"));
+                }
+            }
             if (factory is CudaRunnerFactory deterministic)
             {
                 Console.Out.WriteLine("-- the deterministic backend (--deterministic)");
