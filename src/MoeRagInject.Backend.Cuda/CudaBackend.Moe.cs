@@ -15,7 +15,8 @@ public sealed partial class CudaBackend
     /// How the MoE block runs: <c>Small</c>, warp-per-feature kernels for a few routed slots; <c>Tensor</c> (mma.sync) and
     /// <c>Wgmma</c> (Hopper), rows grouped by expert on the device and tensor-core grouped GEMMs that read each touched
     /// expert once (graph-capturable); <c>Tma</c> (Hopper), the same fed by tensor-memory-access copies, warp-specialised;
-    /// <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
+    /// <c>TmaTokens</c> (Hopper, prefill chunks when asked or when the experts are boxed), the same with 128 group rows
+    /// against 256 weight rows a tile; <c>Dense</c>, every expert on every row by strided-batched cuBLAS; <c>Cublas</c>, one cuBLAS GEMM per expert after a
     /// host read of the group sizes (eager only). The last two are kept to be measured against (MOE_RAG_INJECT_MOE_PATH).
     /// </summary>
     internal enum MoePath { Small, Tensor, Wgmma, Tma, TmaTokens, Dense, Cublas }
@@ -290,19 +291,24 @@ public sealed partial class CudaBackend
     {
         var stack = (CudaExpertStack)experts;
         if (stack.Boxed is not null) return;
-        int e = stack.Count, h = stack.Hidden, i = stack.Intermediate;
         var gateUp = Device.Allocate(stack.GateUp.ByteLength);
         var down = Device.Allocate(stack.Down.ByteLength);
-        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, stack.GateUp, gateUp, 2L * i * e, h);
-        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, stack.Down, down, (long)h * e, i);
+        LaunchBox(stack, stack.GateUp, gateUp, gateUp: true);
+        LaunchBox(stack, stack.Down, down, gateUp: false);
         stack.Boxed = (gateUp, down);
     }
 
+    /// <summary>moe_box_weights: a stack's gate-up ([E · 2I, H]) or down ([E · H, I]) weights, row-major at source, boxed at destination.</summary>
+    private void LaunchBox(CudaExpertStack stack, DeviceBuffer source, DeviceBuffer destination, bool gateUp) =>
+        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, source, destination,
+            gateUp ? 2L * stack.Intermediate * stack.Count : (long)stack.Hidden * stack.Count, gateUp ? stack.Hidden : stack.Intermediate);
+
     /// <summary>
     /// MOE_RAG_INJECT_BOXED=1: every layer's experts boxed in place at upload on a Hopper card, where the moe_tma kernels
-    /// take the shape. The small kernels (one row) and the moe_tma kernels read that layout; every other row count, prefill
-    /// chunks included, then takes the moe_tma kernels, which compute a 2,048-token prefill at about half cuBLAS's rate
-    /// (session 23). Off by default until a prefill kernel of ours reads the layout at cuBLAS's rate.
+    /// take the shape. The small kernels (one row), the moe_tma kernels and, for prefill chunks, the moe_tma_tokens kernels
+    /// read that layout; every other row count takes the moe_tma kernels. Measured on H200s (docs/performance.md, session
+    /// 27): decode steps 1–4% shorter, a 2,048-token prefill 23–25% longer (the moe_tma_tokens kernels multiply at 500–520
+    /// TFLOP/s where cuBLAS per expert reaches 674–691). Off by default until they compute at cuBLAS's rate.
     /// </summary>
     private static readonly bool s_boxedInPlace = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_BOXED") is "1";
 
@@ -319,12 +325,11 @@ public sealed partial class CudaBackend
     private void BoxInPlace(CudaExpertStack stack)
     {
         if (!BoxExperts || !TmaFits(stack.Hidden, stack.Intermediate)) return;
-        int e = stack.Count, h = stack.Hidden, i = stack.Intermediate;
         using var scratch = Device.Allocate(Math.Max(stack.GateUp.ByteLength, stack.Down.ByteLength));
         stack.GateUp.CopyTo(scratch, stack.GateUp.ByteLength, Stream);
-        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, scratch, stack.GateUp, 2L * i * e, h);
+        LaunchBox(stack, scratch, stack.GateUp, gateUp: true);
         stack.Down.CopyTo(scratch, stack.Down.ByteLength, Stream);
-        Launch("moe_box_weights", 4 * (uint)Device.MultiprocessorCount, 256, scratch, stack.Down, (long)h * e, i);
+        LaunchBox(stack, scratch, stack.Down, gateUp: false);
         Stream.Synchronize();
         stack.BoxedInPlace = true;
     }
@@ -338,20 +343,11 @@ public sealed partial class CudaBackend
     /// <summary>A persistent moe_tma_tokens launch (TOKENS_STAGES in gemm_wgmma.cu: 4 stages of 128 + 256 rows of 128 bytes).</summary>
     private void LaunchTmaTokens(bool gateUp, int tilesBound, params ReadOnlySpan<KernelArg> args)
     {
-        var pair = TokensClusterForced ?? s_tokensCluster;
-        var name = (gateUp ? "moe_tma_tokens_gate_up" : "moe_tma_tokens_down") + (pair == 2 ? "_pair" : "");
+        var name = gateUp ? "moe_tma_tokens_gate_up" : "moe_tma_tokens_down";
         const uint Shared = 4 * ((128 + 256) * 128 + 16);
         if (_sharedRaised.Add(name)) _kernels[name].SetMaxDynamicSharedMemory((int)Shared);
-        var grid = Math.Min(Device.MultiprocessorCount, tilesBound);
-        if (pair == 2) grid = Math.Max(2, grid & ~1);  // whole clusters
-        Launch3(name, ((uint)grid, 1, 1), 384, Shared, args);
+        Launch3(name, ((uint)Math.Min(Device.MultiprocessorCount, tilesBound), 1, 1), 384, Shared, args);
     }
-
-    /// <summary>MOE_RAG_INJECT_TOKENS_CLUSTER=2: the moe_tma_tokens kernels in clusters of two blocks (the _pair kernels).</summary>
-    private static readonly int s_tokensCluster = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TOKENS_CLUSTER") is "2" ? 2 : 1;
-
-    /// <summary>The moe_tma_tokens kernels' cluster size, forced (gemm-bench).</summary>
-    internal int? TokensClusterForced { get; set; }
 
     /// <summary>Registers and local bytes a thread of a compiled kernel (gemm-bench's report).</summary>
     internal (int Registers, int LocalBytes) KernelResources(string name) =>

@@ -130,7 +130,7 @@ public static class CudaGemmBench
                         backend.TmaDownWideForced = null;
                     }
                     backend.TmaNForced = null;
-                    BoxedAgainstRowMajor();
+                    BoxedAgainstRowMajor("tma");
                 }
                 if (rows > CudaBackend.TmaMaxRows)
                 {
@@ -141,37 +141,32 @@ public static class CudaGemmBench
                     backend.MoeExperts(x, experts, (int)k, step, y, rows);
                     backend.Download(y, rows, reference);
                     backend.MoePathForced = CudaBackend.MoePath.TmaTokens;
-                    foreach (var cluster in new[] { 1, 2 })
+                    Moe("tma tokens");
+                    var tokens = new float[rows * y.Columns];
+                    backend.MoeExperts(x, experts, (int)k, step, y, rows);
+                    backend.Download(y, rows, tokens);
+                    double error = 0, norm = 0;
+                    for (var j = 0; j < rows * (int)h; j++)
                     {
-                        backend.TokensClusterForced = cluster;
-                        Moe($"tma tokens, clusters of {cluster}");
-                        var tokens = new float[rows * y.Columns];
-                        backend.MoeExperts(x, experts, (int)k, step, y, rows);
-                        backend.Download(y, rows, tokens);
-                        double error = 0, norm = 0;
-                        for (var j = 0; j < rows * (int)h; j++)
-                        {
-                            error += (tokens[j] - reference[j]) * (double)(tokens[j] - reference[j]);
-                            norm += reference[j] * (double)reference[j];
-                        }
-                        report(Line($"moe    rows {rows,5} tma tokens, clusters of {cluster}, against cuBLAS per expert: normalised squared error {error / norm:E2}"));
+                        error += (tokens[j] - reference[j]) * (double)(tokens[j] - reference[j]);
+                        norm += reference[j] * (double)reference[j];
                     }
-                    backend.TokensClusterForced = null;
-                    foreach (var name in new[] { "moe_tma_tokens_gate_up", "moe_tma_tokens_down", "moe_tma_tokens_gate_up_pair", "moe_tma_tokens_down_pair" })
+                    report(Line($"moe    rows {rows,5} tma tokens against cuBLAS per expert: normalised squared error {error / norm:E2}"));
+                    foreach (var name in new[] { "moe_tma_tokens_gate_up", "moe_tma_tokens_down" })
                     {
                         var (registers, local) = backend.KernelResources(name);
                         report(Line($"kernel {name}: {registers} registers, {local} bytes of local memory a thread"));
                     }
-                    BoxedAgainstRowMajor();
+                    BoxedAgainstRowMajor("tma tokens");
                 }
             }
             backend.MoePathForced = null;
             if (wgmmaOnly) continue;
 
-            // The moe_tma kernels on the same weights in the boxed layout (contiguous pre-swizzled 16 KB boxes read by bulk
-            // copies) against the row-major ones through the tensor map: the same products in the same order, so the
-            // outputs must agree in every bit.
-            void BoxedAgainstRowMajor()
+            // The forced path's kernels (moe_tma or moe_tma_tokens) on the same weights in the boxed layout (contiguous
+            // pre-swizzled 16 KB boxes read by bulk copies) against the row-major ones read through the tensor map: the same
+            // products in the same order, so the outputs must agree in every bit.
+            void BoxedAgainstRowMajor(string label)
             {
                 var width = y.Columns;
                 var rowMajor = new float[rows * width];
@@ -181,13 +176,13 @@ public static class CudaGemmBench
                 backend.BoxCopy(experts);
                 try
                 {
-                    Moe("tma boxed (chosen N)");
+                    Moe($"{label} boxed");
                     backend.MoeExperts(x, experts, (int)k, step, y, rows);
                     backend.Download(y, rows, boxedOut);
                     var differing = 0;
                     for (var j = 0; j < rowMajor.Length; j++)
                         if (BitConverter.SingleToInt32Bits(rowMajor[j]) != BitConverter.SingleToInt32Bits(boxedOut[j])) differing++;
-                    report(Line($"moe    rows {rows,5} tma boxed against row-major: {differing} of {rowMajor.Length} outputs differ"));
+                    report(Line($"moe    rows {rows,5} {label} boxed against row-major: {differing} of {rowMajor.Length} outputs differ"));
                 }
                 finally
                 {

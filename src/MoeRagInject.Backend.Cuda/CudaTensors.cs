@@ -25,12 +25,12 @@ internal sealed class CudaExpertStack(DeviceBuffer gateUp, DeviceBuffer down, in
 
     /// <summary>
     /// Copies of GateUp and Down in the boxed layout (moe_box_weights in gemm_wgmma.cu) that the moe_tma kernels then read
-    /// instead, or null: made by <see cref="CudaBackend.BoxExperts"/> for gemm-bench's comparison.
+    /// instead, or null: made by CudaBackend.BoxCopy for gemm-bench's comparison.
     /// </summary>
     public (DeviceBuffer GateUp, DeviceBuffer Down)? Boxed { get; set; }
 
-    /// <summary>GateUp and Down themselves hold the boxed layout (MOE_RAG_INJECT_BOXED=1, with every row count forced
-    /// onto the moe_tma kernels, the only ones that read it).</summary>
+    /// <summary>GateUp and Down themselves hold the boxed layout (<see cref="CudaBackend.BoxExperts"/>): only the small, moe_tma
+    /// and moe_tma_tokens kernels may read them.</summary>
     public bool BoxedInPlace { get; set; }
 
     /// <summary>Where the moe_tma kernels read the boxed weights, or 0: they read GateUp and Down through the tensor map.</summary>

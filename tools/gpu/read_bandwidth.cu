@@ -8,6 +8,8 @@
 //   - the same bytes as a [rows, 4096] bf16 matrix read through a 2-D tensor map in boxes of 128 rows x 64 columns, as the
 //     expert GEMMs read their weights (each box 128 pieces of 128 bytes, 8 KB apart), and through a 3-D map whose boxes
 //     take 2 or 4 consecutive k-tiles of each row;
+//   - the same bytes as a [rows, 64] matrix through a 2-D map, each 128 x 64 box 16 KB of consecutive bytes (the
+//     boxed layout's boxes, read through the map instead of by bulk copies);
 // each over 8 GiB (far past the L2), and the best of the first kinds again over 8 buffers of 235 MB read one launch each
 // (one expert's gate and up rows, so that each launch's start and tail count).
 // Times are CUDA events around each launch (median of 7 after 2 warm-ups). Build and run on the GPU machine:

@@ -439,108 +439,55 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const uns
 // down 256 features), so each copied weight row serves 128 group rows and each group row 256 weight rows. Weights come
 // by the tensor map (row-major) or as bulk copies of the boxed layout. Persistent; the tiles are walked group by group,
 // each group's feature tiles in turn and a feature tile's row tiles innermost, so that the blocks at work share each
-// weight tile and hold one group's rows in L2 (walking row tiles outermost re-read the rows from memory for every
-// wave of feature tiles: 3.4 times the weights' bytes from DRAM at 2,048 rows). In clusters of CLUSTER blocks (2: the
-// _pair kernels), the blocks of a cluster take neighbouring row tiles against the same weights, and each copies
-// 1/CLUSTER of the weight rows into every block by multicast, which halves what L2 hands each block. The group sizes
-// come from device memory, so nothing is read back. Stages: 4 of 48 KB.
+// weight tile and hold one group's rows in L2 (walked row tiles first, as moe_tma_impl walks, a 2,048-row gate-up read
+// 6.5 GB from DRAM for its 1.9 GB of weights, and took 5% longer; walked so, 3.9 GB, by ncu on an H200). The group
+// sizes come from device memory, so nothing is read back. Stages: 4 of 48 KB. (Clusters of two blocks taking
+// neighbouring row tiles and sharing the weights by multicast were 60% slower: commit 6633ac3.)
 constexpr int TOKENS_STAGES = 4;
 constexpr unsigned TOKENS_STAGE_BYTES = (128 + 256) * GEMM_BK * 2;
 
-// The box of the 2-D map at (column c0, row c1) into shared memory at the same offset in every block of the cluster in
-// ctaMask; the bytes complete on the barrier at the same offset in each of them.
-__device__ __forceinline__ void tma_load_multicast(unsigned destination, const TensorMap* map, int c0, int c1, unsigned barrier,
-    unsigned short ctaMask)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n"
-                 ::"r"(destination), "l"((unsigned long long)map), "r"(c0), "r"(c1), "r"(barrier), "h"(ctaMask) : "memory");
-}
-
-// bulk_load into the same offset in every block of the cluster in ctaMask.
-__device__ __forceinline__ void bulk_load_multicast(unsigned destination, const void* source, unsigned bytes, unsigned barrier,
-    unsigned short ctaMask)
-{
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;\n"
-                 ::"r"(destination), "l"(source), "r"(bytes), "r"(barrier), "h"(ctaMask) : "memory");
-}
-
-// One arrival on the barrier at this shared-memory offset in block `cta` of the cluster (this block's own included).
-__device__ __forceinline__ void barrier_arrive_in(unsigned barrier, unsigned cta)
-{
-    asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n"
-                 ::"r"(barrier), "r"(cta) : "memory");
-}
-
-__device__ __forceinline__ unsigned cluster_rank()
-{
-    unsigned rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-    return rank;
-}
-
-// Every thread of every block of the cluster: what each wrote to shared memory before is seen by all after.
-__device__ __forceinline__ void cluster_sync()
-{
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// Unit `unit` of the token-major walk for block `rank` of its cluster: its group, feature tile and rows (rowBegin =
-// rowEnd: the group has no row tile left for this block, which then copies its share of the weights and computes nothing).
-template <int CLUSTER>
-__device__ __forceinline__ void tokens_locate(const int* __restrict__ offsets, int groups, int featureTiles, int unit, int rank,
-    int& group, int& featureTile, int& rowBegin, int& rowEnd)
+// Unit `unit` of the token-major walk: its group, feature tile and rows.
+__device__ __forceinline__ void tokens_locate(const int* __restrict__ offsets, int groups, int featureTiles, int unit, int& group,
+    int& featureTile, int& rowBegin, int& rowEnd)
 {
     for (int g = 0; g < groups; g++)
     {
-        const int begin = offsets[g], end = offsets[g + 1], sets = ((end - begin + 127) / 128 + CLUSTER - 1) / CLUSTER;
-        if (unit < sets * featureTiles)
+        const int begin = offsets[g], end = offsets[g + 1], tiles = (end - begin + 127) / 128;
+        if (unit < tiles * featureTiles)
         {
             group = g;
-            featureTile = unit / sets;
-            rowBegin = min(begin + ((unit % sets) * CLUSTER + rank) * 128, end);
+            featureTile = unit / tiles;
+            rowBegin = begin + (unit % tiles) * 128;
             rowEnd = end;
             return;
         }
-        unit -= sets * featureTiles;
+        unit -= tiles * featureTiles;
     }
 }
 
-// A multiplying warp hands a stage back to the copier of every block of the cluster, since each of them copies a share
-// of the stage's weights into this block.
-template <int CLUSTER>
-__device__ __forceinline__ void release_stage(unsigned empty)
-{
-    if (CLUSTER == 1) barrier_arrive(empty);
-    else
-        for (int cta = 0; cta < CLUSTER; cta++) barrier_arrive_in(empty, (unsigned)cta);
-}
-
-template <bool GATE_UP, int CLUSTER>
+template <bool GATE_UP>
 __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, const unsigned char* __restrict__ boxed, const TensorMap* rows,
     const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y)
 {
-    static_assert(CLUSTER == 1 || CLUSTER == 2, "the weights' two boxes a stage, one a block");
     extern __shared__ __align__(1024) unsigned char tma_shared[];
     bf16* tileW = (bf16*)tma_shared;                            // [STAGES][256][64], 128-byte swizzled
     bf16* tileA = tileW + TOKENS_STAGES * 256 * GEMM_BK;        // [STAGES][128][64]
     const unsigned full0 = shared_address(tileA + TOKENS_STAGES * 128 * GEMM_BK), empty0 = full0 + 8 * TOKENS_STAGES;
 
-    const int tid = threadIdx.x, role = tid >> 7, rank = CLUSTER > 1 ? (int)cluster_rank() : 0;
+    const int tid = threadIdx.x, role = tid >> 7;
     const int featureTiles = GATE_UP ? n / 128 : n / 256, kTiles = k / GEMM_BK;
     int units = 0;
-    for (int g = 0; g < groups; g++) units += ((offsets[g + 1] - offsets[g] + 127) / 128 + CLUSTER - 1) / CLUSTER * featureTiles;
-    const int first = blockIdx.x / CLUSTER, step = gridDim.x / CLUSTER;
+    for (int g = 0; g < groups; g++) units += (offsets[g + 1] - offsets[g] + 127) / 128 * featureTiles;
     if (tid == 0)
     {
         for (int s = 0; s < TOKENS_STAGES; s++)
         {
             barrier_init(full0 + 8 * s, 1);
-            barrier_init(empty0 + 8 * s, 8 * CLUSTER);  // every multiplying warp of the cluster: the weights land in all
+            barrier_init(empty0 + 8 * s, 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if (CLUSTER > 1) cluster_sync();  // no copy lands in a block whose barriers are not yet made
-    else __syncthreads();
+    __syncthreads();
 
     if (role == 0)
     {
@@ -548,10 +495,10 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
         {
             int stage = 0;
             unsigned phase = 0;
-            for (int unit = first; unit < units; unit += step)
+            for (int unit = blockIdx.x; unit < units; unit += gridDim.x)
             {
                 int group = 0, featureTile = 0, rowBegin = 0, rowEnd = 0;
-                tokens_locate<CLUSTER>(offsets, groups, featureTiles, unit, rank, group, featureTile, rowBegin, rowEnd);
+                tokens_locate(offsets, groups, featureTiles, unit, group, featureTile, rowBegin, rowEnd);
                 // Gate-up: the 128 features' gate rows, then their up rows; down: 256 consecutive rows.
                 const int firstRow = GATE_UP ? group * 2 * n + featureTile * 128 : group * n + featureTile * 256;
                 const int secondRow = GATE_UP ? firstRow + n : firstRow + 128;
@@ -559,35 +506,22 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
                 {
                     barrier_wait(empty0 + 8 * stage, phase ^ 1);
                     const unsigned full = full0 + 8 * stage, sw = shared_address(tileW + stage * 256 * GEMM_BK);
-                    barrier_expect(full, TOKENS_STAGE_BYTES);  // both weight boxes (this block's and the other's) and its rows
-                    if (CLUSTER == 1)
+                    barrier_expect(full, TOKENS_STAGE_BYTES);
+                    if (boxed != nullptr)
                     {
-                        if (boxed != nullptr)
-                        {
-                            bulk_load(sw, boxed_tile(boxed, firstRow, kTiles, kt), 16384, full);
-                            bulk_load(sw + 16384, boxed_tile(boxed, secondRow, kTiles, kt), 16384, full);
-                        }
-                        else
-                        {
-                            tma_load(sw, weights, kt * GEMM_BK, firstRow, full);
-                            tma_load(sw + 16384, weights, kt * GEMM_BK, secondRow, full);
-                        }
+                        bulk_load(sw, boxed_tile(boxed, firstRow, kTiles, kt), 16384, full);
+                        bulk_load(sw + 16384, boxed_tile(boxed, secondRow, kTiles, kt), 16384, full);
                     }
                     else
                     {
-                        const int mine = rank == 0 ? firstRow : secondRow;
-                        if (boxed != nullptr)
-                            bulk_load_multicast(sw + rank * 16384, boxed_tile(boxed, mine, kTiles, kt), 16384, full, 3);
-                        else
-                            tma_load_multicast(sw + rank * 16384, weights, kt * GEMM_BK, mine, full, 3);
+                        tma_load(sw, weights, kt * GEMM_BK, firstRow, full);
+                        tma_load(sw + 16384, weights, kt * GEMM_BK, secondRow, full);
                     }
                     tma_load(shared_address(tileA + stage * 128 * GEMM_BK), rows, kt * GEMM_BK, rowBegin, full);
                     if (++stage == TOKENS_STAGES) { stage = 0; phase ^= 1; }
                 }
             }
         }
-        __syncwarp();
-        if (CLUSTER > 1) cluster_sync();  // the others' last copies into this block and arrivals on its barriers are done
         return;
     }
 
@@ -595,11 +529,11 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
     int stage = 0;
     unsigned phase = 0;
     float d[128];
-    for (int unit = first; unit < units; unit += step)
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x)
     {
         int group = 0, featureTile = 0, rowBegin = 0, rowEnd = 0;
-        tokens_locate<CLUSTER>(offsets, groups, featureTiles, unit, rank, group, featureTile, rowBegin, rowEnd);
-        // This warpgroup's 64 rows hold none of the group's (the tile's last rows, or no tile): its products are skipped.
+        tokens_locate(offsets, groups, featureTiles, unit, group, featureTile, rowBegin, rowEnd);
+        // This warpgroup's 64 rows hold none of the group's (the tile's last rows): its products are skipped.
         const bool live = rowBegin + 64 * half < rowEnd;
 #pragma unroll
         for (int i = 0; i < 128; i++) d[i] = 0.f;
@@ -617,12 +551,12 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
             }
             wgmma_commit();
             wgmma_wait<1>();  // the products of the previous stage are done: hand it back
-            if (previous >= 0 && lane == 0) release_stage<CLUSTER>(empty0 + 8 * previous);
+            if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
             previous = stage;
             if (++stage == TOKENS_STAGES) { stage = 0; phase ^= 1; }
         }
         wgmma_wait<0>();
-        if (previous >= 0 && lane == 0) release_stage<CLUSTER>(empty0 + 8 * previous);
+        if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
         if (!live) continue;
 
         // Accumulator r: group row 16·warp + g + 8·((r >> 1) & 1) of the warpgroup's 64, weight column 8·(r >> 2) + 2q + (r & 1).
@@ -654,7 +588,6 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
             }
         }
     }
-    if (CLUSTER > 1) cluster_sync();  // this block's arrivals on the others' barriers are done before any of them ends
 }
 
 #define MOE_TMA_BODY(N, GATE_UP, WIDE) moe_tma_impl<N, GATE_UP, WIDE>(&weights, boxed, &rows, offsets, groups, n, k, act, y, fitRows, splits, splitStride);
@@ -681,20 +614,16 @@ MOE_TMA_KERNEL(down_wide, 128, false, true)
 // moe_tma_tokens_gate_up (n a multiple of 128), moe_tma_tokens_down (n a multiple of 256): grid: a block a multiprocessor
 // (at most the tiles' bound); block: 384; dynamic shared memory: TOKENS_STAGES · (TOKENS_STAGE_BYTES + 16) bytes. Weights
 // through the map, or the boxed layout where boxed is not null; rows through a map of 128-row boxes.
-// The _pair kernels: clusters of two blocks (grid even).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MOE_TMA_TOKENS_BODY(GATE_UP, CLUSTER) moe_tma_tokens_impl<GATE_UP, CLUSTER>(&weights, boxed, &rows, offsets, groups, n, k, act, y);
-#define MOE_TMA_TOKENS_PAIR_DIMS __cluster_dims__(2, 1, 1)
+#define MOE_TMA_TOKENS_BODY(GATE_UP) moe_tma_tokens_impl<GATE_UP>(&weights, boxed, &rows, offsets, groups, n, k, act, y);
 #else
-#define MOE_TMA_TOKENS_BODY(GATE_UP, CLUSTER) __trap();
-#define MOE_TMA_TOKENS_PAIR_DIMS
+#define MOE_TMA_TOKENS_BODY(GATE_UP) __trap();
 #endif
-#define MOE_TMA_TOKENS_KERNEL(NAME, GATE_UP, CLUSTER, DIMS) \
-    extern "C" __global__ void DIMS __launch_bounds__(384, 1) moe_tma_tokens_##NAME(const __grid_constant__ TensorMap weights, \
+#define MOE_TMA_TOKENS_KERNEL(NAME, GATE_UP) \
+    extern "C" __global__ void __launch_bounds__(384, 1) moe_tma_tokens_##NAME(const __grid_constant__ TensorMap weights, \
         const unsigned char* __restrict__ boxed, const __grid_constant__ TensorMap rows, const int* __restrict__ offsets, int groups, int n, \
-        int k, bf16* __restrict__ act, float* __restrict__ y) { kernel_prologue(); MOE_TMA_TOKENS_BODY(GATE_UP, CLUSTER) }
-MOE_TMA_TOKENS_KERNEL(gate_up, true, 1, ) MOE_TMA_TOKENS_KERNEL(down, false, 1, )
-MOE_TMA_TOKENS_KERNEL(gate_up_pair, true, 2, MOE_TMA_TOKENS_PAIR_DIMS) MOE_TMA_TOKENS_KERNEL(down_pair, false, 2, MOE_TMA_TOKENS_PAIR_DIMS)
+        int k, bf16* __restrict__ act, float* __restrict__ y) { kernel_prologue(); MOE_TMA_TOKENS_BODY(GATE_UP) }
+MOE_TMA_TOKENS_KERNEL(gate_up, true) MOE_TMA_TOKENS_KERNEL(down, false)
 
 // The boxed layout of expert weights, which the moe_tma kernels read by plain bulk copies instead of the tensor map: a
 // row-major bf16 [rows, k] matrix (rows a multiple of 128, k of 64) cut into boxes of 128 rows × 64 columns, box (p, kt)
