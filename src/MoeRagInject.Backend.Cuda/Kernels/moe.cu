@@ -156,7 +156,8 @@ extern "C" __global__ void __launch_bounds__(1024) route(const bf16* __restrict_
 // Small path, gate and up: for expert blockIdx.x and 8 intermediate features (a warp each), act[slot, n] =
 // silu(gate_n · x) · (up_n · x) for every (row, k) slot routed to the expert, MOE_T slots per pass over the weights
 // (instantiated for 1, 2, 4, 8, 16: the host picks the smallest that holds every slot). Weights [E, 2I, H]: gate rows,
-// then up rows, row-major or (boxed ≠ 0) boxed, as row_walk reads them; so too the down weights and the one-row kernels'. Grid: (E, ceil(I / 8)); block: 256.
+// then up rows, row-major or (boxed ≠ 0) boxed, as row_walk reads them (so too the down weights and the one-row
+// kernels'). Grid: (E, ceil(I / 8)); block: 256.
 template <int MOE_T>
 __device__ __forceinline__ void moe_small_gate_up_impl(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
     const int* __restrict__ topIds, bf16* __restrict__ act, int slots, int topK, int hidden, int intermediate, int boxed)
