@@ -8,10 +8,11 @@
 # the card reads, tools/gpu/read_bandwidth.cu), proj (the attention projections' read rate through cuBLAS and through
 # inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
 # AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab), sweep (lockstep at every batch size from 1 to
-# 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes).
+# 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes),
+# tokens (the token-major prefill kernels: gemm-bench, and ncu's stall samples by instruction).
 # (Run whole on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4; the two
 # baseline runs as they are now were run on their own the same day: docs/gpu-runs/26-call-compiled-rule.log.)
-# Default: all but paths, det-pdl, read, proj, ab and sweep, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# Default: all but paths, det-pdl, read, proj, ab, sweep and tokens, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -127,6 +128,20 @@ if has sweep; then
   # Its rule gathers the routed experts while batch x top-k < experts (at 1 and 2): the other form there.
   timeout ${COMPILED_TIMEOUT:-330} python3 tools/gpu/baseline_compiled.py --moe dense --batch-sizes 1,2 --input-len 128 --output-len 64 \
     --json "$out/sweep-compiled-dense.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
+fi
+if has tokens; then
+  # The token-major prefill kernels (moe_tma_tokens_*, performance.md session 27) against cuBLAS per expert, then ncu's
+  # warp-stall samples by SASS instruction for one gate-up launch at 2,048 rows (the report kept as tokens.ncu-rep).
+  # Not yet run in this form.
+  log "tokens: gemm-bench of the token-major kernels at 512 and 2,048 rows, and ncu's stall samples by instruction"
+  MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=512,2048 timeout 240 "$bin" check-device --device cuda --groups gemm-bench 2>&1 \
+    | grep "cuBLAS\|tokens\|kernel \|rror"
+  ncu=$(ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 timeout 300 "$ncu" --kernel-name moe_tma_tokens_gate_up \
+    --launch-skip 3 --launch-count 1 --section WarpStateStats --section SourceCounters -f -o "$out/tokens" \
+    "$bin" check-device --device cuda --groups gemm-bench > /dev/null 2>&1
+  "$ncu" --import "$out/tokens.ncu-rep" --page source --print-source sass --csv > "$out/tokens-sass.csv" 2>&1
+  head -c 2000 "$out/tokens-sass.csv"; echo
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"
