@@ -145,10 +145,7 @@ public sealed partial class CudaBackend
             }
             case MoePath.Tma:
             {
-                using (Op("  moe: sort"))
-                    LaunchSort(s, slots, e);
-                using (Op("  moe: gather"))
-                    LaunchGather(s, input, slots, e, topK, h);
+                SortAndGather(s, input, slots, e, topK, h);
                 var touched = Math.Min(e, slots);
                 var n = TmaNForced ?? TmaRows((slots + touched - 1) / touched);
                 var nGateUp = Math.Min(n, 128);  // the gate-up kernel keeps two accumulator sets
@@ -171,10 +168,7 @@ public sealed partial class CudaBackend
             }
             case MoePath.TmaTokens:
             {
-                using (Op("  moe: sort"))
-                    LaunchSort(s, slots, e);
-                using (Op("  moe: gather"))
-                    LaunchGather(s, input, slots, e, topK, h);
+                SortAndGather(s, input, slots, e, topK, h);
                 var rowTiles = (slots + 127) / 128 + Math.Min(e, slots);
                 using (Op("  moe: gate_up GEMM"))
                     LaunchTmaTokens(gateUp: true, rowTiles * (i / 128), MapOf(stack.GateUp.Pointer, 2L * i * e, h, 128),
@@ -212,6 +206,15 @@ public sealed partial class CudaBackend
     {
         if (intermediate % 8 != 0) throw new NotSupportedException($"silu·mul: the intermediate size {intermediate} is not a multiple of 8");
         Launch3("moe_silu_mul", ((uint)rows, ColumnBlocks(intermediate / 8), 1), 256, 0, s.MoeGateUp, s.MoeAct, intermediate);
+    }
+
+    /// <summary>The TMA paths' first two steps: the slots sorted by expert, then the input rows gathered in that order.</summary>
+    private void SortAndGather(CudaStepBuffers s, CudaTensor input, int slots, int experts, int topK, int hidden)
+    {
+        using (Op("  moe: sort"))
+            LaunchSort(s, slots, experts);
+        using (Op("  moe: gather"))
+            LaunchGather(s, input, slots, experts, topK, hidden);
     }
 
     /// <summary>moe_gather: the input rows copied into MoeInputs in the sort's order.</summary>
