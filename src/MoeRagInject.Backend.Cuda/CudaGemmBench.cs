@@ -21,7 +21,7 @@ public static class CudaGemmBench
         if (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_GEMM_BENCH_ROWS") is { Length: > 0 } forcedRows)
             rowCounts = [.. forcedRows.Split(',').Select(r => int.Parse(r, CultureInfo.InvariantCulture))];
         if (wgmmaOnly && deterministic) return;
-        using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic);
+        using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic, report);
         using var shapes = Checkpoint.CreateShapes(config);
         backend.UseDummyWeights(config, seed: 1);
         var weights = MixtralWeights.Resolve(shapes, config);

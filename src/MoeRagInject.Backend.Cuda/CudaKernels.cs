@@ -20,7 +20,10 @@ internal sealed class CudaKernels : IDisposable
         // Hopper's warpgroup instructions (wgmma, gemm_wgmma.cu) exist only in the architecture-specific target sm_90a.
         var arch = (major, minor) == (9, 0) ? "sm_90a" : $"sm_{major}{minor}";
         var source = Source();
-        string[] options = [$"-arch={arch}", "-std=c++17", "-DNDEBUG", "-lineinfo"];
+        // MOE_RAG_INJECT_NVRTC_OPTIONS: more options, space-separated (e.g. --ptxas-options=-v for ptxas's register and
+        // wgmma reports, printed with the compiler's other messages).
+        string[] options = [$"-arch={arch}", "-std=c++17", "-DNDEBUG", "-lineinfo",
+            .. (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_NVRTC_OPTIONS") ?? "").Split(' ', StringSplitOptions.RemoveEmptyEntries)];
         var (nvrtcMajor, nvrtcMinor) = Nvrtc.Version;
         var key = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(
             $"{source}\n{string.Join(' ', options)}\nnvrtc {nvrtcMajor}.{nvrtcMinor}")))[..24];
@@ -34,7 +37,7 @@ internal sealed class CudaKernels : IDisposable
         else
         {
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            image = Nvrtc.Compile(source, "moe-rag-inject.cu", options);
+            image = Nvrtc.Compile(source, "moe-rag-inject.cu", options, text => progress?.Invoke($"kernels: the compiler says:\n{text.TrimEnd()}"));
             progress?.Invoke($"kernels: compiled for {arch} by NVRTC {nvrtcMajor}.{nvrtcMinor} in {clock.Elapsed.TotalSeconds:F1} s");
             try
             {
@@ -74,16 +77,24 @@ internal sealed class CudaKernels : IDisposable
         }
     }
 
-    /// <summary>common.cuh, then every .cu file in name order: the one program NVRTC compiles.</summary>
+    /// <summary>
+    /// common.cuh, then every .cu file in name order: the one program NVRTC compiles. A file of the same name in the folder
+    /// MOE_RAG_INJECT_KERNEL_OVERRIDE replaces the embedded one (to time two versions of a kernel with one build; the
+    /// host code's launches must fit both).
+    /// </summary>
     public static string Source()
     {
         var assembly = typeof(CudaKernels).Assembly;
         var names = assembly.GetManifestResourceNames().Where(n => n.StartsWith("kernels/", StringComparison.Ordinal)).ToList();
+        var overrides = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_KERNEL_OVERRIDE");
         var text = new StringBuilder();
         foreach (var name in names.Where(n => n.EndsWith(".cuh", StringComparison.Ordinal)).Order(StringComparer.Ordinal)
                      .Concat(names.Where(n => n.EndsWith(".cu", StringComparison.Ordinal)).Order(StringComparer.Ordinal)))
         {
-            using var stream = assembly.GetManifestResourceStream(name)!;
+            var replacement = string.IsNullOrEmpty(overrides) ? null : Path.Combine(overrides, name["kernels/".Length..]);
+            using var stream = replacement != null && File.Exists(replacement)
+                ? File.OpenRead(replacement)
+                : assembly.GetManifestResourceStream(name)!;
             using var reader = new StreamReader(stream);
             text.Append("// ---- ").Append(name).Append('\n').Append(reader.ReadToEnd()).Append('\n');
         }

@@ -130,18 +130,27 @@ if has sweep; then
     --json "$out/sweep-compiled-dense.json" 2>&1 | grep "step_ms\|rror" | cut -c1-200
 fi
 if has tokens; then
-  # The token-major prefill kernels (moe_tma_tokens_*, performance.md session 27) against cuBLAS per expert, then ncu's
-  # warp-stall samples by SASS instruction for one gate-up launch at 2,048 rows (the report kept as tokens.ncu-rep).
-  # Not yet run in this form.
-  log "tokens: gemm-bench of the token-major kernels at 512 and 2,048 rows, and ncu's stall samples by instruction"
+  # The token-major prefill kernels (moe_tma_tokens_*, performance.md session 27) against cuBLAS per expert; then ncu on
+  # one gate-up launch at 2,048 rows (warp stalls by SASS instruction, launch figures, speed of light, memory; the report
+  # kept as tokens.ncu-rep) and on cuBLAS's first two GEMMs of the same bench (what it launches: grid, cluster, shared
+  # memory, registers; cublas.ncu-rep), the top stalls summarised by tools/gpu/ncu_stalls.py.
+  log "tokens: gemm-bench of the token-major kernels at 512 and 2,048 rows, and ncu on them and on cuBLAS"
   MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=512,2048 timeout 240 "$bin" check-device --device cuda --groups gemm-bench 2>&1 \
     | grep "cuBLAS\|tokens\|kernel \|rror"
   ncu=$(ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 timeout 300 "$ncu" --kernel-name moe_tma_tokens_gate_up \
-    --launch-skip 3 --launch-count 1 --section WarpStateStats --section SourceCounters -f -o "$out/tokens" \
-    "$bin" check-device --device cuda --groups gemm-bench > /dev/null 2>&1
+  sections="--section LaunchStats --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section ComputeWorkloadAnalysis"
+  MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 timeout 300 "$ncu" --kernel-name ${TOKENS_KERNEL:-moe_tma_tokens_gate_up} \
+    --launch-skip 3 --launch-count 1 $sections --section SourceCounters --import-source no -f -o "$out/tokens" \
+    "$bin" check-device --device cuda --groups gemm-bench > "$out/tokens-ncu.log" 2>&1
+  "$ncu" --import "$out/tokens.ncu-rep" --page details > "$out/tokens-details.txt" 2>&1
+  grep -v "^    ---\|^$" "$out/tokens-details.txt" | cut -c1-150 | head -120
   "$ncu" --import "$out/tokens.ncu-rep" --page source --print-source sass --csv > "$out/tokens-sass.csv" 2>&1
-  head -c 2000 "$out/tokens-sass.csv"; echo
+  python3 tools/gpu/ncu_stalls.py "$out/tokens-sass.csv" 40
+  MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 timeout 300 "$ncu" --kernel-name regex:"nvjet|xmma|sm90|cutlass" \
+    --launch-count 2 $sections -f -o "$out/cublas" \
+    "$bin" check-device --device cuda --groups gemm-bench > "$out/cublas-ncu.log" 2>&1
+  "$ncu" --import "$out/cublas.ncu-rep" --page details > "$out/cublas-details.txt" 2>&1
+  grep -v "^    ---\|^$" "$out/cublas-details.txt" | cut -c1-150 | head -200
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"

@@ -560,9 +560,10 @@ internal static unsafe partial class Nvrtc
     /// <summary>
     /// Compiles <paramref name="source"/>. Returns a cubin when <paramref name="options"/> name a real architecture
     /// (-arch=sm_90 or --gpu-architecture=sm_90), else NUL-terminated PTX, either ready for <see cref="CudaDevice.LoadModule"/>.
-    /// A failed compilation throws <see cref="CudaException"/> with the compiler's log as its detail.
+    /// A failed compilation throws <see cref="CudaException"/> with the compiler's log as its detail; a successful one
+    /// hands a non-empty log (warnings, ptxas's advice) to <paramref name="log"/>.
     /// </summary>
-    public static byte[] Compile(string source, string name, IReadOnlyList<string> options)
+    public static byte[] Compile(string source, string name, IReadOnlyList<string> options, Action<string>? log = null)
     {
         CudaLibraries.EnsureLoaded();
         nint created;
@@ -582,6 +583,7 @@ internal static unsafe partial class Nvrtc
             compiled = nvrtcCompileProgram(handle, options.Count, (byte**)starts);
         }
         if (compiled != NvrtcResult.Success) CudaCheck.ThrowNvrtc(compiled, $"nvrtcCompileProgram({name})", Log(handle));
+        if (log != null && Log(handle) is { Length: > 0 } message) log(message);
 
         var cubin = IsRealArchitecture(options);
         nuint size;
@@ -598,7 +600,7 @@ internal static unsafe partial class Nvrtc
         var log = new byte[(int)size];
         fixed (byte* text = log)
             if (nvrtcGetProgramLog(program, text) != NvrtcResult.Success) return "";
-        return Encoding.UTF8.GetString(log, 0, log.Length - 1);
+        return Encoding.UTF8.GetString(log).TrimEnd('\0', '\n', '\r', ' ');
     }
 
     private static bool IsRealArchitecture(IReadOnlyList<string> options)

@@ -26,20 +26,6 @@ __device__ __forceinline__ void wgmma_step(float* d, unsigned long long a, unsig
     else wgmma_m64n256k16(d, a, b, 1);
 }
 
-// wgmma_step<N> narrowed to the rows a tile holds: the narrowest of the instruction widths up to N that covers `live`
-// group rows (the accumulators of the first columns sit in the same registers at every width, and the rest stay zero).
-// A tile of 96 rows for a group of 64 then spends no tensor-core time, nor power, on its 32 rows of padding.
-template <int N>
-__device__ __forceinline__ void wgmma_step_live(float* d, unsigned long long a, unsigned long long b, int live)
-{
-    if (N >= 32 && live <= 16) wgmma_step<16>(d, a, b);
-    else if (N >= 64 && live <= 32) wgmma_step<32>(d, a, b);
-    else if (N >= 96 && live <= 64) wgmma_step<64>(d, a, b);
-    else if (N >= 128 && live <= 96) wgmma_step<96>(d, a, b);
-    else if (N >= 256 && live <= 128) wgmma_step<128>(d, a, b);
-    else wgmma_step<N>(d, a, b);
-}
-
 template <int N>
 struct WgmmaStages { static constexpr int value = N >= 128 ? 4 : 6; };
 
@@ -293,6 +279,42 @@ __device__ __forceinline__ void tma_locate(const int* __restrict__ offsets, int 
     }
 }
 
+// A moe_tma tile's products over k-tiles [kBegin, kEnd) at instruction width WIDTH (≤ N): each stage's W weight rows
+// (this warpgroup's 64 of each box of 128) against its N group rows, into d (and u, the second box); each stage handed
+// back to the copier once its products are done.
+template <int WIDTH, bool TWO, int W, int N>
+__device__ __forceinline__ void tma_products(float* d, float* u, const bf16* tileW, const bf16* tileA, unsigned full0, unsigned empty0,
+    int half, int lane, int kBegin, int kEnd, int& stage, unsigned& phase)
+{
+    constexpr int STAGES = TmaStages<N, TWO>::value;
+    int previous = -1;
+    for (int kt = kBegin; kt < kEnd; kt++)
+    {
+        barrier_wait(full0 + 8 * stage, phase);
+        // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups; wide down: 64 of each box).
+        const bf16* mine = tileW + stage * W * GEMM_BK + half * 64 * GEMM_BK;
+        const unsigned long long dw = wgmma_descriptor(mine), da = wgmma_descriptor(tileA + stage * N * GEMM_BK);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<WIDTH>(d, dw + 2 * kk, da + 2 * kk);
+        if (TWO)
+        {
+            const unsigned long long du = wgmma_descriptor(mine + 128 * GEMM_BK);
+#pragma unroll
+            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step<WIDTH>(u, du + 2 * kk, da + 2 * kk);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the products of the previous stage are done: hand it back
+        if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
+        previous = stage;
+        if (++stage == STAGES) { stage = 0; phase ^= 1; }
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands<WIDTH / 2>(d);
+    if constexpr (TWO) wgmma_fence_operands<WIDTH / 2>(u);
+    if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
+}
+
 template <int N, bool GATE_UP, bool WIDE>
 __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const unsigned char* __restrict__ boxed, const TensorMap* rows,
     const int* __restrict__ offsets, int groups, int n, int k, bf16* __restrict__ act, float* __restrict__ y, int fitRows, int splits,
@@ -327,6 +349,8 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const uns
 
     if (role == 0)
     {
+        // As in moe_tma_tokens_impl: registers to the multiplying warpgroups (two sets of 64 accumulators at N = 128).
+        registers_release<40>();
         if (tid != 0) return;
         int stage = 0;
         unsigned phase = 0;
@@ -360,6 +384,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const uns
         return;
     }
 
+    registers_claim<232>();
     const int half = role - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
     int stage = 0;
     unsigned phase = 0;
@@ -378,30 +403,20 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const uns
         if (TWO)
 #pragma unroll
             for (int i = 0; i < N / 2; i++) u[i] = 0.f;
-        int previous = -1;
-        for (int kt = split * kTiles / splits; kt < (split + 1) * kTiles / splits; kt++)
-        {
-            barrier_wait(full0 + 8 * stage, phase);
-            // This warpgroup's 64 weight rows (its features' gates, and 128 rows on, their ups; wide down: 64 of each box).
-            const bf16* mine = tileW + stage * W * GEMM_BK + half * 64 * GEMM_BK;
-            const unsigned long long dw = wgmma_descriptor(mine), da = wgmma_descriptor(tileA + stage * N * GEMM_BK);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step_live<N>(d, dw + 2 * kk, da + 2 * kk, live);
-            if (TWO)
-            {
-                const unsigned long long du = wgmma_descriptor(mine + 128 * GEMM_BK);
-#pragma unroll
-                for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_step_live<N>(u, du + 2 * kk, da + 2 * kk, live);
-            }
-            wgmma_commit();
-            wgmma_wait<1>();  // the products of the previous stage are done: hand it back
-            if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
-            previous = stage;
-            if (++stage == STAGES) { stage = 0; phase ^= 1; }
-        }
-        wgmma_wait<0>();
-        if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
+        const int kBegin = split * kTiles / splits, kEnd = (split + 1) * kTiles / splits;
+        // The narrowest instruction width up to N that covers the tile's live rows (the accumulators of the first columns
+        // sit in the same registers at every width, and the rest stay zero), so that a tile of 96 rows for a group of 64
+        // spends no tensor-core time, nor power, on its padding. The width is chosen once a tile, outside the k-loop: a
+        // choice between widths at each instruction made ptxas wait for every wgmma before issuing the next (seen in the
+        // SASS: a full WARPGROUP.DEPBAR after each HGMMA).
+#define TMA_PRODUCTS(WIDTH) tma_products<WIDTH, TWO, W, N>(d, u, tileW, tileA, full0, empty0, half, lane, kBegin, kEnd, stage, phase)
+        if (N >= 32 && live <= 16) TMA_PRODUCTS(16);
+        else if (N >= 64 && live <= 32) TMA_PRODUCTS(32);
+        else if (N >= 96 && live <= 64) TMA_PRODUCTS(64);
+        else if (N >= 128 && live <= 96) TMA_PRODUCTS(96);
+        else if (N >= 256 && live <= 128) TMA_PRODUCTS(128);
+        else TMA_PRODUCTS(N);
+#undef TMA_PRODUCTS
 
         // Accumulator 4i + e (e < 2): weight row 16·warp + g of the warpgroup's 64, group row 8i + 2q + e; 4i + 2 + e:
         // weight row 16·warp + g + 8 (u: the same rows of the second box).
@@ -491,6 +506,11 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
 
     if (role == 0)
     {
+        // The copying warpgroup gives registers up to the multiplying ones, each of whose threads holds 128 accumulators
+        // (168 a thread is the even share at 384 threads). Session 28 found this kernel's wgmma serialised by ptxas (a
+        // full wait after each, tensor pipe 62% busy); this, the dead warpgroup's loop of its own and
+        // wgmma_fence_operands after the last wait ended that (tools/gpu/sass_wgmma.py checks the SASS).
+        registers_release<40>();
         if (tid == 0)
         {
             int stage = 0;
@@ -525,6 +545,7 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
         return;
     }
 
+    registers_claim<232>();
     const int half = role - 1, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, q = lane & 3;
     int stage = 0;
     unsigned phase = 0;
@@ -533,22 +554,29 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
     {
         int group = 0, featureTile = 0, rowBegin = 0, rowEnd = 0;
         tokens_locate(offsets, groups, featureTiles, unit, group, featureTile, rowBegin, rowEnd);
-        // This warpgroup's 64 rows hold none of the group's (the tile's last rows): its products are skipped.
-        const bool live = rowBegin + 64 * half < rowEnd;
+        if (rowBegin + 64 * half >= rowEnd)
+        {
+            // This warpgroup's 64 rows hold none of the group's (the tile's last rows): it only hands the stages back.
+            // (A loop of its own, so that no wgmma sits under a branch inside the multiplying loop.)
+            for (int kt = 0; kt < kTiles; kt++)
+            {
+                barrier_wait(full0 + 8 * stage, phase);
+                if (lane == 0) barrier_arrive(empty0 + 8 * stage);
+                if (++stage == TOKENS_STAGES) { stage = 0; phase ^= 1; }
+            }
+            continue;
+        }
 #pragma unroll
         for (int i = 0; i < 128; i++) d[i] = 0.f;
         int previous = -1;
         for (int kt = 0; kt < kTiles; kt++)
         {
             barrier_wait(full0 + 8 * stage, phase);
-            if (live)
-            {
-                const unsigned long long da = wgmma_descriptor(tileA + stage * 128 * GEMM_BK + half * 64 * GEMM_BK);
-                const unsigned long long dw = wgmma_descriptor(tileW + stage * 256 * GEMM_BK);
-                wgmma_fence();
+            const unsigned long long da = wgmma_descriptor(tileA + stage * 128 * GEMM_BK + half * 64 * GEMM_BK);
+            const unsigned long long dw = wgmma_descriptor(tileW + stage * 256 * GEMM_BK);
+            wgmma_fence();
 #pragma unroll
-                for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_m64n256k16(d, da + 2 * kk, dw + 2 * kk, 1);
-            }
+            for (int kk = 0; kk < GEMM_BK / 16; kk++) wgmma_m64n256k16(d, da + 2 * kk, dw + 2 * kk, 1);
             wgmma_commit();
             wgmma_wait<1>();  // the products of the previous stage are done: hand it back
             if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
@@ -556,8 +584,8 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
             if (++stage == TOKENS_STAGES) { stage = 0; phase ^= 1; }
         }
         wgmma_wait<0>();
+        wgmma_fence_operands<128>(d);
         if (previous >= 0 && lane == 0) barrier_arrive(empty0 + 8 * previous);
-        if (!live) continue;
 
         // Accumulator r: group row 16·warp + g + 8·((r >> 1) & 1) of the warpgroup's 64, weight column 8·(r >> 2) + 2q + (r & 1).
 #pragma unroll

@@ -18,6 +18,23 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int PENDING>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory"); }
+// Marks COUNT accumulators as read and written here, in program order with the asm statements around it: after
+// wgmma_wait<0>, it keeps the compiler from moving reads of the accumulators (an epilogue's) above the wait, where ptxas,
+// finding non-wgmma instructions reading them inside the pipeline, would wait for every wgmma before issuing the next.
+template <int COUNT>
+__device__ __forceinline__ void wgmma_fence_operands(float* d)
+{
+#pragma unroll
+    for (int i = 0; i < COUNT; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Warp-specialised kernels move registers between warpgroups: a copying warpgroup lowers its threads' budget to COUNT
+// (registers_release), and the multiplying ones raise theirs (registers_claim), so that accumulators that would not fit
+// in the even share (168 a thread at 384 threads) stay in registers. Every thread of the warpgroup must execute it.
+template <int COUNT>
+__device__ __forceinline__ void registers_release() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(COUNT)); }
+template <int COUNT>
+__device__ __forceinline__ void registers_claim() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(COUNT)); }
 // Orders this thread's cp.async writes to shared memory before the async proxy's (wgmma's) reads of it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
