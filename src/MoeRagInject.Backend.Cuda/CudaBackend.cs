@@ -79,6 +79,12 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
     public string Name => "cuda";
     public string Description { get; }
 
+    /// <summary>
+    /// The kernels whose wgmma instructions ptxas serialised when it compiled this program, by its advice (C7514, C7515;
+    /// <see cref="CudaKernels.SerialisedWgmma"/>): empty when every wgmma pipeline stayed in flight.
+    /// </summary>
+    public IReadOnlyList<string> SerialisedWgmmaKernels => CudaKernels.SerialisedWgmma(_kernels.CompilerMessages);
+
     public long AvailableMemoryBytes
     {
         get

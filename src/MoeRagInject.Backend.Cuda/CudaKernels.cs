@@ -1,6 +1,7 @@
 using System.Reflection;
 using System.Security.Cryptography;
 using System.Text;
+using System.Text.RegularExpressions;
 using MoeRagInject.Backend.Cuda.Interop;
 
 namespace MoeRagInject.Backend.Cuda;
@@ -28,21 +29,30 @@ internal sealed class CudaKernels : IDisposable
         var key = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(
             $"{source}\n{string.Join(' ', options)}\nnvrtc {nvrtcMajor}.{nvrtcMinor}")))[..24];
         var cache = Path.Combine(CacheDirectory(), $"{key}-{arch}.cubin");
+        // The compiler's messages are kept beside the cubin (empty when it had none), so that a cached start still knows
+        // them (check-device's check that ptxas serialised no wgmma reads them); a cubin without them is compiled again.
+        var messagesFile = Path.ChangeExtension(cache, ".log");
         byte[] image;
-        if (File.Exists(cache))
+        if (File.Exists(cache) && File.Exists(messagesFile))
         {
             image = File.ReadAllBytes(cache);
+            CompilerMessages = File.ReadAllText(messagesFile);
             progress?.Invoke($"kernels: cached {arch} cubin {Path.GetFileName(cache)}");
         }
         else
         {
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            image = Nvrtc.Compile(source, "moe-rag-inject.cu", options, text => progress?.Invoke($"kernels: the compiler says:\n{text.TrimEnd()}"));
+            var messages = "";
+            image = Nvrtc.Compile(source, "moe-rag-inject.cu", options, text => messages = text);
+            CompilerMessages = messages;
+            if (messages.Length > 0) progress?.Invoke($"kernels: the compiler says:\n{messages}");
             progress?.Invoke($"kernels: compiled for {arch} by NVRTC {nvrtcMajor}.{nvrtcMinor} in {clock.Elapsed.TotalSeconds:F1} s");
             try
             {
                 Directory.CreateDirectory(Path.GetDirectoryName(cache)!);
                 var temporary = cache + $".{Environment.ProcessId}.tmp";
+                File.WriteAllText(temporary, messages);
+                File.Move(temporary, messagesFile, overwrite: true);
                 File.WriteAllBytes(temporary, image);
                 File.Move(temporary, cache, overwrite: true);
             }
@@ -60,6 +70,18 @@ internal sealed class CudaKernels : IDisposable
     }
 
     public string Architecture { get; }
+
+    /// <summary>What NVRTC and ptxas said when they compiled this program (warnings and advice; empty when nothing).</summary>
+    public string CompilerMessages { get; }
+
+    /// <summary>
+    /// The kernels whose wgmma instructions ptxas serialised, by its advice in <paramref name="messages"/> (C7514, C7515:
+    /// "wgmma.mma_async instructions are serialized due to …, in the function 'name'"): each waits for the one before,
+    /// which in session 28 made the batch-256 decode step 10% longer. Distinct names in the order they are named.
+    /// </summary>
+    public static IReadOnlyList<string> SerialisedWgmma(string messages) =>
+        [.. Regex.Matches(messages, @"wgmma\.mma_async instructions are serialized[^\n]*?in the function '([^']+)'")
+            .Select(m => m.Groups[1].Value).Distinct(StringComparer.Ordinal)];
 
     /// <summary>Whether kernels are launched with programmatic dependent launch.</summary>
     public bool ProgrammaticLaunch { get; }
@@ -82,11 +104,13 @@ internal sealed class CudaKernels : IDisposable
     /// MOE_RAG_INJECT_KERNEL_OVERRIDE replaces the embedded one (to time two versions of a kernel with one build; the
     /// host code's launches must fit both).
     /// </summary>
-    public static string Source()
+    public static string Source() => Source(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_KERNEL_OVERRIDE"));
+
+    /// <summary>The program with the files in <paramref name="overrides"/> (a folder, or null) in place of the embedded ones.</summary>
+    public static string Source(string? overrides)
     {
         var assembly = typeof(CudaKernels).Assembly;
         var names = assembly.GetManifestResourceNames().Where(n => n.StartsWith("kernels/", StringComparison.Ordinal)).ToList();
-        var overrides = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_KERNEL_OVERRIDE");
         var text = new StringBuilder();
         foreach (var name in names.Where(n => n.EndsWith(".cuh", StringComparison.Ordinal)).Order(StringComparer.Ordinal)
                      .Concat(names.Where(n => n.EndsWith(".cu", StringComparison.Ordinal)).Order(StringComparer.Ordinal)))

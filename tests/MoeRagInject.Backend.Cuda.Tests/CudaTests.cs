@@ -96,6 +96,51 @@ public sealed class CudaWithoutGpuTests
             Assert.Contains(kernel, source);
     }
 
+    [Fact]
+    public void AKernelFileInTheOverrideFolderReplacesTheEmbeddedOne()
+    {
+        var folder = Directory.CreateTempSubdirectory("moe-rag-inject-kernels-");
+        try
+        {
+            var embedded = CudaKernels.Source(null);
+            Assert.Equal(embedded, CudaKernels.Source(folder.FullName));  // an empty folder replaces nothing
+            File.WriteAllText(Path.Combine(folder.FullName, "misc.cu"), "// an older misc.cu\n");
+            var replaced = CudaKernels.Source(folder.FullName);
+            Assert.Contains("// ---- kernels/misc.cu\n// an older misc.cu\n", replaced);
+            Assert.DoesNotContain("gather_last_rows", replaced);  // a kernel of the embedded misc.cu
+            Assert.Contains("gather_last_rows", embedded);
+            // Every other file as embedded, in the same order.
+            var start = embedded.IndexOf("// ---- kernels/misc.cu", StringComparison.Ordinal);
+            var end = embedded.IndexOf("// ---- kernels/", start + 1, StringComparison.Ordinal);
+            Assert.Equal(embedded[..start] + "// ---- kernels/misc.cu\n// an older misc.cu\n\n" + embedded[end..], replaced);
+        }
+        finally
+        {
+            folder.Delete(recursive: true);
+        }
+    }
+
+    /// <summary>
+    /// ptxas's advice on serialised wgmma names the kernels check-device then fails on: the first line as NVRTC 13.0 gave it
+    /// on an H200 in session 28 for moe_tma_tokens_down, verbatim, among its other messages; the C7515 line written in the
+    /// same form with another of ptxas's reasons; a kernel named twice is listed once.
+    /// </summary>
+    [Fact]
+    public void PtxasAdviceOnSerialisedWgmmaNamesTheKernels()
+    {
+        const string messages = """
+            ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function 'moe_tma_tokens_down'
+            ptxas info    : 196 bytes gmem
+            ptxas info    : Compiling entry function 'sample' for 'sm_90a'
+            ptxas info    : Used 40 registers, used 1 barriers, 1024 bytes smem
+            ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function 'moe_tma_gate_up_n128'
+            ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function 'moe_tma_tokens_down'
+            """;
+        Assert.Equal(["moe_tma_tokens_down", "moe_tma_gate_up_n128"], CudaKernels.SerialisedWgmma(messages));
+        Assert.Empty(CudaKernels.SerialisedWgmma(""));
+        Assert.Empty(CudaKernels.SerialisedWgmma("ptxas info    : Compiling entry function 'moe_tma_tokens_down' for 'sm_90a'\n"));
+    }
+
     /// <summary>
     /// Kernels are launched with programmatic dependent launch on Hopper: one that touched memory before kernel_prologue's
     /// griddepcontrol.wait would race with the kernel before it. So every kernel's body must begin with the prologue.

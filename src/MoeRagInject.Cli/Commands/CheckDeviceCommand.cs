@@ -63,8 +63,18 @@ public static class CheckDeviceCommand
         if (groups.Contains("ops"))
         {
             using (var backend = factory is CudaRunnerFactory cuda ? CudaRunnerFactory.OpenBackend(cuda.Ordinal, false, Progress) : new CpuBackend(2))
-            using (var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r)))
-                results.AddRange(ops.Run());
+            {
+                using (var ops = new OpChecks(backend, seed, r => Console.Out.WriteLine(r)))
+                    results.AddRange(ops.Run());
+                if (backend is CudaBackend compiled)
+                {
+                    // ptxas's advice when it compiled the kernels: a serialised wgmma pipeline is correct but slow (session 28
+                    // found every moe_tma kernel from N = 32 so, and the batch-256 step 10% longer for it).
+                    var serialised = compiled.SerialisedWgmmaKernels;
+                    Report([new CheckResult("compile", "ptxas serialised no kernel's wgmma (C7514, C7515)", serialised.Count == 0, serialised.Count, 0,
+                        serialised.Count == 0 ? "no such advice" : $"serialised in {string.Join(", ", serialised)}")]);
+                }
+            }
             if (factory is CudaRunnerFactory boxing)
             {
                 // The experts in the boxed layout (MOE_RAG_INJECT_BOXED=1): every MoE path that reads it, against the CPU backend.
