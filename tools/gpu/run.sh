@@ -132,8 +132,10 @@ fi
 if has tokens; then
   # The token-major prefill kernels (moe_tma_tokens_*, performance.md session 27) against cuBLAS per expert; then ncu on
   # one gate-up launch at 2,048 rows (warp stalls by SASS instruction, launch figures, speed of light, memory; the report
-  # kept as tokens.ncu-rep) and on cuBLAS's first two GEMMs of the same bench (what it launches: grid, cluster, shared
-  # memory, registers; cublas.ncu-rep; the first, the router's, skipped), the top stalls summarised by tools/gpu/ncu_stalls.py.
+  # kept as tokens.ncu-rep) and on two of cuBLAS's GEMMs in the same bench (what it launches: grid, cluster, shared
+  # memory, registers; cublas.ncu-rep), the top stalls summarised by tools/gpu/ncu_stalls.py. The first eight cuBLAS
+  # launches are skipped: with one skipped (session 28, call 7) ncu caught two GEMMs of 128 × 16 and 128 × 24 tiles, not
+  # the experts' (not yet run with eight).
   log "tokens: gemm-bench of the token-major kernels at 512 and 2,048 rows, and ncu on them and on cuBLAS"
   MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=512,2048 timeout 240 "$bin" check-device --device cuda --groups gemm-bench 2>&1 \
     | grep "cuBLAS\|tokens\|kernel \|rror"
@@ -147,7 +149,7 @@ if has tokens; then
   "$ncu" --import "$out/tokens.ncu-rep" --page source --print-source sass --csv > "$out/tokens-sass.csv" 2>&1
   python3 tools/gpu/ncu_stalls.py "$out/tokens-sass.csv" 40
   MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 timeout 300 "$ncu" --kernel-name regex:"nvjet|xmma|sm90|cutlass" \
-    --launch-skip 1 --launch-count 2 $sections -f -o "$out/cublas" \
+    --launch-skip 8 --launch-count 2 $sections -f -o "$out/cublas" \
     "$bin" check-device --device cuda --groups gemm-bench > "$out/cublas-ncu.log" 2>&1
   "$ncu" --import "$out/cublas.ncu-rep" --page details > "$out/cublas-details.txt" 2>&1
   grep -v "^    ---\|^$" "$out/cublas-details.txt" | cut -c1-150 | head -200
