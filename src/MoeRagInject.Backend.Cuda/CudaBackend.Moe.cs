@@ -309,9 +309,10 @@ public sealed partial class CudaBackend
     /// <summary>
     /// MOE_RAG_INJECT_BOXED=1: every layer's experts boxed in place at upload on a Hopper card, where the moe_tma kernels
     /// take the shape. The small kernels (one row), the moe_tma kernels and, for prefill chunks, the moe_tma_tokens kernels
-    /// read that layout; every other row count takes the moe_tma kernels. Measured on H200s (docs/performance.md, session
-    /// 27): decode steps 1–4% shorter, a 2,048-token prefill 23–25% longer (the moe_tma_tokens kernels multiply at 500–520
-    /// TFLOP/s where cuBLAS per expert reaches 674–691). Off by default until they compute at cuBLAS's rate.
+    /// read that layout; every other row count takes the moe_tma kernels. Measured on H200s (docs/performance.md, sessions
+    /// 27 and 28): decode steps 1–4% shorter (before session 28's kernel change), a 2,048-token prefill 15% longer (the
+    /// moe_tma_tokens kernels multiply at 550–580 TFLOP/s where cuBLAS per expert reaches 650–690). Off by default until
+    /// they compute at cuBLAS's rate.
     /// </summary>
     private static readonly bool s_boxedInPlace = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_BOXED") is "1";
 
