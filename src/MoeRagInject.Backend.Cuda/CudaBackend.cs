@@ -80,7 +80,7 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
     public string Description { get; }
 
     /// <summary>
-    /// The kernels whose wgmma instructions ptxas serialised when it compiled this program, by its advice (C7514, C7515;
+    /// The kernels whose wgmma instructions ptxas serialised when it compiled this program, by its advice (C7514, C7515, C7520;
     /// <see cref="CudaKernels.SerialisedWgmma"/>): empty when every wgmma pipeline stayed in flight.
     /// </summary>
     public IReadOnlyList<string> SerialisedWgmmaKernels => CudaKernels.SerialisedWgmma(_kernels.CompilerMessages);

@@ -75,7 +75,7 @@ internal sealed class CudaKernels : IDisposable
     public string CompilerMessages { get; }
 
     /// <summary>
-    /// The kernels whose wgmma instructions ptxas serialised, by its advice in <paramref name="messages"/> (C7514, C7515:
+    /// The kernels whose wgmma instructions ptxas serialised, by its advice in <paramref name="messages"/> (C7514, C7515, C7520:
     /// "wgmma.mma_async instructions are serialized due to …, in the function 'name'"): each waits for the one before,
     /// which in session 28 made the batch-256 decode step 10% longer. Distinct names in the order they are named.
     /// </summary>

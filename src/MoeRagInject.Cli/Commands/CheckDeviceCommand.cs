@@ -71,7 +71,7 @@ public static class CheckDeviceCommand
                     // ptxas's advice when it compiled the kernels: a serialised wgmma pipeline is correct but slow (session 28
                     // found every moe_tma kernel from N = 32 so, and the batch-256 step 10% longer for it).
                     var serialised = compiled.SerialisedWgmmaKernels;
-                    Report([new CheckResult("compile", "ptxas serialised no kernel's wgmma (C7514, C7515)", serialised.Count == 0, serialised.Count, 0,
+                    Report([new CheckResult("compile", "ptxas serialised no kernel's wgmma (C7514, C7515, C7520)", serialised.Count == 0, serialised.Count, 0,
                         serialised.Count == 0 ? "no such advice" : $"serialised in {string.Join(", ", serialised)}")]);
                 }
             }
