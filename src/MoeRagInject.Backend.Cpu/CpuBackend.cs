@@ -131,6 +131,8 @@ public sealed class CpuRunnerFactory(int threads) : IRunnerFactory
 
     public IModelRunner Create(ModelConfig config, WeightSource weights, RunnerOptions options, Action<string>? progress = null)
     {
+        if (options.ExpertLayout != ExpertLayout.RowMajor)
+            throw new InvalidOperationException("--expert-layout boxed is a layout for Hopper GPUs (--device cuda); the CPU backend reads the experts row-major");
         var backend = new CpuBackend(threads);
         try
         {

@@ -307,18 +307,19 @@ public sealed partial class CudaBackend
             gateUp ? 2L * stack.Intermediate * stack.Count : (long)stack.Hidden * stack.Count, gateUp ? stack.Hidden : stack.Intermediate);
 
     /// <summary>
-    /// MOE_RAG_INJECT_BOXED=1: every layer's experts boxed in place at upload on a Hopper card, where the moe_tma kernels
-    /// take the shape. The small kernels (one row), the moe_tma kernels and, for prefill chunks, the moe_tma_tokens kernels
-    /// read that layout; every other row count takes the moe_tma kernels. Measured on H200s (docs/performance.md, sessions
-    /// 27 and 28): decode steps 1–4% shorter (before session 28's kernel change), a 2,048-token prefill 15% longer (the
-    /// moe_tma_tokens kernels multiply at 550–580 TFLOP/s where cuBLAS per expert reaches 650–690). Off by default until
-    /// they compute at cuBLAS's rate.
+    /// --expert-layout boxed (or MOE_RAG_INJECT_BOXED=1, for tools that take no flags): every layer's experts boxed in place
+    /// at upload on a Hopper card, where the moe_tma kernels take the shape. The small kernels (one row), the moe_tma
+    /// kernels and, for prefill chunks, the moe_tma_tokens kernels read that layout; every other row count takes the
+    /// moe_tma kernels. Measured on H200s (docs/performance.md, session 29, lockstep): the batch-64 step 2.8% shorter,
+    /// batch 256 3.5%; a 2,048-token prefill 13% longer (the moe_tma_tokens kernels multiply at 535–565 TFLOP/s where cuBLAS
+    /// per expert reaches 660–680). Off by default: row-major keeps the prefill goal.
     /// </summary>
     private static readonly bool s_boxedInPlace = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_BOXED") is "1";
 
     /// <summary>
     /// Whether experts uploaded from now on are boxed in place (where <see cref="CanBoxExperts"/> and the shape suits the
-    /// moe_tma kernels): MOE_RAG_INJECT_BOXED=1, or set by check-device to check that layout against the CPU backend.
+    /// moe_tma kernels): --expert-layout boxed or MOE_RAG_INJECT_BOXED=1; check-device sets it to check both layouts against
+    /// the CPU backend, gemm-bench clears it to compare them itself.
     /// </summary>
     public bool BoxExperts { get; set; } = s_boxedInPlace;
 
@@ -328,7 +329,7 @@ public sealed partial class CudaBackend
     /// <summary>Re-lays a freshly uploaded expert stack into the boxed layout in place (through a scratch copy), where asked.</summary>
     private void BoxInPlace(CudaExpertStack stack)
     {
-        if (!BoxExperts || !TmaFits(stack.Hidden, stack.Intermediate)) return;
+        if (!BoxExperts || !CanBoxExperts || !TmaFits(stack.Hidden, stack.Intermediate)) return;
         using var scratch = Device.Allocate(Math.Max(stack.GateUp.ByteLength, stack.Down.ByteLength));
         stack.GateUp.CopyTo(scratch, stack.GateUp.ByteLength, Stream);
         LaunchBox(stack, scratch, stack.GateUp, gateUp: true);

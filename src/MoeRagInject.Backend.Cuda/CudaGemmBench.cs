@@ -22,6 +22,7 @@ public static class CudaGemmBench
             rowCounts = [.. forcedRows.Split(',').Select(r => int.Parse(r, CultureInfo.InvariantCulture))];
         if (wgmmaOnly && deterministic) return;
         using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic, report);
+        backend.BoxExperts = false;  // row-major experts; the boxed layout is measured on copies (BoxedAgainstRowMajor)
         using var shapes = Checkpoint.CreateShapes(config);
         backend.UseDummyWeights(config, seed: 1);
         var weights = MixtralWeights.Resolve(shapes, config);

@@ -94,7 +94,16 @@ public sealed record RunnerOptions
     /// <see cref="StepState.OutProbeLogit"/>; null leaves the probe out of the steps (eager diagnostics still record probabilities).
     /// </summary>
     public IReadOnlyList<float>? RouterProbe { get; init; }
+    /// <summary>How the experts' weights lie in device memory (--expert-layout).</summary>
+    public ExpertLayout ExpertLayout { get; init; }
 }
+
+/// <summary>
+/// --expert-layout: the experts' weights row-major as the checkpoint holds them, or in the boxed layout (Hopper GPUs: each
+/// 128-row × 64-column tile contiguous and pre-swizzled, read by plain bulk copies), which shortens decode steps and
+/// lengthens prefill (docs/performance.md, session 29).
+/// </summary>
+public enum ExpertLayout { RowMajor, Boxed }
 
 /// <summary>Where a runner's weights come from.</summary>
 public abstract record WeightSource;

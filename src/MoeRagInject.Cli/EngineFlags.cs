@@ -47,6 +47,9 @@ public sealed class EngineFlags
     public Option<bool> DisableCudaGraph { get; } = CliOption.Switch("--disable-cuda-graph", "run every step op by op");
     public Option<bool> Deterministic { get; } = CliOption.Switch("--deterministic",
         "batch-invariant kernels: a request's tokens do not depend on what runs beside it");
+    public Option<string> ExpertLayout { get; } = CliOption.Choice("--expert-layout",
+        "how the experts' weights lie on the GPU: as the checkpoint holds them, or boxed (Hopper GPUs: decode steps at batch 64-256 about 3% shorter, prefill about 13% longer)",
+        "row-major", "row-major", "boxed");
     public Option<string> TriggerSignal { get; } = CliOption.Choice("--trigger-signal",
         "what the trigger watches at every generated token: each router's entropy (the original's), the entropy of the model's next-token distribution, or the score of a logistic probe over all routers' probabilities (trained by calibrate)",
         TriggerSignals.Name(Defaults.Trigger.Signal), [.. TriggerSignals.Names]);
@@ -96,7 +99,7 @@ public sealed class EngineFlags
     public IReadOnlyList<Option> All =>
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
-        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
+        ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, ExpertLayout, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
         LogFsync, RagMode, PromptRagRestart, LatentRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
@@ -280,6 +283,7 @@ public sealed class EngineFlags
             CudaGraphMaxBatchSize = parse.GetValue(CudaGraphMaxBs),
             DisableCudaGraph = parse.GetValue(DisableCudaGraph),
             Deterministic = parse.GetValue(Deterministic),
+            ExpertLayout = parse.GetRequiredValue(ExpertLayout) == "boxed" ? Backend.ExpertLayout.Boxed : Backend.ExpertLayout.RowMajor,
             Mode = parse.GetRequiredValue(RagMode) switch
             {
                 "off" => InjectionMode.Off,

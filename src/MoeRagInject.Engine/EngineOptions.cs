@@ -31,6 +31,8 @@ public sealed record EngineOptions
     public bool DisableCudaGraph { get; init; }
     /// <summary>Batch-invariant kernels on backends that otherwise trade that for speed.</summary>
     public bool Deterministic { get; init; }
+    /// <summary>How the experts' weights lie in device memory (--expert-layout; boxed on Hopper GPUs only).</summary>
+    public ExpertLayout ExpertLayout { get; init; }
 
     public InjectionMode Mode { get; init; } = InjectionMode.Latent;
     public TriggerOptions Trigger { get; init; } = new();

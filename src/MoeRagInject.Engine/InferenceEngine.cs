@@ -71,5 +71,6 @@ public static class InferenceEngine
         CudaGraphMaxBatchSize = options.CudaGraphMaxBatchSize,
         DisableCudaGraph = options.DisableCudaGraph,
         Deterministic = options.Deterministic,
+        ExpertLayout = options.ExpertLayout,
     };
 }

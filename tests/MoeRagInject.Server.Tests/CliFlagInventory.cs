@@ -182,6 +182,10 @@ public static class CliFlagInventory
         new("bench", "--trigger-signal", "router-entropy|output-entropy|router-probe", "router-entropy"),
         new("bench", "--router-probe", "FILE", "<model>/router-probe.json"),
         new("eval", "--trigger-signal", "SIGNAL", "calibration.json's best by held-out AUROC, else router-entropy"),
+        // Added in session 29 (issue 7): the experts' layout on the GPU.
+        new("serve", "--expert-layout", "row-major|boxed", "row-major"),
+        new("generate", "--expert-layout", "row-major|boxed", "row-major"),
+        new("bench", "--expert-layout", "row-major|boxed", "row-major"),
         new("check-device", "--device", "cuda|cuda:N|cpu", "cuda"),
         new("check-device", "--groups", "ops,graph,models,engine", "ops,graph,models,engine"),
         new("check-device", "--seed", "N", "1"),

@@ -159,6 +159,7 @@ public sealed class CliTests
     [InlineData(new[] { "serve", "--mem-fraction-static", "0" }, "invalid value for --mem-fraction-static")]
     [InlineData(new[] { "serve", "--model-config", "mixtral-8x7b" }, "--model-config gives a shape without weights")]
     [InlineData(new[] { "serve", "--deterministic=maybe" }, "'maybe'")]
+    [InlineData(new[] { "serve", "--expert-layout", "tiled" }, "invalid value for --expert-layout: 'tiled' (expected row-major or boxed)")]
     [InlineData(new[] { "generate" }, "generate needs a prompt")]
     [InlineData(new[] { "generate", "hi", "there" }, "'there'")]
     [InlineData(new[] { "generate", "hi", "--max-new-tokens", "-1" }, "invalid value for --max-new-tokens: -1 (must be >= 0)")]
@@ -237,6 +238,24 @@ public sealed class CliTests
         Assert.Equal("", output);
         foreach (var command in (string[])["serve", "generate", "index", "bench", "calibrate", "eval", "check-device"])
             Assert.Contains($"\n  {command} ", error, StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// --expert-layout reaches the runner's options (row-major unless asked); the CPU backend, which has no boxed kernels,
+    /// refuses the boxed layout at load with one line naming the flag.
+    /// </summary>
+    [Fact]
+    public async Task ExpertLayout_ReachesTheRunner_AndTheCpuRefusesBoxed()
+    {
+        var (flags, parse) = ParseEngine("--model-path", TestData.CheckpointPath, "--expert-layout", "boxed");
+        Assert.Equal(MoeRagInject.Backend.ExpertLayout.Boxed, flags.ToOptions(parse).ExpertLayout);
+        var (plainFlags, plain) = ParseEngine("--model-path", TestData.CheckpointPath);
+        Assert.Equal(MoeRagInject.Backend.ExpertLayout.RowMajor, plainFlags.ToOptions(plain).ExpertLayout);
+
+        var (code, _, error) = await RunAsync("generate", "hi", "--expert-layout", "boxed", "--max-new-tokens", "1");
+        Assert.Equal(1, code);
+        Assert.Contains("--expert-layout boxed", error, StringComparison.Ordinal);
+        Assert.Single(error.TrimEnd().Split('\n'));
     }
 
     /// <summary>Without a GPU, --device cuda fails at load with one line that says what is missing (with one, it would run).</summary>

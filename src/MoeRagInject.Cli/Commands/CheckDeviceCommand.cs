@@ -77,14 +77,16 @@ public static class CheckDeviceCommand
             }
             if (factory is CudaRunnerFactory boxing)
             {
-                // The experts in the boxed layout (MOE_RAG_INJECT_BOXED=1): every MoE path that reads it, against the CPU backend.
+                // The experts in the layout the checks above did not take (boxed on a Hopper card unless MOE_RAG_INJECT_BOXED=1
+                // made the checks above boxed): every MoE path that reads it, against the CPU backend.
                 using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(boxing.Ordinal, false, Progress);
                 if (backend.CanBoxExperts)
                 {
-                    Console.Out.WriteLine("-- the experts in the boxed layout");
-                    backend.BoxExperts = true;
+                    backend.BoxExperts = !backend.BoxExperts;
+                    var layout = backend.BoxExperts ? "boxed" : "row-major";
+                    Console.Out.WriteLine($"-- the experts in the {layout} layout");
                     using var ops = new OpChecks(backend, seed + 3, r => Console.Out.WriteLine(r));
-                    results.AddRange(ops.RunMoe(" (boxed experts)"));
+                    results.AddRange(ops.RunMoe($" ({layout} experts)"));
                 }
             }
             if (factory is CudaRunnerFactory deterministic)

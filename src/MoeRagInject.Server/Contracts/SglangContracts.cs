@@ -72,6 +72,7 @@ public sealed record ServerInfoResponse(
     int? CudaGraphMaxBs,
     bool? DisableCudaGraph,
     bool? Deterministic,
+    string? ExpertLayout,
     string? RagMode,
     string? PromptRagRestart,
     string? LatentRagRestart,

@@ -111,6 +111,7 @@ public static class SglangRoutes
                 options.Host, port,
                 e?.ModelPath, e?.Runner.Device, engine?.Info.Device, e?.LoadFormat, e?.ContextLength, e?.MaxRunningRequests, e?.KvCacheTokens,
                 e?.ResolvedChunkedPrefillSize, e?.MaxPrefillTokens, e?.MemFractionStatic, e?.CudaGraphMaxBatchSize, e?.DisableCudaGraph, e?.Deterministic,
+                e is null ? null : e.ExpertLayout == MoeRagInject.Backend.ExpertLayout.Boxed ? "boxed" : "row-major",
                 e is null ? null : RequestParsing.ModeName(e.Mode), e?.PromptRagRestart.ToString().ToLowerInvariant(),
                 e?.LatentRagRestart.ToString().ToLowerInvariant(),
                 e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
