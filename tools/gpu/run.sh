@@ -22,6 +22,10 @@ mkdir -p "$out"
 tools/gpu/unpack.sh || { echo "could not unpack .gpu/moe-rag-inject.xz (run tools/gpu/publish.sh here first)"; exit 1; }
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
+# EXPERT_LAYOUT=boxed: every bench of ours (but the forced MoE paths) with --expert-layout boxed, and check-device's main
+# group on boxed experts (MOE_RAG_INJECT_BOXED=1; its second group then checks the row-major ones).
+layout="${EXPERT_LAYOUT:+--expert-layout $EXPERT_LAYOUT}"
+[ "${EXPERT_LAYOUT:-}" = boxed ] && export MOE_RAG_INJECT_BOXED=1
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(check parity bench lockstep determinism prefill baseline compiled)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -31,7 +35,7 @@ log() { echo "=== $(date +%T) $*"; }
 lockstep_bench() {
   local limit=$1 tokens=$2 json=$3
   shift 3
-  timeout "$limit" "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b "$@" \
+  timeout "$limit" "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b "$@" \
     --modes off --input-len 128 --output-len "$tokens" --max-running-requests 256 --chunked-prefill-size 32768 --max-prefill-tokens 32768 \
     --json --out "$json" 2>&1 | grep "batch\|bandwidth"
 }
@@ -51,7 +55,7 @@ if has parity; then
 fi
 if has bench; then
   log "bench: Mixtral-8x7B shape, dummy weights"
-  timeout ${BENCH_TIMEOUT:-400} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
+  timeout ${BENCH_TIMEOUT:-400} "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b ${BENCH_ARGS:---batch-sizes 1,8,64,256} \
     --retriever assets/corpus/wordnet/wordnet-demo.jsonl.gz --modes ${BENCH_MODES:-off,latent} --input-len 128 --output-len 128 --max-running-requests 256 --json --out "$out/bench.json" 2>&1 | grep -v "^  layer"
 fi
 if has lockstep; then
@@ -69,20 +73,20 @@ fi
 if has determinism; then
   log "bench: --deterministic against the default, batch 1 and 64"
   for mode in "" --deterministic; do
-    timeout ${DET_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 --modes off \
+    timeout ${DET_TIMEOUT:-150} "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 --modes off \
       --input-len 128 --output-len 32 --max-running-requests 64 $mode --json --out "$out/bench-det${mode:+-on}.json" 2>&1 | grep "batch\|bandwidth"
   done
 fi
 if has det-pdl; then
   log "bench: --deterministic with programmatic dependent launch (MOE_RAG_INJECT_PDL=1) against without, alternating, batch 1 and 64"
   for pdl in 1 "" 1 ""; do
-    MOE_RAG_INJECT_PDL=$pdl timeout ${DET_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 \
+    MOE_RAG_INJECT_PDL=$pdl timeout ${DET_TIMEOUT:-150} "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1,64 \
       --modes off --input-len 128 --output-len 32 --max-running-requests 64 --deterministic 2>&1 | grep " batch " | sed "s/^/pdl=${pdl:-off} /"
   done
 fi
 if has prefill; then
   log "bench: prefill of one 2048-token prompt (median of 5 runs)"
-  timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
+  timeout 150 "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
     --input-len 2048 --output-len 8 --max-running-requests 4 --repeats 5 --json --out "$out/bench-prefill.json" 2>&1 | grep "batch\|bandwidth"
 fi
 if has paths; then
@@ -109,7 +113,7 @@ if has ab; then
   for round in $(seq "${AB_ROUNDS:-2}"); do
     for v in "${variants[@]}"; do
       log "ab round $round [${v}]"
-      env $v timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b \
+      env $v timeout ${LOCKSTEP_TIMEOUT:-150} "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b \
         --batch-sizes ${AB_BATCHES:-1,8,64,256} --modes off --input-len 128 --output-len 64 --max-running-requests 256 \
         --chunked-prefill-size 32768 --max-prefill-tokens 32768 2>&1 | grep " batch \|rror\|xception" | sed "s|^|[${v}] |"
     done
