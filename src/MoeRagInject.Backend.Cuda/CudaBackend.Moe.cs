@@ -307,19 +307,20 @@ public sealed partial class CudaBackend
             gateUp ? 2L * stack.Intermediate * stack.Count : (long)stack.Hidden * stack.Count, gateUp ? stack.Hidden : stack.Intermediate);
 
     /// <summary>
-    /// --expert-layout boxed (or MOE_RAG_INJECT_BOXED=1, for tools that take no flags): every layer's experts boxed in place
-    /// at upload on a Hopper card, where the moe_tma kernels take the shape. The small kernels (one row), the moe_tma
-    /// kernels and, for prefill chunks, the moe_tma_tokens kernels read that layout; every other row count takes the
-    /// moe_tma kernels. Measured on H200s (docs/performance.md, session 29, lockstep): the batch-64 step 2.8% shorter,
-    /// batch 256 3.5%; a 2,048-token prefill 13% longer (the moe_tma_tokens kernels multiply at 535–565 TFLOP/s where cuBLAS
-    /// per expert reaches 660–680). Off by default: row-major keeps the prefill goal.
+    /// --expert-layout boxed (and MOE_RAG_INJECT_BOXED=1, the default of that flag and of backends opened without it, as
+    /// check-device's op checks are): every layer's experts boxed in place at upload on a Hopper card, where the moe_tma
+    /// kernels take the shape. The small kernels (one row), the moe_tma kernels and, for prefill chunks, the moe_tma_tokens
+    /// kernels read that layout; every other row count takes the moe_tma kernels. Measured on H200s (docs/performance.md,
+    /// session 29, lockstep): the batch-64 step 2.9% shorter, batch 256 3.4%; a 2,048-token prefill 15% longer (the
+    /// moe_tma_tokens kernels multiply at 565–575 TFLOP/s on boxed weights where cuBLAS per expert reaches 660–680). Off by
+    /// default: row-major keeps the prefill goal.
     /// </summary>
     private static readonly bool s_boxedInPlace = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_BOXED") is "1";
 
     /// <summary>
     /// Whether experts uploaded from now on are boxed in place (where <see cref="CanBoxExperts"/> and the shape suits the
-    /// moe_tma kernels): --expert-layout boxed or MOE_RAG_INJECT_BOXED=1; check-device sets it to check both layouts against
-    /// the CPU backend, gemm-bench clears it to compare them itself.
+    /// moe_tma kernels): MOE_RAG_INJECT_BOXED=1 at first; a runner sets it from --expert-layout, check-device to check both
+    /// layouts against the CPU backend, gemm-bench clears it to compare them itself.
     /// </summary>
     public bool BoxExperts { get; set; } = s_boxedInPlace;
 

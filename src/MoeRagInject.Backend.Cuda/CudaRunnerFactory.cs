@@ -77,12 +77,9 @@ public sealed class CudaRunnerFactory(int ordinal = 0) : IRunnerFactory
         var backend = (CudaBackend)OpenBackend(ordinal, options.Deterministic, progress);
         try
         {
-            if (options.ExpertLayout == ExpertLayout.Boxed)
-            {
-                if (!backend.CanBoxExperts)
-                    throw new InvalidOperationException($"--expert-layout boxed needs a Hopper GPU (sm_90a), where the kernels that read it run; {backend.Description} keeps the experts row-major");
-                backend.BoxExperts = true;
-            }
+            if (options.ExpertLayout == ExpertLayout.Boxed && !backend.CanBoxExperts)
+                throw new InvalidOperationException($"--expert-layout boxed needs a Hopper GPU (sm_90a), where the kernels that read it run; {backend.Description} keeps the experts row-major");
+            backend.BoxExperts = options.ExpertLayout == ExpertLayout.Boxed;  // the option, whatever MOE_RAG_INJECT_BOXED says
             // Weights are bf16 on the device whatever the checkpoint holds; the check runs before anything is uploaded.
             var limits = ModelRunner.Plan(backend, config, MemoryPlan.WeightElements(config) * 2, options);
             progress?.Invoke(FormattableString.Invariant(

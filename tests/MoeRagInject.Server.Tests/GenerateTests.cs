@@ -46,6 +46,7 @@ public sealed class GenerateTests(ServerFixture server) : IClassFixture<ServerFi
         Assert.Equal("answer", info["prompt_rag_restart"]!.GetValue<string>());
         Assert.Equal("answer", info["latent_rag_restart"]!.GetValue<string>());
         Assert.False(info["retrieve_first"]!.GetValue<bool>());
+        Assert.Equal("row-major", info["expert_layout"]!.GetValue<string>());
     }
 
     /// <summary>rag.retrieve_first per request: one retrieval with the prompt before it is computed, named so in the event, at answer token 0.</summary>

@@ -22,10 +22,11 @@ mkdir -p "$out"
 tools/gpu/unpack.sh || { echo "could not unpack .gpu/moe-rag-inject.xz (run tools/gpu/publish.sh here first)"; exit 1; }
 bin=.gpu/bin/moe-rag-inject
 export MOE_RAG_INJECT_HOME="$PWD" DOTNET_gcServer=0 PYTHONUNBUFFERED=1
-# EXPERT_LAYOUT=boxed: every bench of ours (but the forced MoE paths) with --expert-layout boxed, and check-device's main
-# group on boxed experts (MOE_RAG_INJECT_BOXED=1; its second group then checks the row-major ones).
+# EXPERT_LAYOUT=boxed: every bench of ours (but the forced MoE paths) with --expert-layout boxed, and check-device's op
+# checks on boxed experts (MOE_RAG_INJECT_BOXED=1 on that command alone; its second group then checks the row-major ones).
 layout="${EXPERT_LAYOUT:+--expert-layout $EXPERT_LAYOUT}"
-[ "${EXPERT_LAYOUT:-}" = boxed ] && export MOE_RAG_INJECT_BOXED=1
+check_env=""
+[ "${EXPERT_LAYOUT:-}" = boxed ] && check_env="MOE_RAG_INJECT_BOXED=1"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(check parity bench lockstep determinism prefill baseline compiled)
 has() { for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
@@ -46,7 +47,7 @@ git log --oneline -1 2>/dev/null || true
 
 if has check; then
   log "check-device (ops against the CPU backend, graphs, reference checkpoints, engine)"
-  timeout ${CHECK_TIMEOUT:-300} "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | grep -v "^  layer"
+  env $check_env timeout ${CHECK_TIMEOUT:-300} "$bin" check-device --device cuda --json "$out/check.json" 2>&1 | grep -v "^  layer"
 fi
 if has parity; then
   log "Mixtral-8x7B-dimension checkpoint (2 layers) against transformers"
