@@ -15,4 +15,7 @@ mkdir -p .gpu
 # and this file must stay under the 64 MiB the device tool carries: on 2026-12-02 the tracked files were 59.3 MB, and the
 # device tool refused the 7.75 MB file beside them.
 xz --x86 --lzma2=preset=9e,dict=32MiB -T1 -c .build/gpu-publish/moe-rag-inject > .gpu/moe-rag-inject.xz
+# What was built, for run.sh's log: the commit and whether tracked files differed from it (the checkout the device tool
+# copies may be another commit's, as in session 29, when a branch's build ran beside main's scripts).
+{ git log --oneline -1; git diff --quiet HEAD -- src || echo "with uncommitted changes under src/"; } > .gpu/BUILD
 ls -la .gpu/moe-rag-inject.xz

@@ -43,7 +43,8 @@ lockstep_bench() {
 
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
-git log --oneline -1 2>/dev/null || true
+echo "checkout: $(git log --oneline -1 2>/dev/null || echo unknown)"
+echo "build (tools/gpu/publish.sh): $( [ -f .gpu/BUILD ] && tr '\n' ' ' < .gpu/BUILD || echo unknown)"
 
 if has check; then
   log "check-device (ops against the CPU backend, graphs, reference checkpoints, engine)"
