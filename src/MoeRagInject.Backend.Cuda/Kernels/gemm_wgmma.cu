@@ -216,6 +216,22 @@ __device__ __forceinline__ void barrier_init(unsigned barrier, unsigned count)
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(barrier), "r"(count) : "memory");
 }
 
+// The ring's barriers, initialised by thread 0 (full: the copier's one arrival with the stage's bytes; empty: the eight
+// multiplying warps' arrivals) and made visible to the copies, before any thread of the block goes on.
+__device__ __forceinline__ void stage_barriers_init(unsigned full0, unsigned empty0, int stages)
+{
+    if (threadIdx.x == 0)
+    {
+        for (int s = 0; s < stages; s++)
+        {
+            barrier_init(full0 + 8 * s, 1);
+            barrier_init(empty0 + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+}
+
 // One arrival that also expects `bytes` from copies completing on this barrier.
 __device__ __forceinline__ void barrier_expect(unsigned barrier, unsigned bytes)
 {
@@ -336,16 +352,7 @@ __device__ __forceinline__ void moe_tma_impl(const TensorMap* weights, const uns
     // A unit: a row tile, a feature tile and a share of k (splits outermost; down products only, the shares' sums at
     // splitStride floats apart for moe_combine_grouped to add in order).
     const int tiles = rowTiles * (n / FEATURES), units = tiles * splits, kTiles = k / GEMM_BK, expertRows = GATE_UP ? 2 * n : n;
-    if (tid == 0)
-    {
-        for (int s = 0; s < STAGES; s++)
-        {
-            barrier_init(full0 + 8 * s, 1);
-            barrier_init(empty0 + 8 * s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    stage_barriers_init(full0, empty0, STAGES);
 
     if (role == 0)
     {
@@ -493,16 +500,7 @@ __device__ __forceinline__ void moe_tma_tokens_impl(const TensorMap* weights, co
     const int featureTiles = GATE_UP ? n / 128 : n / 256, kTiles = k / GEMM_BK;
     int units = 0;
     for (int g = 0; g < groups; g++) units += (offsets[g + 1] - offsets[g] + 127) / 128 * featureTiles;
-    if (tid == 0)
-    {
-        for (int s = 0; s < TOKENS_STAGES; s++)
-        {
-            barrier_init(full0 + 8 * s, 1);
-            barrier_init(empty0 + 8 * s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    stage_barriers_init(full0, empty0, TOKENS_STAGES);
 
     if (role == 0)
     {
