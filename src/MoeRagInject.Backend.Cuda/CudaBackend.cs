@@ -73,6 +73,9 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
     }
 
     internal CudaDevice Device { get; }
+
+    /// <summary>The cuBLASLt GEMMs with an algorithm kept for each shape (the expert GEMMs of prefill chunks; gemm-bench's candidates).</summary>
+    internal CublasLtGemms LtGemms => _expertGemms;
     internal CudaStream Stream { get; }
     public bool Deterministic { get; }
 

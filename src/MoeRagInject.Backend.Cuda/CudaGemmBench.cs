@@ -21,6 +21,11 @@ public static class CudaGemmBench
         if (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_GEMM_BENCH_ROWS") is { Length: > 0 } forcedRows)
             rowCounts = [.. forcedRows.Split(',').Select(r => int.Parse(r, CultureInfo.InvariantCulture))];
         if (wgmmaOnly && deterministic) return;
+        if (Environment.GetEnvironmentVariable("MOE_RAG_INJECT_GEMM_BENCH") == "linear")
+        {
+            if (!deterministic) RunProjections(ordinal, config, rowCounts, report);
+            return;
+        }
         using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic, report);
         backend.BoxExperts = false;  // row-major experts; the boxed layout is measured on copies (BoxedAgainstRowMajor)
         using var shapes = Checkpoint.CreateShapes(config);
@@ -210,6 +215,96 @@ public static class CudaGemmBench
                 Linear("wgmma");
                 backend.LinearPathForced = null;
             }
+        }
+    }
+
+    /// <summary>
+    /// MOE_RAG_INJECT_GEMM_BENCH=linear: the projections (fused QKV, output, LM head) through cublasGemmEx, as a step runs them,
+    /// against every algorithm cuBLASLt's heuristic offers for the shape, each timed over as many copies of the weight as the
+    /// model has layers (the LM head: one), so that, as in a decode step whose expert GEMMs have evicted them from L2, the
+    /// weights come from DRAM. Reports each algorithm's µs a GEMM and the fastest one's output against cublasGemmEx's.
+    /// </summary>
+    private static void RunProjections(int ordinal, ModelConfig config, IReadOnlyList<int> rowCounts, Action<string> report)
+    {
+        using var backend = (CudaBackend)CudaRunnerFactory.OpenBackend(ordinal, deterministic: false, report);
+        using var shapes = Checkpoint.CreateShapes(config);
+        backend.UseDummyWeights(config, seed: 1);
+        var weights = MixtralWeights.Resolve(shapes, config);
+        var layer = weights.Layers[0];
+        var maxRows = rowCounts.Max();
+        var layers = config.NumLayers;
+        var projections = new (string Name, DeviceTensor[] Copies)[]
+        {
+            ("qkv", [.. Enumerable.Range(0, layers).Select(_ => backend.UploadWeight(layer.QProj, layer.KProj, layer.VProj))]),
+            ("o_proj", [.. Enumerable.Range(0, layers).Select(_ => backend.UploadWeight(layer.OProj))]),
+            ("lm_head", [backend.UploadWeight(weights.LmHead)]),
+        };
+        var widest = projections.Max(p => p.Copies[0].Columns);
+        using var x = backend.Allocate(maxRows, widest, ActivationKind.GemmInput);
+        var rng = new Random(1);
+        backend.Upload([.. Enumerable.Range(0, maxRows * widest).Select(_ => (float)(rng.NextDouble() * 2 - 1))], x);
+        using var y = backend.Allocate(maxRows, projections.Max(p => p.Copies[0].Rows));
+        using var start = backend.Device.CreateEvent(timing: true);
+        using var end = backend.Device.CreateEvent(timing: true);
+        var pointer = (ulong)((CudaTensor)x).Pointer;
+        var output = ((CudaTensor)y).Pointer;
+        try
+        {
+            foreach (var rows in rowCounts)
+                foreach (var (name, copies) in projections)
+                {
+                    int n = copies[0].Rows, k = copies[0].Columns;
+                    // µs a GEMM: 2 passes over the copies to warm up, then 10 timed.
+                    double Time(Action<DeviceTensor> gemm)
+                    {
+                        for (var pass = 0; pass < 12; pass++)
+                        {
+                            if (pass == 2) start.Record(backend.Stream);
+                            foreach (var w in copies) gemm(w);
+                        }
+                        end.Record(backend.Stream);
+                        end.Synchronize();
+                        return CudaEvent.ElapsedMilliseconds(start, end) * 1e3 / (10.0 * copies.Length);
+                    }
+                    string Figures(double us) => string.Create(CultureInfo.InvariantCulture,
+                        $"{us,8:F1} µs  {(double)n * k * 2 / us / 1e6,5:F2} TB/s  {2.0 * rows * n * k / us / 1e6,5:F0} TFLOP/s");
+                    backend.LinearPathForced = CudaBackend.LinearPath.Cublas;
+                    var gemmEx = Time(w => backend.Linear(x, w, y, rows));
+                    backend.LinearPathForced = null;
+                    // y holds [rows, n] from its start (the GEMM's own row length); Download takes whole rows of y's width.
+                    var reference = new float[rows * y.Columns];
+                    backend.Linear(x, copies[0], y, rows);
+                    backend.Download(y, rows, reference);
+                    report($"linear rows {rows,4} {name,-8} cublasGemmEx                {Figures(gemmEx)}");
+                    var candidates = backend.LtGemms.Candidates(rows, n, k, CudaDataType.R32F, 32);
+                    var best = (Index: -1, Us: double.MaxValue);
+                    for (var i = 0; i < candidates.Count; i++)
+                    {
+                        var algo = candidates[i].Algo;
+                        var us = Time(w => backend.LtGemms.GemmBf16(rows, n, k, pointer, ((CudaTensor)w).Pointer, output, CudaDataType.R32F, algo));
+                        if (us < best.Us) best = (i, us);
+                        report(string.Create(CultureInfo.InvariantCulture,
+                            $"linear rows {rows,4} {name,-8} cuBLASLt #{i,-2} waves {candidates[i].Waves,5:F2} {Figures(us)}  {candidates[i].Description}"));
+                    }
+                    if (best.Index < 0) continue;
+                    var chosen = candidates[best.Index].Algo;
+                    backend.LtGemms.GemmBf16(rows, n, k, pointer, ((CudaTensor)copies[0]).Pointer, output, CudaDataType.R32F, chosen);
+                    var fastest = new float[rows * y.Columns];
+                    backend.Download(y, rows, fastest);
+                    double error = 0, norm = 0;
+                    for (var j = 0; j < rows * n; j++)
+                    {
+                        error += (fastest[j] - reference[j]) * (double)(fastest[j] - reference[j]);
+                        norm += reference[j] * (double)reference[j];
+                    }
+                    report(string.Create(CultureInfo.InvariantCulture,
+                        $"linear rows {rows,4} {name,-8} fastest: cuBLASLt #{best.Index} of {candidates.Count}, {best.Us:F1} against {gemmEx:F1} µs ({best.Us / gemmEx - 1:+0.0%;-0.0%}), normalised squared error against cublasGemmEx {error / Math.Max(norm, 1e-30):E2}"));
+                }
+        }
+        finally
+        {
+            foreach (var (_, copies) in projections)
+                foreach (var w in copies) w.Dispose();
         }
     }
 }

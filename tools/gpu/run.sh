@@ -9,10 +9,12 @@
 # inductor's autotuned GEMMs, tools/gpu/projection_rates.py), ab (lockstep runs of environment knobs taking turns: AB_VARIANTS, e.g.
 # AB_VARIANTS=";MOE_RAG_INJECT_TMA_N=64" AB_BATCHES=64 tools/gpu/run.sh ab), sweep (lockstep at every batch size from 1 to
 # 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes),
-# tokens (the token-major prefill kernels: gemm-bench, and ncu's stall samples by instruction).
+# tokens (the token-major prefill kernels: gemm-bench, and ncu's stall samples by instruction), tokens-variants (those
+# kernels with their epilogue, products or copies taken out), linear (the projections through cublasGemmEx and cuBLASLt's
+# candidates).
 # (Run whole on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4; the two
 # baseline runs as they are now were run on their own the same day: docs/gpu-runs/26-call-compiled-rule.log.)
-# Default: all but paths, det-pdl, read, proj, ab, sweep and tokens, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# Default: all but paths, det-pdl, read, proj, ab, sweep, tokens, tokens-variants and linear, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -159,6 +161,24 @@ if has tokens; then
     "$bin" check-device --device cuda --groups gemm-bench > "$out/cublas-ncu.log" 2>&1
   "$ncu" --import "$out/cublas.ncu-rep" --page details > "$out/cublas-details.txt" 2>&1
   grep -v "^    ---\|^$" "$out/cublas-details.txt" | cut -c1-150 | head -200
+fi
+if has tokens-variants; then
+  # The token-major kernels with one part taken out each (tools/gpu/tokens_variants.py: no epilogue, no products, no
+  # copies) against the whole kernel and cuBLAS per expert, at 2,048 rows (session 30, call 1).
+  log "tokens-variants: gemm-bench of the token-major kernels with their epilogue, products or copies taken out"
+  python3 tools/gpu/tokens_variants.py /tmp/tokens-variants
+  for variant in base noepi nomma noload; do
+    echo "--- $variant"
+    MOE_RAG_INJECT_KERNEL_OVERRIDE=/tmp/tokens-variants/$variant MOE_RAG_INJECT_GEMM_BENCH=wgmma MOE_RAG_INJECT_GEMM_BENCH_ROWS=2048 \
+      timeout 180 "$bin" check-device --device cuda --groups gemm-bench 2>&1 | grep "cuBLAS per\|tokens\|rror"
+  done
+fi
+if has linear; then
+  # The projections (fused QKV, output, LM head) through cublasGemmEx against every algorithm cuBLASLt's heuristic offers
+  # (session 30, call 2).
+  log "linear: the projections through cublasGemmEx and cuBLASLt's candidates at 8, 64 and 256 rows"
+  MOE_RAG_INJECT_GEMM_BENCH=linear MOE_RAG_INJECT_GEMM_BENCH_ROWS=8,64,256 timeout 180 "$bin" check-device --device cuda --groups gemm-bench 2>&1 \
+    | grep "linear\|rror"
 fi
 if has baseline; then
   log "baseline: transformers generate on the same shape, dummy weights"

@@ -17,6 +17,16 @@ internal enum CublasLtPreferenceAttribute
     MaxWorkspaceBytes = 1,
 }
 
+/// <summary>cublasLtMatmulAlgoConfigAttributes_t values used here (each a uint32 but the cluster shape, a uint16).</summary>
+internal enum CublasLtAlgoConfigAttribute
+{
+    Id = 0,
+    TileId = 1,
+    SplitKNum = 2,
+    StagesId = 6,
+    ClusterShapeId = 8,
+}
+
 /// <summary>cublasLtMatmulAlgo_t: an opaque 64-byte description of one kernel and its configuration.</summary>
 [StructLayout(LayoutKind.Sequential, Size = 64)]
 internal struct CublasLtMatmulAlgo
@@ -52,6 +62,10 @@ internal static unsafe partial class CublasLt
     [LibraryImport(Lib)] internal static partial CublasStatus cublasLtMatmulPreferenceCreate(nint* preference);
     [LibraryImport(Lib)] internal static partial CublasStatus cublasLtMatmulPreferenceDestroy(nint preference);
     [LibraryImport(Lib)] internal static partial CublasStatus cublasLtMatmulPreferenceSetAttribute(nint preference, CublasLtPreferenceAttribute attribute, void* value, nuint size);
+
+    [LibraryImport(Lib)]
+    internal static partial CublasStatus cublasLtMatmulAlgoConfigGetAttribute(CublasLtMatmulAlgo* algo, CublasLtAlgoConfigAttribute attribute, void* buffer,
+        nuint size, nuint* written);
 
     [LibraryImport(Lib)]
     internal static partial CublasStatus cublasLtMatmulAlgoGetHeuristic(nint handle, nint desc, nint aLayout, nint bLayout, nint cLayout, nint dLayout,

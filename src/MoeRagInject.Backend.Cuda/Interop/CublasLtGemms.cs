@@ -1,6 +1,10 @@
+using System.Globalization;
 using System.Runtime.InteropServices;
 
 namespace MoeRagInject.Backend.Cuda.Interop;
+
+/// <summary>An algorithm cuBLASLt's heuristic offers for a shape: its estimate of the waves the grid takes, and its configuration.</summary>
+internal readonly record struct CublasLtCandidate(CublasLtMatmulAlgo Algo, float Waves, string Description);
 
 /// <summary>
 /// Row-major C[m,n] = A[m,k]·B[n,k]ᵀ, bf16 operands with fp32 accumulation and C fp32 or bf16 (as
@@ -75,12 +79,48 @@ internal sealed unsafe class CublasLtGemms : IDisposable
     public void GemmBf16(int m, int n, int k, ulong a, ulong b, ulong c, CudaDataType cType = CudaDataType.R32F)
     {
         var plan = PlanOf(m, n, k, cType);
+        Run(plan, plan.Algo, a, b, c);
+    }
+
+    /// <summary>As <see cref="GemmBf16(int, int, int, ulong, ulong, ulong, CudaDataType)"/>, with <paramref name="algo"/> (one of the shape's <see cref="Candidates"/>) instead of the kept algorithm.</summary>
+    public void GemmBf16(int m, int n, int k, ulong a, ulong b, ulong c, CudaDataType cType, CublasLtMatmulAlgo algo) =>
+        Run(PlanOf(m, n, k, cType), algo, a, b, c);
+
+    private void Run(Plan plan, CublasLtMatmulAlgo algo, ulong a, ulong b, ulong c)
+    {
         float alpha = 1f, beta = 0f;
-        fixed (CublasLtMatmulAlgo* algo = &plan.Algo)
-            CudaCheck.Cublas(CublasLt.cublasLtMatmul(Handle, Raw(_matmul), &alpha,
-                (void*)b, Raw(plan.Weights), (void*)a, Raw(plan.Inputs), &beta,
-                (void*)c, Raw(plan.Output), (void*)c, Raw(plan.Output), algo,
-                (void*)_workspace.Pointer, (nuint)_workspace.ByteLength, _stream.Handle));
+        CudaCheck.Cublas(CublasLt.cublasLtMatmul(Handle, Raw(_matmul), &alpha,
+            (void*)b, Raw(plan.Weights), (void*)a, Raw(plan.Inputs), &beta,
+            (void*)c, Raw(plan.Output), (void*)c, Raw(plan.Output), &algo,
+            (void*)_workspace.Pointer, (nuint)_workspace.ByteLength, _stream.Handle));
+    }
+
+    /// <summary>
+    /// Up to <paramref name="count"/> algorithms cuBLASLt's heuristic offers for the shape within the workspace, its own choice
+    /// (the one <see cref="GemmBf16(int, int, int, ulong, ulong, ulong, CudaDataType)"/> keeps) first.
+    /// </summary>
+    public IReadOnlyList<CublasLtCandidate> Candidates(int m, int n, int k, CudaDataType cType, int count)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(count);
+        var plan = PlanOf(m, n, k, cType);
+        var results = new CublasLtHeuristicResult[count];
+        int returned;
+        fixed (CublasLtHeuristicResult* first = results)
+            CudaCheck.Cublas(CublasLt.cublasLtMatmulAlgoGetHeuristic(Handle, Raw(_matmul), Raw(plan.Weights), Raw(plan.Inputs), Raw(plan.Output),
+                Raw(plan.Output), Raw(_preference), count, first, &returned));
+        return [.. results.Take(returned).Where(r => r.State == CublasStatus.Success).Select(r => new CublasLtCandidate(r.Algo, r.WavesCount, Describe(r.Algo)))];
+    }
+
+    /// <summary>An algorithm's configuration in cuBLASLt's own numbering: algorithm id, tile, split-k, stages, cluster shape.</summary>
+    private static string Describe(CublasLtMatmulAlgo algo) => string.Create(CultureInfo.InvariantCulture,
+        $"id {Config(algo, CublasLtAlgoConfigAttribute.Id, 4)} tile {Config(algo, CublasLtAlgoConfigAttribute.TileId, 4)} split-k {Config(algo, CublasLtAlgoConfigAttribute.SplitKNum, 4)} stages {Config(algo, CublasLtAlgoConfigAttribute.StagesId, 4)} cluster {Config(algo, CublasLtAlgoConfigAttribute.ClusterShapeId, 2)}");
+
+    /// <summary>One configuration attribute of <paramref name="size"/> bytes (uint.MaxValue where cuBLASLt does not say).</summary>
+    private static uint Config(CublasLtMatmulAlgo algo, CublasLtAlgoConfigAttribute attribute, nuint size)
+    {
+        uint value = 0;
+        nuint written;
+        return CublasLt.cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, size, &written) == CublasStatus.Success ? value : uint.MaxValue;
     }
 
     private Plan PlanOf(int m, int n, int k, CudaDataType cType)
