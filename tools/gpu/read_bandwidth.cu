@@ -8,6 +8,7 @@
 //   - the same bytes as a [rows, 4096] bf16 matrix read through a 2-D tensor map in boxes of 128 rows x 64 columns, as the
 //     expert GEMMs read their weights (each box 128 pieces of 128 bytes, 8 KB apart), and through a 3-D map whose boxes
 //     take 2 or 4 consecutive k-tiles of each row;
+//   - the 2-D map's boxes with each L2 promotion, 64 to 256 rows, one or two blocks a multiprocessor;
 //   - the same bytes as a [rows, 64] matrix through a 2-D map, each 128 x 64 box 16 KB of consecutive bytes (the
 //     boxed layout's boxes, read through the map instead of by bulk copies);
 // each over 8 GiB (far past the L2), and the best of the first kinds again over 8 buffers of 235 MB read one launch each
@@ -112,18 +113,18 @@ __global__ void read_tma(const char* __restrict__ p, long long chunks, unsigned 
 }
 
 // The expert GEMMs' weight stream without their products: a bf16 matrix [rows, k] read by tensor-map TMA, one thread a
-// block, persistent, tiles in steps of the grid, each tile's k-tiles in order. DEEP false: a 2-D map, boxes of 128 rows x
-// 64 columns (128-byte swizzle, as moe_tma's), a tile `boxes` boxes of consecutive rows, a stage a k-tile's boxes. DEEP
-// true: a 3-D map of the same matrix ({64 columns, rows, k-tiles}, the k-tiles outermost), a tile 128 rows, a stage one box
-// of `depth` consecutive k-tiles (each row's depth x 128 bytes adjacent in memory), landing as depth [128][64] tiles one
-// after another, the layout the products read.
+// block, persistent, tiles in steps of the grid, each tile's k-tiles in order. DEEP false: a 2-D map, boxes of boxRows
+// rows x 64 columns (128 rows and the 128-byte swizzle as moe_tma's), a tile `boxes` boxes of consecutive rows, a stage a
+// k-tile's boxes. DEEP true: a 3-D map of the same matrix ({64 columns, rows, k-tiles}, the k-tiles outermost), a tile
+// boxRows rows, a stage one box of `depth` consecutive k-tiles (each row's depth x 128 bytes adjacent in memory), landing
+// as depth [boxRows][64] tiles one after another, the layout the products read.
 template <bool DEEP>
 __global__ void read_tma_boxes(const __grid_constant__ CUtensorMap map, int tiles, int kTiles, int boxes, int depth, int stages,
-                               unsigned* __restrict__ sink)
+                               unsigned* __restrict__ sink, int boxRows = 128)
 {
     extern __shared__ __align__(1024) unsigned char ring[];
     if (threadIdx.x != 0) return;
-    const unsigned stageBytes = 16384u * (DEEP ? depth : boxes);
+    const unsigned stageBytes = 128u * boxRows * (DEEP ? depth : boxes);
     unsigned long long* bars = (unsigned long long*)(ring + (size_t)stages * stageBytes);
     for (int s = 0; s < stages; s++)
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&bars[s])));
@@ -139,27 +140,26 @@ __global__ void read_tma_boxes(const __grid_constant__ CUtensorMap map, int tile
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(&bars[s])), "r"(stageBytes) : "memory");
             if (DEEP)
                 asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
-                             :: "r"(smem_addr(stage)), "l"((unsigned long long)&map), "r"(0), "r"(t * 128), "r"(kt),
+                             :: "r"(smem_addr(stage)), "l"((unsigned long long)&map), "r"(0), "r"(t * boxRows), "r"(kt),
                                 "r"(smem_addr(&bars[s])) : "memory");
             else
                 for (int b = 0; b < boxes; b++)
                     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-                                 :: "r"(smem_addr(stage + b * 16384)), "l"((unsigned long long)&map), "r"(kt * 64),
-                                    "r"((t * boxes + b) * 128), "r"(smem_addr(&bars[s])) : "memory");
+                                 :: "r"(smem_addr(stage + b * 128 * boxRows)), "l"((unsigned long long)&map), "r"(kt * 64),
+                                    "r"((t * boxes + b) * boxRows), "r"(smem_addr(&bars[s])) : "memory");
         }
     for (long long j = k > stages ? k - stages : 0; j < k; j++) take_stage(bars, (int)(j % stages), phase, ring + (size_t)(j % stages) * stageBytes, acc);
     sink[blockIdx.x] = acc;
 }
 
-// A tensor map of `rank` dimensions over the buffer, bf16 with the 128-byte swizzle and 256-byte L2 promotion the expert
-// GEMMs' maps use (CudaBackend's TensorMap).
+// A tensor map of `rank` dimensions over the buffer, bf16 with the 128-byte swizzle and (by default) the 256-byte L2
+// promotion the expert GEMMs' maps use (CudaBackend's TensorMap).
 static CUresult encode_map(CUtensorMap* map, unsigned rank, void* buffer, const cuuint64_t* dims, const cuuint64_t* strides,
-                           const cuuint32_t* box)
+                           const cuuint32_t* box, CUtensorMapL2promotion promotion = CU_TENSOR_MAP_L2_PROMOTION_L2_256B)
 {
     const cuuint32_t elementStrides[3] = {1, 1, 1};
     return cuTensorMapEncodeTiled(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, buffer, dims, strides, box, elementStrides,
-                                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
 template <typename Launch>
@@ -267,6 +267,35 @@ int main()
                 const double ms = median_ms([&](int) { read_tma_boxes<false><<<sms, 32, smem>>>(map, tiles, kTiles, boxes, 1, stages, sink); });
                 printf("tensor-map TMA, 8 GiB as [%lld, 4096], tiles of %d x 128 rows, %2d stages, 1 block a SM: %5.2f TB/s\n", rows, boxes,
                        stages, big / ms / 1e9);
+            }
+    }
+
+    // The 2-D boxes again, varied where the expert GEMMs could vary them: the L2 promotion (none, 64, 128, 256 bytes),
+    // boxes of 64, 128 or 256 rows (one box a stage, 8 to 32 KB), and two blocks a multiprocessor, each with its own ring.
+    {
+        const long long k = 4096, rows = big / (2 * k);
+        const struct { CUtensorMapL2promotion value; const char* name; } promotions[] = {
+            {CU_TENSOR_MAP_L2_PROMOTION_NONE, "none"}, {CU_TENSOR_MAP_L2_PROMOTION_L2_64B, "64 B"},
+            {CU_TENSOR_MAP_L2_PROMOTION_L2_128B, "128 B"}, {CU_TENSOR_MAP_L2_PROMOTION_L2_256B, "256 B"}};
+        for (const auto& promotion : promotions)
+            for (int boxRows : {64, 128, 256})
+            {
+                CUtensorMap map;
+                cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
+                cuuint64_t strides[1] = {(cuuint64_t)(2 * k)};
+                const cuuint32_t box[2] = {64, (cuuint32_t)boxRows};
+                const CUresult r = encode_map(&map, 2, buffer, dims, strides, box, promotion.value);
+                if (r != CUDA_SUCCESS) { printf("2-D map, boxes of %d rows, promotion %s: cuTensorMapEncodeTiled refused it (%d)\n", boxRows, promotion.name, (int)r); continue; }
+                for (int bps : {1, 2})
+                {
+                    const int stages = std::min(16, (int)(192 * 1024 / bps / (128 * boxRows)));
+                    const size_t smem = (size_t)stages * 128 * boxRows + 16 * 8;
+                    const int tiles = (int)(rows / boxRows), kTiles = (int)(k / 64);
+                    const double ms = median_ms([&](int) {
+                        read_tma_boxes<false><<<sms * bps, 32, smem>>>(map, tiles, kTiles, 1, 1, stages, sink, boxRows); });
+                    printf("tensor-map TMA, [%lld, 4096], boxes of %3d rows, promotion %-5s, %2d stages, %d block(s) a SM: %5.2f TB/s\n", rows,
+                           boxRows, promotion.name, stages, bps, big / ms / 1e9);
+                }
             }
     }
 
