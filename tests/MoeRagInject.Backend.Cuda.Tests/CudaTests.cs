@@ -173,6 +173,19 @@ public sealed class CudaWithoutGpuTests
         Assert.True(kernels >= 30, $"found only {kernels} kernels");
     }
 
+    /// <summary>The CUtensorMapL2promotion values the driver defines (0 to 3), and a clear error for anything else.</summary>
+    [Fact]
+    public void TheTensorMapPromotionKnobTakesTheDriversFourValues()
+    {
+        Assert.Equal(L2Promotion.Bytes256, CudaBackend.ParsePromotion(null));
+        Assert.Equal(L2Promotion.Bytes256, CudaBackend.ParsePromotion("256"));
+        Assert.Equal(2, (int)CudaBackend.ParsePromotion("128"));
+        Assert.Equal(1, (int)CudaBackend.ParsePromotion("64"));
+        Assert.Equal(0, (int)CudaBackend.ParsePromotion("none"));
+        var error = Assert.Throws<ArgumentException>(() => CudaBackend.ParsePromotion("32"));
+        Assert.Contains("MOE_RAG_INJECT_TMA_PROMOTION is '32'", error.Message);
+    }
+
     [Fact]
     public void MissingCudaIsReportedWithTheReason()
     {

@@ -505,6 +505,15 @@ internal struct KernelArg
     public static implicit operator KernelArg(TensorMap map) => new() { Indirect = map.Address };
 }
 
+/// <summary>How wide a request the tensor-memory-access unit makes of L2 for each box row (CUtensorMapL2promotion).</summary>
+internal enum L2Promotion
+{
+    None = 0,
+    Bytes64 = 1,
+    Bytes128 = 2,
+    Bytes256 = 3,
+}
+
 /// <summary>
 /// A CUtensorMap: how the tensor-memory-access unit copies boxes of a 2-D bf16 matrix (row-major, <c>columns</c> a row)
 /// into shared memory, 128-byte swizzled (the layout the wgmma descriptors read), rows past the end read as zeros. Its
@@ -515,7 +524,7 @@ internal sealed unsafe class TensorMap : IDisposable
     private void* _map = NativeMemory.AlignedAlloc(128, 64);
 
     /// <param name="boxColumns">Columns a box (64: 128 bytes, the swizzle's span).</param>
-    public TensorMap(ulong address, long rows, long columns, int boxRows, int boxColumns = 64)
+    public TensorMap(ulong address, long rows, long columns, int boxRows, L2Promotion promotion, int boxColumns = 64)
     {
         var dims = stackalloc ulong[] { (ulong)columns, (ulong)rows };
         var strides = stackalloc ulong[] { 2UL * (ulong)columns };
@@ -523,7 +532,7 @@ internal sealed unsafe class TensorMap : IDisposable
         var elementStrides = stackalloc uint[] { 1, 1 };
         try
         {
-            CudaCheck.Driver(Driver.cuTensorMapEncodeTiled(_map, 9, 2, address, dims, strides, box, elementStrides, 0, 3, 3, 0));
+            CudaCheck.Driver(Driver.cuTensorMapEncodeTiled(_map, 9, 2, address, dims, strides, box, elementStrides, 0, 3, (int)promotion, 0));
         }
         catch
         {
