@@ -362,18 +362,19 @@ public sealed partial class CudaBackend
     private readonly Dictionary<(ulong, long, long, int), TensorMap> _tensorMaps = [];
 
     /// <summary>
-    /// The L2 promotion of the moe_tma kernels' tensor maps: 256 bytes, or MOE_RAG_INJECT_TMA_PROMOTION (none, 64, 128 or
-    /// 256) to measure against. tools/gpu/read_bandwidth.cu read 128-row boxes of 128 bytes at 4.61 TB/s with none, 64 or
-    /// 128 and 4.33 to 4.42 with 256 on an H200 (session 31).
+    /// The L2 promotion of the moe_tma kernels' tensor maps: none, or MOE_RAG_INJECT_TMA_PROMOTION (none, 64, 128 or 256)
+    /// to measure against. On an H200 (docs/performance.md, session 32) tools/gpu/read_bandwidth.cu read 128-row boxes of
+    /// 128 bytes at 4.59 TB/s with none, 64 or 128 and at 4.39 with 256, and decode steps with none against 256 took 1.5%,
+    /// 2.2% and 2.1% less time at batch 8, 64 and 256.
     /// </summary>
     private readonly L2Promotion _tmaPromotion = ParsePromotion(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_TMA_PROMOTION"));
 
     internal static L2Promotion ParsePromotion(string? value) => value switch
     {
-        null or "" or "256" => L2Promotion.Bytes256,
+        null or "" or "none" => L2Promotion.None,
+        "256" => L2Promotion.Bytes256,
         "128" => L2Promotion.Bytes128,
         "64" => L2Promotion.Bytes64,
-        "none" => L2Promotion.None,
         _ => throw new ArgumentException($"MOE_RAG_INJECT_TMA_PROMOTION is '{value}': expected none, 64, 128 or 256."),
     };
 

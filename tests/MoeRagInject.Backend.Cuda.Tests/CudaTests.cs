@@ -177,8 +177,8 @@ public sealed class CudaWithoutGpuTests
     [Fact]
     public void TheTensorMapPromotionKnobTakesTheDriversFourValues()
     {
-        Assert.Equal(L2Promotion.Bytes256, CudaBackend.ParsePromotion(null));
-        Assert.Equal(L2Promotion.Bytes256, CudaBackend.ParsePromotion("256"));
+        Assert.Equal(L2Promotion.None, CudaBackend.ParsePromotion(null));
+        Assert.Equal(3, (int)CudaBackend.ParsePromotion("256"));
         Assert.Equal(2, (int)CudaBackend.ParsePromotion("128"));
         Assert.Equal(1, (int)CudaBackend.ParsePromotion("64"));
         Assert.Equal(0, (int)CudaBackend.ParsePromotion("none"));
