@@ -51,6 +51,15 @@ public sealed partial class CudaBackend
     /// </summary>
     public const int TmaMaxRows = 256;
 
+    /// <summary>
+    /// Whether the TMA-fed kernels take a row count below <see cref="WgmmaMaxRows"/>: at 2 rows, where they have been
+    /// ahead since their tensor maps lost the 256-byte L2 promotion. Lockstep decode on H200s, ms a step, wgmma against
+    /// TMA, two rounds each (docs/performance.md, session 32): batch 2 11.85–11.88 against 11.45–11.47 (call 3) and
+    /// 12.35–12.41 against 11.77–11.81 (call 4, another machine); wgmma ahead at 3 and 4 rows (14.76 against 15.15–15.21,
+    /// 16.22–16.39 against 16.72–16.83), the two level at 5 to 7.
+    /// </summary>
+    private static bool TmaAheadOfWgmma(int rows) => rows == 2;
+
     internal MoePath PathFor(int rows, int topK)
     {
         // Batch-invariant at every row count: a row's sums are one fixed order whichever tile it lands in (checked bit for bit),
@@ -58,7 +67,7 @@ public sealed partial class CudaBackend
         if (Deterministic) return !WgmmaAvailable ? MoePath.Tensor : s_deterministicWgmma ? MoePath.Wgmma : MoePath.Tma;
         if (_moePathOverride is { } forced && (forced != MoePath.Dense || rows <= DenseMaxRows)) return forced;
         if (rows * topK <= SmallSlots) return MoePath.Small;
-        if (rows <= WgmmaMaxRows && WgmmaAvailable) return MoePath.Wgmma;
+        if (rows <= WgmmaMaxRows && WgmmaAvailable) return TmaAheadOfWgmma(rows) ? MoePath.Tma : MoePath.Wgmma;
         if (rows <= TmaMaxRows && WgmmaAvailable) return MoePath.Tma;
         if (s_prefillTokens && WgmmaAvailable) return MoePath.TmaTokens;
         return rows <= TensorMaxRows ? MoePath.Tensor : MoePath.Cublas;
