@@ -19,3 +19,12 @@ xz --x86 --lzma2=preset=9e,dict=32MiB -T1 -c .build/gpu-publish/moe-rag-inject >
 # copies may be another commit's, as in session 29, when a branch's build ran beside main's scripts).
 { git log --oneline -1; git diff --quiet HEAD -- src || echo "with uncommitted changes under src/"; } > .gpu/BUILD
 ls -la .gpu/moe-rag-inject.xz
+# The device tool carries the working tree's tracked files beside .gpu, 64 MiB in all (on 2026-12-04 the tracked files
+# were 60.7 MB, so the demo model's two projectors, 7.6 MB, had to be moved aside for each call and back after it).
+tracked=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+carried=$((tracked + $(du -sb .gpu | cut -f1)))
+echo "the device tool would carry $((carried / 1048576)) MiB of its 64: tracked files $tracked bytes, .gpu the rest"
+if [ "$carried" -gt $((64 * 1048576)) ]; then
+  echo "over 64 MiB: move large tracked files the GPU run does not read out of the checkout for the call, e.g." \
+    "assets/models/moe-wordnet-demo/projector*.safetensors (and back after it; never commit their removal)"
+fi
