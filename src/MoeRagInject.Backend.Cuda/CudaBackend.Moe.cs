@@ -101,7 +101,7 @@ public sealed partial class CudaBackend
             {
                 // Blocks for the routed experts only; with top-2 the two experts add straight into delta (no combine).
                 var fused = topK <= 2 && i >= h ? 1 : 0;
-                Launch3("moe_row_gate_up", ((uint)topK, (uint)((i + 7) / 8), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, delta.Pointer, fused, h, i, boxed);
+                Launch3("moe_row_gate_up", ((uint)topK, (uint)((i + 3) / 4), 1), 256, 0, input.Pointer, stack.GateUp, s.TopIds, s.MoeAct, delta.Pointer, fused, h, i, boxed);
                 Launch3("moe_row_down", ((uint)topK, (uint)((h + 7) / 8), 1), 256, 0, s.MoeAct, stack.Down, s.TopIds, s.TopWeights, s.MoeOut, delta.Pointer, fused, h, i, boxed);
                 if (fused == 0) Launch3("moe_combine_slots", (1, ColumnBlocks(h), 1), 256, 0, s.MoeOut, s.TopIds, delta.Pointer, topK, h);
                 break;

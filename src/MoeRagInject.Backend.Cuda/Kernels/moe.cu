@@ -260,33 +260,36 @@ __device__ __forceinline__ void moe_small_down_impl(const bf16* __restrict__ act
     { kernel_prologue(); moe_small_down_impl<T>(act, down, topIds, topWeights, out, slots, hidden, intermediate, boxed); }
 MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 
-// One row (decode at batch 1), gate and up: block (k, 8 features) for the row's k-th expert, a warp a feature; blocks are
-// launched only for the k routed experts (not for every expert, most of which would have nothing to do). With
-// zeroDelta, the blocks of k = 0 also zero delta[0, 0 .. hidden) for moe_row_down to add into. Grid: (K, ceil(I / 8)); block: 256.
+// One row (decode at batch 1), gate and up: block (k, 4 features) for the row's k-th expert, a warp a weight row: warps
+// 0-3 the gate rows and 4-7 the up rows of features blockIdx.y·4 + (warp mod 4), the pairs meeting in shared memory.
+// Blocks are launched only for the k routed experts (not for every expert, most of which would have nothing to do).
+// A warp a row rather than a warp a feature (both rows, session 32) halves the bytes a block reads and the registers a
+// thread holds, and the step at batch 1 took 4% less (docs/performance.md, session 33); the sums are in the same order.
+// With zeroDelta, the blocks of k = 0 also zero delta[0, 0 .. hidden) for moe_row_down to add into (I ≥ H).
+// Grid: (K, ceil(I / 4)); block: 256.
 extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
     const int* __restrict__ topIds, bf16* __restrict__ act, float* __restrict__ delta, int zeroDelta, int hidden, int intermediate, int boxed)
 {
     kernel_prologue();
-    const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31;
-    const int feature = blockIdx.y * 8 + (threadIdx.x >> 5);
-    if (zeroDelta && slot == 0 && threadIdx.x < 8 && blockIdx.y * 8 + threadIdx.x < hidden) delta[blockIdx.y * 8 + threadIdx.x] = 0.f;
-    if (e < 0 || feature >= intermediate) return;
-    const RowWalk gw = row_walk((long long)e * 2 * intermediate + feature, hidden, lane, boxed);
-    const RowWalk uw = row_walk((long long)e * 2 * intermediate + intermediate + feature, hidden, lane, boxed);
-    const u32x4* gate = (const u32x4*)gateUp + gw.first;
-    const u32x4* up = (const u32x4*)gateUp + uw.first;
-    const u32x4* row = (const u32x4*)x;
-    float g = 0.f, u = 0.f;
-#pragma unroll 4
-    for (int c = lane; c < hidden / 8; c += 32, gate += gw.stride, up += uw.stride)
+    __shared__ float gates[4];
+    const int slot = blockIdx.x, e = topIds[slot], lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int feature = blockIdx.y * 4 + (warp & 3);
+    const bool up = warp >= 4;
+    if (zeroDelta && slot == 0 && threadIdx.x < 4 && blockIdx.y * 4 + threadIdx.x < hidden) delta[blockIdx.y * 4 + threadIdx.x] = 0.f;
+    if (e < 0) return;  // the whole block: e is the block's
+    float sum = 0.f;
+    if (feature < intermediate)
     {
-        const u32x4 xv = row[c];
-        g += dot8(*gate, xv);
-        u += dot8(*up, xv);
+        const RowWalk walk = row_walk((long long)e * 2 * intermediate + (up ? intermediate : 0) + feature, hidden, lane, boxed);
+        const u32x4* w = (const u32x4*)gateUp + walk.first;
+        const u32x4* in = (const u32x4*)x;
+#pragma unroll 8
+        for (int c = lane; c < hidden / 8; c += 32, w += walk.stride) sum += dot8(*w, in[c]);
+        sum = warp_sum(sum);
     }
-    g = warp_sum(g);
-    u = warp_sum(u);
-    if (lane == 0) act[(long long)slot * intermediate + feature] = float_to_bf16(silu(g) * u);
+    if (!up && lane == 0) gates[warp] = sum;
+    __syncthreads();
+    if (up && lane == 0 && feature < intermediate) act[(long long)slot * intermediate + feature] = float_to_bf16(silu(gates[warp & 3]) * sum);
 }
 
 // One row, down: w_k · (down_h · act[k]) for the row's k-th expert, a warp a feature. addToDelta (top-2 at most, where
