@@ -304,13 +304,13 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
     public void RmsNorm(DeviceTensor x, DeviceTensor weight, float eps, DeviceTensor output, int rows)
     {
         using var _ = Op("rms_norm");
-        Launch("rms_norm", (uint)rows, NormThreads(rows, T(x).Columns), T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps, Prefetch);
+        Launch("rms_norm", (uint)rows, NormThreads(rows, T(x).Columns), T(x).Pointer, T(weight).Pointer, T(output).Pointer, T(x).Columns, eps);
     }
 
     public void AddRmsNorm(DeviceTensor residual, DeviceTensor delta, DeviceTensor weight, float eps, DeviceTensor output, int rows)
     {
         using var _ = Op("add_rms_norm");
-        Launch("add_rms_norm", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps, Prefetch);
+        Launch("add_rms_norm", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer, T(residual).Columns, eps);
     }
 
     public void Linear(DeviceTensor x, DeviceTensor weight, DeviceTensor output, int rows)
@@ -348,7 +348,7 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
             // Rows per pass: as few accumulators as the rows need (more warps resident), at most 8.
             var perPass = Math.Min(GemvMaxRows, Bound(rows));
             Launch3($"linear_rows_t{perPass}", ((uint)((w.Rows + 7) / 8), (uint)((rows + perPass - 1) / perPass), 1), 256, 0,
-                a.Pointer, w.Pointer, y.Pointer, rows, w.Rows, w.Columns, (int)Math.Min(s_prefetchRowBytes, 2L * w.Columns) / 16 * 16);
+                a.Pointer, w.Pointer, y.Pointer, rows, w.Rows, w.Columns);
             return;
         }
         if (!TimingSkips("cublas")) _cublas.GemmBf16(rows, w.Rows, w.Columns, a.Pointer, w.Pointer, y.Pointer);
@@ -381,18 +381,8 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
         Launch("add_rms_norm_route", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
             T(residual).Columns, eps, w.Pointer, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights, s.RowEntropies, layer,
-            s.Host.Layers, Prefetch);
+            s.Host.Layers);
     }
-
-    /// <summary>
-    /// How much of each weight row the projection kernels (linear_rows_t*) ask of the L2 before they wait on the kernel
-    /// before them, and whether the norm kernels ask for their weights (and the router's): the whole row, or
-    /// MOE_RAG_INJECT_PREFETCH bytes (0: none), to measure against.
-    /// </summary>
-    private static readonly long s_prefetchRowBytes =
-        long.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_PREFETCH"), out var bytes) && bytes >= 0 ? bytes : long.MaxValue;
-
-    private static int Prefetch => s_prefetchRowBytes > 0 ? 1 : 0;
 
     /// <summary>MOE_RAG_INJECT_FUSE=0: the fused ops run as their parts, to measure the fusion against.</summary>
     private readonly bool _unfused = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_FUSE") == "0";
@@ -418,7 +408,7 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
         using var _ = Op("add_injection_rms_norm");
         Launch("add_injection_rms_norm", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
             T(residual).Columns, eps, s.InjectionVectors, s.InjectionScales, s.InjectionStarts, s.InjectionEnds, s.Positions, s.RowSequence,
-            s.SeqSlot, layer, s.Host.Layers, Prefetch);
+            s.SeqSlot, layer, s.Host.Layers);
     }
 
     public void GatherLastRows(DeviceTensor x, IStepBuffers step, DeviceTensor output, int count)

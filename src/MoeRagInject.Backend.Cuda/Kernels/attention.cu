@@ -143,38 +143,30 @@ __device__ __forceinline__ void attention_impl(
     }
 }
 
-// Merges a row's split records (the decode kernels with grid z > 1) in split order into its output. The splits' maxima
-// and totals are first loaded at once, a thread each (a thread a query head looping over the splits made 16 dependent
-// round trips, most of the 7.9 µs this kernel took at batch 1: session 33); one thread per query head then turns them
-// into scale factors in shared memory, so that each output's loop over the splits has only independent loads. Grid:
-// (rows, kvHeads); block: 128. At most 8 query heads per KV head and 16 splits (the host's bounds).
+// Merges a row's split records (the decode kernels with grid z > 1) in split order into its output. One thread per query
+// head first turns the splits' maxima into scale factors (shared memory), so that each output's loop over the splits has
+// only independent loads. Grid: (rows, kvHeads); block: 128. At most 8 query heads per KV head and 16 splits (the host's
+// bounds).
 extern "C" __global__ void attention_combine(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
     int headDim, int splits)
 {
     kernel_prologue();
-    __shared__ float factor[8 * 16], maxima[8 * 16], totals[8 * 16], denominator[8];
+    __shared__ float factor[8 * 16], denominator[8];
     const int r = blockIdx.x, kvHead = blockIdx.y, group = heads / kvHeads, width = group * (headDim + 2);
     const float* records = partial + ((long long)r * kvHeads + kvHead) * splits * width;
     bf16* o = out + (long long)r * heads * headDim + kvHead * group * headDim;
-    if (threadIdx.x < group * splits)
-    {
-        const int g = threadIdx.x / splits, z = threadIdx.x % splits;
-        maxima[threadIdx.x] = records[z * width + group * headDim + g];
-        totals[threadIdx.x] = records[z * width + group * (headDim + 1) + g];
-    }
-    __syncthreads();
     if (threadIdx.x < group)
     {
         const int g = threadIdx.x;
         float mAll = NEG_INF;
-        for (int z = 0; z < splits; z++) mAll = fmaxf(mAll, maxima[g * splits + z]);
+        for (int z = 0; z < splits; z++) mAll = fmaxf(mAll, records[z * width + group * headDim + g]);
         float lAll = 0.f;
         for (int z = 0; z < splits; z++)
         {
-            const float m = maxima[g * splits + z];
+            const float m = records[z * width + group * headDim + g];
             const float f = m == NEG_INF ? 0.f : expf(m - mAll);  // 0: a split with no keys
             factor[g * splits + z] = f;
-            if (m != NEG_INF) lAll = fmaf(totals[g * splits + z], f, lAll);
+            if (m != NEG_INF) lAll = fmaf(records[z * width + group * (headDim + 1) + g], f, lAll);
         }
         denominator[g] = mAll == NEG_INF ? 0.f : lAll;  // 0: a padding row
     }

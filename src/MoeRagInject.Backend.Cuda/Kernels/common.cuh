@@ -12,26 +12,12 @@ struct alignas(16) f32x4 { float x, y, z, w; };
 // Every kernel's first statement. On Hopper and later the kernels are launched with programmatic dependent launch
 // (CudaKernels.cs): launch_dependents lets the next kernel in the stream be scheduled once every block of this one has
 // started (so its blocks never take an SM from one of ours still waiting to run), and wait holds this grid until the
-// previous kernel has finished and its writes are visible. Nothing may read or write global memory before it but the
-// weights, which no kernel writes: kernel_prologue_prefetch asks the L2 for those first. On older cards, or launched
-// without the attribute, both instructions are no-ops.
+// previous kernel has finished and its writes are visible. Nothing may read or write global memory before it. On older
+// cards, or launched without the attribute, both instructions are no-ops.
 __device__ __forceinline__ void kernel_prologue()
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// kernel_prologue, with [weights, weights + bytes) asked of the L2 between its two halves (bytes a multiple of 16, the
-// address 16-byte aligned; nothing when bytes is 0), so that a kernel's weight reads start while the kernels before it
-// still run: what a memory-bound step loses between kernels, where the card's memory waits on short latency-bound ones
-// (attention, norms, the router) at batch 1. Only for memory that no kernel writes.
-__device__ __forceinline__ void kernel_prologue_prefetch(const void* weights, unsigned bytes)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    if (bytes != 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(weights), "r"(bytes) : "memory");
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }

@@ -34,15 +34,7 @@ __device__ __forceinline__ void linear_rows_impl(const bf16* __restrict__ x, con
     }
 }
 
-// prefetchBytes: how much of each warp's weight row its lane 0 asks of the L2 before waiting on the kernel before
-// (kernel_prologue_prefetch; a multiple of 16, at most the row).
 #define LINEAR_ROWS(T) \
     extern "C" __global__ void __launch_bounds__(256) linear_rows_t##T(const bf16* __restrict__ x, const bf16* __restrict__ w, \
-        float* __restrict__ y, int rows, int n, int k, int prefetchBytes) \
-    { \
-        const int feature = blockIdx.x * 8 + (threadIdx.x >> 5); \
-        const bool asks = (threadIdx.x & 31) == 0 && feature < n && blockIdx.y == 0; \
-        kernel_prologue_prefetch(w + (long long)feature * k, asks ? prefetchBytes : 0); \
-        linear_rows_impl<T>(x, w, y, rows, n, k); \
-    }
+        float* __restrict__ y, int rows, int n, int k) { kernel_prologue(); linear_rows_impl<T>(x, w, y, rows, n, k); }
 LINEAR_ROWS(1) LINEAR_ROWS(2) LINEAR_ROWS(4) LINEAR_ROWS(8)

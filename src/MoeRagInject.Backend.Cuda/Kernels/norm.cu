@@ -39,9 +39,9 @@ __device__ __forceinline__ float held_square_sum(const f32x4 (&held)[ROW_HELD], 
 
 // Grid: rows; block: up to 1024.
 extern "C" __global__ void __launch_bounds__(1024) rms_norm(const float* __restrict__ x, const bf16* __restrict__ weight,
-    bf16* __restrict__ out, int hiddenSize, float eps, int prefetch)
+    bf16* __restrict__ out, int hiddenSize, float eps)
 {
-    kernel_prologue_prefetch(weight, prefetch && blockIdx.x == 0 && threadIdx.x == 0 ? hiddenSize * 2 : 0);
+    kernel_prologue();
     __shared__ float scratch[32];
     const f32x4* row = (const f32x4*)(x + (long long)blockIdx.x * hiddenSize);
     f32x4 held[ROW_HELD];
@@ -100,9 +100,9 @@ __device__ __forceinline__ void add_rms_norm_row(float* __restrict__ row, const 
 
 // residual += delta, then out = rmsnorm(residual). Grid: rows; block: up to 1024.
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm(float* __restrict__ residual, const float* __restrict__ delta,
-    const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps, int prefetch)
+    const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps)
 {
-    kernel_prologue_prefetch(weight, prefetch && blockIdx.x == 0 && threadIdx.x == 0 ? hiddenSize * 2 : 0);
+    kernel_prologue();
     const long long r = blockIdx.x;
     f32x4 held[ROW_HELD];
     add_rms_norm_row(residual + r * hiddenSize, delta + r * hiddenSize, 0.f, nullptr, weight, out + r * hiddenSize, hiddenSize, eps, held);
@@ -113,9 +113,9 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm(float* __restric
 extern "C" __global__ void __launch_bounds__(1024) add_injection_rms_norm(float* __restrict__ residual, const float* __restrict__ delta,
     const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps, const float* __restrict__ vectors,
     const float* __restrict__ scales, const int* __restrict__ starts, const int* __restrict__ ends, const int* __restrict__ positions,
-    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int layer, int layers, int prefetch)
+    const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int layer, int layers)
 {
-    kernel_prologue_prefetch(weight, prefetch && blockIdx.x == 0 && threadIdx.x == 0 ? hiddenSize * 2 : 0);
+    kernel_prologue();
     const long long r = blockIdx.x;
     const int slot = seqSlot[rowSequence[r]];
     float scale = 0.f;
@@ -134,12 +134,9 @@ extern "C" __global__ void __launch_bounds__(1024) add_injection_rms_norm(float*
 extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_route(float* __restrict__ residual, const float* __restrict__ delta,
     const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps, const bf16* __restrict__ router, int experts,
     int topK, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds,
-    float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers, int prefetch)
+    float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers)
 {
-    // The norm's weights by thread 0 of block 0, the router's by its thread 32.
-    const bool asks = prefetch && blockIdx.x == 0;
-    kernel_prologue_prefetch(threadIdx.x == 0 ? (const void*)weight : (const void*)router,
-        asks && threadIdx.x == 0 ? hiddenSize * 2 : asks && threadIdx.x == 32 ? experts * hiddenSize * 2 : 0);
+    kernel_prologue();
     __shared__ float partial[32 * ROUTER_MAX_EXPERTS], logits[ROUTER_MAX_EXPERTS];
     const long long r = blockIdx.x;
     f32x4 held[ROW_HELD];
