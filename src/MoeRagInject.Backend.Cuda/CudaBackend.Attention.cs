@@ -81,8 +81,9 @@ public sealed partial class CudaBackend
         else
             ScalarAttention(qkv, kv, layer, shape, s, output, rows, splits, partial);
         if (splits > 1)
-            Launch3("attention_combine", ((uint)rows, (uint)shape.KvHeads, 1), 128, 0, _attentionPartial!.Pointer, T(output).Pointer,
-                shape.Heads, shape.KvHeads, shape.HeadDim, splits);
+            Launch3(s_serialCombine ? "attention_combine_serial" : "attention_combine", ((uint)rows, (uint)shape.KvHeads, 1),
+                s_serialCombine ? 128u : (uint)Math.Clamp((shape.Heads / shape.KvHeads * shape.HeadDim + 31) / 32 * 32, 128, 1024), 0,
+                _attentionPartial!.Pointer, T(output).Pointer, shape.Heads, shape.KvHeads, shape.HeadDim, splits);
     }
 
     /// <summary>attention_g*_d*: one 16-warp block per (row, KV head, split), fp32 throughout; for shapes the tensor-core kernels do not take.</summary>
@@ -102,6 +103,9 @@ public sealed partial class CudaBackend
             s.BlockTables, s.Host.Limits.MaxBlocksPerSequence, kv.BlockSize, shape.Heads, shape.KvHeads, shape.HeadDim,
             shape.SlidingWindow ?? 0, 1f / MathF.Sqrt(shape.HeadDim), shape.QkvWidth, partial);
     }
+
+    /// <summary>MOE_RAG_INJECT_COMBINE=serial: the split records merged by attention_combine_serial (before session 33), to measure against.</summary>
+    private static readonly bool s_serialCombine = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_COMBINE") is "serial";
 
     /// <summary>MOE_RAG_INJECT_ATTENTION_ORDER=grid: prompt attention blocks in grid order instead of heaviest first, to measure against.</summary>
     private readonly bool _attentionGridOrder = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ATTENTION_ORDER") is "grid";

@@ -143,11 +143,74 @@ __device__ __forceinline__ void attention_impl(
     }
 }
 
+// Merges a row's split records (the decode kernels with grid z > 1) in split order into its output: a thread a (query
+// head, split) loads the split's maximum and total, one thread a query head turns them into scale factors (shared
+// memory), then a thread an output issues its loads from every split before it adds them, in split order. The kernel
+// is latency-bound at small batches: at batch 1, a thread a query head loading the splits in turn and each output's
+// loads waiting on its test of the factor took 7.9 µs a layer under ncu (session 33). Grid: (rows, kvHeads); block:
+// group · headDim threads (the host rounds it to warps, 128 at least, 1,024 at most). At most 8 query heads per KV head
+// and 16 splits (the host's bounds).
+#define ATT_COMBINE_MAX_SPLITS 16
+extern "C" __global__ void attention_combine(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
+    int headDim, int splits)
+{
+    kernel_prologue();
+    __shared__ float factor[8 * ATT_COMBINE_MAX_SPLITS], maxima[8 * ATT_COMBINE_MAX_SPLITS], totals[8 * ATT_COMBINE_MAX_SPLITS], denominator[8];
+    const int r = blockIdx.x, kvHead = blockIdx.y, group = heads / kvHeads, width = group * (headDim + 2);
+    const float* records = partial + ((long long)r * kvHeads + kvHead) * splits * width;
+    bf16* o = out + (long long)r * heads * headDim + kvHead * group * headDim;
+    if (threadIdx.x < group * splits)
+    {
+        const int g = threadIdx.x / splits, z = threadIdx.x % splits;
+        maxima[threadIdx.x] = records[z * width + group * headDim + g];
+        totals[threadIdx.x] = records[z * width + group * (headDim + 1) + g];
+    }
+    __syncthreads();
+    if (threadIdx.x < group)
+    {
+        const int g = threadIdx.x;
+        float mAll = NEG_INF;
+        for (int z = 0; z < splits; z++) mAll = fmaxf(mAll, maxima[g * splits + z]);
+        float lAll = 0.f;
+        for (int z = 0; z < splits; z++)
+        {
+            const float m = maxima[g * splits + z];
+            const float f = m == NEG_INF ? 0.f : expf(m - mAll);  // 0: a split with no keys
+            factor[g * splits + z] = f;
+            if (m != NEG_INF) lAll = fmaf(totals[g * splits + z], f, lAll);
+        }
+        denominator[g] = mAll == NEG_INF ? 0.f : lAll;  // 0: a padding row
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < group * headDim; c += blockDim.x)
+    {
+        const int g = c / headDim;
+        float v[ATT_COMBINE_MAX_SPLITS];
+#pragma unroll
+        for (int z = 0; z < ATT_COMBINE_MAX_SPLITS; z++) v[z] = z < splits ? records[z * width + c] : 0.f;
+        if (denominator[g] == 0.f)
+        {
+            o[c] = 0;
+            continue;
+        }
+        float value = 0.f;
+#pragma unroll
+        for (int z = 0; z < ATT_COMBINE_MAX_SPLITS; z++)
+        {
+            const float f = z < splits ? factor[g * splits + z] : 0.f;
+            if (f != 0.f) value = fmaf(v[z], f, value);  // a split with no keys may hold anything: skipped, as before
+        }
+        o[c] = float_to_bf16(value / denominator[g]);
+    }
+}
+
+// attention_combine as it was before session 33 (MOE_RAG_INJECT_COMBINE=serial, to measure against): a thread a query head
+// loads the splits' maxima and totals in turn, and each output's loads follow its test of the split's factor.
 // Merges a row's split records (the decode kernels with grid z > 1) in split order into its output. One thread per query
 // head first turns the splits' maxima into scale factors (shared memory), so that each output's loop over the splits has
 // only independent loads. Grid: (rows, kvHeads); block: 128. At most 8 query heads per KV head and 16 splits (the host's
 // bounds).
-extern "C" __global__ void attention_combine(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
+extern "C" __global__ void attention_combine_serial(const float* __restrict__ partial, bf16* __restrict__ out, int heads, int kvHeads,
     int headDim, int splits)
 {
     kernel_prologue();
