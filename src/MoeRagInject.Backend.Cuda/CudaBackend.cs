@@ -379,13 +379,10 @@ public sealed partial class CudaBackend : IBackend, IGraphCapable
         var w = T(routerWeight);
         using var _ = Op("add_rms_norm_route");
         if (w.Rows > 64) throw new NotSupportedException($"the router kernel handles at most 64 experts, not {w.Rows}");
-        Launch(s_routerTwoAtOnce ? "add_rms_norm_route_u2" : "add_rms_norm_route", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
+        Launch("add_rms_norm_route", (uint)rows, NormThreads(rows, T(residual).Columns), T(residual).Pointer, T(delta).Pointer, T(weight).Pointer, T(output).Pointer,
             T(residual).Columns, eps, w.Pointer, w.Rows, topK, s.RowSequence, s.SeqSlot, s.TopIds, s.TopWeights, s.RowEntropies, layer,
             s.Host.Layers);
     }
-
-    /// <summary>MOE_RAG_INJECT_ROUTER_AT_ONCE=2: add_rms_norm_route_u2, whose router loads two experts at a time (before session 33), to measure against.</summary>
-    private static readonly bool s_routerTwoAtOnce = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_ROUTER_AT_ONCE") is "2";
 
     /// <summary>MOE_RAG_INJECT_FUSE=0: the fused ops run as their parts, to measure the fusion against.</summary>
     private readonly bool _unfused = Environment.GetEnvironmentVariable("MOE_RAG_INJECT_FUSE") == "0";

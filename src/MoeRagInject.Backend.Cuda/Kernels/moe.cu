@@ -47,15 +47,12 @@ __device__ __forceinline__ void hold_bf16_row(const bf16* __restrict__ x, int hi
 // order, each warp adds its lanes' sums (warp_sum), then the warps' sums are added in warp order. Every load of an expert's
 // weights is issued before its first product. route, add_rms_norm_route and router_probe all hold and sum a row this
 // way, so with the same block size they agree bit for bit; under --deterministic the block size is fixed, so each row's
-// logits are the same whatever the batch. EXPERTS_AT_ONCE experts' loads are issued together (4: at batch 1 the router
-// waits on the memory once for each of them; 2 before session 33, kept to measure against; the sums are the same).
-// partial: 32 · experts floats of shared memory.
-template <int EXPERTS_AT_ONCE = 4>
+// logits are the same whatever the batch. partial: 32 · experts floats of shared memory.
 __device__ __forceinline__ void router_logits(const f32x4 (&x)[ROW_HELD], const bf16* __restrict__ w, int hidden, int experts,
     float* partial, float* logits)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-#pragma unroll EXPERTS_AT_ONCE
+#pragma unroll 2
     for (int e = 0; e < experts; e++)
     {
         const u32x2* wRow = (const u32x2*)(w + (long long)e * hidden);

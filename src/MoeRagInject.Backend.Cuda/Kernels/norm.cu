@@ -131,27 +131,17 @@ extern "C" __global__ void __launch_bounds__(1024) add_injection_rms_norm(float*
 
 // The middle of a layer: add_rms_norm (the attention output into the residual stream, then the post-attention norm), then
 // the router on the normed row as held (route's router_logits and route_row). Grid: rows; block: up to 1024.
-template <int EXPERTS_AT_ONCE>
-__device__ __forceinline__ void add_rms_norm_route_impl(float* __restrict__ residual, const float* __restrict__ delta,
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_route(float* __restrict__ residual, const float* __restrict__ delta,
     const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps, const bf16* __restrict__ router, int experts,
     int topK, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds,
     float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers)
 {
+    kernel_prologue();
     __shared__ float partial[32 * ROUTER_MAX_EXPERTS], logits[ROUTER_MAX_EXPERTS];
     const long long r = blockIdx.x;
     f32x4 held[ROW_HELD];
     add_rms_norm_row(residual + r * hiddenSize, delta + r * hiddenSize, 0.f, nullptr, weight, out + r * hiddenSize, hiddenSize, eps, held);
-    router_logits<EXPERTS_AT_ONCE>(held, router, hiddenSize, experts, partial, logits);
+    router_logits(held, router, hiddenSize, experts, partial, logits);
     if (threadIdx.x == 0)
         route_row(logits, (int)r, experts, topK, seqSlot[rowSequence[r]] < 0, topIds, topWeights, entropies, layer, layers);
 }
-
-#define ADD_RMS_NORM_ROUTE(NAME, AT_ONCE) \
-    extern "C" __global__ void __launch_bounds__(1024) NAME(float* __restrict__ residual, const float* __restrict__ delta, \
-        const bf16* __restrict__ weight, bf16* __restrict__ out, int hiddenSize, float eps, const bf16* __restrict__ router, int experts, \
-        int topK, const int* __restrict__ rowSequence, const int* __restrict__ seqSlot, int* __restrict__ topIds, \
-        float* __restrict__ topWeights, float* __restrict__ entropies, int layer, int layers) \
-    { kernel_prologue(); add_rms_norm_route_impl<AT_ONCE>(residual, delta, weight, out, hiddenSize, eps, router, experts, topK, rowSequence, \
-        seqSlot, topIds, topWeights, entropies, layer, layers); }
-// add_rms_norm_route_u2: the router's loads two experts at a time (MOE_RAG_INJECT_ROUTER_AT_ONCE=2), to measure against.
-ADD_RMS_NORM_ROUTE(add_rms_norm_route, 4) ADD_RMS_NORM_ROUTE(add_rms_norm_route_u2, 2)
