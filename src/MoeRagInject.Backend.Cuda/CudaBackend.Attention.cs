@@ -173,8 +173,10 @@ public sealed partial class CudaBackend
     /// <summary>
     /// --deterministic's split count, whatever the batch: at batch 1 four warps share a KV head's keys, and at batch 64
     /// 2,048 warps run (the default takes 2 splits there); the split records cost 66 KB a row of Mixtral's shape.
+    /// MOE_RAG_INJECT_DETERMINISTIC_SPLITS (1 to 16) sets another, to measure against.
     /// </summary>
-    private const int DeterministicAttentionSplits = 4;
+    private static readonly int DeterministicAttentionSplits =
+        int.TryParse(Environment.GetEnvironmentVariable("MOE_RAG_INJECT_DETERMINISTIC_SPLITS"), out var splits) ? Math.Clamp(splits, 1, MaxAttentionSplits) : 4;
     private DeviceBuffer? _attentionPartial;
 
     private static long AttentionPartialBytes(int rows, AttentionShape shape, int splits) =>
