@@ -11,10 +11,10 @@
 # 256, then the compiled PyTorch step at the same sizes, and its dense form where its rule gathers: about 5 minutes),
 # tokens (the token-major prefill kernels: gemm-bench, and ncu's stall samples by instruction), tokens-variants (those
 # kernels with their epilogue, products or copies taken out), linear (the projections through cublasGemmEx and cuBLASLt's
-# candidates).
+# candidates), timeline (the kernels of a batch-1 decode step under ncu, graphs off; TIMELINE_ARGS adds bench flags).
 # (Run whole on 2026-12-03 with the rule then, which gathered at batch 4 too, and the dense form at 2 and 4; the two
 # baseline runs as they are now were run on their own the same day: docs/gpu-runs/26-call-compiled-rule.log.)
-# Default: all but paths, det-pdl, read, proj, ab, sweep, tokens, tokens-variants and linear, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
+# Default: all but paths, det-pdl, read, proj, ab, sweep, tokens, tokens-variants, linear and timeline, about 5 minutes on an H200 (4 min 45 s on 2026-12-01), so that one device call
 # measures ours and both baselines on one machine.
 #   tools/gpu/run.sh [stage ...] > "$OUT/run.log" 2>&1
 set -u
@@ -45,7 +45,6 @@ lockstep_bench() {
 
 log "machine"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
-echo "checkout: $(git log --oneline -1 2>/dev/null || echo unknown)"
 echo "build (tools/gpu/publish.sh): $( [ -f .gpu/BUILD ] && tr '\n' ' ' < .gpu/BUILD || echo unknown)"
 
 if has check; then
@@ -99,6 +98,18 @@ if has paths; then
     --input-len 128 --output-len 64 --max-running-requests 64 --json --out "$out/bench-dense.json" 2>&1 | grep "batch\|bandwidth"
   MOE_RAG_INJECT_MOE_PATH=cublas timeout 150 "$bin" bench --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
     --input-len 2048 --output-len 8 --max-running-requests 4 --json --out "$out/bench-prefill-cublas.json" 2>&1 | grep "batch\|bandwidth"
+fi
+if has timeline; then
+  # Where a batch-1 decode step goes (performance.md, session 33): ncu with gpu__time_duration alone, its clocks and
+  # caches left as they are, over launches 6,001-7,500 of a bench with graphs off (about five steps), summed by kernel
+  # and grid. TIMELINE_ARGS adds to the bench's flags (e.g. --deterministic).
+  log "timeline: the kernels of a decode step under ncu, graphs off ${TIMELINE_ARGS:-}"
+  ncu=$(ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  timeout ${TIMELINE_TIMEOUT:-150} "$ncu" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+    --launch-skip 6000 --launch-count 1500 --csv --log-file "$out/timeline.csv" \
+    "$bin" bench $layout --device cuda --load-format dummy --model-config mixtral-8x7b --batch-sizes 1 --modes off \
+    --input-len 128 --output-len 48 --disable-cuda-graph ${TIMELINE_ARGS:-} 2>&1 | grep " batch "
+  python3 tools/gpu/ncu_summary.py "$out/timeline.csv" 2>&1 | head -30
 fi
 if has read; then
   log "how fast the card reads (tools/gpu/read_bandwidth.cu): loads, bulk TMA, tensor-map boxes, against the copy"
