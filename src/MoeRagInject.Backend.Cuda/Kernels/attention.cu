@@ -155,7 +155,8 @@ extern "C" __global__ void attention_combine(const float* __restrict__ partial, 
     int headDim, int splits)
 {
     kernel_prologue();
-    __shared__ float factor[8 * ATT_COMBINE_MAX_SPLITS], maxima[8 * ATT_COMBINE_MAX_SPLITS], totals[8 * ATT_COMBINE_MAX_SPLITS], denominator[8];
+    __shared__ float factor[8 * ATT_COMBINE_MAX_SPLITS], maxima[8 * ATT_COMBINE_MAX_SPLITS], totals[8 * ATT_COMBINE_MAX_SPLITS];
+    __shared__ float denominator[8];
     const int r = blockIdx.x, kvHead = blockIdx.y, group = heads / kvHeads, width = group * (headDim + 2);
     const float* records = partial + ((long long)r * kvHeads + kvHead) * splits * width;
     bf16* o = out + (long long)r * heads * headDim + kvHead * group * headDim;

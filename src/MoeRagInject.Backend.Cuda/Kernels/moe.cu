@@ -263,8 +263,9 @@ MOE_SMALL(1) MOE_SMALL(2) MOE_SMALL(4) MOE_SMALL(8) MOE_SMALL(16)
 // One row (decode at batch 1), gate and up: block (k, 4 features) for the row's k-th expert, a warp a weight row: warps
 // 0-3 the gate rows and 4-7 the up rows of features blockIdx.y·4 + (warp mod 4), the pairs meeting in shared memory.
 // Blocks are launched only for the k routed experts (not for every expert, most of which would have nothing to do).
-// A warp a row rather than a warp a feature (both rows, session 32) halves the bytes a block reads and the registers a
-// thread holds, and the step at batch 1 took 4% less (docs/performance.md, session 33); the sums are in the same order.
+// A warp a row rather than a warp a feature (both its rows, as before session 33) halves the bytes a block reads and
+// the registers a thread holds, and the step at batch 1 took 4% less (docs/performance.md, session 33); the sums are in
+// the same order.
 // With zeroDelta, the blocks of k = 0 also zero delta[0, 0 .. hidden) for moe_row_down to add into (I ≥ H).
 // Grid: (K, ceil(I / 4)); block: 256.
 extern "C" __global__ void __launch_bounds__(256) moe_row_gate_up(const bf16* __restrict__ x, const bf16* __restrict__ gateUp,
