@@ -81,6 +81,8 @@ public sealed class EngineFlags
         "tokens after a retrieval before the next may fire", "N", Defaults.Trigger.CooldownTokens, min: 0);
     public Option<int> MaxRetrievals { get; } = CliOption.Int("--max-retrievals",
         "retrievals per request at most", "N", Defaults.Trigger.MaxRetrievalsPerRequest, min: 0);
+    public Option<int> TriggerWindow { get; } = CliOption.Int("--trigger-window",
+        "the trigger fires within the first N answer tokens only (0: at any token)", "N", 0, min: 0);
     public Option<double> InjectionScale { get; } = CliOption.Double("--injection-scale", "α in α·P·c", "α", Defaults.InjectionScale);
     public Option<IReadOnlyList<int>?> InjectionLayers { get; } = CliOption.IntList("--injection-layers",
         "MoE layers to inject at", "fired|0,2,3", "the layers that fired", allWord: "fired", min: 0);
@@ -101,7 +103,7 @@ public sealed class EngineFlags
     [
         ModelPath, Device, ModelConfig, LoadFormat, ContextLength, MaxRunningRequests, KvCacheTokens, MemFractionStatic,
         ChunkedPrefillSize, MaxPrefillTokens, Threads, CudaGraphMaxBs, DisableCudaGraph, Deterministic, ExpertLayout, TriggerSignal, EntropyThreshold, RouterProbe, LogDir,
-        LogFsync, RagMode, PromptRagRestart, LatentRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, InjectionScale, InjectionLayers,
+        LogFsync, RagMode, PromptRagRestart, LatentRagRestart, RetrieveFirst, TriggerLayers, TriggerAggregation, CooldownTokens, MaxRetrievals, TriggerWindow, InjectionScale, InjectionLayers,
         InjectionTokens, InjectorProj, ProjectionSeed, Retriever, RetrievalTimeoutMs, RetrievalTopK, QueryWindow,
     ];
 
@@ -310,6 +312,7 @@ public sealed class EngineFlags
                 },
                 CooldownTokens = parse.GetValue(CooldownTokens),
                 MaxRetrievalsPerRequest = parse.GetValue(MaxRetrievals),
+                WindowTokens = parse.GetValue(TriggerWindow) is var window and > 0 ? window : null,
             },
             InjectionScale = (float)parse.GetValue(InjectionScale),
             InjectionLayers = Layers(parse.GetValue(InjectionLayers)),

@@ -61,6 +61,8 @@ public sealed record EvaluationOptions
     public int RetrievalTopK { get; init; } = 3;
     /// <summary>--max-retrievals: retrievals per question at most in the triggered modes (the server's default, 4).</summary>
     public int MaxRetrievals { get; init; } = 4;
+    /// <summary>--trigger-window: the triggered modes fire within the first N answer tokens only; null = at any token (the server's default).</summary>
+    public int? TriggerWindow { get; init; }
     /// <summary>--latent-rag-restart: what latent_trained does with the answer written before its trigger (the server's default, answer).</summary>
     public LatentRagRestart LatentRagRestart { get; init; } = LatentRagRestart.Answer;
     public string LoadFormat { get; init; } = "auto";
@@ -103,6 +105,7 @@ public sealed record EvaluationOptions
         if (LatentScale != 1) Add("--latent-scale", LatentScale.ToString("R", CultureInfo.InvariantCulture));
         if (RetrievalTopK != 3) Add("--top-k", RetrievalTopK.ToString(CultureInfo.InvariantCulture));
         if (MaxRetrievals != 4) Add("--max-retrievals", MaxRetrievals.ToString(CultureInfo.InvariantCulture));
+        if (TriggerWindow is int window) Add("--trigger-window", window.ToString(CultureInfo.InvariantCulture));
         if (LatentRagRestart == LatentRagRestart.Continue) Add("--latent-rag-restart", "continue");
         if (!Plots) Add("--no-plots", "");
         return b.ToString();
@@ -564,6 +567,7 @@ public static class Evaluator
             ["threads"] = options.Threads ?? Environment.ProcessorCount,
             ["retrieval_top_k"] = options.RetrievalTopK,
             ["max_retrievals"] = options.MaxRetrievals,
+            ["trigger_window"] = options.TriggerWindow,
             ["wrong_below_f1"] = WrongBelowF1,
             ["machine"] = new JsonObject
             {
@@ -689,6 +693,7 @@ public static class Evaluator
             Signal = signal,
             Threshold = signal == TriggerSignal.RouterProbe ? DefaultThreshold : threshold,
             MaxRetrievalsPerRequest = options.MaxRetrievals,
+            WindowTokens = options.TriggerWindow,
         };
         var engineOptions = new EngineOptions
         {

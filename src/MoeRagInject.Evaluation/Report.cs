@@ -238,7 +238,7 @@ public static class Report
         md.AppendLine("# moe-rag-inject evaluation").AppendLine();
         md.AppendLine(Inv($"- model: `{config["model"]}`"));
         md.AppendLine(Inv($"- questions: {n} from `{config["qa"]}`") + (options.Limit is { } l ? Inv($" (--limit {l}, seed {options.Seed})") : ""));
-        md.AppendLine(Inv($"- corpus: `{options.Corpus}`; top-{options.RetrievalTopK} passages per retrieval, at most {options.MaxRetrievals} retrievals per question in the triggered modes"));
+        md.AppendLine(Inv($"- corpus: `{options.Corpus}`; top-{options.RetrievalTopK} passages per retrieval, at most {options.MaxRetrievals} retrievals per question in the triggered modes{(options.TriggerWindow is int window ? $", which fire within the first {window} answer tokens only" : "")}"));
         md.AppendLine(Inv($"- trigger signal of prompt_trigger and the latent modes: `{TriggerSignals.Name(result.Signal)}` (from {result.SignalSource}); threshold {F(result.Threshold, "F4")} {Units(result.Signal)} (from {result.ThresholdSource})"));
         md.AppendLine(Inv($"- greedy decoding, up to {options.MaxNewTokens} new tokens, stop at EOS or a newline; answer = first line, trimmed"));
         var machine = config["machine"]!;

@@ -50,6 +50,11 @@ public sealed record TriggerOptions
     public int CooldownTokens { get; init; } = 8;
     /// <summary>Most retrievals one request may make.</summary>
     public int MaxRetrievalsPerRequest { get; init; } = 4;
+    /// <summary>
+    /// The answer tokens the trigger watches, from the first: it fires at token index &lt; N only (the window over which
+    /// `calibrate` scores the signals, 4, is where the output entropy tells on the demo model); null watches every token.
+    /// </summary>
+    public int? WindowTokens { get; init; }
 }
 
 /// <summary>The signals' names on the command line, in requests, events and /get_server_info.</summary>
@@ -85,6 +90,8 @@ public enum TriggerSuppression
     Cooldown,
     /// <summary><see cref="TriggerOptions.MaxRetrievalsPerRequest"/> already reached.</summary>
     Cap,
+    /// <summary>Past the first <see cref="TriggerOptions.WindowTokens"/> answer tokens.</summary>
+    Window,
 }
 
 /// <summary>Decision for one token. <see cref="FiredLayers"/> are the counted layers above the threshold (for Max/Mean: all counted layers above it, or the argmax layer when none is).</summary>
@@ -116,6 +123,11 @@ public sealed class EntropyTrigger
         if (options.CooldownTokens < 0)
         {
             throw new ArgumentException($"CooldownTokens must not be negative (got {options.CooldownTokens}).", nameof(options));
+        }
+
+        if (options.WindowTokens is < 1)
+        {
+            throw new ArgumentException($"WindowTokens must be at least 1 (got {options.WindowTokens}).", nameof(options));
         }
 
         if (options.Layers is { } layers)
@@ -220,6 +232,11 @@ public sealed class EntropyTrigger
         if (_retrievalCount >= Options.MaxRetrievalsPerRequest)
         {
             return new TriggerDecision(false, entropy, []) { Suppression = TriggerSuppression.Cap };
+        }
+
+        if (Options.WindowTokens is int window && tokenIndex >= window)
+        {
+            return new TriggerDecision(false, entropy, []) { Suppression = TriggerSuppression.Window };
         }
 
         if (_lastRetrievalToken is int last && (long)tokenIndex - last < Options.CooldownTokens)

@@ -114,6 +114,22 @@ public class EntropyTriggerTests
     }
 
     [Fact]
+    public void AWindowFiresWithinItsFirstTokensOnly()
+    {
+        var trigger = new EntropyTrigger(new TriggerOptions { Threshold = 1.0, CooldownTokens = 0, WindowTokens = 4 });
+        Assert.True(trigger.Evaluate(Mixed, 3).Fired);
+        var late = trigger.Evaluate(Mixed, 4);
+        Assert.False(late.Fired);
+        Assert.Equal(TriggerSuppression.Window, late.Suppression);
+        Assert.Equal(0, trigger.RetrievalCount);
+        // Below the threshold nothing is suppressed, inside the window or past it.
+        Assert.Equal(TriggerSuppression.None, trigger.Evaluate([0.1f, 0.2f], 9).Suppression);
+
+        var bad = Assert.Throws<ArgumentException>(() => new EntropyTrigger(new TriggerOptions { WindowTokens = 0 }));
+        Assert.Contains("WindowTokens", bad.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void LowEntropyIsNeitherFiredNorSuppressed()
     {
         var trigger = new EntropyTrigger(new TriggerOptions { Threshold = 1.0, CooldownTokens = 100 });

@@ -102,6 +102,8 @@ public static class EvalCommand
             "α of latent_random and latent_identity (latent_calibrated keeps its fitted scale)", "α", 1, min: 0);
         var topK = CliOption.Int("--top-k", "passages per retrieval", "K", 3, min: 1);
         var maxRetrievals = CliOption.Int("--max-retrievals", "retrievals per question at most in the triggered modes", "N", 4, min: 1);
+        var triggerWindow = CliOption.Int("--trigger-window",
+            "the triggered modes fire within the first N answer tokens only (0: at any token; the server's --trigger-window)", "N", 0, min: 0);
         var latentRestart = CliOption.Choice("--latent-rag-restart",
             "latent_trained, firing early in the answer: answer generates it again, continue keeps the answer so far (the server's --latent-rag-restart)",
             "answer", "answer", "continue");
@@ -113,7 +115,7 @@ public static class EvalCommand
             + "question's answers and signals, and the project's goals. Writes --out (JSON), a markdown report and PNG plots beside it.")
         {
             modelPath, qa, corpus, output, limit, modes, signal, threshold, injectorProj, trainedProj, calibration, maxNewTokens, concurrency, threads, seed,
-            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, maxRetrievals, latentRestart, noPlots,
+            noSweep, sweepPercentiles, sweepLimit, latentScale, topK, maxRetrievals, triggerWindow, latentRestart, noPlots,
         };
         command.SetAction(async (parse, cancellationToken) =>
         {
@@ -143,6 +145,7 @@ public static class EvalCommand
                 SweepLimit = parse.GetValue(sweepLimit) is var sweep and > 0 ? sweep : null,
                 RetrievalTopK = parse.GetValue(topK),
                 MaxRetrievals = parse.GetValue(maxRetrievals),
+                TriggerWindow = parse.GetValue(triggerWindow) is var window and > 0 ? window : null,
                 LatentScale = (float)parse.GetValue(latentScale),
                 LatentRagRestart = parse.GetRequiredValue(latentRestart) == "continue" ? Engine.LatentRagRestart.Continue : Engine.LatentRagRestart.Answer,
                 Plots = !parse.GetValue(noPlots),

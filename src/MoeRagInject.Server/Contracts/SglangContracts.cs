@@ -82,6 +82,7 @@ public sealed record ServerInfoResponse(
     string? TriggerAggregation,
     int? CooldownTokens,
     int? MaxRetrievals,
+    int? TriggerWindow,
     float? InjectionScale,
     IReadOnlyList<int>? InjectionLayers,
     int? InjectionTokens,

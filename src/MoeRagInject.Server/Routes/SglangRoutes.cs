@@ -117,7 +117,7 @@ public static class SglangRoutes
                 e is null ? null : TriggerSignals.Name(e.Trigger.Signal),
                 // The server's signal's threshold: router-probe's is the probe's own unless --entropy-threshold set it.
                 e is null ? null : e.Trigger.Signal == TriggerSignal.RouterProbe ? e.RouterProbeThreshold ?? (engine as LlmEngine)?.RouterProbe?.Threshold : e.Trigger.Threshold, e?.Trigger.Layers, e?.Trigger.Aggregation.ToString().ToLowerInvariant(),
-                e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest,
+                e?.Trigger.CooldownTokens, e?.Trigger.MaxRetrievalsPerRequest, e?.Trigger.WindowTokens,
                 e?.InjectionScale, e?.InjectionLayers, e?.InjectionTokens, projection, e?.ProjectionSeed,
                 e?.Retriever, e?.RetrievalTimeout.TotalMilliseconds, e?.RetrievalTopK, e?.QueryWindowTokens, e?.LogDir, e?.LogFsync,
                 options.IncrementalStreamingOutput,
